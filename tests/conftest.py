@@ -1,0 +1,37 @@
+"""Chooses the Hypothesis profile and, without a GPU, the Triton interpreter (it must be set before any kernel is
+imported, because @triton.jit reads TRITON_INTERPRET when it decorates)."""
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "cpu", max_examples=12, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+settings.register_profile(
+    "gpu", max_examples=200, derandomize=False, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+PROFILE = os.environ.get("TUNEBENCH_PROFILE", "gpu" if HAS_GPU else "cpu")
+settings.load_profile(PROFILE)
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `bash ci/test.sh` on a GPU machine (adds -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE

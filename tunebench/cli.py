@@ -1,0 +1,99 @@
+"""The `tunebench` command. It only parses arguments and calls library functions."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .registry import KERNELS
+
+
+def _check(args) -> int:
+    from .gate import run_gate
+    return run_gate(args.kernel or list(KERNELS), profile=args.profile, examples=args.examples)
+
+
+def _tune(args) -> int:
+    from .tuner import tune_command
+    return tune_command(args)
+
+
+def _show(args) -> int:
+    from .store import show_command
+    return show_command(args)
+
+
+def _kv_size(args) -> int:
+    from .kvcache import kv_size_command
+    return kv_size_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tunebench",
+        description="Tune, check and run Triton attention kernels (FlashAttention V1/V2, paged decode).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    kernels = sorted(KERNELS)
+
+    c = sub.add_parser("check", help="run the correctness gate (Hypothesis shapes and configs vs float64 reference)",
+                       description="Draws shapes and configs with Hypothesis and checks every kernel against the "
+                                   "float64 reference. Uses the GPU when there is one, else the Triton interpreter.")
+    c.add_argument("--kernel", action="append", choices=kernels, help="kernel to check (repeatable; default all)")
+    c.add_argument("--profile", choices=("cpu", "gpu"), default=None,
+                   help="cpu: small fp16/fp32 shapes for the interpreter; gpu: up to 16k tokens, D 256, bf16 too "
+                        "(default: gpu when CUDA is available)")
+    c.add_argument("--examples", type=int, default=None, help="Hypothesis examples per kernel (default: profile's)")
+    c.set_defaults(func=_check)
+
+    t = sub.add_parser("tune", help="search tile sizes, warps and stages with Optuna; store the winners",
+                       description="Tunes every problem of a suite (or preset) on this GPU: each candidate config is "
+                                   "compiled, checked against the reference and timed in an isolated worker process.")
+    t.add_argument("--kernel", action="append", choices=kernels, help="only these kernels (repeatable)")
+    t.add_argument("--suite", default=None, help="named suite of problems (default: 'default'; 'tiny' for the CPU)")
+    t.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
+    t.add_argument("--trials", type=int, default=None, help="trials per problem (default: 24, or the grid size)")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take before it is killed")
+    t.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="tpe (seeded) or exhaustive grid")
+    t.add_argument("--seed", type=int, default=0, help="sampler and input seed")
+    t.add_argument("--db", default=None, help="results database URL or path (default: the per-user database)")
+    t.add_argument("--storage", default=None, help="Optuna storage URL for studies (default: next to --db)")
+    t.add_argument("--workers", type=int, default=1, help="GPUs of this host to tune on at once")
+    t.add_argument("--interpret", action="store_true",
+                   help="run the whole pipeline on the CPU under the Triton interpreter (not a speed measurement)")
+    t.set_defaults(func=_tune)
+
+    s = sub.add_parser("show", help="list the stored winners")
+    s.add_argument("--db", default=None, help="results database URL or path (default: the per-user database)")
+    s.add_argument("--kernel", choices=kernels, default=None, help="only this kernel")
+    s.set_defaults(func=_show)
+
+    k = sub.add_parser("kv-size", help="KV cache bytes per token, per batch, and blocks that fit in memory",
+                       description="bytes/token = 2 x layers x kv heads x head dim x dtype size")
+    k.add_argument("--layers", type=int, required=True)
+    k.add_argument("--kv-heads", type=int, required=True)
+    k.add_argument("--head-dim", type=int, required=True)
+    k.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "fp16", "bf16", "fp32"), default="float16")
+    k.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    k.add_argument("--batch", type=int, default=1, help="sequences")
+    k.add_argument("--memory", type=float, default=None, help="memory budget in GB: how many blocks fit")
+    k.add_argument("--block-size", type=int, default=16, help="tokens per block for the blocks-that-fit count")
+    k.set_defaults(func=_kv_size)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("TUNEBENCH_DEBUG"):
+            raise
+        print(f"tunebench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Problems, the one shape-to-bucket function, named suites and model presets.
+
+A Problem says what is computed; a config (from a kernel's SPACE) says how. The tuner, the dispatcher and the tests
+all describe work as Problems, and ``bucket`` is the only place that maps a shape to the key winners are stored under.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+DTYPES = ("float16", "bfloat16", "float32")
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+DENSE_KERNELS = ("flash_v2", "flash_v1")
+PAGED_KERNELS = ("paged_attention",)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call's shape. For paged decode, Nq is 1 and Nk is the context length of every sequence."""
+    kernel: str
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    dtype: str = "float16"
+    causal: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("B", "Hq", "Hkv", "Nq", "Nk", "D"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.Hq % self.Hkv:
+            raise ValueError(f"Hq ({self.Hq}) must be a multiple of Hkv ({self.Hkv})")
+        if self.paged and (self.Nq != 1 or self.causal):
+            raise ValueError("paged decode problems have Nq == 1 and causal == False")
+
+    @property
+    def paged(self) -> bool:
+        return self.kernel in PAGED_KERNELS
+
+    @property
+    def group(self) -> int:
+        return self.Hq // self.Hkv
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)
+
+    @property
+    def flops(self) -> float:
+        """Matmul FLOPs (QK^T and PV), halved for causal where Nq == Nk, as FlashAttention's benchmarks count."""
+        f = 4.0 * self.B * self.Hq * self.Nq * self.Nk * self.D
+        return f / 2 if self.causal else f
+
+    @property
+    def min_bytes(self) -> float:
+        """Each input read once, the output written once."""
+        elems = self.B * (2 * self.Hq * self.Nq + 2 * self.Hkv * self.Nk) * self.D
+        return float(elems * DTYPE_BYTES[self.dtype])
+
+    def label(self) -> str:
+        c = " causal" if self.causal else ""
+        return (f"{self.kernel} {self.dtype} B{self.B} H{self.Hq}/{self.Hkv} "
+                f"Nq{self.Nq} Nk{self.Nk} D{self.D}{c}")
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def bucket(problem: Problem) -> Problem:
+    """The one shape-to-bucket map: batch and sequence lengths round up to powers of two; all else is exact."""
+    return dataclasses.replace(problem, B=_pow2_ceil(problem.B), Nq=_pow2_ceil(problem.Nq), Nk=_pow2_ceil(problem.Nk))
+
+
+def bucket_key(problem: Problem) -> str:
+    b = bucket(problem)
+    return (f"{b.kernel}|{b.dtype}|D{b.D}|{'causal' if b.causal else 'full'}|"
+            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}")
+
+
+def bucket_distance(a: Problem, b: Problem) -> float:
+    """How far apart two buckets are, in log2 steps of batch, heads and lengths. Infinite across kernel, dtype, head
+    dim or causality, which the dispatcher never substitutes for each other."""
+    if (a.kernel, a.dtype, a.D, a.causal) != (b.kernel, b.dtype, b.D, b.causal):
+        return math.inf
+    return sum(abs(math.log2(getattr(a, f)) - math.log2(getattr(b, f))) for f in ("B", "Hq", "Hkv", "Nq", "Nk"))
+
+
+# Model presets as plain data: attention geometry plus the prefill lengths and decode grid worth tuning for.
+PRESETS = {
+    "llama-3-8b": dict(Hq=32, Hkv=8, D=128, prefill=(1024, 4096, 8192), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096, 16384)),
+    "llama-2-7b": dict(Hq=32, Hkv=32, D=128, prefill=(1024, 4096), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096)),
+    "mistral-7b": dict(Hq=32, Hkv=8, D=128, prefill=(1024, 4096, 8192), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096, 16384)),
+    "qwen-2.5-7b": dict(Hq=28, Hkv=4, D=128, prefill=(1024, 4096, 8192), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096, 16384)),
+    "tiny-test": dict(Hq=8, Hkv=2, D=64, prefill=(256,), decode_batch=(4,), decode_ctx=(256,)),
+}
+
+
+def preset_problems(name: str, kernels=DENSE_KERNELS + PAGED_KERNELS, dtype: str = "bfloat16",
+                    prefill_tokens: int = 16384) -> list[Problem]:
+    """Prefill problems at each length (batch chosen so B x N ~ prefill_tokens, causal) and the decode grid."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    out = []
+    for kernel in kernels:
+        if kernel in PAGED_KERNELS:
+            out += [Problem(kernel, b, p["Hq"], p["Hkv"], 1, ctx, p["D"], dtype)
+                    for b in p["decode_batch"] for ctx in p["decode_ctx"]]
+        else:
+            out += [Problem(kernel, max(1, prefill_tokens // n), p["Hq"], p["Hkv"], n, n, p["D"], dtype, causal=True)
+                    for n in p["prefill"]]
+    return out
+
+
+def _default_suite() -> list[Problem]:
+    # Common prefill (causal, GQA 4, D 128 and 64) and decode shapes, sized so `tunebench tune` fits ~15 min on an H100.
+    out = []
+    for dtype in ("float16", "bfloat16"):
+        for n in (1024, 4096, 16384):
+            out.append(Problem("flash_v2", max(1, 16384 // n), 32, 8, n, n, 128, dtype, causal=True))
+        out.append(Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, dtype, causal=False))
+        out.append(Problem("flash_v2", 4, 32, 32, 4096, 4096, 64, dtype, causal=True))
+    out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for n in (1024, 4096) for c in (False, True)]
+    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16")
+            for b, ctx in ((1, 32768), (16, 16384), (64, 4096), (128, 1024))]
+    return out
+
+
+def _tiny_suite() -> list[Problem]:
+    # Sized for the Triton interpreter on a CPU: a couple of small problems per kernel.
+    return [
+        Problem("flash_v2", 1, 2, 1, 64, 64, 32, "float16", causal=True),
+        Problem("flash_v2", 1, 2, 2, 48, 80, 16, "float32"),
+        Problem("flash_v1", 1, 2, 2, 64, 64, 32, "float16", causal=True),
+        Problem("flash_v1", 1, 1, 1, 40, 40, 16, "float32"),
+        Problem("paged_attention", 2, 4, 2, 1, 70, 32, "float16"),
+        Problem("paged_attention", 1, 2, 2, 1, 33, 16, "float16"),
+    ]
+
+
+SUITES = {
+    "default": _default_suite,
+    "tiny": _tiny_suite,
+    "prefill": lambda: [p for p in _default_suite() if not p.paged],
+    "decode": lambda: [p for p in _default_suite() if p.paged],
+}
+
+
+def suite(name: str) -> list[Problem]:
+    if name not in SUITES:
+        raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return SUITES[name]()

@@ -1,0 +1,74 @@
+"""Hypothesis strategies for shapes *and* configs, shared by the tests (tests/strategies.py) and `tunebench check`.
+
+Imported only by the gate and the tests: `import tunebench` never pulls in hypothesis.
+
+Two profiles (TUNEBENCH_PROFILE, else `gpu` when CUDA is available): `cpu` draws small fp16/fp32 shapes that the Triton interpreter can run
+in CI; `gpu` draws fp16/bf16/fp32 up to 16k tokens and head dim 256.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+from hypothesis import strategies as st
+
+from .shapes import Problem
+
+PROFILE = os.environ.get("TUNEBENCH_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
+ON_GPU = PROFILE == "gpu"
+
+# bf16 gives garbage under the Triton 3.6 interpreter, so the CPU profile checks fp16 and fp32 only.
+DTYPES = ("float16", "bfloat16", "float32") if ON_GPU else ("float16", "float32")
+# Awkward sizes on purpose (FlashAttention's tests use 59, 111, 97, 1025).
+SEQ_CPU = (1, 7, 16, 33, 64, 97, 128)
+SEQ_GPU = (1, 17, 97, 128, 255, 513, 1025, 2048, 4095, 8192, 16384)
+HEAD_DIMS_CPU = (16, 32, 48, 64)
+HEAD_DIMS_GPU = (16, 32, 40, 64, 80, 96, 111, 128, 160, 256)
+# Per-problem size cap (B * Hq * Nq * Nk) so the float64 reference stays cheap.
+MAX_SCORES = 2**16 if not ON_GPU else 2**31
+
+
+def all_configs(module, problem) -> list[dict]:
+    """Every config in the module's SPACE that its keep() admits for this problem."""
+    keys = list(module.SPACE)
+    confs = [dict(zip(keys, vals)) for vals in itertools.product(*module.SPACE.values())]
+    return [c for c in confs if module.keep(c, problem) is None]
+
+
+def configs(module, problem):
+    admitted = all_configs(module, problem)
+    assert admitted, f"keep() admits no config for {problem}"
+    return st.sampled_from(admitted)
+
+
+@st.composite
+def dense_problems(draw, kernel: str, head_dims=None, gqa=True):
+    seqs = SEQ_GPU if ON_GPU else SEQ_CPU
+    D = draw(st.sampled_from(head_dims or (HEAD_DIMS_GPU if ON_GPU else HEAD_DIMS_CPU)))
+    Nq, Nk = draw(st.sampled_from(seqs)), draw(st.sampled_from(seqs))
+    Hkv = draw(st.sampled_from((1, 2)))
+    group = draw(st.sampled_from((1, 2, 4) if gqa else (1,)))
+    B = draw(st.integers(1, 3))
+    while B > 1 and B * Hkv * group * Nq * Nk > MAX_SCORES:
+        B -= 1
+    if Hkv * group * Nq * Nk > MAX_SCORES:
+        Hkv, group = 1, 1
+    if Nq * Nk > MAX_SCORES:
+        Nk = max(1, MAX_SCORES // Nq)
+    return Problem(kernel, B, Hkv * group, Hkv, Nq, Nk, D, draw(st.sampled_from(DTYPES)),
+                   causal=draw(st.booleans()))
+
+
+def dense_inputs(problem: Problem, device, seed: int, layout: str = "bhnd"):
+    """q, k, v for a dense problem, fresh random values. layout 'bnhd' gives [B, N, H, D] storage viewed as
+    [B, H, N, D] through .transpose(1, 2), as a user's projection output would be."""
+    g = torch.Generator().manual_seed(seed)
+    p = problem
+
+    def make(h, n):
+        shape = (p.B, h, n, p.D) if layout == "bhnd" else (p.B, n, h, p.D)
+        t = torch.randn(*shape, generator=g).to(dtype=p.torch_dtype, device=device)
+        return t if layout == "bhnd" else t.transpose(1, 2)
+
+    return make(p.Hq, p.Nq), make(p.Hkv, p.Nk), make(p.Hkv, p.Nk)
