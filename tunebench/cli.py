@@ -9,6 +9,11 @@ from .registry import KERNELS
 
 
 def _check(args) -> int:
+    if args.shape or args.config:
+        if not (args.shape and args.config and args.kernel and len(args.kernel) == 1):
+            raise ValueError("--shape and --config replay one case: give both, with exactly one --kernel")
+        from .gate import run_one
+        return run_one(args.kernel[0], args.shape, args.config, args.seed, args.layout)
     from .gate import run_gate
     return run_gate(args.kernel or list(KERNELS), profile=args.profile, examples=args.examples)
 
@@ -43,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: small fp16/fp32 shapes for the interpreter; gpu: up to 16k tokens, D 256, bf16 too "
                         "(default: gpu when CUDA is available)")
     c.add_argument("--examples", type=int, default=None, help="Hypothesis examples per kernel (default: profile's)")
+    c.add_argument("--shape", help="replay one case: the problem as JSON (as a failing run prints it)")
+    c.add_argument("--config", help="replay one case: the config as JSON")
+    c.add_argument("--seed", type=int, default=0, help="input seed for --shape/--config")
+    c.add_argument("--layout", choices=("bhnd", "bnhd"), default="bhnd",
+                   help="bnhd: [B,N,H,D] storage viewed through .transpose(1, 2)")
     c.set_defaults(func=_check)
 
     t = sub.add_parser("tune", help="search tile sizes, warps and stages with Optuna; store the winners",

@@ -27,6 +27,14 @@ HEAD_DIMS_CPU = (16, 32, 48, 64)
 HEAD_DIMS_GPU = (16, 32, 40, 64, 80, 96, 111, 128, 160, 256)
 # Per-problem size cap (B * Hq * Nq * Nk) so the float64 reference stays cheap.
 MAX_SCORES = 2**16 if not ON_GPU else 2**31
+# Examples per kernel for `tunebench check` (the test suite takes its count from the Hypothesis profile).
+DEFAULT_EXAMPLES = 200 if ON_GPU else 12
+
+
+def problems(kernel: str):
+    """Problems for any registered kernel: dense prefill shapes, or paged decode shapes."""
+    from .shapes import PAGED_KERNELS
+    return paged_problems(kernel) if kernel in PAGED_KERNELS else dense_problems(kernel)
 
 
 def all_configs(module, problem) -> list[dict]:

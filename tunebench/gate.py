@@ -1,0 +1,134 @@
+"""The correctness gate behind `tunebench check` and the test suite: Hypothesis draws shapes *and* configs, and every
+case must pass tunebench.correctness.close_enough against the float64 reference.
+
+Uses the GPU when there is one, else the Triton interpreter (which must be switched on before a kernel is imported).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .correctness import Verdict, close_enough, poison
+from .registry import kernel_module
+from .shapes import Problem
+from . import reference as ref
+
+
+def use_interpreter_without_gpu() -> str:
+    """Switches on the Triton interpreter when there is no GPU. Returns the device to run on."""
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+def check_dense_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    """One flash_v1/flash_v2 case: fresh random inputs, a NaN-poisoned output, the float64 and naive references."""
+    from .strategies import dense_inputs
+    q, k, v = dense_inputs(problem, device, seed, layout)
+    out = poison(torch.empty(problem.B, problem.Hq, problem.Nq, problem.D, dtype=q.dtype, device=device))
+    kernel_module(problem.kernel).launch(q, k, v, config=config, causal=problem.causal, out=out)
+    return close_enough(out, ref.attention(q, k, v, problem.causal), ref.attention(q, k, v, problem.causal, dtype=q.dtype))
+
+
+def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk."""
+    from .strategies import paged_inputs
+    q, k_cache, v_cache, tables, lens = paged_inputs(problem, config["BLOCK_SIZE"], device, seed)
+    out = poison(torch.empty_like(q))
+    kernel_module(problem.kernel).launch(q, k_cache, v_cache, tables, lens, config=config, out=out)
+    args = (q, k_cache, v_cache, tables, lens)
+    return close_enough(out, ref.paged_attention(*args), ref.paged_attention(*args, dtype=q.dtype))
+
+
+def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    check = check_paged_case if problem.paged else check_dense_case
+    return check(problem, config, device, seed, layout)
+
+
+def repro_command(problem: Problem, config: dict, seed: int, layout: str) -> str:
+    shape = {k: v for k, v in asdict(problem).items() if k != "kernel"}
+    return " ".join(["tunebench", "check", "--kernel", problem.kernel, "--shape", shlex.quote(json.dumps(shape)),
+                     "--config", shlex.quote(json.dumps(config)), "--seed", str(seed), "--layout", layout])
+
+
+@dataclass
+class GateStats:
+    kernel: str
+    examples: int = 0
+    configs: set = field(default_factory=set)
+    worst_ratio: float = 0.0
+    failures: list = field(default_factory=list)      # (repro command, reason)
+
+
+def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
+    """Runs Hypothesis over one kernel's problems and admitted configs; collects stats instead of stopping early."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from .strategies import DEFAULT_EXAMPLES, configs, problems
+
+    stats = GateStats(kernel)
+    mod = kernel_module(kernel)
+
+    @settings(max_examples=examples or DEFAULT_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def one(data):
+        problem = data.draw(problems(kernel), label="problem")
+        config = data.draw(configs(mod, problem), label="config")
+        seed = data.draw(st.integers(0, 2**16), label="seed")
+        layout = data.draw(st.sampled_from(("bhnd", "bnhd")), label="layout")
+        verdict = check_case(problem, config, device, seed, layout)
+        stats.examples += 1
+        stats.configs.add(json.dumps(config, sort_keys=True))
+        if verdict.ok:
+            stats.worst_ratio = max(stats.worst_ratio, verdict.ratio)
+            return
+        stats.failures.append((repro_command(problem, config, seed, layout), verdict.reason))
+        raise AssertionError(verdict.reason)
+
+    try:
+        one()
+    except Exception as e:                            # noqa: BLE001 - any failure is reported, never swallowed
+        if not stats.failures:
+            stats.failures.append(("(no case recorded)", f"{type(e).__name__}: {e}"))
+    return stats
+
+
+def print_table(all_stats: list[GateStats]) -> None:
+    print(f"{'kernel':<18}{'examples':>9}{'configs':>9}{'worst err/tol':>15}{'failures':>10}")
+    for s in all_stats:
+        print(f"{s.kernel:<18}{s.examples:>9}{len(s.configs):>9}{s.worst_ratio:>15.3f}{len(s.failures):>10}")
+    for s in all_stats:
+        if s.failures:
+            cmd, reason = s.failures[-1]          # Hypothesis replays the shrunk case last
+            print(f"\nFAIL {s.kernel}: {reason}\n  reproduce: {cmd}")
+
+
+def run_gate(kernels: list[str], profile: str | None = None, examples: int | None = None) -> int:
+    if profile:
+        os.environ["TUNEBENCH_PROFILE"] = profile
+    device = use_interpreter_without_gpu()
+    print(f"tunebench check: device={device}"
+          f"{' (Triton interpreter)' if device == 'cpu' else ''}, profile={os.environ.get('TUNEBENCH_PROFILE') or ('gpu' if device == 'cuda' else 'cpu')}")
+    all_stats = [run_kernel_gate(k, device, examples) for k in kernels]
+    print_table(all_stats)
+    return 1 if any(s.failures for s in all_stats) else 0
+
+
+def run_one(kernel: str, shape_json: str, config_json: str, seed: int, layout: str) -> int:
+    """Replays one case, as printed by a failing gate."""
+    device = use_interpreter_without_gpu()
+    problem = Problem(kernel=kernel, **json.loads(shape_json))
+    config = json.loads(config_json)
+    reason = kernel_module(kernel).keep(config, problem)
+    if reason:
+        print(f"config not admitted by keep(): {reason}")
+        return 2
+    verdict = check_case(problem, config, device, seed, layout)
+    print(f"{problem.label()} {config}: {'ok' if verdict.ok else 'FAIL'} err={verdict.err:.3g} "
+          f"allowed={verdict.allowed:.3g} {verdict.reason}")
+    return 0 if verdict.ok else 1
