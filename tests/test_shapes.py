@@ -1,0 +1,50 @@
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from tunebench.shapes import PRESETS, Problem, bucket, bucket_distance, bucket_key, preset_problems, suite, SUITES
+
+
+@given(B=st.integers(1, 300), nq=st.integers(1, 40000), nk=st.integers(1, 40000))
+def test_bucket_is_idempotent_and_covers_the_shape(B, nq, nk):
+    p = Problem("flash_v2", B, 8, 2, nq, nk, 64, "float16", causal=True)
+    b = bucket(p)
+    assert bucket(b) == b and bucket_key(b) == bucket_key(p)
+    assert b.B >= B and b.Nq >= nq and b.Nk >= nk and b.B < 2 * B and b.Nq < 2 * nq and b.Nk < 2 * nk
+    assert (b.kernel, b.Hq, b.Hkv, b.D, b.dtype, b.causal) == (p.kernel, p.Hq, p.Hkv, p.D, p.dtype, p.causal)
+
+
+def test_bucket_distance_never_crosses_kernel_dtype_headdim_or_causality():
+    a = Problem("flash_v2", 4, 32, 8, 4096, 4096, 128, "bfloat16", causal=True)
+    assert bucket_distance(a, a) == 0
+    assert bucket_distance(a, Problem("flash_v2", 4, 32, 8, 2048, 2048, 128, "bfloat16", causal=True)) == 2
+    for other in (Problem("flash_v1", 4, 32, 8, 4096, 4096, 128, "bfloat16", causal=True),
+                  Problem("flash_v2", 4, 32, 8, 4096, 4096, 64, "bfloat16", causal=True),
+                  Problem("flash_v2", 4, 32, 8, 4096, 4096, 128, "float16", causal=True),
+                  Problem("flash_v2", 4, 32, 8, 4096, 4096, 128, "bfloat16", causal=False)):
+        assert bucket_distance(a, other) == math.inf
+
+
+@pytest.mark.parametrize("bad", [dict(dtype="int8"), dict(Hq=3, Hkv=2), dict(D=0)])
+def test_problem_rejects_bad_fields(bad):
+    fields = dict(kernel="flash_v2", B=1, Hq=4, Hkv=2, Nq=8, Nk=8, D=16, dtype="float16") | bad
+    with pytest.raises(ValueError):
+        Problem(**fields)
+
+
+def test_suites_and_presets_are_well_formed():
+    for name in SUITES:
+        assert suite(name), name
+    assert {p.kernel for p in suite("default")} == {"flash_v2", "flash_v1", "paged_attention"}
+    for name in PRESETS:
+        probs = preset_problems(name)
+        assert any(p.paged for p in probs) and any(not p.paged for p in probs)
+    with pytest.raises(KeyError, match="unknown suite"):
+        suite("nope")
+
+
+def test_flops_and_bytes():
+    p = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16")
+    assert p.flops == 4 * 4 * 16 * 4096 * 4096 * 128
+    assert Problem("paged_attention", 2, 8, 2, 1, 100, 64, "bfloat16").min_bytes == 2 * (2 * 8 + 2 * 2 * 100) * 64 * 2
