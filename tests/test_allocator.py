@@ -1,0 +1,522 @@
+"""The paged KV block allocator: every verb and error, a Hypothesis state machine against a model of physical memory,
+a synthetic trace's waste, and the memory that parallel sampling and beam forks save."""
+import math
+import random
+import subprocess
+import sys
+import types
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from tunebench.allocator import BlockAllocator, OutOfBlocks
+
+
+def state(a: BlockAllocator):
+    """Everything an allocator holds, to check that a failed verb changed nothing."""
+    return (list(a.free_ids), list(a.ref_counts), set(a.used_ids), dict(a._copies),
+            {s: (a.block_table(s), a.num_tokens(s)) for s in a.sequences})
+
+
+# -- allocate
+
+def test_allocate_gives_prompt_slots_in_its_blocks():
+    a = BlockAllocator(8, 4)
+    slots = a.allocate("s", 6)
+    table = a.block_table("s")
+    assert len(table) == 2 and a.num_tokens("s") == 6
+    assert slots == [table[i // 4] * 4 + i % 4 for i in range(6)] == [a.slot("s", i) for i in range(6)]
+    assert all(a.ref_counts[b] == 1 for b in table) and a.stats().free_blocks == 6
+
+
+def test_allocate_empty_prompt_takes_no_block():
+    a = BlockAllocator(2, 4)
+    assert a.allocate("s", 0) == [] and a.block_table("s") == []
+    assert a.append("s") == a.block_table("s")[0] * 4       # the first token takes the first block
+
+
+def test_allocate_rejects_duplicates_and_bad_lengths():
+    a = BlockAllocator(4, 4)
+    a.allocate(1, 3)
+    with pytest.raises(ValueError, match="already exists"):
+        a.allocate(1, 3)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="prompt_len"):
+            a.allocate(2, bad)
+
+
+def test_allocate_out_of_blocks_says_how_many_and_changes_nothing():
+    a = BlockAllocator(4, 4)
+    a.allocate("a", 9)                                       # 3 blocks
+    before = state(a)
+    assert not a.can_allocate(5) and a.can_allocate(4)
+    with pytest.raises(OutOfBlocks, match=r"needs 2 free block\(s\), 1 of 4 free") as e:
+        a.allocate("b", 5)
+    assert isinstance(e.value, RuntimeError) and (e.value.needed, e.value.free) == (2, 1)
+    assert state(a) == before and "b" not in a
+
+
+# -- append
+
+def test_append_fills_the_last_block_then_takes_a_new_one():
+    a = BlockAllocator(4, 4)
+    a.allocate("s", 3)
+    first = a.block_table("s")[0]
+    assert a.append("s") == first * 4 + 3                    # fills block 0: no new block
+    assert len(a.block_table("s")) == 1
+    slot = a.append("s")                                     # block full: a new one
+    second = a.block_table("s")[1]
+    assert second != first and slot == second * 4 and a.num_tokens("s") == 5
+    assert a.take_copies() == []
+
+
+def test_append_out_of_blocks_changes_nothing():
+    a = BlockAllocator(1, 2)
+    a.allocate("s", 2)
+    before = state(a)
+    assert not a.can_append("s")
+    with pytest.raises(OutOfBlocks, match="append to 's': needs 1 free block"):
+        a.append("s")
+    assert state(a) == before
+
+
+def test_unknown_sequence_is_a_key_error():
+    a = BlockAllocator(2, 2)
+    for verb in (a.append, a.free, a.can_append, a.num_tokens, a.block_table):
+        with pytest.raises(KeyError, match="unknown sequence 'x'"):
+            verb("x")
+    with pytest.raises(KeyError):
+        a.fork("x", "y")
+
+
+# -- fork and copy-on-write
+
+def test_fork_shares_every_block():
+    a = BlockAllocator(8, 4)
+    a.allocate("p", 6)
+    a.fork("p", "c")
+    assert a.block_table("c") == a.block_table("p") and a.num_tokens("c") == 6
+    assert [a.ref_counts[b] for b in a.block_table("p")] == [2, 2]
+    assert a.stats().used_blocks == 2
+    with pytest.raises(ValueError, match="already exists"):
+        a.fork("p", "c")
+
+
+def test_append_to_shared_partial_block_copies_it_first():
+    a = BlockAllocator(8, 4)
+    a.allocate("p", 6)
+    a.fork("p", "c")
+    full, shared = a.block_table("p")
+    slot = a.append("c")
+    fresh = a.block_table("c")[1]
+    assert fresh != shared and slot == fresh * 4 + 2
+    assert a.block_table("c")[0] == full and a.ref_counts[full] == 2
+    assert a.ref_counts[shared] == 1 and a.ref_counts[fresh] == 1
+    assert a.take_copies() == [(shared, fresh)] and a.take_copies() == []
+    assert a.append("p") == shared * 4 + 2                   # now the parent alone holds it: written in place
+    assert a.take_copies() == []
+
+
+def test_append_to_shared_full_block_needs_no_copy():
+    a = BlockAllocator(8, 4)
+    a.allocate("p", 8)
+    a.fork("p", "c")
+    a.append("c")
+    assert a.block_table("c")[:2] == a.block_table("p") and len(a.block_table("c")) == 3
+    assert a.take_copies() == []
+
+
+def test_copy_on_write_out_of_blocks_changes_nothing():
+    a = BlockAllocator(2, 4)
+    a.allocate("p", 6)
+    a.fork("p", "c")
+    before = state(a)
+    assert not a.can_append("c")
+    with pytest.raises(OutOfBlocks):
+        a.append("c")
+    assert state(a) == before
+
+
+# -- free
+
+def test_free_returns_a_block_when_its_count_reaches_zero():
+    a = BlockAllocator(4, 4)
+    a.allocate("p", 5)
+    a.fork("p", "c")
+    a.free("p")
+    assert "p" not in a and a.stats().used_blocks == 2
+    assert all(a.ref_counts[b] == 1 for b in a.block_table("c"))
+    a.free("c")
+    assert a.stats().free_blocks == 4 and a.ref_counts == [0] * 4 and not a.used_ids
+
+
+def test_freeing_a_copys_destination_drops_the_copy():
+    a = BlockAllocator(4, 4)
+    a.allocate("p", 2)
+    a.fork("p", "c")
+    a.append("c")
+    a.free("c")
+    assert a.take_copies() == []
+
+
+# -- block tables and stats
+
+def test_block_tables_are_int32_padded_with_block_0():
+    a = BlockAllocator(8, 2)
+    a.allocate("a", 5)
+    a.allocate("b", 1)
+    t = a.block_tables(["b", "a"])
+    assert t.dtype == torch.int32 and t.shape == (2, 3)
+    assert t.tolist() == [a.block_table("b") + [0, 0], a.block_table("a")]
+    assert a.block_tables(["a"], width=5).shape == (1, 5)
+    assert a.context_lens(["a", "b"]).tolist() == [5, 1] and a.context_lens(["a"]).dtype == torch.int32
+    with pytest.raises(ValueError, match="width 2"):
+        a.block_tables(["a"], width=2)
+
+
+def test_stats_count_blocks_tokens_waste_and_sharing():
+    a = BlockAllocator(10, 4)
+    a.allocate("p", 6)                                       # blocks: 4 + 2 tokens
+    a.fork("p", "c")
+    s = a.stats()
+    assert (s.used_blocks, s.free_blocks, s.logical_tokens, s.stored_tokens) == (2, 8, 12, 6)
+    assert s.waste_pct == pytest.approx(100 * 2 / 8)
+    assert (s.unshared_blocks, s.saved_blocks, s.saved_pct) == (4, 2, 50.0)
+    assert "2/10 blocks of 4 used" in s.summary()
+
+
+# -- where the block size comes from
+
+@pytest.fixture
+def fake_dispatch(monkeypatch):
+    calls = []
+
+    def install(value):
+        mod = types.ModuleType("tunebench.dispatch")
+        mod.tuned_paged_block_size = lambda kv_heads, head_dim, dtype: calls.append((kv_heads, head_dim, dtype)) or value
+        monkeypatch.setitem(sys.modules, "tunebench.dispatch", mod)
+        return calls
+    return install
+
+
+def test_block_size_explicit_wins(fake_dispatch):
+    fake_dispatch(64)
+    a = BlockAllocator(4, 8, kv_heads=8, head_dim=128, dtype="float16")
+    assert (a.block_size, a.block_size_source) == (8, "explicit")
+
+
+def test_block_size_tuned_when_stored(fake_dispatch):
+    calls = fake_dispatch(32)
+    a = BlockAllocator(4, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    assert (a.block_size, a.block_size_source) == (32, "tuned")
+    assert calls == [(8, 128, "bfloat16")]
+
+
+def test_block_size_default_when_nothing_tuned_or_no_dispatcher(fake_dispatch, monkeypatch):
+    fake_dispatch(None)
+    assert BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16").block_size_source == "default"
+    monkeypatch.setitem(sys.modules, "tunebench.dispatch", None)     # importing it raises ImportError
+    a = BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16")
+    assert (a.block_size, a.block_size_source) == (16, "default")
+    monkeypatch.setitem(sys.modules, "tunebench.dispatch", types.ModuleType("tunebench.dispatch"))  # no function
+    assert BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16").block_size_source == "default"
+    assert BlockAllocator(4).block_size_source == "default"
+
+
+def test_block_size_broken_dispatcher_or_partial_geometry_raises(monkeypatch):
+    mod = types.ModuleType("tunebench.dispatch")
+
+    def broken(*args):
+        raise ImportError("no sqlalchemy", name="sqlalchemy")
+    mod.__getattr__ = broken
+    monkeypatch.setitem(sys.modules, "tunebench.dispatch", mod)
+    with pytest.raises(ImportError, match="sqlalchemy"):
+        BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16")
+    with pytest.raises(ValueError, match="all of kv_heads, head_dim and dtype"):
+        BlockAllocator(4, kv_heads=8)
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockAllocator(0, 16)
+
+
+def test_importing_the_allocator_stays_light():
+    code = ("import sys, tunebench; before = set(sys.modules); import tunebench.allocator; "
+            "heavy = {'torch', 'triton', 'numpy', 'optuna', 'sqlalchemy', 'hypothesis'}; "
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# -- the state machine: the allocator against a model of each sequence's tokens and of physical memory
+
+STEPS = Counter()    # rules run, by name
+EVENTS = Counter()   # what the rules ran into: the machine must exercise copies and out-of-blocks often
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Tokens are unique ids. A step's writes and copies are pending until `flush`, which applies them as the GPU
+    would (copies first, then writes) and checks that every sequence reads its own tokens back through its table."""
+
+    @initialize(num_blocks=st.integers(6, 32), block_size=st.sampled_from([4, 2, 3, 1]),
+                prompts=st.lists(st.integers(1, 9), min_size=1, max_size=3))
+    def setup(self, num_blocks, block_size, prompts):
+        self.a, self.bs, self.n = BlockAllocator(num_blocks, block_size), block_size, num_blocks
+        self.tokens = {}                 # seq -> its token ids, in order
+        self.memory = [[None] * block_size for _ in range(num_blocks)]
+        self.writes = []                 # pending (seq, slot, token)
+        self.copies = []                 # expected pending (src, dst)
+        self.next_id = 0
+        for prompt_len in prompts:       # some sequences from the start, whichever rules this example enables
+            self._allocate(prompt_len)
+
+    def _new_id(self):
+        self.next_id += 1
+        return self.next_id
+
+    def _pick(self, data):
+        return data.draw(st.sampled_from(sorted(self.tokens)))
+
+    def _free_count(self):
+        return self.n - len({b for s in self.tokens for b in self.a.block_table(s)})
+
+    def _expect_out_of_blocks(self, verb, *args):
+        before = state(self.a)
+        try:
+            verb(*args)
+        except OutOfBlocks:
+            assert state(self.a) == before
+        else:
+            raise AssertionError(f"{verb.__name__}{args} should have run out of blocks")
+
+    def _write(self, seq, slot):
+        """The allocator handed out `slot` for the sequence's next token: it must be that position's slot, in a block
+        nobody else references (no shared block is written without a copy first)."""
+        i = len(self.tokens[seq])
+        table = self.a.block_table(seq)
+        assert slot == table[i // self.bs] * self.bs + i % self.bs
+        assert self.a.ref_counts[slot // self.bs] == 1
+        self.tokens[seq].append(self._new_id())
+        self.writes.append((seq, slot, self.tokens[seq][-1]))
+
+    @rule(prompt_len=st.integers(0, 9))
+    def allocate(self, prompt_len):
+        STEPS["allocate"] += 1
+        self._allocate(prompt_len)
+
+    def _allocate(self, prompt_len):
+        seq, need = self._new_id(), -(-prompt_len // self.bs)
+        assert self.a.can_allocate(prompt_len) == (need <= self._free_count())
+        if need > self._free_count():
+            EVENTS["allocate out of blocks"] += 1
+            return self._expect_out_of_blocks(self.a.allocate, seq, prompt_len)
+        slots = self.a.allocate(seq, prompt_len)
+        self.tokens[seq] = []
+        for slot in slots:
+            self._write(seq, slot)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def append(self, data):
+        """A decode step: one token for each of a few sequences (forked siblings copy-on-write in turn)."""
+        STEPS["append"] += 1
+        for seq in data.draw(st.lists(st.sampled_from(sorted(self.tokens)), min_size=1, max_size=4, unique=True)):
+            self._append(seq)
+
+    def _append(self, seq):
+        n, table = len(self.tokens[seq]), self.a.block_table(seq)
+        shared_partial = n % self.bs != 0 and sum(self.a.block_table(s).count(table[-1]) for s in self.tokens) > 1
+        need = 1 if n % self.bs == 0 or shared_partial else 0
+        assert self.a.can_append(seq) == (need <= self._free_count())
+        if need > self._free_count():
+            EVENTS["append out of blocks"] += 1
+            return self._expect_out_of_blocks(self.a.append, seq)
+        slot = self.a.append(seq)
+        after = self.a.block_table(seq)
+        if n % self.bs == 0:
+            assert after[:-1] == table and after[-1] not in table
+        elif shared_partial:
+            assert after[:-1] == table[:-1] and after[-1] != table[-1]
+            self.copies.append((table[-1], after[-1]))
+            EVENTS["copy-on-write"] += 1
+        else:
+            assert after == table
+        self._write(seq, slot)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), children=st.integers(1, 3), then_step=st.booleans())
+    def fork(self, data, children, then_step):
+        """Parallel sampling and beams: fork a few children, and often take the next step's token for the whole
+        family at once (all but the last writer of a shared, partly filled block copy it)."""
+        STEPS["fork"] += 1
+        parent = self._pick(data)
+        if any(s == parent for s, _, _ in self.writes):
+            self._flush(one_by_one=False)                  # fork between steps, once the parent's K/V is written
+        family = [parent]
+        for _ in range(children):
+            family.append(self._new_id())
+            self.a.fork(parent, family[-1])
+            self.tokens[family[-1]] = list(self.tokens[parent])
+            assert self.a.block_table(family[-1]) == self.a.block_table(parent)
+        if then_step:
+            for seq in family:
+                self._append(seq)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        """A beam is pruned: any sequence."""
+        STEPS["free"] += 1
+        self._free(self._pick(data))
+
+    @precondition(lambda self: self.tokens)
+    @rule()
+    def finish_oldest(self):
+        """A request finishes. Frees blocks as often as the verbs take them, so the pool is not full all the time."""
+        STEPS["finish_oldest"] += 1
+        self._free(min(self.tokens))
+
+    def _free(self, seq):
+        self.a.free(seq)
+        del self.tokens[seq]
+        self.writes = [w for w in self.writes if w[0] != seq]
+        live = {b for s in self.tokens for b in self.a.block_table(s)}
+        self.copies = [c for c in self.copies if c[1] in live]
+
+    @rule(data=st.data())
+    def block_tables(self, data):
+        STEPS["block_tables"] += 1
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.tokens)), max_size=4)) if self.tokens else []
+        t = self.a.block_tables(seqs)
+        width = max((-(-len(self.tokens[s]) // self.bs) for s in seqs), default=0)
+        assert t.dtype == torch.int32 and tuple(t.shape) == (len(seqs), width)
+        for row, s in zip(t.tolist(), seqs):
+            table = self.a.block_table(s)
+            assert row == table + [0] * (width - len(table))
+        assert self.a.context_lens(seqs).tolist() == [len(self.tokens[s]) for s in seqs]
+
+    @rule(one_by_one=st.booleans())
+    def flush(self, one_by_one):
+        STEPS["flush"] += 1
+        self._flush(one_by_one)
+
+    def _flush(self, one_by_one):
+        copies = self.a.take_copies()
+        assert copies == self.copies and len({dst for _, dst in copies}) == len(copies)
+        if one_by_one:
+            for src, dst in copies:
+                self.memory[dst] = list(self.memory[src])
+        else:                                              # gather every source, then scatter
+            for (_, dst), content in [(c, list(self.memory[c[0]])) for c in copies]:
+                self.memory[dst] = content
+        for seq, slot, token in self.writes:
+            block = slot // self.bs
+            assert [b for s in self.tokens for b in self.a.block_table(s)].count(block) == 1
+            self.memory[block][slot % self.bs] = token
+        EVENTS["writes checked"] += len(self.writes)
+        EVENTS["copies applied"] += len(copies)
+        self.copies, self.writes = [], []
+        for seq, tokens in self.tokens.items():
+            table = self.a.block_table(seq)
+            assert [self.memory[table[i // self.bs]][i % self.bs] for i in range(len(tokens))] == tokens
+
+    @invariant()
+    def ref_counts_match_block_tables(self):
+        refs = Counter(b for s in self.tokens for b in self.a.block_table(s))
+        assert [self.a.ref_counts[b] for b in range(self.n)] == [refs[b] for b in range(self.n)]
+        free = list(self.a.free_ids)
+        assert len(free) == len(set(free)) and set(free).isdisjoint(refs)
+        assert len(free) + len(self.a.used_ids) == self.n and self.a.used_ids == set(refs)
+        for s, tokens in self.tokens.items():
+            assert self.a.num_tokens(s) == len(tokens) and len(self.a.block_table(s)) == -(-len(tokens) // self.bs)
+        st_ = self.a.stats()
+        assert (st_.used_blocks, st_.free_blocks) == (len(refs), len(free))
+        assert st_.logical_tokens == sum(map(len, self.tokens.values()))
+        assert st_.saved_blocks == sum(refs.values()) - len(refs)
+
+    def teardown(self):
+        if not hasattr(self, "a"):
+            return
+        for seq in list(self.tokens):
+            self.a.free(seq)
+        assert sorted(self.a.free_ids) == list(range(self.n)) and self.a.ref_counts == [0] * self.n
+        assert not self.a.used_ids and self.a.take_copies() == []
+
+
+def test_allocator_state_machine_10k_steps():
+    STEPS.clear()
+    EVENTS.clear()
+    run_state_machine_as_test(AllocatorMachine, settings=settings(
+        max_examples=250, stateful_step_count=64, deadline=None))
+    total = sum(STEPS.values())
+    print(f"allocator state machine: {total} steps {dict(STEPS)}; {dict(EVENTS)}")
+    assert total >= 10_000, dict(STEPS)
+    assert min(EVENTS[e] for e in ("copy-on-write", "copies applied", "allocate out of blocks",
+                                   "append out of blocks")) >= 100, dict(EVENTS)
+
+
+# -- synthetic workloads
+
+def test_synthetic_trace_waste_at_block_16_is_under_4_percent():
+    rng = random.Random(0)
+    lengths = [rng.randint(16, 784) for _ in range(256)]              # mean 400
+    a = BlockAllocator(sum(-(-n // 16) for n in lengths), 16)
+    for seq, n in enumerate(lengths):
+        a.allocate(seq, rng.randint(1, n))                             # prompt, then decode round-robin
+    while any(a.num_tokens(s) < n for s, n in enumerate(lengths)):
+        for seq, n in enumerate(lengths):
+            if a.num_tokens(seq) < n:
+                a.append(seq)
+    slots = sum(-(-n // 16) * 16 for n in lengths)
+    s = a.stats()
+    print(f"synthetic trace: mean length {sum(lengths) / len(lengths):.0f}, waste {s.waste_pct:.2f}%")
+    assert 380 <= sum(lengths) / len(lengths) <= 420
+    assert s.stored_tokens == sum(lengths) and s.free_blocks == 0
+    assert s.waste_pct == pytest.approx(100 * (slots - sum(lengths)) / slots)
+    assert s.waste_pct <= 4.0
+
+
+def test_parallel_sampling_n4_shares_the_prompt():
+    a = BlockAllocator(64, 16)
+    a.allocate(0, 100)                      # 6 full blocks + 4 tokens in a 7th
+    last = a.block_table(0)[-1]
+    for child in (1, 2, 3):
+        a.fork(0, child)
+    for _ in range(50):                     # each sample generates 50 tokens: 150 tokens, 10 blocks
+        for seq in range(4):
+            a.append(seq)
+    copies = a.take_copies()
+    assert [src for src, _ in copies] == [last] * 3   # the first three writers copy; the last writes in place
+    s = a.stats()
+    # shared: 6 prompt blocks; own: blocks 7..10 of each sample -> 6 + 4 x 4 = 22, against 4 x 10 unshared
+    assert (s.used_blocks, s.unshared_blocks, s.saved_blocks) == (22, 40, 18)
+    assert s.saved_pct == pytest.approx(45.0)
+    print(f"parallel sampling n=4: {s.summary()}")
+
+
+def test_beam_forks_share_the_common_prefix():
+    a = BlockAllocator(64, 16)
+    a.allocate("root", 32)                  # 2 full blocks
+    beams = ["root", "b1", "b2", "b3"]
+    for b in beams[1:]:
+        a.fork("root", b)
+    for _ in range(8):                      # 40 tokens each: a block of 8 of its own (full blocks: no copy)
+        for b in beams:
+            a.append(b)
+    assert a.take_copies() == []
+    a.free("b2")                            # prune two beams, split the best one in three
+    a.free("b3")
+    a.fork("root", "b4")
+    a.fork("root", "b5")
+    beams = ["root", "b1", "b4", "b5"]
+    for _ in range(8):                      # 48 tokens each: root's third block is shared by three beams
+        for b in beams:
+            a.append(b)
+    assert len(a.take_copies()) == 2        # root and b4 copy it; b5, its last holder, writes in place
+    s = a.stats()
+    # shared: the 2 prompt blocks; own: each beam's third block -> 2 + 4 = 6, against 4 x 3 unshared
+    assert (s.used_blocks, s.unshared_blocks, s.saved_blocks, s.saved_pct) == (6, 12, 6, 50.0)
+    assert s.waste_pct == 0.0
+    print(f"beam search, 4 beams: {s.summary()}")
