@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+# Session-scoped: @given tests use it, and Hypothesis rejects function-scoped fixtures (it never changes anyway).
+@pytest.fixture(scope="session")
 def device():
     return DEVICE
