@@ -6,6 +6,7 @@ import os
 import sys
 
 from .registry import KERNELS
+from .roofline import GPUS as ROOFLINE_GPUS
 
 
 def _check(args) -> int:
@@ -31,6 +32,21 @@ def _show(args) -> int:
 def _kv_size(args) -> int:
     from .kvcache import kv_size_command
     return kv_size_command(args)
+
+
+def _roofline(args) -> int:
+    from .roofline import roofline_command
+    return roofline_command(args)
+
+
+def _bench(args) -> int:
+    from .bench import bench_command
+    return bench_command(args)
+
+
+def _report(args) -> int:
+    from .report import report_command
+    return report_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +104,52 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--memory", type=float, default=None, help="memory budget in GB: how many blocks fit")
     k.add_argument("--block-size", type=int, default=16, help="tokens per block for the blocks-that-fit count")
     k.set_defaults(func=_kv_size)
+
+    r = sub.add_parser("roofline", help="FLOPs, minimum bytes, arithmetic intensity and the bound of a shape",
+                       description="Prints a shape's FLOPs, minimum bytes, FLOPs/byte, the GPU's ridge point, whether "
+                                   "it is memory- or compute-bound, and its time floor. --sweep prints the seed's "
+                                   "table of N, d and ops/byte next to the fused kernel's.")
+    r.add_argument("--kernel", choices=kernels, default="flash_v2")
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--heads", type=int, default=None, help="query heads")
+    r.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    r.add_argument("--seq-q", type=int, default=None, help="query length (1 for paged decode)")
+    r.add_argument("--seq-k", type=int, default=None, help="key length / context (default: --seq-q)")
+    r.add_argument("--head-dim", type=int, default=None)
+    r.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "fp16", "bf16", "fp32"), default="float16")
+    r.add_argument("--causal", action="store_true")
+    r.add_argument("--gpu", choices=sorted(ROOFLINE_GPUS), default=None,
+                   help="ceilings of this GPU (default: this machine's GPU if listed, else H100)")
+    r.add_argument("--ceiling", choices=("measured", "datasheet"), default="measured",
+                   help="prefer ceilings measured on this workplace's GPUs, or the datasheet's")
+    r.add_argument("--sweep", action="store_true", help="the seed's N x d table of ops/byte, unfused vs fused")
+    r.add_argument("--suite", default=None, help="analyse every problem of a named suite")
+    r.set_defaults(func=_roofline)
+
+    b = sub.add_parser("bench", help="tuned kernels against SDPA, FlexAttention and others, with measured ceilings",
+                       description="On one GPU, in one process: measures the copy bandwidth and the matmul rate, "
+                                   "then runs every provider on the same inputs per problem, checks their outputs "
+                                   "against a float64 reference, times the correct ones (do_bench median) and "
+                                   "writes tables, CSV, JSON and plots.")
+    b.add_argument("--suite", default=None, help="named suite (default: 'headline')")
+    b.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
+    b.add_argument("--out", default="bench-results", help="directory for CSV, JSON and PNG files")
+    b.add_argument("--kernel", action="append", choices=kernels,
+                   help="only problems of these kernels (flash_v1/flash_v2: prefill; paged_attention: decode)")
+    b.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32"),
+                   help="only problems of these dtypes (repeatable), e.g. to split a suite across runs")
+    b.add_argument("--provider", action="append", default=None,
+                   help="only these providers (repeatable; default all), e.g. tunebench-v2, sdpa-cudnn, flex")
+    b.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per provider, ms")
+    b.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per provider, ms")
+    b.set_defaults(func=_bench)
+
+    rp = sub.add_parser("report", help="winners, speedups over DEFAULT, trial outcomes and tuning time",
+                        description="Summarises a results database: winners per problem with speedup over DEFAULT, "
+                                    "trial status counts, tuning time from trial timestamps, and a PNG of speedups.")
+    rp.add_argument("--db", default=None, help="results database URL or path (default: the per-user database)")
+    rp.add_argument("--out", default=None, help="directory for report.md and speedups.png (default: print only)")
+    rp.set_defaults(func=_report)
     return p
 
 

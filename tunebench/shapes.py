@@ -146,8 +146,23 @@ def _tiny_suite() -> list[Problem]:
     ]
 
 
+def _headline_suite() -> list[Problem]:
+    # What `tunebench bench` reports by default (BENCHMARKS.md): D 128 across lengths, D 64, the decode grid, and
+    # FlashAttention-1 up to 8k for the V1-vs-V2 ratio.
+    out = [Problem("flash_v2", 4, 16, 16, n, n, 128, dtype, causal=c)
+           for dtype in ("float16", "bfloat16") for c in (False, True) for n in (1024, 2048, 4096, 8192, 16384)]
+    out += [Problem("flash_v2", 4, 32, 32, n, n, 64, dtype, causal=c)
+            for dtype in ("float16", "bfloat16") for c in (False, True) for n in (4096, 16384)]
+    out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for c in (False, True)
+            for n in (1024, 4096, 8192)]
+    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16")
+            for b, ctx in ((64, 4096), (16, 16384), (128, 1024), (1, 32768))]
+    return out
+
+
 SUITES = {
     "default": _default_suite,
+    "headline": _headline_suite,
     "tiny": _tiny_suite,
     "prefill": lambda: [p for p in _default_suite() if not p.paged],
     "decode": lambda: [p for p in _default_suite() if p.paged],
