@@ -1,0 +1,114 @@
+"""The worker side of a trial, in process: compile -> check -> time gives the right status for each planted fault,
+restores inputs a kernel wrote into, and the timing helpers compute what do_bench would."""
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # fake_kernels
+
+from fake_kernels import behaviours  # noqa: E402
+from tunebench import timing  # noqa: E402
+from tunebench.registry import kernel_module  # noqa: E402
+from tunebench.shapes import Problem  # noqa: E402
+from tunebench.trial import failure, run_trial, warmup_only  # noqa: E402
+from tunebench.workloads import Workload  # noqa: E402
+
+FAKE = Problem("fake_behaviours", 1, 2, 1, 24, 40, 16, "float32", causal=True)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return Workload(FAKE, seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("mode, status, says", [
+    ("ok", "ok", ""),
+    ("wrong", "incorrect", "max error"),
+    ("unwritten", "incorrect", "NaN"),
+    ("mutate", "incorrect", "wrote into its inputs: k"),
+    ("compile_error", "compile_error", "does not compile"),
+    ("out_of_resources", "out_of_resources", "shared memory"),
+])
+def test_each_fault_gets_its_status(workload, mode, status, says):
+    outcome = run_trial(workload, behaviours, {"MODE": mode, "X": 1}, timing.wall_bench)
+    assert outcome.status == status, outcome
+    assert says in outcome.message
+    assert not outcome.fatal
+    timed = outcome.median_ms is not None
+    assert timed == (status == "ok")
+
+
+def test_ok_trial_is_timed_and_checked(workload):
+    outcome = run_trial(workload, behaviours, {"MODE": "ok", "X": 2}, timing.wall_bench)
+    assert outcome.status == "ok"
+    assert outcome.p20_ms <= outcome.median_ms <= outcome.p80_ms
+    assert outcome.median_ms >= 2 * 0.9  # the config sleeps 2 ms per launch
+    assert outcome.err_ratio <= 1
+    assert outcome.throughput == pytest.approx(FAKE.flops / (outcome.median_ms * 1e-3) / 1e12)
+
+
+def test_inputs_are_restored_after_a_kernel_writes_into_them(workload):
+    k_before = workload.k.clone()
+    assert run_trial(workload, behaviours, {"MODE": "mutate", "X": 1}, timing.wall_bench).status == "incorrect"
+    assert torch.equal(workload.k, k_before)
+    assert run_trial(workload, behaviours, {"MODE": "ok", "X": 1}, timing.wall_bench).status == "ok"
+
+
+def test_a_real_kernel_passes_under_the_interpreter():
+    problem = Problem("flash_v2", 1, 2, 1, 40, 40, 16, "float16", causal=True)
+    module = kernel_module("flash_v2")
+    outcome = run_trial(Workload(problem, 0, "cpu"), module, module.DEFAULT, timing.wall_bench)
+    assert outcome.status == "ok", outcome.message
+    assert outcome.err_ratio <= 1
+
+
+def test_cuda_faults_are_fatal_and_oom_is_out_of_resources():
+    fault = failure(RuntimeError("CUDA error: an illegal memory access was encountered"), "compile_error", "x")
+    assert (fault.status, fault.fatal) == ("crashed", True)
+    oom = failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "compile_error", "x")
+    assert (oom.status, oom.fatal) == ("out_of_resources", False)
+    plain = failure(ValueError("BLOCK_M must be a power of two"), "compile_error", "first launch")
+    assert (plain.status, plain.fatal) == ("compile_error", False)
+    assert plain.message.startswith("first launch: ValueError")
+
+
+def test_warmup_only_compiles_without_launching():
+    from triton.runtime.jit import JITFunction
+
+    def kernel(x, BLOCK):
+        pass
+
+    jit = JITFunction(kernel)
+    calls = []
+    jit.run = lambda *args, grid, warmup, **kwargs: calls.append((grid, warmup, args, kwargs))
+    with warmup_only():
+        jit[(4,)](1, BLOCK=16)
+    jit[(4,)](1, BLOCK=16)
+    assert calls == [((4,), True, (1,), {"BLOCK": 16}), ((4,), False, (1,), {"BLOCK": 16})]
+
+
+def test_quantiles_match_torch():
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    expected = torch.tensor(values).quantile(torch.tensor(timing.QUANTILES)).tolist()
+    assert timing.quantiles(values, timing.QUANTILES) == pytest.approx(expected)
+
+
+def test_interleaved_rotates_the_order_and_keeps_results_per_fn():
+    order = []
+    fns = [lambda i=i: order.append(i) for i in range(3)]
+    fake_bench = lambda fn: (fn(), timing.Timing(float(order[-1]), 0.0, 0.0))[1]  # noqa: E731
+    medians = timing.interleaved(fns, fake_bench, rounds=3)
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    assert medians == [[0.0] * 3, [1.0] * 3, [2.0] * 3]
+
+
+def test_throughput_units():
+    dense = Problem("flash_v2", 2, 4, 4, 128, 128, 64)
+    paged = Problem("paged_attention", 2, 4, 2, 1, 1000, 64)
+    assert timing.throughput(dense, 1.0) == pytest.approx(dense.flops / 1e-3 / 1e12)
+    assert timing.throughput(paged, 2.0) == pytest.approx(paged.min_bytes / 2e-3 / 1e9)
+    assert (timing.throughput_unit(dense), timing.throughput_unit(paged)) == ("TFLOP/s", "GB/s")
+    assert math.isfinite(timing.throughput(dense, 1e-6))

@@ -1,0 +1,124 @@
+"""`tunebench tune` end to end on the CPU (--interpret): real spawned workers, the real results store and Optuna
+studies in SQLite files under tmp_path. Planted faults come from test-only kernel modules (tests/fake_kernels)
+registered into the kernel registry for the test."""
+import pathlib
+import sys
+
+import pytest
+
+TESTS = pathlib.Path(__file__).parent
+sys.path.insert(0, str(TESTS))  # fake_kernels, here and (through spawn's copy of sys.path) in the workers
+
+from conftest import HAS_GPU  # noqa: E402
+from fake_kernels import launched  # noqa: E402
+from tunebench import registry  # noqa: E402
+from tunebench.cli import main  # noqa: E402
+from tunebench.registry import config_in_space, kernel_module  # noqa: E402
+from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
+from tunebench.store import Store  # noqa: E402
+from tunebench.tuner import TuneOptions, config_key, tune  # noqa: E402
+from tunebench.workloads import Workload  # noqa: E402
+
+FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
+         "fake_plain": "fake_kernels.plain"}
+
+
+@pytest.fixture
+def fakes(monkeypatch, tmp_path):
+    for name, path in FAKES.items():
+        monkeypatch.setitem(registry.KERNELS, name, path)
+    log = tmp_path / "launches.jsonl"
+    monkeypatch.setenv("TUNEBENCH_FAKE_LOG", str(log))
+    return log
+
+
+def fake_problem(kernel: str) -> Problem:
+    return Problem(kernel, 1, 2, 1, 24, 40, 16, "float32", causal=True)
+
+
+def options(tmp_path, **kw) -> TuneOptions:
+    return TuneOptions(**{"interpret": True, "db": str(tmp_path / "results.db"), "timeout": 60.0, **kw})
+
+
+def statuses(store: Store, kernel: str) -> dict[tuple, str]:
+    return {config_key(t.config): t.status for t in store.trials(kernel=kernel)}
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message given on a machine without a GPU")
+def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
+    db = tmp_path / "results.db"
+    assert main(["tune", "--suite", "tiny", "--db", str(db)]) != 0
+    err = capsys.readouterr().err
+    assert "--interpret" in err and "GPU" in err
+    assert not db.exists()
+
+
+def test_tune_store_lookup_end_to_end(tmp_path, capsys):
+    from tunebench.dispatch import Winners
+    db = tmp_path / "results.db"
+    assert main(["tune", "--interpret", "--suite", "tiny", "--trials", "2", "--db", str(db)]) == 0
+    assert "vs DEFAULT" in capsys.readouterr().out
+    problems = suite("tiny")
+    with Store(str(db), readonly=True) as store:
+        winners = {bucket_key(w.problem): w for w in store.winners(device_name="cpu-interpreter")}
+        assert set(winners) == {bucket_key(p) for p in problems}
+        lookup = Winners.load("cpu-interpreter", [store.url])
+        for problem in problems:
+            w, module = winners[bucket_key(problem)], kernel_module(problem.kernel)
+            assert module.keep(w.config, problem) is None and config_in_space(problem.kernel, w.config) is None
+            assert Workload(problem, seed=1, device="cpu").check(module, w.config).ok
+            assert w.speedup_vs_default is not None and w.speedup_vs_default >= 1.0
+            assert lookup.choose(problem).config == w.config
+            counts = store.trial_counts(kernel=problem.kernel, problem=problem)
+            assert counts.get("ok", 0) >= 2, counts
+
+
+def test_every_status_and_pruned_configs_never_launch(tmp_path, fakes):
+    problem = fake_problem("fake_behaviours")
+    [result] = tune([problem], options(tmp_path, sampler="grid"))
+    module = kernel_module("fake_behaviours")
+    with Store(result_db(tmp_path)) as store:
+        got = statuses(store, "fake_behaviours")
+        pruned = [t for t in store.trials(kernel="fake_behaviours") if t.status == "pruned"]
+    expected_status = {"ok": "ok", "wrong": "incorrect", "unwritten": "incorrect", "mutate": "incorrect",
+                       "compile_error": "compile_error", "out_of_resources": "out_of_resources"}
+    for mode, status in expected_status.items():
+        for x in (1, 2):
+            assert got[config_key({"MODE": mode, "X": x})] == status, (mode, x)
+    assert len(pruned) == 6 and all("pretend shared-memory limit" in t.message for t in pruned)
+    assert all(module.keep(c, problem) is None for c in launched(fakes))
+    assert {c["X"] for c in launched(fakes)} == {1, 2}
+    assert result.config["MODE"] == "ok" and result.speedup is not None
+    assert result.counts == {"ok": 2, "incorrect": 6, "compile_error": 2, "out_of_resources": 2, "pruned": 6}
+
+
+def test_a_crashing_and_a_hanging_trial_do_not_stop_the_study(tmp_path, fakes):
+    # seed 0 orders the grid: DEFAULT (ok), then hang, crash, and the other ok config after both faults.
+    [result] = tune([fake_problem("fake_faulty")], options(tmp_path, sampler="grid", seed=0, timeout=5.0))
+    with Store(result_db(tmp_path)) as store:
+        trials = [t for t in store.trials(kernel="fake_faulty") if t.status != "pruned"]
+    by_mode = {t.config["MODE"]: t for t in trials if t.config["MODE"] != "ok"}
+    assert by_mode["crash"].status == "crashed" and "exit code 7" in by_mode["crash"].message
+    assert by_mode["hang"].status == "timeout"
+    oks = [t for t in trials if t.status == "ok"]
+    assert len(oks) == 2
+    assert max(t.number for t in oks) > max(by_mode["crash"].number, by_mode["hang"].number)
+    assert result.config in ({"MODE": "ok", "X": 1}, {"MODE": "ok", "X": 2}) and result.written
+
+
+def test_a_stopped_run_resumes_without_rerunning_finished_trials(tmp_path, fakes):
+    problem = fake_problem("fake_plain")
+    tune([problem], options(tmp_path, trials=3))
+    with Store(result_db(tmp_path)) as store:
+        first = {t.number: t for t in store.trials(kernel="fake_plain")}
+    assert len(first) == 3
+    tune([problem], options(tmp_path, trials=6))
+    with Store(result_db(tmp_path)) as store:
+        after = {t.number: t for t in store.trials(kernel="fake_plain")}
+    assert len(after) == 6 and len({config_key(t.config) for t in after.values()}) == 6
+    for number, t in first.items():
+        assert after[number].started_at == t.started_at and after[number].config == t.config
+
+
+def result_db(tmp_path) -> str:
+    return str(tmp_path / "results.db")

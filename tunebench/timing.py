@@ -1,0 +1,86 @@
+"""How long a launch takes: the median and the 20th/80th percentiles, in milliseconds.
+
+On a GPU, ``triton.testing.do_bench`` times each launch with CUDA events and flushes the L2 cache before each one, so
+a kernel is not credited with inputs left in cache by its previous run. Under the Triton interpreter the same
+functions take a few wall-clock measurements instead: those exercise the tuner end to end on a CPU, and say nothing
+about a GPU (the store marks such a device as not a speed measurement).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+QUANTILES = (0.5, 0.2, 0.8)     # median, p20, p80: the order do_bench returns them in
+INTERPRET_REPS = 2              # the interpreter is slow (~0.1-0.5 s a tiny launch); the check launch warmed it up
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+Bench = Callable[[Callable[[], object]], Timing]
+
+
+def gpu_bench(fn: Callable[[], object]) -> Timing:
+    from triton.testing import do_bench
+    median, p20, p80 = do_bench(fn, quantiles=list(QUANTILES))
+    return Timing(median, p20, p80)
+
+
+def wall_bench(fn: Callable[[], object], reps: int = INTERPRET_REPS) -> Timing:
+    """Wall-clock time of ``reps`` calls: for the interpreter, where there is no device to time."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return Timing(*quantiles(times, QUANTILES))
+
+
+def bench_for(interpret: bool) -> Bench:
+    return wall_bench if interpret else gpu_bench
+
+
+def quantiles(values: list[float], qs: tuple[float, ...]) -> list[float]:
+    """Linear interpolation between order statistics, as torch.quantile (and so do_bench) computes them."""
+    xs = sorted(values)
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+def interleaved(fns: list[Callable[[], object]], bench: Bench, rounds: int) -> list[list[float]]:
+    """Times every fn once per round, rotating which goes first, so that drift (clocks, temperature, a neighbour on
+    the machine) falls on all of them alike. Returns each fn's medians, one per round."""
+    medians: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
+            medians[j].append(bench(fns[j]).median_ms)
+    return medians
+
+
+def confirmed_ms(round_medians: list[float]) -> float:
+    """One number for a config re-timed over several rounds: the median of its round medians."""
+    return statistics.median(round_medians)
+
+
+def throughput(problem, median_ms: float) -> float:
+    """TFLOP/s for a dense problem (compute-bound), GB/s for paged decode (memory-bound)."""
+    seconds = median_ms * 1e-3
+    if problem.paged:
+        return problem.min_bytes / seconds / 1e9
+    return problem.flops / seconds / 1e12
+
+
+def throughput_unit(problem) -> str:
+    return "GB/s" if problem.paged else "TFLOP/s"

@@ -1,0 +1,736 @@
+"""`tunebench tune`: an Optuna search per problem, over configs compiled, checked and timed in worker processes.
+
+One study per device x kernel x kernel source hash x bucketed problem, in Optuna's own RDB storage (--storage URL,
+else an SQLite file next to the results database), so that a stopped run resumes and, later, several processes or
+hosts can share studies. Every trial is also recorded in the results store, and each problem's winner is upserted
+there (a faster time replaces a slower one, never the reverse).
+
+The search:
+- SPACE becomes Optuna suggestions in exactly one place, ``suggest_config``.
+- A config that ``keep`` rejects is told PRUNED (with the reason) and recorded as pruned: it never reaches a compiler.
+- TPE (seeded, multivariate, constant liar) by default. The DEFAULT config is enqueued as the first trial, so every
+  problem has a baseline and TPE a known-good start. --trials counts *evaluated* configs: pruned configs and repeats
+  of a config already evaluated do not count (a repeat is told the earlier result, not run again), but the sampler
+  may be asked at most 4 x trials + 20 times, so a sampler that keeps proposing such configs ends the search early.
+- --sampler grid is exhaustive over what keep admits: every config of SPACE not yet in the study is enqueued, DEFAULT
+  first and the rest shuffled by --seed (rejected ones are told pruned), up to --trials evaluations. Enqueued trials
+  are Optuna's own queue, which processes sharing the study pop without overlap.
+- Resume: the study's finished trials (evaluated or pruned) are never run again and count toward --trials. Trials a
+  killed run left RUNNING are failed by Optuna's heartbeat (RDB storage) once stale, and do not count.
+- Compile ahead: configs are asked a few at a time; compile workers (CPU-bound, one per spare core, up to 8) put
+  them into Triton's on-disk cache while the GPU worker checks and times earlier ones. Not under --interpret.
+- At the end of a problem the best few ok configs and DEFAULT are re-timed against each other, interleaved, in one
+  worker; the winner is the fastest by those medians, and its speedup over DEFAULT comes from the same rounds.
+"""
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .registry import KERNELS, kernel_module, source_hash
+from .shapes import Problem, bucket_key, preset_problems, suite
+from .trial import Compile, Event, Identify, Outcome, Retime, Run, Worker
+from . import timing
+
+DEFAULT_TRIALS = 24
+TOP_K = 3                       # finalists re-timed against each other (plus DEFAULT)
+RETIME_ROUNDS = 3
+RETIME_ROUNDS_INTERPRET = 2
+ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
+MAX_COMPILE_WORKERS = 8
+HEARTBEAT_S = 30                # Optuna trial heartbeat; a trial silent for GRACE_S is stale (its run died)
+GRACE_S = 120
+SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
+NO_GPU = ("no GPU: CUDA is not available here. Use `tunebench tune --interpret` to run the whole pipeline on the CPU "
+          "under the Triton interpreter (a test of the pipeline, not a speed measurement), or run on a GPU machine")
+
+
+@dataclass
+class TuneOptions:
+    trials: int | None = None           # evaluated configs per problem (None: DEFAULT_TRIALS, or the grid)
+    timeout: float = 120.0              # seconds per trial
+    sampler: str = "tpe"
+    seed: int = 0
+    db: str | None = None
+    storage: str | None = None
+    workers: int = 1
+    interpret: bool = False
+    compile_workers: int | None = None  # None: one per spare core, up to MAX_COMPILE_WORKERS (0 under --interpret)
+    top_k: int = TOP_K
+    setup_timeout: float = SETUP_TIMEOUT_S
+
+    @classmethod
+    def from_args(cls, args) -> "TuneOptions":
+        return cls(trials=args.trials, timeout=args.timeout, sampler=args.sampler, seed=args.seed, db=args.db,
+                   storage=args.storage, workers=args.workers, interpret=args.interpret,
+                   compile_workers=getattr(args, "compile_workers", None))
+
+    def validate(self) -> None:
+        if self.trials is not None and self.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {self.trials}")
+        if not self.timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.sampler not in ("tpe", "grid"):
+            raise ValueError(f"--sampler must be tpe or grid, got {self.sampler!r}")
+        if self.compile_workers is not None and self.compile_workers < 0:
+            raise ValueError(f"--compile-workers must be >= 0, got {self.compile_workers}")
+
+
+@dataclass
+class ProblemResult:
+    problem: Problem
+    config: dict | None = None
+    median_ms: float | None = None
+    default_ms: float | None = None
+    speedup: float | None = None
+    counts: dict = field(default_factory=dict)  # status -> distinct configs, over the whole study
+    wall_s: float = 0.0
+    written: bool = False                       # False: the store kept a faster earlier winner
+    note: str = ""
+
+
+# -- the command
+
+
+def tune_command(args) -> int:
+    options = TuneOptions.from_args(args)
+    problems = select_problems(args.kernel, args.suite, args.preset, args.interpret)
+    results: list[ProblemResult] = []
+    start = time.monotonic()
+    try:
+        tune(problems, options, results=results)
+    finally:
+        if results:
+            print(summary(results, time.monotonic() - start, options.interpret))
+    missing = [r for r in results if r.config is None]
+    if missing:
+        print(f"tunebench tune: {len(missing)} of {len(results)} problems have no winner (no config passed)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None,
+                    interpret: bool) -> list[Problem]:
+    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret) or a model preset, filtered by
+    kernel, one per bucket (the store keeps one winner per bucket)."""
+    if suite_name and preset:
+        raise ValueError("give --suite or --preset, not both")
+    if preset:
+        problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
+    else:
+        problems = suite(suite_name or ("tiny" if interpret else "default"))
+    if kernels:
+        problems = [p for p in problems if p.kernel in kernels]
+    if interpret:
+        dropped = [p for p in problems if p.dtype == "bfloat16"]
+        if dropped:
+            print(f"tunebench tune: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes "
+                  f"bf16 wrongly (tune them on a GPU)", file=sys.stderr)
+        problems = [p for p in problems if p.dtype != "bfloat16"]
+    by_bucket: dict[str, Problem] = {}
+    for p in problems:
+        by_bucket.setdefault(bucket_key(p), p)
+    if not problems:
+        raise ValueError("no problems selected: check --kernel against the suite or preset")
+    return list(by_bucket.values())
+
+
+def tune(problems: list[Problem], options: TuneOptions, *, results: list[ProblemResult] | None = None,
+         err=None) -> list[ProblemResult]:
+    """Tunes each problem in turn and returns (and appends to ``results``, as they finish) one result per problem."""
+    options.validate()
+    err = err or sys.stderr
+    results = [] if results is None else results
+    # keep() reads it (e.g. no TMA under the interpreter) and it must agree with what the workers run.
+    os.environ["TRITON_INTERPRET"] = "1" if options.interpret else "0"
+    if not options.interpret:
+        require_gpu()
+    from .store import Store
+    with Store(options.db) as store, warnings.catch_warnings():
+        _quiet_optuna()
+        storage = open_storage(options.storage, store.url)
+        print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
+        with Fleet(options) as fleet:
+            device = fleet.identify()
+            for index, problem in enumerate(problems):
+                search = Search(problem, options, store, storage, fleet, device,
+                                Progress(err, index, len(problems), problem))
+                results.append(search.tune())
+    return results
+
+
+def _quiet_optuna() -> None:
+    """Optuna warns that heartbeats and multivariate TPE are experimental, and that heartbeats are meant for
+    Study.optimize: the tuner uses ask/tell (to run trials in its own workers) and records heartbeats itself."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def require_gpu() -> None:
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError(NO_GPU)
+
+
+# -- Optuna: storage, studies, the one place SPACE becomes suggestions
+
+
+def suggest_config(trial, space: dict) -> dict:
+    """The one place SPACE becomes Optuna suggestions: one categorical per key, in SPACE's order."""
+    return {name: trial.suggest_categorical(name, list(values)) for name, values in space.items()}
+
+
+def config_key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+def all_configs(space: dict) -> list[dict]:
+    """Every combination of SPACE's values (kept or not), in SPACE's order."""
+    import itertools
+    return [dict(zip(space, values)) for values in itertools.product(*space.values())]
+
+
+def open_storage(storage_url: str | None, results_url: str):
+    """Optuna's RDB storage: --storage, else an SQLite file next to an SQLite results database (results.db ->
+    results.optuna.db; the two cannot share a file, both have a `trials` table); memory for a memory database."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    if storage_url is None:
+        url = make_url(results_url)
+        if url.get_backend_name() != "sqlite" or (url.database or "").startswith("file:"):
+            raise ValueError(f"give --storage URL for Optuna's studies: only an SQLite --db gets one beside it "
+                             f"(--db is {url.render_as_string(hide_password=True)})")
+        if url.database in (None, "", ":memory:"):
+            return optuna.storages.InMemoryStorage()
+        path = os.path.abspath(url.database)
+        storage_url = "sqlite:///" + os.path.splitext(path)[0] + ".optuna.db"
+    sqlite = storage_url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S)
+    except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or an unreachable server
+        raise RuntimeError(f"cannot open the Optuna storage {storage_url}: {type(e).__name__}: {e}") from e
+
+
+def _describe_storage(storage) -> str:
+    url = getattr(storage, "url", None)
+    return "memory" if url is None else url
+
+
+def study_name(device, kernel: str, shash: str, problem: Problem) -> str:
+    return f"{device.name}|{kernel}|{shash}|{bucket_key(problem)}"
+
+
+def make_sampler(options: TuneOptions, budget: int):
+    import optuna
+    if options.sampler == "grid":
+        # Grid configs are enqueued explicitly (Search.enqueue), so this sampler only runs should the queue be
+        # emptied by another process sharing the study.
+        return optuna.samplers.RandomSampler(seed=options.seed)
+    return optuna.samplers.TPESampler(seed=options.seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=min(10, max(2, budget // 3)))
+
+
+# -- worker processes
+
+
+class Fleet:
+    """The run's worker processes: `runners` check and time trials (one per GPU, pinned with CUDA_VISIBLE_DEVICES,
+    or CPU interpreter workers), `compilers` fill Triton's cache ahead of them."""
+
+    def __init__(self, options: TuneOptions):
+        n = options.workers
+        if options.interpret:
+            devices, threads, n_compile = [None] * n, max(1, (os.cpu_count() or 1) // n), 0
+        else:
+            devices, threads = visible_devices(n), 4
+            n_compile = options.compile_workers
+            if n_compile is None:
+                n_compile = min(MAX_COMPILE_WORKERS, max(0, (os.cpu_count() or 1) - n - 1))
+        self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}")
+                        for i, d in enumerate(devices)]
+        self.compilers = [Worker("compile", False, devices[0], 1, options.setup_timeout, name=f"compile{i}")
+                          for i in range(n_compile)]
+        self.workers = self.runners + self.compilers
+
+    def __enter__(self) -> "Fleet":
+        try:
+            for w in self.workers:
+                w.start()
+            for w in self.workers:
+                w.await_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.process is not None:
+                w.close()
+
+    def identify(self):
+        """The device every runner sees (read in the workers: the parent never initialises a CUDA context)."""
+        identities = []
+        for w in self.runners:
+            event = w.call(Identify(), timeout=120.0)
+            if event.kind != "ok":
+                raise RuntimeError(f"cannot read the device identity in worker {w.name}: {event.message}")
+            identities.append(event.value)
+        if len({d.name for d in identities}) > 1:
+            raise RuntimeError(f"--workers needs one kind of GPU, found {sorted({d.name for d in identities})}: "
+                               f"choose them with CUDA_VISIBLE_DEVICES")
+        return identities[0]
+
+    def wait(self, timeout: float) -> list[tuple[Worker, Event]]:
+        """Waits until a busy worker replies or reaches its deadline (or ``timeout``); returns what happened."""
+        from multiprocessing.connection import wait as wait_for_connections
+        busy = [w for w in self.workers if w.busy]
+        if not busy:
+            return []
+        now = time.monotonic()
+        soonest = min(w.deadline for w in busy)
+        ready = wait_for_connections([w.conn for w in busy], max(0.0, min(timeout, soonest - now)))
+        events = []
+        for w in busy:
+            if w.conn in ready:
+                event = w.receive()
+            elif time.monotonic() >= w.deadline:
+                event = w.expire()
+            else:
+                continue
+            if event is not None:
+                events.append((w, event))
+        return events
+
+
+def visible_devices(n: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES values for n workers, one GPU each, from what this process may see."""
+    import torch
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else [str(i) for i in
+                                                                             range(torch.cuda.device_count())]
+    if n > len(ids):
+        raise ValueError(f"--workers {n} needs {n} GPUs, but {len(ids)} are visible")
+    return ids[:n]
+
+
+# -- one problem's search
+
+
+@dataclass
+class Seen:
+    """A config whose trial finished in this study: it is never run again."""
+    config: dict
+    status: str
+    number: int
+    median_ms: float | None
+
+
+@dataclass
+class Candidate:
+    """An asked trial waiting for (or in) a worker."""
+    trial: object               # optuna.Trial
+    config: dict
+    key: tuple
+    compiled: bool              # in Triton's cache already (or there is no compile worker)
+    started_at: datetime | None = None
+
+
+class ProblemFailed(RuntimeError):
+    """The problem cannot be tuned in this run (its inputs could not be set up in a worker)."""
+
+
+class Search:
+    """The trials of one problem: ask, prune, compile ahead, check and time, tell; then confirm the winner."""
+
+    def __init__(self, problem: Problem, options: TuneOptions, store, storage, fleet: Fleet, device,
+                 progress: "Progress"):
+        import optuna
+        self.problem, self.options, self.store, self.fleet, self.device = problem, options, store, fleet, device
+        self.progress = progress
+        self.kernel = problem.kernel
+        self.module_path = KERNELS[self.kernel]
+        self.module = kernel_module(self.kernel)
+        self.hash = source_hash(self.kernel)
+        self.space = self.module.SPACE
+        self.admitted = [c for c in all_configs(self.space) if self.reject_reason(c) is None]
+        limit = len(self.admitted) if options.sampler == "grid" else DEFAULT_TRIALS
+        self.budget = min(options.trials or limit, len(self.admitted))
+        self.study = optuna.create_study(storage=storage, sampler=make_sampler(options, self.budget),
+                                         study_name=study_name(device, self.kernel, self.hash, problem),
+                                         direction="minimize", load_if_exists=True)
+        self.heartbeats = hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None
+        self.storage = storage
+        optuna.storages.fail_stale_trials(self.study)
+        self.seen = self.load_seen()
+        self.pending: list[Candidate] = []
+        self.running: dict[Worker, Candidate] = {}
+        self.compiling: dict[Worker, Candidate] = {}
+        self.asks = 0
+        self.last_beat = time.monotonic()
+        self.lookahead = len(fleet.runners) + len(fleet.compilers)
+        self.max_asks = self.enqueue()
+
+    # -- the study as it stands
+
+    def load_seen(self) -> dict[tuple, Seen]:
+        from optuna.trial import TrialState
+        seen: dict[tuple, Seen] = {}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                TrialState.FAIL)):
+            status = t.user_attrs.get("status")
+            if status is None or "duplicate_of" in t.user_attrs or set(t.params) != set(self.space):
+                continue  # failed without a verdict (abandoned or stale): it may run again
+            seen.setdefault(config_key(t.params), Seen(dict(t.params), status, t.number, t.value))
+        return seen
+
+    def evaluated(self) -> int:
+        return sum(1 for s in self.seen.values() if s.status != "pruned")
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(s.status for s in self.seen.values()))
+
+    def reject_reason(self, config: dict) -> str | None:
+        try:
+            return self.module.keep(config, self.problem)
+        except Exception as e:  # a bug in keep: the config is not compiled, and the reason says why
+            return f"keep() raised {type(e).__name__}: {e}"
+
+    def enqueue(self) -> int:
+        """Puts DEFAULT (and, for grid, every config not yet evaluated) into Optuna's queue; returns how many asks
+        this run may make."""
+        from optuna.trial import TrialState
+        waiting = {config_key(t.system_attrs.get("fixed_params", {}))
+                   for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        remaining = max(0, self.budget - self.evaluated())
+        order = [self.module.DEFAULT]
+        if self.options.sampler == "grid":
+            rest = all_configs(self.space)
+            random.Random(self.options.seed).shuffle(rest)
+            order += rest
+        fresh, seen_keys = [], set(self.seen) | waiting
+        admitted_slots = remaining - sum(1 for k in waiting if self.reject_reason(dict(k)) is None)
+        for config in order:
+            key = config_key(config)
+            if key in seen_keys:
+                continue
+            seen_keys.add(key)
+            if self.reject_reason(config) is None:
+                if admitted_slots <= 0:
+                    continue
+                admitted_slots -= 1
+            fresh.append(config)
+        for config in fresh:
+            self.study.enqueue_trial(config)
+        queued = len(waiting) + len(fresh)
+        if self.options.sampler == "grid":
+            return queued
+        return queued + ASK_FACTOR * remaining + ASK_SLACK
+
+    # -- the loop
+
+    def tune(self) -> ProblemResult:
+        start = time.monotonic()
+        self.progress.begin(self.budget, self.evaluated(), self.counts())
+        try:
+            self.search()
+            result = self.confirm()
+        except ProblemFailed as e:
+            result = ProblemResult(self.problem, counts=self.counts(), note=str(e))
+        result.wall_s = time.monotonic() - start
+        self.progress.end(result)
+        return result
+
+    def search(self) -> None:
+        try:
+            while self.step():
+                pass
+        finally:
+            self.abandon()
+
+    def step(self) -> bool:
+        self.refill()
+        self.dispatch()
+        if not any(w.busy for w in self.fleet.workers):
+            return bool(self.pending) or self.wants_more()
+        for worker, event in self.fleet.wait(timeout=HEARTBEAT_S):
+            self.on_event(worker, event)
+        self.heartbeat()
+        return True
+
+    def live(self) -> int:
+        return len(self.pending) + len(self.running)
+
+    def wants_more(self) -> bool:
+        return (self.asks < self.max_asks and self.evaluated() + self.live() < self.budget
+                and self.live() < self.lookahead)
+
+    def refill(self) -> None:
+        while self.wants_more():
+            self.ask()
+
+    def ask(self) -> None:
+        trial = self.study.ask()
+        self.asks += 1
+        config = suggest_config(trial, self.space)
+        key = config_key(config)
+        if key in self.seen:
+            self.tell_repeat(trial, self.seen[key])
+            return
+        reason = self.reject_reason(config)
+        if reason is not None:
+            self.tell_pruned(trial, config, key, reason)
+            return
+        if self.heartbeats:
+            self.storage.record_heartbeat(trial._trial_id)
+        self.pending.append(Candidate(trial, config, key, compiled=not self.fleet.compilers))
+
+    def dispatch(self) -> None:
+        for worker in [w for w in self.fleet.compilers if not w.busy]:
+            todo = [c for c in self.pending if not c.compiled and c not in self.compiling.values()]
+            if not todo:
+                break
+            worker.submit(Compile(self.module_path, self.problem, self.options.seed, todo[0].config),
+                          self.options.timeout)
+            self.compiling[worker] = todo[0]
+        for worker in [w for w in self.fleet.runners if not w.busy]:
+            candidate = self.next_ready()
+            if candidate is None:
+                break
+            self.pending.remove(candidate)
+            candidate.started_at = _now()
+            worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
+                          self.options.timeout)
+            self.running[worker] = candidate
+
+    def next_ready(self) -> Candidate | None:
+        """The first pending config that is compiled and not already running; repeats of finished ones are told."""
+        running = {c.key for c in self.running.values()}
+        for candidate in list(self.pending):
+            if candidate.key in self.seen:
+                self.pending.remove(candidate)
+                self.tell_repeat(candidate.trial, self.seen[candidate.key])
+            elif candidate.compiled and candidate.key not in running:
+                return candidate
+        return None
+
+    def on_event(self, worker: Worker, event: Event) -> None:
+        if worker in self.compiling:
+            self.compiling.pop(worker).compiled = True  # or failed: the runner compiles it and reports the error
+            return
+        candidate = self.running.pop(worker)
+        if event.kind == "ok":
+            outcome = event.value
+        elif event.kind == "died":
+            outcome = Outcome("crashed", event.message)
+        elif event.kind == "timeout":
+            outcome = Outcome("timeout", event.message)
+        else:
+            self.pending.insert(0, candidate)  # abandoned with the rest: not this config's fault
+            raise ProblemFailed(event.message)
+        self.finish(candidate, outcome)
+
+    def heartbeat(self) -> None:
+        if not self.heartbeats or time.monotonic() - self.last_beat < HEARTBEAT_S:
+            return
+        self.last_beat = time.monotonic()
+        for candidate in self.pending + list(self.running.values()):
+            self.storage.record_heartbeat(candidate.trial._trial_id)
+
+    # -- telling Optuna and the store
+
+    def finish(self, candidate: Candidate, outcome: Outcome) -> None:
+        from optuna.trial import TrialState
+        from .store import TrialResult
+        trial, ok = candidate.trial, outcome.status == "ok"
+        trial.set_user_attr("status", outcome.status)
+        if outcome.message:
+            trial.set_user_attr("message", outcome.message[:500])
+        if ok:
+            trial.set_user_attr("p20_ms", outcome.p20_ms)
+            trial.set_user_attr("p80_ms", outcome.p80_ms)
+            trial.set_user_attr("throughput", outcome.throughput)
+        self.study.tell(trial, outcome.median_ms if ok else None, state=None if ok else TrialState.FAIL)
+        self.store.record_trial(self.device, self.kernel, self.hash, self.problem, TrialResult(
+            trial.number, candidate.config, outcome.status, outcome.median_ms, outcome.p20_ms, outcome.p80_ms,
+            outcome.throughput, outcome.err_ratio, outcome.message, candidate.started_at, _now()))
+        self.seen[candidate.key] = Seen(candidate.config, outcome.status, trial.number, outcome.median_ms)
+        self.progress.trial(trial.number, candidate.config, outcome, self.evaluated(), self.counts(), self.best_ms())
+
+    def tell_pruned(self, trial, config: dict, key: tuple, reason: str) -> None:
+        from optuna.trial import TrialState
+        from .store import TrialResult
+        trial.set_user_attr("status", "pruned")
+        trial.set_user_attr("message", reason[:500])
+        self.study.tell(trial, state=TrialState.PRUNED)
+        now = _now()
+        self.store.record_trial(self.device, self.kernel, self.hash, self.problem,
+                                TrialResult(trial.number, config, "pruned", message=reason, started_at=now,
+                                            finished_at=now))
+        self.seen[key] = Seen(config, "pruned", trial.number, None)
+
+    def tell_repeat(self, trial, seen: Seen) -> None:
+        """A config already evaluated: Optuna is told the earlier result (so TPE learns), nothing runs again."""
+        from optuna.trial import TrialState
+        trial.set_user_attr("status", seen.status)
+        trial.set_user_attr("duplicate_of", seen.number)
+        if seen.status == "ok":
+            self.study.tell(trial, seen.median_ms)
+        else:
+            self.study.tell(trial, state=TrialState.PRUNED if seen.status == "pruned" else TrialState.FAIL)
+
+    def abandon(self) -> None:
+        """Trials this run asked but did not finish go to FAIL without a status, so a later run may run them; a
+        worker still busy on this problem is replaced, so no late reply lands in the next problem."""
+        from optuna.trial import TrialState
+        for worker in list(self.running) + list(self.compiling):
+            worker.cancel()
+        for candidate in self.pending + list(self.running.values()):
+            try:
+                candidate.trial.set_user_attr("message", "abandoned: the run stopped before this trial finished")
+                self.study.tell(candidate.trial, state=TrialState.FAIL, skip_if_finished=True)
+            except Exception as e:  # the storage itself may be what failed; the heartbeat will fail the trial
+                print(f"tunebench tune: could not mark trial {candidate.trial.number} failed: {e}", file=sys.stderr)
+        self.pending, self.running, self.compiling = [], {}, {}
+
+    # -- the winner
+
+    def best_ms(self) -> float | None:
+        times = [s.median_ms for s in self.seen.values() if s.status == "ok"]
+        return min(times) if times else None
+
+    def confirm(self) -> ProblemResult:
+        """Re-times the best few ok configs and DEFAULT against each other; upserts the fastest as the winner."""
+        oks = sorted((s for s in self.seen.values() if s.status == "ok"), key=lambda s: s.median_ms)
+        if not oks:
+            return ProblemResult(self.problem, counts=self.counts(), note="no config passed")
+        finalists = oks[:self.options.top_k]
+        default = self.seen.get(config_key(self.module.DEFAULT))
+        default_ok = default is not None and default.status == "ok"
+        if default_ok and default not in finalists:
+            finalists.append(default)
+        ms, note = self.retime(finalists)
+        best = min(range(len(finalists)), key=ms.__getitem__)
+        default_ms = ms[finalists.index(default)] if default_ok else None
+        speedup = default_ms / ms[best] if default_ms else None
+        if not default_ok:
+            note = _join(note, f"DEFAULT is {default.status if default else 'not evaluated'}")
+        config = finalists[best].config
+        written = self.store.upsert_winner(self.device, self.kernel, self.hash, self.problem, config, ms[best],
+                                           speedup)
+        if not written:
+            note = _join(note, "the store keeps a faster earlier winner")
+        return ProblemResult(self.problem, config, ms[best], default_ms, speedup, self.counts(), written=written,
+                             note=note)
+
+    def retime(self, finalists: list[Seen]) -> tuple[list[float], str]:
+        """Each finalist's median over interleaved rounds in one worker; their trial medians if that fails."""
+        rounds = RETIME_ROUNDS_INTERPRET if self.options.interpret else RETIME_ROUNDS
+        request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists], rounds)
+        event = self.fleet.runners[0].call(request, timeout=self.options.timeout * rounds)
+        if event.kind != "ok":
+            return [s.median_ms for s in finalists], f"re-timing failed ({event.kind}: {event.message}); " \
+                                                     f"trial medians used"
+        return [timing.confirmed_ms(r) for r in event.value], ""
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- progress and summary
+
+
+class Progress:
+    """A line per problem on stderr: redrawn in place on a terminal, one line per finished trial in a log."""
+
+    def __init__(self, stream, index: int, total: int, problem: Problem):
+        self.stream, self.index, self.total, self.problem = stream, index, total, problem
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.budget = 0
+        self.start = time.monotonic()
+
+    def begin(self, budget: int, evaluated: int, counts: dict) -> None:
+        self.budget, self.start = budget, time.monotonic()
+        resumed = f", {evaluated} done before" if evaluated else ""
+        self._print(f"[{self.index + 1}/{self.total}] {self.problem.label()}: {budget} trials{resumed}")
+
+    def trial(self, number: int, config: dict, outcome: Outcome, evaluated: int, counts: dict,
+              best_ms: float | None) -> None:
+        if self.tty:
+            self._redraw(evaluated, counts, best_ms)
+            return
+        ms = f" {outcome.median_ms:.4f} ms" if outcome.median_ms is not None else ""
+        why = f" ({outcome.message[:120]})" if outcome.message and outcome.status != "ok" else ""
+        self._print(f"  #{number} {outcome.status}{ms} {format_config(config)}{why}")
+
+    def end(self, result: ProblemResult) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        done = (f"{format_config(result.config)} {result.median_ms:.4f} ms"
+                if result.config is not None else "no winner")
+        note = f" ({result.note})" if result.note else ""
+        self._print(f"[{self.index + 1}/{self.total}] {self.problem.label()}: {done}{note} "
+                    f"[{time.monotonic() - self.start:.0f} s]")
+
+    def _redraw(self, evaluated: int, counts: dict, best_ms: float | None) -> None:
+        width = 20
+        filled = width * min(evaluated, self.budget) // max(self.budget, 1)
+        best = f" best {best_ms:.4f} ms" if best_ms is not None else ""
+        line = (f"[{self.index + 1}/{self.total}] {self.problem.label()} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{evaluated}/{self.budget} {format_counts(counts)}{best} {time.monotonic() - self.start:.0f}s")
+        self.stream.write("\r\x1b[K" + line)
+        self.stream.flush()
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+def format_config(config: dict | None) -> str:
+    return "-" if config is None else " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def format_counts(counts: dict) -> str:
+    from .store import STATUSES
+    return " ".join(f"{s} {counts[s]}" for s in STATUSES if counts.get(s))
+
+
+def summary(results: list[ProblemResult], wall_s: float, interpret: bool) -> str:
+    header = ["problem", "winner config", "ms", "vs DEFAULT", "trials (distinct configs)", "wall s"]
+    rows = [[r.problem.label(), format_config(r.config),
+             "-" if r.median_ms is None else f"{r.median_ms:.4f}",
+             "-" if r.speedup is None else f"{r.speedup:.2f}x",
+             format_counts(r.counts) or "-", f"{r.wall_s:.0f}"] for r in results]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {r.problem.label()}: {r.note}" for r in results if r.note]
+    speedups = [r.speedup for r in results if r.speedup is not None]
+    tail = [f"{len(results)} problems in {wall_s:.0f} s"]
+    if speedups:
+        tail.append(f"speedup over DEFAULT: median {statistics.median(speedups):.2f}x, "
+                    f"range {min(speedups):.2f}x-{max(speedups):.2f}x")
+    if interpret:
+        tail.append("cpu-interpreter: times are wall clock under the Triton interpreter, not a speed measurement")
+    return "\n".join(lines + (["notes:"] + notes if notes else []) + tail)
