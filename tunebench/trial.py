@@ -26,6 +26,7 @@ import inspect
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_connections
@@ -270,6 +271,7 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
     if visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_device
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes the workers
+    _exit_with_parent(os.getppid())
     torch.set_num_threads(max(1, threads))
     state = _WorkerState(role, interpret)
     conn.send(("ready", os.getpid()))
@@ -285,6 +287,17 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
         if fatal:
             conn.close()
             os._exit(3)  # this CUDA context is unusable; the parent starts a fresh process
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (kill -9) exits too, even from inside a hung kernel, instead of holding the
+    GPU as an orphan."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(4)
+
+    threading.Thread(target=watch, name="tunebench-parent-watch", daemon=True).start()
 
 
 # -- a worker seen from the parent

@@ -396,8 +396,12 @@ class Search:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                 TrialState.FAIL)):
             status = t.user_attrs.get("status")
-            if status is None or "duplicate_of" in t.user_attrs or set(t.params) != set(self.space):
-                continue  # failed without a verdict (abandoned or stale): it may run again
+            state = {"ok": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(status, TrialState.FAIL)
+            if (status is None or t.state != state or "duplicate_of" in t.user_attrs
+                    or set(t.params) != set(self.space)):
+                # No verdict (abandoned), or a run killed between writing the status and telling the state (then
+                # failed as stale): it may run again.
+                continue
             seen.setdefault(config_key(t.params), Seen(dict(t.params), status, t.number, t.value))
         return seen
 
@@ -462,8 +466,12 @@ class Search:
         try:
             while self.step():
                 pass
-        finally:
-            self.abandon()
+        except ProblemFailed:
+            self.abandon(replace_busy=True)  # the next problem must not receive this one's late replies
+            raise
+        except BaseException:
+            self.abandon(replace_busy=False)  # the run is ending: the fleet closes its workers
+            raise
 
     def step(self) -> bool:
         self.refill()
@@ -560,14 +568,10 @@ class Search:
         from optuna.trial import TrialState
         from .store import TrialResult
         trial, ok = candidate.trial, outcome.status == "ok"
-        trial.set_user_attr("status", outcome.status)
-        if outcome.message:
-            trial.set_user_attr("message", outcome.message[:500])
+        attrs = {"status": outcome.status, **({"message": outcome.message[:500]} if outcome.message else {})}
         if ok:
-            trial.set_user_attr("p20_ms", outcome.p20_ms)
-            trial.set_user_attr("p80_ms", outcome.p80_ms)
-            trial.set_user_attr("throughput", outcome.throughput)
-        self.study.tell(trial, outcome.median_ms if ok else None, state=None if ok else TrialState.FAIL)
+            attrs.update(p20_ms=outcome.p20_ms, p80_ms=outcome.p80_ms, throughput=outcome.throughput)
+        self.tell(trial, attrs, outcome.median_ms if ok else None, state=None if ok else TrialState.FAIL)
         self.store.record_trial(self.device, self.kernel, self.hash, self.problem, TrialResult(
             trial.number, candidate.config, outcome.status, outcome.median_ms, outcome.p20_ms, outcome.p80_ms,
             outcome.throughput, outcome.err_ratio, outcome.message, candidate.started_at, _now()))
@@ -577,9 +581,7 @@ class Search:
     def tell_pruned(self, trial, config: dict, key: tuple, reason: str) -> None:
         from optuna.trial import TrialState
         from .store import TrialResult
-        trial.set_user_attr("status", "pruned")
-        trial.set_user_attr("message", reason[:500])
-        self.study.tell(trial, state=TrialState.PRUNED)
+        self.tell(trial, {"status": "pruned", "message": reason[:500]}, state=TrialState.PRUNED)
         now = _now()
         self.store.record_trial(self.device, self.kernel, self.hash, self.problem,
                                 TrialResult(trial.number, config, "pruned", message=reason, started_at=now,
@@ -589,26 +591,36 @@ class Search:
     def tell_repeat(self, trial, seen: Seen) -> None:
         """A config already evaluated: Optuna is told the earlier result (so TPE learns), nothing runs again."""
         from optuna.trial import TrialState
-        trial.set_user_attr("status", seen.status)
-        trial.set_user_attr("duplicate_of", seen.number)
+        attrs = {"status": seen.status, "duplicate_of": seen.number}
         if seen.status == "ok":
-            self.study.tell(trial, seen.median_ms)
+            self.tell(trial, attrs, seen.median_ms)
         else:
-            self.study.tell(trial, state=TrialState.PRUNED if seen.status == "pruned" else TrialState.FAIL)
+            self.tell(trial, attrs, state=TrialState.PRUNED if seen.status == "pruned" else TrialState.FAIL)
 
-    def abandon(self) -> None:
-        """Trials this run asked but did not finish go to FAIL without a status, so a later run may run them; a
-        worker still busy on this problem is replaced, so no late reply lands in the next problem."""
+    def abandon(self, replace_busy: bool) -> None:
+        """Trials this run asked but did not finish go to FAIL without a status, so that a later run may run them."""
         from optuna.trial import TrialState
-        for worker in list(self.running) + list(self.compiling):
-            worker.cancel()
+        if replace_busy:
+            for worker in list(self.running) + list(self.compiling):
+                worker.cancel()
         for candidate in self.pending + list(self.running.values()):
             try:
-                candidate.trial.set_user_attr("message", "abandoned: the run stopped before this trial finished")
-                self.study.tell(candidate.trial, state=TrialState.FAIL, skip_if_finished=True)
+                self.tell(candidate.trial, {"message": "abandoned: the run stopped before this trial finished"},
+                          state=TrialState.FAIL)
             except Exception as e:  # the storage itself may be what failed; the heartbeat will fail the trial
                 print(f"tunebench tune: could not mark trial {candidate.trial.number} failed: {e}", file=sys.stderr)
         self.pending, self.running, self.compiling = [], {}, {}
+
+    def tell(self, trial, attrs: dict, value: float | None = None, state=None) -> None:
+        """Sets the trial's user attributes and finishes it. A trial that another process has already failed (its
+        heartbeat went stale) keeps that state; the result still goes to the store."""
+        import optuna
+        try:
+            for name, attr in attrs.items():
+                trial.set_user_attr(name, attr)
+            self.study.tell(trial, value, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
 
     # -- the winner
 
