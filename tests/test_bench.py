@@ -1,0 +1,350 @@
+"""`tunebench bench` and `tunebench report` on a CPU: formatting on synthetic measurements, the measuring harness with
+fake and real (CPU-capable) providers, the CLI's errors, and the report over a small temporary database."""
+import csv
+import json
+import math
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import torch
+
+from tunebench import bench
+from tunebench.bench import (FAILED, OK, SKIPPED, WRONG, Ceilings, Measurement, Provider, Runner, Skip, rows,
+                             run_problem)
+from tunebench.cli import main
+from tunebench.roofline import kv_bytes
+from tunebench.shapes import Problem
+
+PREFILL = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
+DECODE = Problem("paged_attention", 64, 32, 8, 1, 4096, 128, "bfloat16")
+CEILINGS = Ceilings(3.0e12, {"float16": 700e12, "bfloat16": 750e12})
+
+
+def _ms_at(problem, tflops):
+    return problem.flops / (tflops * 1e12) * 1e3
+
+
+def _synthetic():
+    return [
+        Measurement(PREFILL, "tunebench-v2", False, OK, _ms_at(PREFILL, 420), note="tuned"),
+        Measurement(PREFILL, "sdpa-cudnn", True, OK, _ms_at(PREFILL, 560)),
+        Measurement(PREFILL, "sdpa-flash", True, OK, _ms_at(PREFILL, 280)),
+        Measurement(PREFILL, "tunebench-v1", False, OK, _ms_at(PREFILL, 84)),
+        Measurement(PREFILL, "sdpa-efficient", True, WRONG, err_ratio=7.5, note="max error 0.3 > allowed 0.04"),
+        Measurement(PREFILL, "flex", True, SKIPPED, note="FlexAttention failed"),
+        Measurement(DECODE, "tunebench-paged", False, OK, kv_bytes(DECODE) / 2.7e12 * 1e3),
+        Measurement(DECODE, "sdpa-dense-flash", True, OK, kv_bytes(DECODE) / 2.4e12 * 1e3),
+        Measurement(DECODE, "gather-sdpa", True, FAILED, note="RuntimeError: boom"),
+    ]
+
+
+def _row(rs, problem, provider):
+    return next(r for r in rs if r["problem"] == problem.label() and r["provider"] == provider)
+
+
+def test_rows_compute_throughput_ratio_to_best_peer_and_percent_of_ceiling():
+    rs = rows(_synthetic(), CEILINGS)
+    v2 = _row(rs, PREFILL, "tunebench-v2")
+    assert v2["throughput"] == pytest.approx(420) and v2["unit"] == "TFLOP/s"
+    assert v2["best_peer"] == "sdpa-cudnn"                          # tunebench's own rows are never the peer
+    assert v2["vs_best_peer"] == pytest.approx(0.75)
+    assert v2["pct_of_ceiling"] == pytest.approx(60)                # of the fp16 matmul rate
+    assert _row(rs, PREFILL, "sdpa-flash")["vs_best_peer"] == pytest.approx(0.5)
+    wrong = _row(rs, PREFILL, "sdpa-efficient")
+    assert wrong["throughput"] is None and wrong["vs_best_peer"] is None and wrong["err_ratio"] == 7.5
+    paged = _row(rs, DECODE, "tunebench-paged")
+    assert paged["unit"] == "GB/s" and paged["throughput"] == pytest.approx(2700)
+    assert paged["pct_of_ceiling"] == pytest.approx(90)             # of the copy bandwidth
+    assert paged["vs_best_peer"] == pytest.approx(2.7 / 2.4)
+    assert paged["intensity"] == pytest.approx(DECODE.flops / DECODE.min_bytes)
+
+
+def test_best_peer_ignores_tunebench_and_untimed_rows():
+    ms = _synthetic()
+    assert bench.best_peer([m for m in ms if m.problem == PREFILL]).provider == "sdpa-cudnn"
+    assert bench.best_peer([m for m in ms if m.provider.startswith("tunebench")]) is None
+    rs = rows([m for m in ms if m.provider in ("tunebench-v2", "flex")], CEILINGS)
+    assert all(r["vs_best_peer"] is None and r["best_peer"] is None for r in rs)
+
+
+def test_table_orders_by_throughput_and_shows_why_a_provider_was_not_timed():
+    table = bench.format_table([r for r in rows(_synthetic(), CEILINGS) if r["phase"] == "prefill"])
+    lines = table.splitlines()
+    assert PREFILL.label() in lines[0] and "700 float16 matmul TFLOP/s" in lines[0]
+    order = [line.split()[0] for line in lines[2:8]]
+    assert order[:4] == ["sdpa-cudnn", "tunebench-v2", "sdpa-flash", "tunebench-v1"]
+    assert "0.75x" in lines[3] and "max error 0.3" in table and "FlexAttention failed" in table
+    assert lines[-1] == "  best peer: sdpa-cudnn"
+
+
+def test_summary_states_the_goal_ratios():
+    text = "\n".join(bench.summary(rows(_synthetic(), CEILINGS)))
+    assert "0.75x cuDNN (goal >= 1.0)" in text and "1.50x FlashAttention-2 (goal >= 1.5)" in text
+    assert "v2/v1" in text and "5.00x" in text
+    assert "90% of copy bandwidth (goal >= 85%" in text and "1.12x dense SDPA flash" in text
+
+
+def test_csv_and_json_hold_every_row_with_missing_values_empty(tmp_path):
+    rs = rows(_synthetic(), CEILINGS)
+    rs[0]["err_ratio"] = math.nan
+    bench.write_csv(rs, tmp_path / "b.csv")
+    bench.write_json(rs, CEILINGS, {"device": "test"}, tmp_path / "b.json")
+    with open(tmp_path / "b.csv") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(rs) and read[0]["provider"] == "tunebench-v2"
+    assert float(read[0]["throughput"]) == pytest.approx(420)
+    assert _row(read, PREFILL, "flex")["median_ms"] == ""
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["meta"] == {"device": "test"} and doc["ceilings"]["copy_bytes_per_s"] == 3.0e12
+    assert len(doc["rows"]) == len(rs) and doc["rows"][0]["err_ratio"] is None
+
+
+def test_command_flow_writes_after_every_problem_and_stops_on_a_sticky_cuda_error(tmp_path, monkeypatch, capsys):
+    # The GPU-only parts replaced: this checks the command's own flow on a CPU.
+    calls = []
+
+    def fake_run(problem, providers, **kw):
+        calls.append(problem)
+        note = "RuntimeError: CUDA error: an illegal memory access was encountered" if len(calls) == 2 else ""
+        return [Measurement(problem, "tunebench-paged", False, OK, 0.5),
+                Measurement(problem, "sdpa-dense-flash", True, FAILED if note else OK, None if note else 0.6, note=note)]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda dtypes, timer=None: CEILINGS)
+    monkeypatch.setattr(bench, "environment", lambda: {"device": "fake H100", "command": "tunebench bench"})
+    monkeypatch.setattr(bench, "run_problem", fake_run)
+    assert main(["bench", "--kernel", "paged_attention", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert len(calls) == 2 and "stopped early: sdpa-dense-flash" in captured.err
+    assert "summary:" in captured.out and "ceilings measured in this run: copy 3.00 TB/s" in captured.out
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert len(doc["rows"]) == 4 and doc["meta"]["device"] == "fake H100"
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("best peer:") == 2 and "illegal memory access" in md and "device: fake H100" in md
+
+
+def test_plots_are_written_or_skipped_when_matplotlib_is_missing(tmp_path):
+    rs = rows(_synthetic(), CEILINGS)
+    paths = bench.plot_throughput(rs, tmp_path)
+    roof = bench.plot_roofline(rs, CEILINGS, tmp_path)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert paths == [] and roof is None
+        return
+    assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths) and roof.stat().st_size > 0
+
+
+def test_problem_selection_filters_and_merges_v1_into_prefill():
+    headline = bench.select_problems(None, None, None)
+    assert len(headline) == len(set(headline)) and all(p.kernel in ("flash_v2", "paged_attention") for p in headline)
+    assert sum(p.paged for p in headline) == 4
+    decode = bench.select_problems("headline", None, ["paged_attention"])
+    assert decode and all(p.paged for p in decode)
+    assert all(p.dtype == "float16" for p in bench.select_problems("headline", None, None, ["float16"]))
+    assert any(p.paged for p in bench.select_problems(None, "llama-3-8b", None))
+    with pytest.raises(ValueError, match="not both"):
+        bench.select_problems("headline", "llama-3-8b", None)
+    with pytest.raises(KeyError, match="unknown suite"):
+        bench.select_problems("nope", None, None)
+    with pytest.raises(ValueError, match="no problems left"):
+        bench.select_problems("headline", None, ["paged_attention"], ["float16"])
+
+
+def test_check_windows_slice_the_causal_problem_exactly():
+    from tunebench import reference as ref
+    torch.manual_seed(0)
+    for nq, nk in ((200, 230), (200, 200), (150, 120), (150, 10)):    # Nq > Nk: the first rows see no key
+        q, k, v = torch.randn(1, 2, nq, 16), torch.randn(1, 1, nk, 16), torch.randn(1, 1, nk, 16)
+        full = ref.attention(q, k, v, causal=True)
+        windows = bench.check_windows(nq, rows=16)
+        assert len(windows) == 3 and windows[-1][1] == nq
+        for s, e in windows:
+            kv_end = max(0, min(nk, e + nk - nq))
+            part = ref.attention(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
+            torch.testing.assert_close(part, full[:, :, s:e], rtol=0, atol=1e-12)
+    assert bench.check_windows(40, rows=16) == [(0, 40)]
+
+
+# -- the harness, with fake providers: wrong and failing providers are reported and never timed
+
+def _fake(name, make, peer=True):
+    return Provider(name, "prefill", peer, make, name)
+
+
+def _sdpa_runner(inp):
+    import torch.nn.functional as F
+    k, v = inp.expanded_kv()
+    return Runner(lambda: F.scaled_dot_product_attention(inp.q, k, v, is_causal=inp.problem.causal))
+
+
+def _raises(inp):
+    raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
+
+
+def _skips(inp):
+    raise Skip("not for this shape")
+
+
+def _off_by_scale(inp):
+    run = _sdpa_runner(inp).fn
+    return Runner(lambda: run() * 1.01)
+
+
+def _writes_nothing(inp):
+    out = torch.empty_like(inp.q)
+    return Runner(lambda: out, out=out)        # the harness poisons out first: it must come back NaN
+
+
+def test_harness_checks_all_then_times_only_the_correct():
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return (2.0, 1.0, 3.0)
+
+    providers = [_fake("good", _sdpa_runner), _fake("raises", _raises), _fake("skips", _skips),
+                 _fake("off", _off_by_scale), _fake("nothing", _writes_nothing),
+                 Provider("decode-only", "decode", True, _raises, "")]
+    p = Problem("flash_v2", 1, 4, 2, 70, 70, 16, "float32", causal=True)
+    got = {m.provider: m for m in run_problem(p, providers, device="cpu", timer=timer)}
+    assert set(got) == {"good", "raises", "skips", "off", "nothing"}
+    assert got["good"].status == OK and got["good"].median_ms == 2.0 and got["good"].p80_ms == 3.0
+    assert got["good"].err_ratio <= 1
+    assert got["raises"].status == FAILED and got["raises"].note == "RuntimeError: CUDA error: an illegal memory access"
+    assert got["skips"].status == SKIPPED and got["skips"].note == "not for this shape"
+    assert got["off"].status == WRONG and got["off"].err_ratio > 1 and "float64 reference" in got["off"].note
+    assert got["nothing"].status == WRONG and "NaN" in got["nothing"].note
+    assert len(timed) == 1 and all(got[n].median_ms is None for n in ("raises", "skips", "off", "nothing"))
+
+
+def test_a_provider_whose_timing_fails_is_reported():
+    def timer(fn):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    p = Problem("flash_v2", 1, 2, 2, 32, 32, 16, "float32")
+    (m,) = run_problem(p, [_fake("good", _sdpa_runner)], device="cpu", timer=timer)
+    assert m.status == FAILED and m.note.startswith("timing failed: OutOfMemoryError")
+
+
+# -- the real providers that can run on a CPU (SDPA, naive, gather, flash_v2 DEFAULT under the interpreter)
+
+def _wall_timer(fn):
+    fn()
+    return (1.0, 1.0, 1.0)
+
+
+def test_real_prefill_providers_agree_on_cpu():
+    names = ["tunebench-v2-default", "sdpa-flash", "sdpa-cudnn", "naive"]
+    p = Problem("flash_v2", 1, 4, 2, 48, 48, 32, "float16", causal=True)
+    got = {m.provider: m for m in run_problem(p, bench.select_providers(names), device="cpu", timer=_wall_timer)}
+    assert got["sdpa-flash"].status == OK and got["naive"].status == OK
+    assert got["tunebench-v2-default"].status == OK, got["tunebench-v2-default"].note
+    assert got["sdpa-cudnn"].status in (OK, SKIPPED)               # no cuDNN on a CPU: skipped, with its reason
+    assert got["sdpa-cudnn"].status == OK or "backend unavailable" in got["sdpa-cudnn"].note
+
+
+def test_real_prefill_providers_skip_what_they_cannot_do():
+    p = Problem("flash_v2", 1, 2, 2, 40, 56, 16, "float32", causal=True)      # Nq != Nk causal: SDPA is top-left
+    providers = bench.select_providers(["sdpa-flash", "tunebench-v1"])
+    got = {m.provider: m for m in run_problem(p, providers, device="cpu", timer=_wall_timer)}
+    assert got["sdpa-flash"].status == SKIPPED and "top-left" in got["sdpa-flash"].note
+    big = Problem("flash_v2", 1, 1, 1, 16384, 16384, 16, "float32")
+    with pytest.raises(Skip, match="N = 8192"):
+        bench.PROVIDERS[bench.PROVIDER_NAMES.index("tunebench-v1")].make(bench.Inputs(big, *(torch.empty(0),) * 3))
+    with pytest.raises(Skip, match="score matrix"):
+        bench._naive(bench.Inputs(dataclasses_replace(big, B=2), *(torch.empty(0),) * 3))
+
+
+def test_real_decode_providers_agree_on_cpu():
+    names = ["sdpa-dense-flash", "gather-sdpa", "flashinfer"]
+    p = Problem("paged_attention", 3, 4, 2, 1, 70, 32, "float32")
+    got = {m.provider: m for m in run_problem(p, bench.select_providers(names), device="cpu", timer=_wall_timer)}
+    assert got["sdpa-dense-flash"].status == OK and got["gather-sdpa"].status == OK, got
+    assert got["flashinfer"].status in (SKIPPED, FAILED)
+
+
+# -- the command line
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_without_a_gpu_exits_nonzero_with_the_reason(capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "tunebench roofline" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_argument_errors_come_before_the_gpu_check(capsys):
+    assert main(["bench", "--provider", "nope"]) == 2
+    assert "unknown provider nope; known: tunebench-v2" in capsys.readouterr().err
+    assert main(["bench", "--suite", "headline", "--preset", "llama-3-8b"]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--kernel", "flash_v3"])
+
+
+# -- `tunebench report` over a small database
+
+def _device(name="NVIDIA H100 80GB HBM3"):
+    from tunebench.device import DeviceIdentity
+    return DeviceIdentity(name, "9.0", 132, 80 << 30, "550.54", "2.11.0", "3.6.0", True)
+
+
+def _fill(store):
+    from tunebench.registry import kernel_module, source_hash
+    from tunebench.store import TrialResult
+    dev, h = _device(), source_hash("flash_v2")
+    problem = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
+    config = dict(kernel_module("flash_v2").DEFAULT)
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    for i, (status, ms) in enumerate([("ok", 1.2), ("ok", 0.8), ("incorrect", None), ("compile_error", None)]):
+        store.record_trial(dev, "flash_v2", h, problem, TrialResult(
+            i, config, status, median_ms=ms, started_at=t0 + timedelta(seconds=30 * i),
+            finished_at=t0 + timedelta(seconds=30 * i + 10)))
+    store.upsert_winner(dev, "flash_v2", h, problem, config, 0.8, 1.5, 0.9)
+    store.upsert_winner(dev, "flash_v2", "0ldha5h", dataclasses_replace(problem, Nq=1024, Nk=1024), config, 0.1, 2.0)
+    return problem
+
+
+def dataclasses_replace(p, **kw):
+    import dataclasses
+    return dataclasses.replace(p, **kw)
+
+
+def test_report_lists_winners_speedups_trials_and_tuning_time(tmp_path, capsys):
+    from tunebench.store import Store
+    db = tmp_path / "results.db"
+    with Store(str(db)) as store:
+        problem = _fill(store)
+    out = tmp_path / "report"
+    assert main(["report", "--db", str(db), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert text in capsys.readouterr().out
+    line = next(x for x in text.splitlines() if problem.label() in x)
+    assert "| 1.50x | 0.90x |" in line and "ok 2, compile_error 1, incorrect 1" in line
+    assert "| 100 s (trials 40 s) |" in line                      # first start -> last end; sum of durations
+    stale = next(x for x in text.splitlines() if "Nq1024" in x)
+    assert "stale" in stale and "2.00x" in stale and "no trials" in stale
+    assert "4 trials: ok 2, compile_error 1, incorrect 1" in text
+    assert "NVIDIA H100 80GB HBM3 (capability 9.0, torch 2.11.0, triton 3.6.0)" in text
+
+
+def test_report_on_an_empty_or_missing_database(tmp_path, capsys):
+    from tunebench.store import Store
+    Store(str(tmp_path / "empty.db")).close()
+    assert main(["report", "--db", str(tmp_path / "empty.db")]) == 0
+    assert "No winners stored." in capsys.readouterr().out
+    assert main(["report", "--db", str(tmp_path / "missing.db")]) == 2
+    assert "no results database at" in capsys.readouterr().err
+
+
+def test_tuning_times_and_counts_formatting():
+    from tunebench.report import format_counts, format_duration, tuning_times
+    from tunebench.store import TrialResult
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    trials = [TrialResult(0, {}, "ok", started_at=t0, finished_at=t0 + timedelta(seconds=5)),
+              TrialResult(1, {}, "timeout", started_at=t0 + timedelta(seconds=60), finished_at=None)]
+    assert tuning_times(trials) == (timedelta(seconds=5), timedelta(seconds=5))
+    assert tuning_times([trials[1]]) == (None, None)
+    assert format_counts({"timeout": 1, "ok": 3, "weird": 2}) == "ok 3, timeout 1, weird 2"
+    assert [format_duration(timedelta(seconds=s)) for s in (59, 600, 9000)] == ["59 s", "10.0 min", "2.5 h"]

@@ -1,0 +1,155 @@
+"""`tunebench report`: what tuning produced, read from a results database.
+
+Per device: each winner with its speedup over the kernel's DEFAULT (and over the best peer, when the tuner measured
+one), its trials' outcomes, and the time spent tuning it (first trial start to last trial end, and the sum of trial
+durations); then totals by status and a PNG of the speedups. A winner whose kernel source has changed since is marked
+stale: the dispatcher ignores it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .store import STATUSES, Store, Winner
+
+
+@dataclass
+class WinnerLine:
+    winner: Winner
+    counts: dict[str, int]
+    span: timedelta | None          # first trial started -> last trial finished
+    busy: timedelta | None          # sum of the trials' own durations
+    stale: bool
+
+
+def tuning_times(trials) -> tuple[timedelta | None, timedelta | None]:
+    """(wall span, sum of trial durations) from trial timestamps; None where no trial has both."""
+    timed = [t for t in trials if t.started_at and t.finished_at]
+    if not timed:
+        return None, None
+    span = max(t.finished_at for t in timed) - min(t.started_at for t in timed)
+    busy = sum((t.finished_at - t.started_at for t in timed), timedelta())
+    return span, busy
+
+
+def collect(store: Store) -> tuple[list[WinnerLine], dict[str, int]]:
+    """Every winner with its trials' counts and times, and the status totals over all trials."""
+    from .registry import source_hash
+    current: dict[str, str | None] = {}
+    lines = []
+    for w in store.winners():
+        if w.kernel not in current:
+            try:
+                current[w.kernel] = source_hash(w.kernel)
+            except ImportError:
+                current[w.kernel] = None
+        trials = store.trials(kernel=w.kernel, source_hash=w.source_hash, problem=w.problem, device_name=w.device)
+        counts = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        span, busy = tuning_times(trials)
+        lines.append(WinnerLine(w, counts, span, busy, current[w.kernel] != w.source_hash))
+    lines.sort(key=lambda x: (x.winner.device, x.winner.kernel, x.winner.problem.label()))
+    return lines, store.trial_counts()
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """'ok 20, incorrect 1' in STATUSES order; statuses the store does not know come last."""
+    order = list(STATUSES) + sorted(set(counts) - set(STATUSES))
+    return ", ".join(f"{s} {counts[s]}" for s in order if counts.get(s)) or "no trials"
+
+
+def format_duration(d: timedelta | None) -> str:
+    if d is None:
+        return "-"
+    s = d.total_seconds()
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _speedup(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -> str:
+    out = [f"# tunebench report: {where}", ""]
+    if not lines:
+        out.append("No winners stored.")
+    devices = list(dict.fromkeys(x.winner.device for x in lines))
+    for device in devices:
+        mine = [x for x in lines if x.winner.device == device]
+        w0 = mine[0].winner
+        out += [f"## {device} (capability {w0.capability}, torch {w0.torch}, triton {w0.triton})"
+                + ("" if w0.is_speed_measurement else " [interpreter: not a speed measurement]"), "",
+                "| kernel | problem (bucket) | config | median ms | vs DEFAULT | vs peer | trials | tuning time |",
+                "|---|---|---|---|---|---|---|---|"]
+        for x in mine:
+            w = x.winner
+            config = " ".join(f"{k}={v}" for k, v in w.config.items())
+            stale = " (stale: kernel changed)" if x.stale else ""
+            out.append(f"| {w.kernel}{stale} | {w.problem.label()} | {config} | {w.median_ms:.4f} | "
+                       f"{_speedup(w.speedup_vs_default)} | {_speedup(w.speedup_vs_peer)} | {format_counts(x.counts)} "
+                       f"| {format_duration(x.span)} (trials {format_duration(x.busy)}) |")
+        spans = [x.span for x in mine if x.span is not None]
+        speedups = [x.winner.speedup_vs_default for x in mine if x.winner.speedup_vs_default]
+        out += ["", f"{len(mine)} winners; tuning time {format_duration(sum(spans, timedelta()) if spans else None)}"
+                + (f"; speedup over DEFAULT: median {_median(speedups):.2f}x, best {max(speedups):.2f}x, "
+                   f"worst {min(speedups):.2f}x" if speedups else ""), ""]
+    total = sum(totals.values())
+    out += ["## Trials by status (all devices)", "",
+            f"{total} trials: {format_counts(totals)}" if total else "no trials stored"]
+    return "\n".join(out) + "\n"
+
+
+def _median(xs: list[float]) -> float:
+    import statistics
+    return statistics.median(xs)
+
+
+def plot_speedups(lines: list[WinnerLine], path: Path) -> Path | None:
+    """Horizontal bars of speedup over DEFAULT per winner (1.0 marked), one colour per device."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    shown = [x for x in lines if x.winner.speedup_vs_default is not None]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(shown) + 1.5))
+    devices = list(dict.fromkeys(x.winner.device for x in shown))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, x in enumerate(shown):
+        ax.barh(i, x.winner.speedup_vs_default, color=colours[devices.index(x.winner.device) % len(colours)])
+    ax.set_yticks(range(len(shown)), [x.winner.problem.label() for x in shown], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlabel("speedup of the tuned config over DEFAULT")
+    ax.set_title("tuned winners vs DEFAULT" + (f" ({', '.join(devices)})" if len(devices) <= 2 else ""))
+    for d, c in zip(devices, colours):
+        ax.barh([], [], color=c, label=d)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_command(args) -> int:
+    store = Store(args.db, readonly=True)
+    try:
+        lines, totals = collect(store)
+    finally:
+        store.close()
+    text = format_report(lines, totals, store.where)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text)
+        png = plot_speedups(lines, out / "speedups.png")
+        print(f"wrote {out / 'report.md'}" + (f" and {png}" if png else "; no speedup plot (matplotlib is not "
+                                                                           "installed, or no speedups stored)"))
+    return 0
