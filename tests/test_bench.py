@@ -127,9 +127,7 @@ def test_plots_are_written_or_skipped_when_matplotlib_is_missing(tmp_path):
     rs = rows(_synthetic(), CEILINGS)
     paths = bench.plot_throughput(rs, tmp_path)
     roof = bench.plot_roofline(rs, CEILINGS, tmp_path)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if bench._pyplot() is None:
         assert paths == [] and roof is None
         return
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths) and roof.stat().st_size > 0
@@ -216,6 +214,26 @@ def test_harness_checks_all_then_times_only_the_correct():
     assert got["off"].status == WRONG and got["off"].err_ratio > 1 and "float64 reference" in got["off"].note
     assert got["nothing"].status == WRONG and "NaN" in got["nothing"].note
     assert len(timed) == 1 and all(got[n].median_ms is None for n in ("raises", "skips", "off", "nothing"))
+
+
+def test_a_problem_whose_inputs_cannot_be_built_is_reported_for_every_provider(monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(bench, "make_inputs", oom)
+    p = Problem("flash_v2", 1, 2, 2, 32, 32, 16, "float32")
+    got = run_problem(p, [_fake("a", _sdpa_runner), _fake("b", _raises)], device="cpu", timer=_wall_timer)
+    assert [m.status for m in got] == [FAILED, FAILED]
+    assert all("OutOfMemoryError: CUDA out of memory" in m.note for m in got)
+
+
+def test_ceilings_count_bytes_read_and_written():
+    c = bench.measure_ceilings(["float16"], device="cpu", timer=lambda fn: (fn(), 2.0)[1:] * 3,
+                               copy_bytes=1 << 20, matmul_n=64)
+    assert c.copy_bytes_per_s == pytest.approx(2 * (1 << 20) / 2e-3)
+    assert set(c.matmul_flops_per_s) == {"float16", "bfloat16"}
+    assert c.matmul_flops_per_s["float16"] == pytest.approx(2 * 64 ** 3 / 2e-3)
+    assert c.for_problem(DECODE) == (pytest.approx(c.copy_bytes_per_s / 1e9), "copy GB/s")
 
 
 def test_a_provider_whose_timing_fails_is_reported():

@@ -298,6 +298,8 @@ def _naive(inp: Inputs) -> Runner:
         gb = scores * inp.q.element_size() / 1e9
         raise Skip(f"naive attention materialises the {gb:.1f} GB score matrix; run only up to "
                    f"{NAIVE_MAX_SCORES:.3g} scores")
+    if p.causal and p.Nq > p.Nk:
+        raise Skip("rows that see no key give NaN in a plain softmax (Nq > Nk, causal)")
     q = inp.q
     k, v = inp.expanded_kv()
     scale = 1.0 / math.sqrt(p.D)
@@ -549,8 +551,14 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
     log = log or (lambda msg: None)
     phase = "decode" if problem.paged else "prefill"
     chosen = [pr for pr in providers if pr.phase == phase]
-    inputs = make_inputs(problem, device, seed, block_size)
-    reference = reference_for(inputs, seed)
+    try:
+        inputs = make_inputs(problem, device, seed, block_size)
+        reference = reference_for(inputs, seed)
+    except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this problem is lost, not the run
+        inputs = reference = None
+        _release(device)
+        why = f"building the inputs or the reference failed: {type(e).__name__}: {_first_line(e)}"
+        return [Measurement(problem, pr.name, pr.peer, FAILED, note=why) for pr in chosen]
     results: dict[str, Measurement] = {}
     runners: dict[str, Runner] = {}
     for pr in chosen:
@@ -608,25 +616,31 @@ class Ceilings:
         return (rate / 1e12 if rate else None), f"{problem.dtype} matmul TFLOP/s"
 
 
+def copy_rate(nbytes: int, device, timer) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus bytes written."""
+    import torch
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (timer(lambda: dst.copy_(src))[0] * 1e-3)
+
+
+def matmul_rate(n: int, dtype: str, device, timer) -> float:
+    """FLOP/s of an n x n x n torch.matmul on random data (zeros can run faster than real data)."""
+    import torch
+    a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    c = torch.empty_like(a)
+    return 2.0 * n ** 3 / (timer(lambda: torch.matmul(a, b, out=c))[0] * 1e-3)
+
+
 def measure_ceilings(dtypes, device="cuda", timer=None, copy_bytes: int = COPY_BYTES,
                      matmul_n: int = MATMUL_N) -> Ceilings:
-    """HBM copy bandwidth (bytes read plus written, over time) and the matmul rate of each dtype, on random data."""
-    import torch
+    """The copy bandwidth, and the matmul rate of bf16 and of each dtype the problems use."""
     timer = timer or do_bench_timer()
-    src = torch.randn(copy_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))[0]
-    ceilings = Ceilings(2 * copy_bytes / (ms * 1e-3),
+    ceilings = Ceilings(copy_rate(copy_bytes, device, timer),
                         notes={"copy": f"{copy_bytes >> 20} MiB device-to-device copy, read + write"})
-    del src, dst
     for dtype in sorted(set(dtypes) | {"bfloat16"}):
-        dt = getattr(torch, dtype)
-        a, b = (torch.randn(matmul_n, matmul_n, device=device).to(dt) for _ in range(2))
-        c = torch.empty_like(a)
-        ms = timer(lambda: torch.matmul(a, b, out=c))[0]
-        ceilings.matmul_flops_per_s[dtype] = 2.0 * matmul_n ** 3 / (ms * 1e-3)
+        ceilings.matmul_flops_per_s[dtype] = matmul_rate(matmul_n, dtype, device, timer)
         ceilings.notes[f"matmul {dtype}"] = f"torch.matmul {matmul_n}^3, random data"
-        del a, b, c
     _release(device)
     return ceilings
 
