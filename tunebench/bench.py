@@ -589,7 +589,7 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
         except Exception as e:  # noqa: BLE001 -- one provider's failure is a result, not the end of the run
             m.status, m.note = FAILED, f"{type(e).__name__}: {_first_line(e)}"
             _release(device)
-        log(f"  {pr.name:<24} {m.status:<8} ({time.perf_counter() - t0:.1f} s) {m.note[:100]}")
+        log(f"  {pr.name:<26} {m.status:<8} ({time.perf_counter() - t0:.1f} s) {m.note[:100]}")
     for name, runner in runners.items():
         m = results[name]
         try:
@@ -705,13 +705,13 @@ def format_table(problem_rows: list[dict]) -> str:
     ceiling = (f"ceiling {first['ceiling']:.0f} {first['ceiling_name']} (measured in this run)"
                if first["ceiling"] else "no ceiling measured")
     head = f"{first['problem']}  [{first['intensity']:.0f} FLOPs/byte; {ceiling}]"
-    cols = f"  {'provider':<24} {'status':<8} {'median ms':>10} {first['unit']:>8} {'vs best peer':>13} " \
+    cols = f"  {'provider':<26} {'status':<8} {'median ms':>10} {first['unit']:>8} {'vs best peer':>13} " \
            f"{'% ceiling':>9}  note"
     ordered = sorted(problem_rows, key=lambda r: (r["throughput"] is None, -(r["throughput"] or 0)))
     lines = [head, cols]
     for r in ordered:
         ratio = f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else "-"
-        lines.append(f"  {r['provider']:<24} {r['status']:<8} {_fmt(r['median_ms'], '.4f'):>10} "
+        lines.append(f"  {r['provider']:<26} {r['status']:<8} {_fmt(r['median_ms'], '.4f'):>10} "
                      f"{_fmt(r['throughput'], '.1f'):>8} {ratio:>13} {_fmt(r['pct_of_ceiling'], '.0f'):>9}  "
                      f"{r['note'][:110]}")
     peer = first["best_peer"]
@@ -910,7 +910,7 @@ def bench_command(args) -> int:
         f"{len(problems)} problems, writing to {out_dir}")
     ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer)
     print(format_ceilings(ceilings), flush=True)
-    measurements, sticky = [], None
+    measurements, sticky, started = [], None, time.perf_counter()
     for i, problem in enumerate(problems, 1):
         t0 = time.perf_counter()
         log(f"[{i}/{len(problems)}] {problem.label()}")
@@ -928,6 +928,7 @@ def bench_command(args) -> int:
     roof = plot_roofline(all_rows, ceilings, out_dir)
     if roof is not None:
         plots.append(roof)
+    log(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
     print(f"\nwrote {out_dir / 'bench.csv'}, {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
           + (f" and {len(plots)} plots" if plots else "; no plots (matplotlib is not installed)"))
     print("\n".join(["", "summary:"] + summary(all_rows)))

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes tables, CSV, JSON and plots.")
     b.add_argument("--suite", default=None, help="named suite (default: 'headline')")
     b.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
-    b.add_argument("--out", default="bench-results", help="directory for CSV, JSON and PNG files")
+    b.add_argument("--out", default="bench-results", help="directory for bench.csv, bench.json, bench.md and PNG plots")
     b.add_argument("--kernel", action="append", choices=kernels,
                    help="only problems of these kernels (flash_v1/flash_v2: prefill; paged_attention: decode)")
     b.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32"),
