@@ -1,0 +1,97 @@
+"""The runtime dispatcher: which config a call gets, from which database, and that the call is right."""
+import sys
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+import tunebench
+from tunebench import dispatch
+from tunebench.correctness import close_enough
+from tunebench.device import DeviceIdentity
+from tunebench.registry import kernel_module, source_hash
+from tunebench.shapes import Problem
+from tunebench.store import Store
+import tunebench.reference as ref
+
+V2_TUNED = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "USE_TMA": False}
+
+
+def _device():
+    return DeviceIdentity.current(interpret=not torch.cuda.is_available())
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'user.db'}"
+    monkeypatch.setenv("TUNEBENCH_DB", url)
+    monkeypatch.setattr(dispatch, "packaged_db_path", lambda: None)
+    dispatch.reload()
+    yield Store(url)
+    dispatch.reload()
+
+
+def _put(store, problem, config, ms=1.0, hash_=None):
+    store.upsert_winner(_device(), problem.kernel, hash_ or source_hash(problem.kernel), problem, config, ms, 1.3)
+
+
+def _problem(nq=40, nk=40, causal=True):
+    return Problem("flash_v2", 1, 2, 1, nq, nk, 32, "float16", causal=causal)
+
+
+def test_tuned_winner_is_launched_and_correct(db, device):
+    p = _problem()
+    assert kernel_module("flash_v2").keep(V2_TUNED, p) is None
+    _put(db, p, V2_TUNED)
+    q = torch.randn(1, 2, 40, 32).half().to(device)
+    k, v = torch.randn(1, 1, 40, 32).half().to(device), torch.randn(1, 1, 40, 32).half().to(device)
+    assert "tuned winner" in tunebench.explain(q, k, causal=True) and "'BLOCK_M': 16" in tunebench.explain(q, k, causal=True)
+    out = tunebench.flash_attention(q, k, v, causal=True)
+    assert close_enough(out, ref.attention(q, k, v, True), ref.attention(q, k, v, True, dtype=q.dtype)).ok
+
+
+def test_nearest_bucket_and_default(db):
+    _put(db, _problem(64, 64), V2_TUNED)
+    why = tunebench.explain(_problem(300, 300))
+    assert "nearest tuned bucket" in why and "Nq64" in why
+    assert "DEFAULT" in tunebench.explain(_problem(causal=False))        # causality never substituted
+
+
+def test_no_winners_warns_once_with_the_tune_command(db):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tunebench.explain(_problem())
+        tunebench.explain(_problem(64, 64))
+    msgs = [str(w.message) for w in caught if "tunebench tune" in str(w.message)]
+    assert len(msgs) == 1
+
+
+def test_stale_kernel_hash_is_ignored_with_a_warning(db):
+    _put(db, _problem(), V2_TUNED, hash_="0" * 16)
+    with pytest.warns(UserWarning, match="source changed"):
+        assert "DEFAULT" in tunebench.explain(_problem())
+
+
+def test_user_db_takes_precedence_over_packaged(tmp_path, monkeypatch):
+    packaged, user = Store(f"sqlite:///{tmp_path / 'pkg.db'}"), Store(f"sqlite:///{tmp_path / 'user.db'}")
+    other = dict(V2_TUNED, BLOCK_N=16)
+    _put(packaged, _problem(), other)
+    _put(user, _problem(), V2_TUNED)
+    w = dispatch.Winners.load(_device().name, [user.url, packaged.url])
+    assert w.choose(_problem()).config == V2_TUNED
+    w = dispatch.Winners.load(_device().name, [packaged.url])
+    assert w.choose(_problem()).config == other
+
+
+def test_bad_inputs_and_variant_are_rejected(device):
+    q = torch.randn(1, 2, 8, 16).half().to(device)
+    with pytest.raises(ValueError, match="variant"):
+        tunebench.flash_attention(q, q, q, variant="v3")
+    with pytest.raises(ValueError, match="4-d"):
+        tunebench.flash_attention(q[0], q[0], q[0])
+
+
+def test_import_is_light():
+    code = "import sys, tunebench; print(sorted(m for m in ('optuna', 'sqlalchemy', 'hypothesis') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

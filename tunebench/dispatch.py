@@ -1,0 +1,282 @@
+"""Runtime dispatch: a call's shape -> its bucket -> the tuned config -> launch.
+
+Winners are read once, lazily, on the first call: from the user's database (TUNEBENCH_DB, else the per-user database
+that `tunebench tune` writes) layered over the results.db shipped in the package; user winners take precedence. Only
+winners measured on this GPU, with the kernel's current source hash, are used. A bucket with no winner takes the
+nearest tuned bucket of the same kernel, dtype, head dim and causality; a GPU with no winners runs DEFAULT (and says
+so once). Nothing here ever tunes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from importlib import resources
+from typing import Optional
+
+import torch
+
+from .registry import KERNELS, kernel_module, source_hash
+from .shapes import Problem, bucket, bucket_distance, bucket_key
+
+VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
+TUNE_HINT = "run `tunebench tune` on this GPU to tune them"
+
+
+def packaged_db_path():
+    path = resources.files("tunebench") / "results.db"
+    return path if path.is_file() else None
+
+
+def database_urls() -> list[str]:
+    """Databases to read, highest precedence first."""
+    from .store import default_db_path, resolve_url
+    urls = []
+    user = os.environ.get("TUNEBENCH_DB")
+    if user:
+        urls.append(resolve_url(user))
+    elif default_db_path().exists():
+        urls.append(resolve_url(str(default_db_path())))
+    packaged = packaged_db_path()
+    if packaged is not None:
+        urls.append(resolve_url(str(packaged)))
+    return urls
+
+
+def current_device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu-interpreter"
+
+
+@dataclasses.dataclass
+class Choice:
+    config: dict
+    why: str
+
+
+class Winners:
+    """The winners for one device, indexed by exact bucket and by (kernel, dtype, D, causal) family."""
+
+    def __init__(self, device_name: str, rows):
+        self.device_name = device_name
+        self.exact: dict[str, tuple[Problem, dict, str]] = {}
+        self.families: dict[tuple, list[tuple[Problem, dict, str]]] = {}
+        for problem, config, origin in rows:
+            key = bucket_key(problem)
+            if key in self.exact:                   # rows come highest precedence first
+                continue
+            self.exact[key] = (problem, config, origin)
+            self.families.setdefault(_family(problem), []).append((problem, config, origin))
+
+    @classmethod
+    def load(cls, device_name: str | None = None, urls: list[str] | None = None) -> "Winners":
+        from .store import Store, StoreError
+        device_name = device_name or current_device_name()
+        rows, stale = [], set()
+        hashes = {}
+        for url in database_urls() if urls is None else urls:
+            try:
+                found = Store(url, readonly=True).winners(device_name=device_name)
+            except StoreError as e:
+                warnings.warn(f"tunebench: ignoring results database: {e}", stacklevel=3)
+                continue
+            for w in found:
+                if w.kernel not in hashes:
+                    hashes[w.kernel] = source_hash(w.kernel)
+                if w.source_hash != hashes[w.kernel]:
+                    stale.add(w.kernel)
+                    continue
+                rows.append((w.problem, w.config, url))
+        if stale:
+            warnings.warn(f"tunebench: ignoring stored winners for {', '.join(sorted(stale))}: the kernel source "
+                          f"changed since they were tuned; {TUNE_HINT}", stacklevel=3)
+        return cls(device_name, rows)
+
+    def choose(self, problem: Problem) -> Choice | None:
+        key = bucket_key(problem)
+        if key in self.exact:
+            _, config, origin = self.exact[key]
+            return Choice(config, f"tuned winner for bucket {key} ({origin})")
+        candidates = self.families.get(_family(problem), [])
+        if not candidates:
+            return None
+        b = bucket(problem)
+        near, config, origin = min(candidates, key=lambda c: bucket_distance(b, c[0]))
+        return Choice(config, f"no winner for bucket {key}; nearest tuned bucket {bucket_key(near)} ({origin})")
+
+
+def _family(problem: Problem) -> tuple:
+    return (problem.kernel, problem.dtype, problem.D, problem.causal)
+
+
+class Dispatcher:
+    """Holds the loaded winners and a per-shape cache of chosen configs, so a warm call costs one dict lookup."""
+
+    def __init__(self, winners: Winners | None = None):
+        self._winners = winners
+        self._cache: dict[tuple, dict] = {}
+        self._warned_default = False
+
+    @property
+    def winners(self) -> Winners:
+        if self._winners is None:
+            self._winners = Winners.load()
+        return self._winners
+
+    def choose(self, problem: Problem) -> Choice:
+        module = kernel_module(problem.kernel)
+        choice = self.winners.choose(problem)
+        if choice is not None and module.keep(choice.config, problem) is None:
+            return choice
+        if choice is not None:
+            why = f"{choice.why}, but keep() rejects it here: {module.keep(choice.config, problem)}; DEFAULT"
+        elif not self.winners.exact:
+            why = f"no tuned winners for {self.winners.device_name}: DEFAULT ({TUNE_HINT})"
+            if not self._warned_default:
+                self._warned_default = True
+                warnings.warn(f"tunebench: no tuned configs for {self.winners.device_name}; using each kernel's "
+                              f"DEFAULT. {TUNE_HINT}.", stacklevel=4)
+        else:
+            why = f"no tuned winner of {problem.kernel} {problem.dtype} D{problem.D} causal={problem.causal}: DEFAULT"
+        return Choice(dict(module.DEFAULT), why)
+
+    def config_for(self, key: tuple, make_problem) -> dict:
+        config = self._cache.get(key)
+        if config is None:
+            config = self._cache[key] = self.choose(make_problem()).config
+        return config
+
+
+_DISPATCHER = Dispatcher()
+
+
+def reload() -> None:
+    """Forgets loaded winners and cached choices (e.g. after tuning in the same process or changing TUNEBENCH_DB)."""
+    global _DISPATCHER
+    _DISPATCHER = Dispatcher()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _dense_problem(kernel: str, q, k, causal: bool) -> Problem:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-d [B, H, N, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, Hq, Nq, D = q.shape
+    return Problem(kernel, B, Hq, k.shape[1], Nq, k.shape[2], D, _dtype_name(q), bool(causal))
+
+
+def _paged_problem(q, k_cache, block_tables) -> Problem:
+    if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
+        raise ValueError(f"expected q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables "
+                         f"[B, max_blocks]; got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}")
+    B, Hq, D = q.shape
+    # The longest context the table can address: known on the host, with no device sync.
+    nk = max(1, block_tables.shape[1] * k_cache.shape[1])
+    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q))
+
+
+def _paged_config(config: dict, block_size: int, problem: Problem) -> dict:
+    """The cache's block size is the caller's layout: a winner tuned for another block size keeps its other values."""
+    if config.get("BLOCK_SIZE") == block_size:
+        return config
+    module = kernel_module("paged_attention")
+    adapted = dict(config, BLOCK_SIZE=block_size)
+    if module.keep(adapted, problem) is None:
+        return adapted
+    return dict(module.DEFAULT, BLOCK_SIZE=block_size)
+
+
+def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
+    kernel = VARIANTS.get(variant)
+    if kernel is None:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    key = (kernel, q.shape, k.shape, q.dtype, causal)
+    config = _DISPATCHER.config_for(key, lambda: _dense_problem(kernel, q, k, causal))
+    return kernel_module(kernel).launch(q, k, v, config=config, causal=causal, scale=scale)
+
+
+def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float]) -> torch.Tensor:
+    key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype)
+
+    def resolve():
+        problem = _paged_problem(q, k_cache, block_tables)
+        return _paged_config(_DISPATCHER.choose(problem).config, k_cache.shape[1], problem)
+
+    config = _DISPATCHER._cache.get(key)
+    if config is None:
+        config = _DISPATCHER._cache[key] = resolve()
+    return kernel_module("paged_attention").launch(q, k_cache, v_cache, block_tables, context_lens,
+                                                   config=config, scale=scale)
+
+
+# torch.compile sees the kernels as opaque custom ops (fullgraph works); eager calls skip the op layer's overhead.
+@torch.library.custom_op("tunebench::flash_attention", mutates_args=())
+def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: Optional[float],
+              variant: str) -> torch.Tensor:
+    return _flash_eager(q, k, v, causal, scale, variant)
+
+
+@_flash_op.register_fake
+def _(q, k, v, causal, scale, variant):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("tunebench::paged_attention", mutates_args=())
+def _paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+              context_lens: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+@_paged_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, scale):
+    return q.new_empty(q.shape)
+
+
+def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, variant: str = "v2") -> torch.Tensor:
+    """Tuned FlashAttention forward.
+
+    q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] (SDPA's layout, any strides; Hq a multiple of Hkv). Returns
+    [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1). variant "v1" runs the
+    FlashAttention-1 kernel.
+    """
+    if torch.compiler.is_compiling():
+        return _flash_op(q, k, v, causal, scale, variant)
+    return _flash_eager(q, k, v, causal, scale, variant)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None) -> torch.Tensor:
+    """Tuned decode attention over a paged KV cache.
+
+    q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: int32 [B, max_blocks];
+    context_lens: int32 [B]. Returns [B, Hq, D] in q's dtype.
+    """
+    if torch.compiler.is_compiling():
+        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_tables=None) -> str:
+    """Says which config a call with these inputs would launch, and why. Pass a Problem, or the call's tensors:
+    (q, k) for flash_attention, (q, k_cache, block_tables=...) for paged_attention."""
+    if isinstance(q, Problem):
+        problem = q
+    elif block_tables is not None:
+        problem = _paged_problem(q, k, block_tables)
+    else:
+        problem = _dense_problem(VARIANTS[variant], q, k, causal)
+    choice = _DISPATCHER.choose(problem)
+    return f"{problem.label()} -> {choice.config}: {choice.why}"
+
+
+def tuned_paged_block_size(kv_heads: int, head_dim: int, dtype) -> int | None:
+    """The KV block size the paged kernel was tuned to on this GPU for this geometry (the most common among its
+    winners, ties to the smaller), or None when nothing is tuned."""
+    dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    sizes = [config["BLOCK_SIZE"] for key, (p, config, _) in _DISPATCHER.winners.exact.items()
+             if p.kernel == "paged_attention" and p.Hkv == kv_heads and p.D == head_dim and p.dtype == dtype]
+    if not sizes:
+        return None
+    return min(set(sizes), key=lambda s: (-sizes.count(s), s))
