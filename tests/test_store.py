@@ -13,7 +13,8 @@ import pytest
 from tunebench import cli, registry
 from tunebench.device import DeviceIdentity
 from tunebench.shapes import Problem, bucket, suite
-from tunebench.store import STATUSES, Store, StoreError, StoreWarning, TrialResult, resolve_url, default_db_path
+from tunebench.store import (STATUSES, KernelModel, SchemaVersionModel, Store, StoreError, StoreWarning, TrialResult,
+                             default_db_path, resolve_url)
 
 H100 = DeviceIdentity("NVIDIA H100 80GB HBM3", "9.0", 132, 85_000_000_000, "550.54.15", "2.13.0", "3.6.0", True)
 H200 = DeviceIdentity("NVIDIA H200", "9.0", 132, 150_000_000_000, "550.54.15", "2.13.0", "3.6.0", True)
@@ -54,6 +55,21 @@ def test_trials_round_trip_and_counts(db):
     assert store.trial_counts(H100, "flash_v2", "hash1", problem) == {s: n for s, n in counts.items() if n}
     assert store.trial_counts(device_name=H200.name) == {"ok": 1}
     assert store.trial_counts(kernel="flash_v1") == {} and store.trial_counts(H100, source_hash="other") == {}
+
+
+def test_session_rolls_back_and_raises_store_error(db):
+    store = Store(str(db))
+    with pytest.raises(StoreError, match="CHECK constraint failed"):
+        with store.session() as session:
+            session.add(KernelModel(name="flash_v2", source_hash="rolled back"))
+            session.add(SchemaVersionModel(id=2, version=1, written_by="a second version row"))
+    with pytest.raises(KeyError):
+        with store.session() as session:
+            session.add(KernelModel(name="flash_v2", source_hash="rolled back too"))
+            session.flush()
+            raise KeyError("not a database error")
+    with store.session(read_only=True) as session:
+        assert session.query(KernelModel).count() == 0
 
 
 def test_problems_are_stored_bucketed(db):

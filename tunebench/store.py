@@ -110,7 +110,9 @@ def resolve_url(db: str | os.PathLike | None) -> str:
     db = os.fspath(db)
     if "://" in db:
         return db
-    return "sqlite:///" + str(pathlib.Path(db).expanduser().resolve())
+    path = str(pathlib.Path(db).expanduser().resolve())
+    # SQLAlchemy unquotes the database part of a URL: keep %, ? and # in a file name from being read as URL syntax.
+    return "sqlite:///" + path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 # -- the models
