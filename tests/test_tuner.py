@@ -10,7 +10,7 @@ TESTS = pathlib.Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # fake_kernels, here and (through spawn's copy of sys.path) in the workers
 
 from conftest import HAS_GPU  # noqa: E402
-from fake_kernels import launched  # noqa: E402
+from fake_kernels import launched, launching_processes  # noqa: E402
 from tunebench import registry  # noqa: E402
 from tunebench.cli import main  # noqa: E402
 from tunebench.registry import config_in_space, kernel_module  # noqa: E402
@@ -56,7 +56,9 @@ def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
 def test_tune_store_lookup_end_to_end(tmp_path, capsys):
     from tunebench.dispatch import Winners
     db = tmp_path / "results.db"
-    assert main(["tune", "--interpret", "--suite", "tiny", "--trials", "2", "--db", str(db)]) == 0
+    # A compile worker too: the scheduling the GPU path uses (under the interpreter its warmup launches nothing).
+    assert main(["tune", "--interpret", "--suite", "tiny", "--trials", "2", "--compile-workers", "1",
+                 "--db", str(db)]) == 0
     assert "vs DEFAULT" in capsys.readouterr().out
     problems = suite("tiny")
     with Store(str(db), readonly=True) as store:
@@ -74,8 +76,9 @@ def test_tune_store_lookup_end_to_end(tmp_path, capsys):
 
 
 def test_every_status_and_pruned_configs_never_launch(tmp_path, fakes):
+    # With a compile worker: under the interpreter it runs the fake launch path, so the log shows what it was given.
     problem = fake_problem("fake_behaviours")
-    [result] = tune([problem], options(tmp_path, sampler="grid"))
+    [result] = tune([problem], options(tmp_path, sampler="grid", compile_workers=1))
     module = kernel_module("fake_behaviours")
     with Store(result_db(tmp_path)) as store:
         got = statuses(store, "fake_behaviours")
@@ -88,6 +91,7 @@ def test_every_status_and_pruned_configs_never_launch(tmp_path, fakes):
     assert len(pruned) == 6 and all("pretend shared-memory limit" in t.message for t in pruned)
     assert all(module.keep(c, problem) is None for c in launched(fakes))
     assert {c["X"] for c in launched(fakes)} == {1, 2}
+    assert len(launching_processes(fakes)) == 2  # the runner and the compile worker
     assert result.config["MODE"] == "ok" and result.speedup is not None
     assert result.counts == {"ok": 2, "incorrect": 6, "compile_error": 2, "out_of_resources": 2, "pruned": 6}
 

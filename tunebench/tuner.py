@@ -18,7 +18,9 @@ The search:
 - Resume: the study's finished trials (evaluated or pruned) are never run again and count toward --trials. Trials a
   killed run left RUNNING are failed by Optuna's heartbeat (RDB storage) once stale, and do not count.
 - Compile ahead: configs are asked a few at a time; compile workers (CPU-bound, one per spare core, up to 8) put
-  them into Triton's on-disk cache while the GPU worker checks and times earlier ones. Not under --interpret.
+  them into Triton's on-disk cache while the GPU worker checks and times earlier ones. A runner takes the first
+  asked config whose compile has finished (or failed: the runner then meets the error itself and classifies it).
+  Not under --interpret, where there is nothing to compile.
 - At the end of a problem the best few ok configs and DEFAULT are re-timed against each other, interleaved, in one
   worker; the winner is the fastest by those medians, and its speedup over DEFAULT comes from the same rounds.
 """
@@ -254,7 +256,9 @@ class Fleet:
     def __init__(self, options: TuneOptions):
         n = options.workers
         if options.interpret:
-            devices, threads, n_compile = [None] * n, max(1, (os.cpu_count() or 1) // n), 0
+            # Nothing to compile ahead under the interpreter, unless asked for (the tests do, to run the scheduling
+            # of compile workers on a CPU: there, Triton's warmup returns without running the kernel).
+            devices, threads, n_compile = [None] * n, max(1, (os.cpu_count() or 1) // n), options.compile_workers or 0
         else:
             devices, threads = visible_devices(n), 4
             n_compile = options.compile_workers
@@ -262,7 +266,8 @@ class Fleet:
                 n_compile = min(MAX_COMPILE_WORKERS, max(0, (os.cpu_count() or 1) - n - 1))
         self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}")
                         for i, d in enumerate(devices)]
-        self.compilers = [Worker("compile", False, devices[0], 1, options.setup_timeout, name=f"compile{i}")
+        self.compilers = [Worker("compile", options.interpret, devices[0], 1, options.setup_timeout,
+                                 name=f"compile{i}")
                           for i in range(n_compile)]
         self.workers = self.runners + self.compilers
 
@@ -370,9 +375,11 @@ class Search:
         self.module = kernel_module(self.kernel)
         self.hash = source_hash(self.kernel)
         self.space = self.module.SPACE
-        self.admitted = [c for c in all_configs(self.space) if self.reject_reason(c) is None]
-        limit = len(self.admitted) if options.sampler == "grid" else DEFAULT_TRIALS
-        self.budget = min(options.trials or limit, len(self.admitted))
+        # keep() once per config of SPACE: the reason it is rejected for this problem, or None
+        self.reasons = {config_key(c): self.reject_reason(c) for c in all_configs(self.space)}
+        admitted = sum(1 for reason in self.reasons.values() if reason is None)
+        limit = admitted if options.sampler == "grid" else DEFAULT_TRIALS
+        self.budget = min(options.trials or limit, admitted)
         self.study = optuna.create_study(storage=storage, sampler=make_sampler(options, self.budget),
                                          study_name=study_name(device, self.kernel, self.hash, problem),
                                          direction="minimize", load_if_exists=True)
@@ -430,13 +437,13 @@ class Search:
             random.Random(self.options.seed).shuffle(rest)
             order += rest
         fresh, seen_keys = [], set(self.seen) | waiting
-        admitted_slots = remaining - sum(1 for k in waiting if self.reject_reason(dict(k)) is None)
+        admitted_slots = remaining - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
             key = config_key(config)
             if key in seen_keys:
                 continue
             seen_keys.add(key)
-            if self.reject_reason(config) is None:
+            if self.reasons.get(key, "not in SPACE") is None:
                 if admitted_slots <= 0:
                     continue
                 admitted_slots -= 1
@@ -502,7 +509,7 @@ class Search:
         if key in self.seen:
             self.tell_repeat(trial, self.seen[key])
             return
-        reason = self.reject_reason(config)
+        reason = self.reasons[key]
         if reason is not None:
             self.tell_pruned(trial, config, key, reason)
             return

@@ -3,8 +3,8 @@
 The tests register them into tunebench.registry.KERNELS (monkeypatch) and the spawned workers import them by name
 (tests/ is on sys.path in the workers too: spawn hands them the parent's sys.path). Each follows the kernel module
 convention (launch, SPACE, keep, DEFAULT), but the "kernel" is torch: a config's MODE is a behaviour to plant in a
-trial, not a Triton program. Every launch appends its config to the file named by $TUNEBENCH_FAKE_LOG, if set, so a
-test can see what was launched.
+trial, not a Triton program. Every launch appends its config (and process id) to the file named by
+$TUNEBENCH_FAKE_LOG, if set, so a test can see what was launched, and where.
 """
 import json
 import os
@@ -19,14 +19,23 @@ def log_launch(config: dict) -> None:
     path = os.environ.get("TUNEBENCH_FAKE_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps(config, sort_keys=True) + "\n")
+            f.write(json.dumps({"config": config, "pid": os.getpid()}, sort_keys=True) + "\n")
 
 
-def launched(path) -> list[dict]:
+def _entries(path) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def launched(path) -> list[dict]:
+    """The configs launched, in order, by any process."""
+    return [e["config"] for e in _entries(path)]
+
+
+def launching_processes(path) -> set[int]:
+    return {e["pid"] for e in _entries(path)}
 
 
 def attention(q, k, v, causal, out, mode: str = "ok", delay_s: float = 0.0):
