@@ -16,7 +16,7 @@ from tunebench.cli import main  # noqa: E402
 from tunebench.registry import config_in_space, kernel_module  # noqa: E402
 from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import TuneOptions, config_key, tune  # noqa: E402
+from tunebench.tuner import TuneOptions, config_key, open_storage, select_problems, tune  # noqa: E402
 from tunebench.workloads import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
@@ -126,3 +126,24 @@ def test_a_stopped_run_resumes_without_rerunning_finished_trials(tmp_path, fakes
 
 def result_db(tmp_path) -> str:
     return str(tmp_path / "results.db")
+
+
+def test_problem_selection():
+    assert select_problems(None, None, None, interpret=True) == suite("tiny")
+    assert {p.kernel for p in select_problems(["flash_v1"], None, None, interpret=True)} == {"flash_v1"}
+    default = select_problems(None, None, None, interpret=False)
+    assert len({bucket_key(p) for p in default}) == len(default) > 0
+    # bf16 is garbage under the interpreter: presets are tuned in fp16 there
+    preset = select_problems(["paged_attention"], None, "llama-3-8b", interpret=True)
+    assert preset and all(p.kernel == "paged_attention" and p.dtype == "float16" for p in preset)
+    with pytest.raises(ValueError, match="not both"):
+        select_problems(None, "tiny", "llama-3-8b", interpret=True)
+
+
+def test_studies_live_beside_an_sqlite_results_database(tmp_path):
+    import optuna
+    storage = open_storage(None, f"sqlite:///{tmp_path}/results.db")
+    assert storage.url == f"sqlite:///{tmp_path}/results.optuna.db"
+    assert isinstance(open_storage(None, "sqlite://"), optuna.storages.InMemoryStorage)
+    with pytest.raises(ValueError, match="--storage"):
+        open_storage(None, "postgresql+psycopg://u@localhost/tunebench")

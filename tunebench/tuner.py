@@ -139,11 +139,14 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
             print(f"tunebench tune: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes "
                   f"bf16 wrongly (tune them on a GPU)", file=sys.stderr)
         problems = [p for p in problems if p.dtype != "bfloat16"]
+    if not problems:
+        raise ValueError("no problems selected: check --kernel against the suite or preset")
     by_bucket: dict[str, Problem] = {}
     for p in problems:
         by_bucket.setdefault(bucket_key(p), p)
-    if not problems:
-        raise ValueError("no problems selected: check --kernel against the suite or preset")
+    if len(by_bucket) < len(problems):
+        print(f"tunebench tune: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
+              f"skipped (one winner is stored per bucket)", file=sys.stderr)
     return list(by_bucket.values())
 
 
@@ -509,7 +512,7 @@ class Search:
         if key in self.seen:
             self.tell_repeat(trial, self.seen[key])
             return
-        reason = self.reasons[key]
+        reason = self.reasons.get(key, "outside SPACE")
         if reason is not None:
             self.tell_pruned(trial, config, key, reason)
             return
