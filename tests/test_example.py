@@ -2,13 +2,14 @@
 reference token for token, with the prompt's blocks shared across samples."""
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
 
 _spec = importlib.util.spec_from_file_location(
     "generate", pathlib.Path(__file__).resolve().parents[1] / "examples" / "generate.py")
-generate = importlib.util.module_from_spec(_spec)
+generate = sys.modules["generate"] = importlib.util.module_from_spec(_spec)   # dataclasses look it up
 _spec.loader.exec_module(generate)
 
 
