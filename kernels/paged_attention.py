@@ -1,0 +1,365 @@
+"""Decode attention over a paged KV cache (one query token per sequence), with optional split-K (flash-decoding).
+
+Layout:
+- q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables int32 [B, max_blocks];
+  context_lens int32 [B]. Token i of sequence b lives in block block_tables[b, i // block_size], row
+  i % block_size. Blocks may appear in any order and several sequences may share blocks.
+- out [B, Hq, D] in q's dtype, optionally given by the caller, is fully written.
+- Any strides (e.g. q sliced out of a fused QKV projection, K and V as halves of one [num_blocks, 2, ...] tensor).
+
+Schedule:
+- One program per (partition, KV head, sequence) handles all query heads of that KV group, so each KV byte is read
+  once per group: a q tile [GROUP_PAD, D] whose unused rows are masked (GROUP_PAD >= 16 so that tl.dot applies).
+  Groups above 64 query heads are split over ceil(group / 64) programs, each reading the group's K/V.
+- Each loop step loads a [BLOCK_N, D] tile of K and V. A tile may span several pages: each token's physical block is
+  gathered from the block table, so BLOCK_N is tuned independently of the page size (BLOCK_SIZE). When BLOCK_N <=
+  BLOCK_SIZE a tile lies in one page and a single table entry is read.
+- PARTITION > 0 splits each sequence into partitions of PARTITION tokens. The first kernel writes the unnormalised
+  partial results (running max m, sum l, accumulator acc; fp32 scratch) and a reduce kernel merges them. Partitions
+  past a sequence's length do nothing and the reduce reads only the partitions that hold tokens. The number of
+  partitions comes from the block table's width (max_blocks * block_size), never from reading context_lens on the
+  host. When that gives a single partition, or PARTITION is 0, the first kernel writes the output and no reduce runs.
+- Online softmax in base 2 (scores scaled by scale * log2(e), exp2).
+
+Supported: fp16, bf16 and fp32 (fp32 dots use input_precision="ieee": exact but slow); head dims 16..256 (non-powers
+of two padded to the next power of two and masked); GQA/MQA (query head h reads KV head h // (Hq // Hkv)); any
+context length >= 1 up to max_blocks * block_size (a length of 0 gives zeros).
+
+Not supported: more than one query token per sequence (prefill, speculative decoding), sliding windows, ALiBi or
+soft-capping, quantised (fp8/int8) caches, returning the log-sum-exp. The values of block_tables and context_lens are
+not checked (that would need a device sync): a length above max_blocks * block_size or a block id out of range reads
+out of bounds.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+
+
+@triton.jit
+def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_parts,
+                  stride_qb, stride_qh, stride_qd,
+                  stride_kb, stride_ks, stride_kh, stride_kd,
+                  stride_vb, stride_vs, stride_vh, stride_vd,
+                  stride_btb, stride_btn,
+                  stride_ob, stride_oh, stride_od,
+                  Hq, N_SUB: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    part = tl.program_id(0)
+    kv_head = tl.program_id(1) // N_SUB
+    sub = tl.program_id(1) % N_SUB
+    b = tl.program_id(2)
+    ctx = tl.load(CL + b)
+    if SPLIT:
+        start = part * PARTITION
+        end = tl.minimum(start + PARTITION, ctx)
+    else:
+        start = 0
+        end = ctx
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    in_group = sub * ROWS + offs_g
+    row_ok = (offs_g < ROWS) & (in_group < GROUP)
+    heads = kv_head * GROUP + in_group                                   # query heads of this program's rows
+    d_ok = offs_d < HEAD_DIM
+
+    # q tile [GROUP_PAD, D_PAD]; padded rows are zeros (their scores are 0, finite, and never stored).
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    table = BT + b.to(tl.int64) * stride_btb
+    k_head = K + kv_head.to(tl.int64) * stride_kh
+    v_head = V + kv_head.to(tl.int64) * stride_vh
+
+    # Every tile starts before `end`, so it holds at least one visible token and m_i is finite after the first.
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + offs_n
+        visible = tok < end
+        # -- gather each token's physical block (int64: block id * block stride overflows int32 on large caches)
+        if BLOCK_N <= BLOCK_SIZE:
+            # The tile starts at a multiple of BLOCK_N, so it lies inside one page: one table entry.
+            blk = tl.load(table + (n0 // BLOCK_SIZE) * stride_btn).to(tl.int64)
+        else:
+            blk = tl.load(table + (tok // BLOCK_SIZE) * stride_btn, mask=visible, other=0).to(tl.int64)
+        row = tok % BLOCK_SIZE
+        k_rows = k_head + blk * stride_kb + row * stride_ks
+        v_rows = v_head + blk * stride_vb + row * stride_vs
+        if EVEN_D:
+            kv_mask = visible[:, None]
+        else:
+            kv_mask = visible[:, None] & d_ok[None, :]
+        # Masked rows read as 0, never as the stale (possibly NaN) rows past the context in a last page.
+        k = tl.load(k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        # -- scores in base 2, new running max
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        # -- update m_i and l_i, rescale the accumulator
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SPLIT:
+        # Partials of a partition with no tokens are never read by the reduce, so they are not written either.
+        store_ok = row_ok & (start < ctx)
+        slot = ((b * Hq + heads).to(tl.int64) * num_parts + part)
+        tl.store(M_part + slot, m_i, mask=store_ok)
+        tl.store(L_part + slot, l_i, mask=store_ok)
+        tl.store(Acc_part + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=store_ok[:, None] & d_ok[None, :])
+    else:
+        # A sequence of length 0 has l = 0: write zeros rather than 0/0.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts,
+                  stride_ob, stride_oh, stride_od,
+                  Hq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    """Merges the partitions of one (sequence, query head): out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
+    head = tl.program_id(0)
+    b = tl.program_id(1)
+    ctx = tl.load(CL + b)
+    used = (ctx + PARTITION - 1) // PARTITION                      # partitions that hold tokens
+    base = (b * Hq + head).to(tl.int64) * num_parts
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    # Partition 0 is the first one read and holds a token, so m_run is finite after the first chunk.
+    for p0 in range(0, used, BLOCK_P):
+        parts = p0 + offs_p
+        p_ok = parts < used
+        m_p = tl.load(M_part + base + parts, mask=p_ok, other=float("-inf"))
+        l_p = tl.load(L_part + base + parts, mask=p_ok, other=0.0)
+        a_p = tl.load(Acc_part + (base + parts)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m_p, 0))
+        alpha = tl.math.exp2(m_run - m_new)
+        w = tl.math.exp2(m_p - m_new)                              # 0 for masked partitions
+        l_run = l_run * alpha + tl.sum(w * l_p, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * a_p, 0)
+        m_run = m_new
+
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    o_ptrs = O + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_d * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_D, _MAX_D = 16, 256
+_MAX_GRID_YZ = 65535
+_MAX_ROWS = 64        # query heads per program; larger groups are split (the q tile and accumulator stay small)
+_REDUCE_BLOCK_P = 32  # partitions merged per step of the reduce
+_REDUCE_WARPS = 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pad_head_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _group_split(group: int) -> tuple[int, int, int]:
+    """(programs per KV group, query heads per program, padded rows of the q tile)."""
+    n_sub = -(-group // _MAX_ROWS)
+    rows = -(-group // n_sub)
+    return n_sub, rows, max(16, triton.next_power_of_2(rows))
+
+
+def _check_config(config: dict) -> dict:
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict with keys {sorted(SPACE)}, got {type(config).__name__}")
+    unknown, missing = set(config) - set(SPACE), set(SPACE) - set(config)
+    if unknown:
+        raise ValueError(f"config has unknown keys {sorted(unknown)}; expected {sorted(SPACE)}")
+    if missing:
+        raise ValueError(f"config is missing keys {sorted(missing)}; expected {sorted(SPACE)}")
+    for name, low in (("BLOCK_SIZE", 1), ("BLOCK_N", 16)):
+        v = config[name]
+        if not isinstance(v, int) or v < low or v & (v - 1):
+            raise ValueError(f"config[{name!r}] must be a power of two >= {low}, got {v!r}")
+    part = config["PARTITION"]
+    if not isinstance(part, int) or part < 0 or (part and part % config["BLOCK_N"]):
+        raise ValueError(f"config['PARTITION'] must be 0 (no split) or a multiple of BLOCK_N="
+                         f"{config['BLOCK_N']}, got {part!r}")
+    if config["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config['num_warps'] must be a power of two <= 16, got {config['num_warps']!r}")
+    if not isinstance(config["num_stages"], int) or config["num_stages"] < 1:
+        raise ValueError(f"config['num_stages'] must be an int >= 1, got {config['num_stages']!r}")
+    return config
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
+    for name, t, rank, shape in (("q", q, 3, "[B, Hq, D]"),
+                                 ("k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, D]"),
+                                 ("v_cache", v_cache, 4, "[num_blocks, block_size, Hkv, D]"),
+                                 ("block_tables", block_tables, 2, "[B, max_blocks]"),
+                                 ("context_lens", context_lens, 1, "[B]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-d {shape}, got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    B, Hq, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache shape {tuple(k_cache.shape)} must equal v_cache shape {tuple(v_cache.shape)}")
+    Hkv = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache/v_cache head dim {k_cache.shape[3]} must equal q head dim {D}")
+    if not _MIN_D <= D <= _MAX_D:
+        raise ValueError(f"head dim D must be in [{_MIN_D}, {_MAX_D}], got {D}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of cache heads Hkv={Hkv}")
+    if block_tables.shape[0] != B or context_lens.shape[0] != B:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
+                         f"must have q's batch {B} rows")
+    if block_tables.shape[1] < 1:
+        raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
+    if B > _MAX_GRID_YZ or Hkv * _group_split(Hq // Hkv)[0] > _MAX_GRID_YZ:
+        raise ValueError(f"B={B} and Hkv={Hkv} must each be at most {_MAX_GRID_YZ} (grid limit)")
+    if q.device.type == "cpu" and not _interpreting():
+        raise ValueError("inputs are CPU tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before importing")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if out.shape != q.shape:
+            raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out dtype {out.dtype} must match q dtype {q.dtype}")
+        if out.device != q.device:
+            raise ValueError(f"out is on {out.device} but q is on {q.device}")
+
+
+def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scale=None, out=None):
+    """Paged decode attention. q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> out [B, Hq, D].
+
+    scale defaults to 1/sqrt(D). config None means DEFAULT with BLOCK_SIZE set to the cache's block size; a given
+    config's BLOCK_SIZE must equal k_cache.shape[1] (the block size is the cache's layout, fixed when it was built).
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale)
+    config = _check_config(dict(DEFAULT, BLOCK_SIZE=k_cache.shape[1]) if config is None else config)
+    block_size = k_cache.shape[1]
+    if config["BLOCK_SIZE"] != block_size:
+        raise ValueError(f"config['BLOCK_SIZE']={config['BLOCK_SIZE']} must equal the cache's block size "
+                         f"k_cache.shape[1]={block_size}")
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    D_PAD = _pad_head_dim(D)
+    group = Hq // Hkv
+    n_sub, rows, group_pad = _group_split(group)
+    partition = config["PARTITION"]
+    max_tokens = block_tables.shape[1] * block_size          # the longest context the table can address
+    num_parts = triton.cdiv(max_tokens, partition) if partition else 1
+    split = num_parts > 1
+    if split:
+        m_part = torch.empty(B, Hq, num_parts, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty(B, Hq, num_parts, D, dtype=torch.float32, device=q.device)
+    else:
+        m_part = l_part = acc_part = out                       # unused: the kernel writes out directly
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    _paged_decode[(num_parts, Hkv * n_sub, B)](
+        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, scale * LOG2E, num_parts,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        Hq, N_SUB=n_sub, GROUP=group, ROWS=rows, GROUP_PAD=group_pad,
+        HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD,
+        BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], PARTITION=partition if split else 0, SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if split:
+        _paged_reduce[(Hq, B)](
+            context_lens, out, m_part, l_part, acc_part, num_parts, *out.stride(),
+            Hq, HEAD_DIM=D, D_PAD=D_PAD, PARTITION=partition, BLOCK_P=_REDUCE_BLOCK_P,
+            num_warps=_REDUCE_WARPS,
+        )
+    return out
+
+
+SPACE = {
+    "BLOCK_SIZE": [8, 16, 32, 64, 128],
+    "BLOCK_N": [16, 32, 64, 128],
+    "PARTITION": [0, 128, 256, 512, 1024, 2048],   # tokens per split-K partition; 0: one partition per sequence
+    "num_warps": [2, 4, 8],
+    "num_stages": [1, 2, 3, 4],
+}
+
+_ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+# Per-thread 32-bit registers the streamed tiles (K, V, scores, probabilities) may take before spilling is likely;
+# the accumulator and q tile are fixed by the problem, not chosen by the config, so they are not counted here.
+_TILE_REGISTERS = 192
+# Shared memory that the estimate below does not itemise: reduction scratch, barriers, layout-conversion slack.
+_SMEM_SLACK = 8 * 1024
+
+
+def _smem_limit() -> int:
+    if torch.cuda.is_available() and not _interpreting():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return 227 * 1024  # the H100's opt-in limit per block
+
+
+def _smem_estimate(config, problem) -> int:
+    """Bytes of shared memory, on the high side: num_stages buffers of the K and V tiles (Triton's pipeliner keeps
+    at most that many), the q tile and the probabilities as dot operands, plus slack."""
+    elt = _ELEMENT_BYTES[problem.dtype]
+    d_pad, block_n = _pad_head_dim(problem.D), config["BLOCK_N"]
+    group_pad = _group_split(problem.group)[2]
+    kv = 2 * block_n * d_pad * elt * max(config["num_stages"], 1)
+    return kv + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
+
+
+def keep(config, problem):
+    """Why this config would not compile, run or fit for this problem (a string), or None."""
+    block_n, part = config["BLOCK_N"], config["PARTITION"]
+    if part and part % block_n:
+        return f"PARTITION={part} is not a multiple of BLOCK_N={block_n}"
+    smem, limit = _smem_estimate(config, problem), _smem_limit()
+    if smem > limit:
+        return f"shared memory ~{smem // 1024} KiB > device limit {limit // 1024} KiB"
+    elt = _ELEMENT_BYTES[problem.dtype]
+    threads = 32 * config["num_warps"]
+    group_pad = _group_split(problem.group)[2]
+    tile_words = 2 * block_n * _pad_head_dim(problem.D) * elt // 4 + 2 * group_pad * block_n
+    if tile_words // threads > _TILE_REGISTERS:
+        return f"register pressure: K/V/score tiles need ~{tile_words // threads} registers per thread"
+    return None
+
+
+DEFAULT = {"BLOCK_SIZE": 16, "BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 2}
