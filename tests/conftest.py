@@ -14,8 +14,11 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile(
     "cpu", max_examples=12, derandomize=True, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+# On a GPU each kernel's property test is split into SHARDS items of 200 / SHARDS examples, so that pytest-xdist
+# (`-n 8`) compiles their configs on several CPU cores at once; 200 examples per kernel in all.
+SHARDS = int(os.environ.get("TUNEBENCH_SHARDS", "8" if HAS_GPU else "1"))
 settings.register_profile(
-    "gpu", max_examples=200, derandomize=False, deadline=None, print_blob=True,
+    "gpu", max_examples=max(1, 200 // SHARDS), derandomize=False, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 PROFILE = os.environ.get("TUNEBENCH_PROFILE", "gpu" if HAS_GPU else "cpu")
 settings.load_profile(PROFILE)

@@ -3,6 +3,7 @@ admits must be correct, not only DEFAULT)."""
 import pytest
 from hypothesis import given, strategies as st
 
+from conftest import SHARDS
 from strategies import configs, dense_problems
 from tunebench.gate import check_dense_case
 from tunebench.registry import kernel_module
@@ -11,9 +12,10 @@ from tunebench.shapes import suite
 KERNELS = ("flash_v2", "flash_v1")
 
 
+@pytest.mark.parametrize("shard", range(SHARDS))
 @pytest.mark.parametrize("kernel", KERNELS)
 @given(data=st.data())
-def test_matches_reference(kernel, device, data):
+def test_matches_reference(kernel, shard, device, data):
     problem = data.draw(dense_problems(kernel), label="problem")
     config = data.draw(configs(kernel_module(kernel), problem), label="config")
     layout = data.draw(st.sampled_from(("bhnd", "bnhd")), label="layout")
