@@ -26,10 +26,13 @@ The search:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -393,6 +396,7 @@ class Search:
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
         self.compiling: dict[Worker, Candidate] = {}
+        self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told
         self.asks = 0
         self.last_beat = time.monotonic()
         self.lookahead = len(fleet.runners) + len(fleet.compilers)
@@ -505,7 +509,11 @@ class Search:
             self.ask()
 
     def ask(self) -> None:
-        trial = self.study.ask()
+        with deferred_interrupt():
+            trial = self.study.ask()
+            self.open[trial.number] = trial
+            if self.heartbeats:
+                self.storage.record_heartbeat(trial._trial_id)  # from now on, a killed run leaves a stale trial
         self.asks += 1
         config = suggest_config(trial, self.space)
         key = config_key(config)
@@ -516,8 +524,6 @@ class Search:
         if reason is not None:
             self.tell_pruned(trial, config, key, reason)
             return
-        if self.heartbeats:
-            self.storage.record_heartbeat(trial._trial_id)
         self.pending.append(Candidate(trial, config, key, compiled=not self.fleet.compilers))
 
     def dispatch(self) -> None:
@@ -553,7 +559,7 @@ class Search:
         if worker in self.compiling:
             self.compiling.pop(worker).compiled = True  # or failed: the runner compiles it and reports the error
             return
-        candidate = self.running.pop(worker)
+        candidate = self.running[worker]
         if event.kind == "ok":
             outcome = event.value
         elif event.kind == "died":
@@ -561,16 +567,17 @@ class Search:
         elif event.kind == "timeout":
             outcome = Outcome("timeout", event.message)
         else:
-            self.pending.insert(0, candidate)  # abandoned with the rest: not this config's fault
+            del self.running[worker]  # abandoned with the other open trials: not this config's fault
             raise ProblemFailed(event.message)
         self.finish(candidate, outcome)
+        del self.running[worker]
 
     def heartbeat(self) -> None:
         if not self.heartbeats or time.monotonic() - self.last_beat < HEARTBEAT_S:
             return
         self.last_beat = time.monotonic()
-        for candidate in self.pending + list(self.running.values()):
-            self.storage.record_heartbeat(candidate.trial._trial_id)
+        for trial in self.open.values():
+            self.storage.record_heartbeat(trial._trial_id)
 
     # -- telling Optuna and the store
 
@@ -581,21 +588,22 @@ class Search:
         attrs = {"status": outcome.status, **({"message": outcome.message[:500]} if outcome.message else {})}
         if ok:
             attrs.update(p20_ms=outcome.p20_ms, p80_ms=outcome.p80_ms, throughput=outcome.throughput)
-        self.tell(trial, attrs, outcome.median_ms if ok else None, state=None if ok else TrialState.FAIL)
+        # The store first: a run stopped between the two writes re-runs the trial rather than lose its record.
         self.store.record_trial(self.device, self.kernel, self.hash, self.problem, TrialResult(
             trial.number, candidate.config, outcome.status, outcome.median_ms, outcome.p20_ms, outcome.p80_ms,
             outcome.throughput, outcome.err_ratio, outcome.message, candidate.started_at, _now()))
+        self.tell(trial, attrs, outcome.median_ms if ok else None, state=None if ok else TrialState.FAIL)
         self.seen[candidate.key] = Seen(candidate.config, outcome.status, trial.number, outcome.median_ms)
         self.progress.trial(trial.number, candidate.config, outcome, self.evaluated(), self.counts(), self.best_ms())
 
     def tell_pruned(self, trial, config: dict, key: tuple, reason: str) -> None:
         from optuna.trial import TrialState
         from .store import TrialResult
-        self.tell(trial, {"status": "pruned", "message": reason[:500]}, state=TrialState.PRUNED)
         now = _now()
         self.store.record_trial(self.device, self.kernel, self.hash, self.problem,
                                 TrialResult(trial.number, config, "pruned", message=reason, started_at=now,
                                             finished_at=now))
+        self.tell(trial, {"status": "pruned", "message": reason[:500]}, state=TrialState.PRUNED)
         self.seen[key] = Seen(config, "pruned", trial.number, None)
 
     def tell_repeat(self, trial, seen: Seen) -> None:
@@ -613,12 +621,12 @@ class Search:
         if replace_busy:
             for worker in list(self.running) + list(self.compiling):
                 worker.cancel()
-        for candidate in self.pending + list(self.running.values()):
+        for trial in list(self.open.values()):
             try:
-                self.tell(candidate.trial, {"message": "abandoned: the run stopped before this trial finished"},
+                self.tell(trial, {"message": "abandoned: the run stopped before this trial finished"},
                           state=TrialState.FAIL)
             except Exception as e:  # the storage itself may be what failed; the heartbeat will fail the trial
-                print(f"tunebench tune: could not mark trial {candidate.trial.number} failed: {e}", file=sys.stderr)
+                print(f"tunebench tune: could not mark trial {trial.number} failed: {e}", file=sys.stderr)
         self.pending, self.running, self.compiling = [], {}, {}
 
     def tell(self, trial, attrs: dict, value: float | None = None, state=None) -> None:
@@ -631,6 +639,7 @@ class Search:
             self.study.tell(trial, value, state=state, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
+        self.open.pop(trial.number, None)
 
     # -- the winner
 
@@ -675,6 +684,24 @@ class Search:
 
 def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C waits for the end of the block. Optuna's ask() creates the trial before it samples the parameters; an
+    interrupt in between would leave a RUNNING trial that no one knows about, fails or retries."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _now() -> datetime:
