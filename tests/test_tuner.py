@@ -1,6 +1,7 @@
 """`tunebench tune` end to end on the CPU (--interpret): real spawned workers, the real results store and Optuna
 studies in SQLite files under tmp_path. Planted faults come from test-only kernel modules (tests/fake_kernels)
 registered into the kernel registry for the test."""
+import os
 import pathlib
 import sys
 
@@ -16,7 +17,8 @@ from tunebench.cli import main  # noqa: E402
 from tunebench.registry import config_in_space, kernel_module  # noqa: E402
 from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import TuneOptions, config_key, open_storage, select_problems, tune  # noqa: E402
+from tunebench.tuner import (TuneOptions, config_key, interpreting, open_storage, select_problems,  # noqa: E402
+                             tune)
 from tunebench.workloads import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
@@ -53,7 +55,7 @@ def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
     assert not db.exists()
 
 
-def test_tune_store_lookup_end_to_end(tmp_path, capsys):
+def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
     from tunebench.dispatch import Winners
     db = tmp_path / "results.db"
     # A compile worker too: the scheduling the GPU path uses (under the interpreter its warmup launches nothing).
@@ -68,7 +70,7 @@ def test_tune_store_lookup_end_to_end(tmp_path, capsys):
         for problem in problems:
             w, module = winners[bucket_key(problem)], kernel_module(problem.kernel)
             assert module.keep(w.config, problem) is None and config_in_space(problem.kernel, w.config) is None
-            assert Workload(problem, seed=1, device="cpu").check(module, w.config).ok
+            assert Workload(problem, seed=1, device=device).check(module, w.config).ok
             assert w.speedup_vs_default is not None and w.speedup_vs_default >= 1.0
             assert lookup.choose(problem).config == w.config
             counts = store.trial_counts(kernel=problem.kernel, problem=problem)
@@ -108,6 +110,17 @@ def test_a_crashing_and_a_hanging_trial_do_not_stop_the_study(tmp_path, fakes):
     assert len(oks) == 2
     assert max(t.number for t in oks) > max(by_mode["crash"].number, by_mode["hang"].number)
     assert result.config in ({"MODE": "ok", "X": 1}, {"MODE": "ok", "X": 2}) and result.written
+
+
+def test_tuning_leaves_triton_interpret_as_it_was(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "x")
+    with interpreting(False):
+        assert os.environ["TRITON_INTERPRET"] == "0"  # what keep() must see when the workers compile for a GPU
+    assert os.environ["TRITON_INTERPRET"] == "x"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with interpreting(True):
+        assert os.environ["TRITON_INTERPRET"] == "1"
+    assert "TRITON_INTERPRET" not in os.environ
 
 
 def test_a_stopped_run_resumes_without_rerunning_finished_trials(tmp_path, fakes):

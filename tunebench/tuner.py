@@ -159,12 +159,10 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
     options.validate()
     err = err or sys.stderr
     results = [] if results is None else results
-    # keep() reads it (e.g. no TMA under the interpreter) and it must agree with what the workers run.
-    os.environ["TRITON_INTERPRET"] = "1" if options.interpret else "0"
     if not options.interpret:
         require_gpu()
     from .store import Store
-    with Store(options.db) as store, warnings.catch_warnings():
+    with interpreting(options.interpret), Store(options.db) as store, warnings.catch_warnings():
         _quiet_optuna()
         storage = open_storage(options.storage, store.url)
         print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
@@ -184,6 +182,21 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+@contextlib.contextmanager
+def interpreting(interpret: bool):
+    """TRITON_INTERPRET as the workers will have it, while tuning: keep() reads it (no TMA under the interpreter), and
+    the parent must prune exactly what the workers could not run."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def require_gpu() -> None:
