@@ -391,6 +391,8 @@ class Worker:
                 self.loaded = None
                 return self._finish(Event("error", message=f"setting up the problem failed: {value}"))
             self.loaded = (self.request.problem, self.request.seed)
+            if isinstance(self.request, Setup):
+                return self._finish(Event("ok"))
             self._send(self.request, "run", self.timeout)
             return None
         return self._finish(Event(kind, value if kind == "ok" else None, "" if kind == "ok" else str(value)))

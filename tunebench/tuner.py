@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 
 from .registry import KERNELS, kernel_module, source_hash
 from .shapes import Problem, bucket_key, preset_problems, suite
-from .trial import Compile, Event, Identify, Outcome, Retime, Run, Worker
+from .trial import Compile, Event, Identify, Outcome, Retime, Run, Setup, Worker
 from . import timing
 
 DEFAULT_TRIALS = 24
@@ -409,6 +409,7 @@ class Search:
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
         self.compiling: dict[Worker, Candidate] = {}
+        self.preparing: set[Worker] = set()
         self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told
         self.asks = 0
         self.last_beat = time.monotonic()
@@ -550,12 +551,19 @@ class Search:
         for worker in [w for w in self.fleet.runners if not w.busy]:
             candidate = self.next_ready()
             if candidate is None:
-                break
+                self.prepare(worker)
+                continue
             self.pending.remove(candidate)
             candidate.started_at = _now()
             worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
                           self.options.timeout)
             self.running[worker] = candidate
+
+    def prepare(self, worker: Worker) -> None:
+        """While the first configs compile, an idle runner builds the problem's inputs and references."""
+        if worker.loaded != (self.problem, self.options.seed) and self.pending:
+            worker.submit(Setup(self.problem, self.options.seed), self.options.setup_timeout)
+            self.preparing.add(worker)
 
     def next_ready(self) -> Candidate | None:
         """The first pending config that is compiled and not already running; repeats of finished ones are told."""
@@ -571,6 +579,11 @@ class Search:
     def on_event(self, worker: Worker, event: Event) -> None:
         if worker in self.compiling:
             self.compiling.pop(worker).compiled = True  # or failed: the runner compiles it and reports the error
+            return
+        if worker in self.preparing:
+            self.preparing.discard(worker)
+            if event.kind != "ok":
+                raise ProblemFailed(event.message or f"setting up the problem: the worker {event.kind}")
             return
         candidate = self.running[worker]
         if event.kind == "ok":
@@ -632,7 +645,7 @@ class Search:
         """Trials this run asked but did not finish go to FAIL without a status, so that a later run may run them."""
         from optuna.trial import TrialState
         if replace_busy:
-            for worker in list(self.running) + list(self.compiling):
+            for worker in list(self.running) + list(self.compiling) + list(self.preparing):
                 worker.cancel()
         for trial in list(self.open.values()):
             try:
@@ -640,7 +653,7 @@ class Search:
                           state=TrialState.FAIL)
             except Exception as e:  # the storage itself may be what failed; the heartbeat will fail the trial
                 print(f"tunebench tune: could not mark trial {trial.number} failed: {e}", file=sys.stderr)
-        self.pending, self.running, self.compiling = [], {}, {}
+        self.pending, self.running, self.compiling, self.preparing = [], {}, {}, set()
 
     def tell(self, trial, attrs: dict, value: float | None = None, state=None) -> None:
         """Sets the trial's user attributes and finishes it. A trial that another process has already failed (its
