@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kernel", action="append", choices=kernels, help="only these kernels (repeatable)")
     t.add_argument("--suite", default=None, help="named suite of problems (default: 'default'; 'tiny' for the CPU)")
     t.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
-    t.add_argument("--trials", type=int, default=None, help="trials per problem (default: 24, or the grid size)")
+    t.add_argument("--trials", type=int, default=None,
+                   help="configs evaluated per problem; pruned and repeated configs do not count "
+                        "(default: 24, or the grid size)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take before it is killed")
     t.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="tpe (seeded) or exhaustive grid")
     t.add_argument("--seed", type=int, default=0, help="sampler and input seed")
