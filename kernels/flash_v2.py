@@ -1,0 +1,397 @@
+"""FlashAttention-2 forward in Triton: the outer loop runs over Q tiles, the inner loop over K/V blocks.
+
+Supported:
+- q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides (a [B, N, H, D] tensor seen through .transpose(1, 2) works
+  without a copy); out [B, Hq, Nq, D] in q's dtype, optionally given by the caller, is fully written.
+- fp16, bf16 and fp32. fp32 dots run with input_precision="ieee" (no TF32), so fp32 is as accurate as a plain fp32
+  computation, and much slower than fp16/bf16.
+- Head dims 16..256, non-powers of two included: the head dim is padded to the next power of two and masked.
+- Any Nq and Nk (Nq != Nk allowed); tails are masked, and launch computes EVEN_M / EVEN_N / EVEN_D so that the even
+  case carries no mask.
+- GQA/MQA: query head h reads kv head h // (Hq // Hkv).
+- Causal attention aligned bottom-right (FlashAttention >= 2.1): query i sees key j iff j <= i + (Nk - Nq). The K/V
+  loop is split into an unmasked stage (blocks every row of the Q tile sees in full) and a masked diagonal stage. A
+  query row that sees no key at all (Nq > Nk) outputs zeros.
+- USE_TMA (Hopper and newer, not the interpreter): K/V/Q/O go through tensor descriptors built on the device, one 2-d
+  descriptor [N, D] per (batch, head), so TMA zero-fills the tails and clips the stores. When the strides do not allow
+  TMA (last dim not contiguous, a stride or the base not 16-byte aligned), launch falls back to the pointer path.
+
+Not supported: backward, dropout, attention bias or arbitrary masks, sliding windows, variable-length batches,
+returning the log-sum-exp, head dims above 256, B * Hq above 65535 (the grid's second axis).
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, lo, hi, Nk, shift, qk_scale,
+            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+            MASK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+            USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One stage of the inner loop: K/V blocks [lo, hi) folded into (acc, l_i, m_i). MASK_N masks keys >= Nk;
+    MASK_CAUSAL masks key j for row i when j > i + shift. Without either, the stage does no mask math at all."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        # -- load K (TMA zero-fills rows >= Nk and columns >= HEAD_DIM)
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+        else:
+            k_ptrs = k_src + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            if MASK_N:
+                if EVEN_D:
+                    k = tl.load(k_ptrs, mask=cols[:, None] < Nk, other=0.0)
+                else:
+                    k = tl.load(k_ptrs, mask=(cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            else:
+                if EVEN_D:
+                    k = tl.load(k_ptrs)
+                else:
+                    k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+        # -- new running max; the scale is folded into the exp2 argument (one FMA per score)
+        if MASK_N or MASK_CAUSAL:
+            if MASK_N and MASK_CAUSAL:
+                visible = (cols[None, :] < Nk) & (cols[None, :] <= offs_m[:, None] + shift)
+            elif MASK_N:
+                visible = cols[None, :] < Nk
+            else:
+                visible = cols[None, :] <= offs_m[:, None] + shift
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps p = 0 and l = 0 instead of exp2(-inf - -inf) = NaN.
+            m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        # -- update m_i and l_i, rescale the accumulator
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- load V and accumulate P @ V
+        if USE_TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v_ptrs = v_src + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            if MASK_N:
+                if EVEN_D:
+                    v = tl.load(v_ptrs, mask=cols[:, None] < Nk, other=0.0)
+                else:
+                    v = tl.load(v_ptrs, mask=(cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            else:
+                if EVEN_D:
+                    v = tl.load(v_ptrs)
+                else:
+                    v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_v2_fwd(Q, K, V, O, qk_scale,
+                  stride_qb, stride_qh, stride_qm, stride_qd,
+                  stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_ob, stride_oh, stride_om, stride_od,
+                  Hq, GROUP, Nq, Nk,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+                  USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if CAUSAL:
+        # Tiles further down see more keys: start them first so the last wave is made of short tiles.
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // Hq
+    off_h = off_bh % Hq
+    off_hkv = off_h // GROUP
+    # int64: batch and head offsets of a large tensor overflow int32.
+    q_head = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_head = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    v_head = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    o_head = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+
+    # -- load the Q tile once; it stays on chip for the whole K/V loop
+    if USE_TMA:
+        desc_q = tl.make_tensor_descriptor(q_head, shape=[Nq, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, D_PAD])
+        k_src = tl.make_tensor_descriptor(k_head, shape=[Nk, HEAD_DIM], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, D_PAD])
+        v_src = tl.make_tensor_descriptor(v_head, shape=[Nk, HEAD_DIM], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, D_PAD])
+        q = desc_q.load([m0, 0])
+    else:
+        k_src = k_head
+        v_src = v_head
+        q_ptrs = q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        if EVEN_M:
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptrs, mask=offs_m[:, None] < Nq, other=0.0)
+            else:
+                q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    # K/V blocks [0, full_hi) need no mask; [full_hi, diag_hi) are the diagonal and/or the Nk tail.
+    if EVEN_N:
+        full_hi = Nk
+    else:
+        full_hi = (Nk // BLOCK_N) * BLOCK_N
+    diag_hi = Nk
+    shift = Nk - Nq
+    if CAUSAL:
+        # Row m0 (the tile's first) sees keys j <= m0 + shift: whole blocks below that need no mask.
+        full_hi = tl.minimum(full_hi, (tl.maximum(m0 + shift + 1, 0) // BLOCK_N) * BLOCK_N)
+        # The tile's last valid row sees keys j <= min(m0 + BLOCK_M, Nq) - 1 + shift.
+        diag_hi = tl.minimum(Nk, tl.maximum(tl.minimum(m0 + BLOCK_M, Nq) + shift, 0))
+
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd,
+                            offs_m, 0, full_hi, Nk, shift, qk_scale,
+                            HEAD_DIM, D_PAD, BLOCK_N, False, False, EVEN_D, USE_TMA, DOT_PRECISION)
+    if CAUSAL or not EVEN_N:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd,
+                                offs_m, full_hi, diag_hi, Nk, shift, qk_scale,
+                                HEAD_DIM, D_PAD, BLOCK_N, not EVEN_N, CAUSAL, EVEN_D, USE_TMA, DOT_PRECISION)
+
+    # -- epilogue: rows that saw no key (l == 0) output 0, not 0/0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
+    if USE_TMA:
+        desc_o = tl.make_tensor_descriptor(o_head, shape=[Nq, HEAD_DIM], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, D_PAD])
+        desc_o.store([m0, 0], out)
+    else:
+        o_ptrs = o_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        if EVEN_M:
+            if EVEN_D:
+                tl.store(o_ptrs, out)
+            else:
+                tl.store(o_ptrs, out, mask=offs_d[None, :] < HEAD_DIM)
+        else:
+            if EVEN_D:
+                tl.store(o_ptrs, out, mask=offs_m[:, None] < Nq)
+            else:
+                tl.store(o_ptrs, out, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_D, _MAX_D = 16, 256
+_MAX_GRID_Y = 65535
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pad_head_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    # Scratch for the descriptors that each program builds on the device (128 bytes each).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    """TMA needs a contiguous last dim, a 16-byte-aligned base, and every other stride a multiple of 16 bytes (a
+    stride of a size-1 dim is never used, so it does not count)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(size > 1 and (stride * es) % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
+            return False
+    return True
+
+
+def _check_config(config: dict) -> dict:
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict with keys {sorted(SPACE)}, got {type(config).__name__}")
+    unknown, missing = set(config) - set(SPACE), set(SPACE) - set(config)
+    if unknown:
+        raise ValueError(f"config has unknown keys {sorted(unknown)}; expected {sorted(SPACE)}")
+    if missing:
+        raise ValueError(f"config is missing keys {sorted(missing)}; expected {sorted(SPACE)}")
+    for name in ("BLOCK_M", "BLOCK_N"):
+        b = config[name]
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"config[{name!r}] must be a power of two >= 16, got {b!r}")
+    if config["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config['num_warps'] must be a power of two <= 16, got {config['num_warps']!r}")
+    if not isinstance(config["num_stages"], int) or config["num_stages"] < 1:
+        raise ValueError(f"config['num_stages'] must be an int >= 1, got {config['num_stages']!r}")
+    if not isinstance(config["USE_TMA"], bool):
+        raise ValueError(f"config['USE_TMA'] must be a bool, got {config['USE_TMA']!r}")
+    return config
+
+
+def _check_inputs(q, k, v, out, causal, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k shape {tuple(k.shape)} must equal v shape {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k/v batch {k.shape[0]} must equal q batch {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k/v head dim {k.shape[3]} must equal q head dim {D}")
+    if not _MIN_D <= D <= _MAX_D:
+        raise ValueError(f"head dim D must be in [{_MIN_D}, {_MAX_D}], got {D}")
+    Hkv = k.shape[1]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv}")
+    if B * Hq > _MAX_GRID_Y:
+        raise ValueError(f"B * Hq = {B * Hq} exceeds the grid limit {_MAX_GRID_Y}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise ValueError("q, k, v are CPU tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before importing")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if out.shape != q.shape:
+            raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out dtype {out.dtype} must match q dtype {q.dtype}")
+        if out.device != q.device:
+            raise ValueError(f"out is on {out.device} but q is on {q.device}")
+
+
+def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
+    """Attention forward. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> out [B, Hq, Nq, D] (q's dtype).
+
+    scale defaults to 1/sqrt(D). config None means DEFAULT. If config asks for USE_TMA but the strides do not allow
+    TMA, the pointer path runs instead (same result).
+    """
+    config = _check_config(DEFAULT if config is None else config)
+    _check_inputs(q, k, v, out, causal, scale)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    D_PAD = _pad_head_dim(D)
+    BLOCK_M, BLOCK_N = _tiles(config, q.dtype == torch.float32, D_PAD)
+    use_tma = config["USE_TMA"]
+    if use_tma:
+        if not _tma_supported():
+            raise ValueError("config['USE_TMA']=True needs a CUDA device with compute capability >= 9 "
+                             "(and not the Triton interpreter)")
+        use_tma = _tma_compatible(q, k, v, out)
+        if use_tma:
+            triton.set_allocator(_tma_allocator)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
+    _flash_v2_fwd[grid](
+        q, k, v, out, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Nq, Nk,
+        HEAD_DIM=D, D_PAD=D_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        CAUSAL=causal, EVEN_M=Nq % BLOCK_M == 0, EVEN_N=Nk % BLOCK_N == 0, EVEN_D=D == D_PAD,
+        USE_TMA=use_tma, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out
+
+
+SPACE = {
+    "BLOCK_M": [16, 32, 64, 128, 256],
+    "BLOCK_N": [16, 32, 64, 128],
+    "num_warps": [4, 8],
+    "num_stages": [1, 2, 3, 4],
+    "USE_TMA": [False, True],
+}
+
+
+def _tma_supported() -> bool:
+    return not _interpreting() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _tiles(config: dict, fp32: bool, d_pad: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) as run. fp32 dots run on FMA units (input_precision="ieee"), whose operands sit whole in
+    registers: fp32 tiles are capped so that the accumulator holds <= 64 values per thread and a K/V tile <= 32
+    (sm_90 measurements: past that, ptxas spills kilobytes and takes minutes). So every config, DEFAULT included,
+    runs on fp32, with the tile the registers allow."""
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    if fp32:
+        threads = 32 * config["num_warps"]
+        block_m = min(block_m, max(16, 64 * threads // d_pad))
+        block_n = min(block_n, max(16, 32 * threads // d_pad), max(16, 32 * threads // block_m))
+    return block_m, block_n
+
+
+def _smem_limit() -> int:
+    if torch.cuda.is_available() and not _interpreting():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return 227 * 1024  # the H100's opt-in limit per block
+
+
+def _smem_bytes(block_m: int, block_n: int, num_stages: int, d_pad: int, elem: int) -> int:
+    """An upper bound on shared memory: the Q tile plus one K and one V tile per pipeline stage (sm_90 compiles use
+    num_stages buffers with wgmma and num_stages - 1 below it), plus barriers and scratch."""
+    return (block_m + 2 * block_n * max(1, num_stages)) * d_pad * elem + 1024
+
+
+# Fp32 scores and output accumulator per thread (16-bit inputs) beyond which ptxas spills heavily on sm_90.
+_MAX_ACC_REGS = 160
+
+
+def keep(config, problem):
+    """Why this config would not compile, run or fit for this problem (a string), or None."""
+    fp32 = problem.dtype == "float32"
+    if config["USE_TMA"]:
+        if not _tma_supported():
+            return "USE_TMA needs a CUDA device with compute capability >= 9, not the interpreter"
+        if fp32:
+            return "USE_TMA with fp32: the dots run on FMA units, so TMA buys nothing, and its tiles spill registers"
+        if config["BLOCK_M"] < 64:
+            return "USE_TMA with BLOCK_M < 64: no wgmma at that size, and the TMA tiles spill registers"
+    d_pad = _pad_head_dim(problem.D)
+    block_m, block_n = _tiles(config, fp32, d_pad)
+    smem = _smem_bytes(block_m, block_n, config["num_stages"], d_pad, 4 if fp32 else 2)
+    if smem > _smem_limit():
+        return f"shared memory ~{smem} B > the device's {_smem_limit()} B"
+    acc_regs = block_m * (d_pad + block_n) // (32 * config["num_warps"])
+    if not fp32 and acc_regs > _MAX_ACC_REGS:
+        return f"register pressure: {acc_regs} fp32 accumulator values per thread > {_MAX_ACC_REGS}"
+    return None
+
+
+DEFAULT = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "USE_TMA": False}
