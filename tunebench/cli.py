@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "fp16", "bf16", "fp32"), default="float16")
     k.add_argument("--context", type=int, required=True, help="tokens per sequence")
     k.add_argument("--batch", type=int, default=1, help="sequences")
-    k.add_argument("--memory", type=float, default=None, help="memory budget in GB: how many blocks fit")
+    k.add_argument("--memory", type=float, default=None, help="memory budget in GiB: how many blocks fit")
     k.add_argument("--block-size", type=int, default=16, help="tokens per block for the blocks-that-fit count")
     k.set_defaults(func=_kv_size)
 
