@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels and the package, then run the named steps, logging under $OUT.
+# Usage (on the GPU machine, from the repo root):  bash bench/gpu_run.sh STEP [STEP ...]
+#   tests   the whole suite with the gpu profile (pytest -n 8: 200 examples per kernel, sharded)
+#   tune    tunebench tune on the default suite into ./results.db (timed)
+#   bench   tunebench bench on the headline suite
+#   example examples/generate.py on the GPU
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+rc=0
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  start=$(date +%s)
+  case "$step" in
+    tests)   python3 -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
+             tail -n 40 "$OUT/tests.log" ;;
+    tune)    tunebench tune --db results.db ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
+    bench)   tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
+    example) python3 examples/generate.py 2>&1 | tee "$OUT/example.log"; r=$? ;;
+    *)       echo "unknown step $step"; r=2 ;;
+  esac
+  echo "=== $step rc=$r in $(( $(date +%s) - start )) s"
+  [ "$r" = 0 ] || rc=$r
+done
+exit $rc
