@@ -9,6 +9,10 @@ many processes can write at once and none fails a read-then-write upgrade with "
 written by one atomic INSERT ... ON CONFLICT DO UPDATE ... WHERE faster, so a faster time replaces a slower one and
 never the reverse, whatever the interleaving.
 
+On PostgreSQL the tables live in their own schema (PG_SCHEMA), so that one database can hold both the results and
+Optuna's studies (both have a `trials` table): `--db` and `--storage` may be the same URL. Processes creating the tables
+at once take turns (an advisory lock) instead of failing on PostgreSQL's non-atomic CREATE TABLE.
+
 Nothing read from a database is imported, evaluated or unpickled: configs are JSON, kernel names map through
 tunebench.registry, and winners() drops (with a StoreWarning) any row that does not pass the registry and SPACE.
 Non-finite floats are kept explicitly: the float column holds NULL and a JSON ``nonfinite`` column names the value.
@@ -43,6 +47,8 @@ SCHEMA_VERSION = 1
 STATUSES = ("ok", "pruned", "out_of_resources", "compile_error", "incorrect", "timeout", "crashed")
 BUSY_TIMEOUT_MS = 30_000
 NAME_LENGTH = 256
+PG_SCHEMA = "tunebench_results"     # on PostgreSQL the tables live in this schema (see _listen_postgresql)
+PG_CREATE_LOCK = 0x7475_6E65        # advisory lock key held while creating the tables ("tune")
 # The only non-finite markers written or read; anything else in a nonfinite column is ignored.
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -353,6 +359,8 @@ def _sqlite_path(url) -> pathlib.Path | None:
 
 
 def _make_engine(url, path: pathlib.Path | None, readonly: bool, immutable: bool = False) -> Engine:
+    if url.get_backend_name() == "postgresql":
+        return _listen_postgresql(create_engine(url, pool_pre_ping=True))
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if path is None:
@@ -389,6 +397,32 @@ def _listen_sqlite(engine: Engine, readonly: bool) -> Engine:
         connection.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _listen_postgresql(engine: Engine) -> Engine:
+    """Our tables live in their own schema, so that the store and Optuna's studies can share one database (both
+    have a `trials` table): every connection of the store sees that schema only. Its name is not a likely role name:
+    PostgreSQL's default search_path puts a schema named like the user first, so a schema `tunebench` would be where
+    Optuna, connecting as user `tunebench`, created (and looked for) its own tables."""
+    @event.listens_for(engine, "connect", insert=True)
+    def on_connect(dbapi_connection, connection_record):
+        # Outside a transaction: a SET inside one is undone when the pool rolls the connection back.
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET SESSION search_path TO {PG_SCHEMA}")
+        cursor.close()
+        dbapi_connection.autocommit = autocommit
+
+    return engine
+
+
+def _lock_for_creation(connection) -> None:
+    """Makes a process creating the tables wait for another one doing it (on PostgreSQL, concurrent CREATE TABLE of
+    one name fails with a unique violation rather than waiting); on SQLite, BEGIN IMMEDIATE already serialises."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_CREATE_LOCK})")
+        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}")
 
 
 # -- the store
@@ -468,6 +502,7 @@ class Store:
         if complete or self.readonly:
             return
         with self.engine.begin() as connection:  # a write transaction: one process creates, racing ones then see it
+            _lock_for_creation(connection)
             version = self._schema_version(connection)
             Base.metadata.create_all(connection)
             if version is None:
