@@ -13,7 +13,8 @@ Schedule:
   Groups above 64 query heads are split over ceil(group / 64) programs, each reading the group's K/V.
 - Each loop step loads a [BLOCK_N, D] tile of K and V. A tile may span several pages: each token's physical block is
   gathered from the block table, so BLOCK_N is tuned independently of the page size (BLOCK_SIZE). When BLOCK_N <=
-  BLOCK_SIZE a tile lies in one page and a single table entry is read.
+  BLOCK_SIZE a tile lies in one page and a single table entry is read. The next tile's block ids are read one step
+  ahead, so num_stages - 1 tiles are in flight.
 - PARTITION > 0 splits each sequence into partitions of PARTITION tokens. The first kernel writes the unnormalised
   partial results (running max m, sum l, accumulator acc; fp32 scratch) and a reduce kernel merges them. Partitions
   past a sequence's length do nothing and the reduce reads only the partitions that hold tokens. The number of
@@ -38,6 +39,18 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+
+
+@triton.jit
+def _tile_blocks(table, n0, end, offs_n, stride_btn, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Physical block of each token of the tile that starts at n0 (0 for tokens at or past `end`). When BLOCK_N <=
+    BLOCK_SIZE the tile lies inside one page (tiles start at multiples of BLOCK_N), so one table entry is read."""
+    if BLOCK_N <= BLOCK_SIZE:
+        blk = tl.load(table + (n0 // BLOCK_SIZE) * stride_btn, mask=n0 < end, other=0)
+    else:
+        tok = n0 + offs_n
+        blk = tl.load(table + (tok // BLOCK_SIZE) * stride_btn, mask=tok < end, other=0)
+    return blk
 
 
 @triton.jit
@@ -82,16 +95,17 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_pa
     k_head = K + kv_head.to(tl.int64) * stride_kh
     v_head = V + kv_head.to(tl.int64) * stride_vh
 
+    # The block ids of the next tile are loaded one iteration ahead: the K/V loads then depend on no load of their
+    # own iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the table load in the same
+    # iteration it keeps one, triton 3.6).
+    blk_next = _tile_blocks(table, start, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
     # Every tile starts before `end`, so it holds at least one visible token and m_i is finite after the first.
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n
         visible = tok < end
-        # -- gather each token's physical block (int64: block id * block stride overflows int32 on large caches)
-        if BLOCK_N <= BLOCK_SIZE:
-            # The tile starts at a multiple of BLOCK_N, so it lies inside one page: one table entry.
-            blk = tl.load(table + (n0 // BLOCK_SIZE) * stride_btn).to(tl.int64)
-        else:
-            blk = tl.load(table + (tok // BLOCK_SIZE) * stride_btn, mask=visible, other=0).to(tl.int64)
+        # int64: block id * block stride overflows int32 on large caches.
+        blk = blk_next.to(tl.int64)
+        blk_next = _tile_blocks(table, n0 + BLOCK_N, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
         row = tok % BLOCK_SIZE
         k_rows = k_head + blk * stride_kb + row * stride_ks
         v_rows = v_head + blk * stride_vb + row * stride_vs
@@ -336,12 +350,13 @@ def _smem_limit() -> int:
 
 
 def _smem_estimate(config, problem) -> int:
-    """Bytes of shared memory, on the high side: num_stages buffers of the K and V tiles (Triton's pipeliner keeps
-    at most that many), the q tile and the probabilities as dot operands, plus slack."""
+    """Bytes of shared memory, on the high side: num_stages - 1 buffers (at least one) of the K and V tiles, the q
+    tile and the probabilities as dot operands, plus slack. Checked against triton 3.6's sm_90 compiles of every
+    kernel variant for several shapes (metadata.shared), which it bounds from above."""
     elt = _ELEMENT_BYTES[problem.dtype]
     d_pad, block_n = _pad_head_dim(problem.D), config["BLOCK_N"]
     group_pad = _group_split(problem.group)[2]
-    kv = 2 * block_n * d_pad * elt * max(config["num_stages"], 1)
+    kv = 2 * block_n * d_pad * elt * max(config["num_stages"] - 1, 1)
     return kv + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
 
 
@@ -362,4 +377,4 @@ def keep(config, problem):
     return None
 
 
-DEFAULT = {"BLOCK_SIZE": 16, "BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 2}
+DEFAULT = {"BLOCK_SIZE": 16, "BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3}
