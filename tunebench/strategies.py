@@ -164,13 +164,13 @@ def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, contex
     dt, Hkv, D = p.torch_dtype, p.Hkv, p.D
     qkv = torch.randn(p.B, p.Hq + 2 * Hkv if strided else p.Hq, D, generator=g).to(dt)
     q = qkv[:, :p.Hq]
-    kv = torch.randn(num_blocks, 2, bs, Hkv, D, generator=g).to(dt)
+    # The cache is drawn where it lives: long GPU contexts hold hundreds of MB.
+    g_dev = torch.Generator(device=device).manual_seed(seed)
+    kv = torch.randn(num_blocks, 2, bs, Hkv, D, generator=g_dev, device=device).to(dt)
     unread = torch.arange(bs)[None, :] >= reach[:, None]           # [num_blocks, bs]
-    kv[unread[:, None, :, None, None].expand_as(kv)] = float("nan")
-    if strided:
-        kv = kv.to(device)
-        k_cache, v_cache = kv[:, 0], kv[:, 1]
-    else:
-        k_cache, v_cache = kv[:, 0].contiguous().to(device), kv[:, 1].contiguous().to(device)
+    kv.masked_fill_(unread.to(device)[:, None, :, None, None], float("nan"))
+    k_cache, v_cache = kv[:, 0], kv[:, 1]
+    if not strided:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
     return q.to(device), k_cache, v_cache, tables.to(device), lens
