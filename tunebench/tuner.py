@@ -51,8 +51,9 @@ RETIME_ROUNDS_INTERPRET = 2
 ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
 MAX_COMPILE_WORKERS = 8
 HEARTBEAT_S = 30                # Optuna trial heartbeat; a trial silent for GRACE_S is stale (its run died)
-GRACE_S = 120
+GRACE_S = 120                   # both can be set (whole seconds) by $TUNEBENCH_HEARTBEAT_S and $TUNEBENCH_GRACE_S
 SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
+STORAGE_OPEN_TRIES = 3
 NO_GPU = ("no GPU: CUDA is not available here. Use `tunebench tune --interpret` to run the whole pipeline on the CPU "
           "under the Triton interpreter (a test of the pipeline, not a speed measurement), or run on a GPU machine")
 
@@ -70,12 +71,16 @@ class TuneOptions:
     compile_workers: int | None = None  # None: one per spare core, up to MAX_COMPILE_WORKERS (0 under --interpret)
     top_k: int = TOP_K
     setup_timeout: float = SETUP_TIMEOUT_S
+    heartbeat_s: int = HEARTBEAT_S      # how often a run marks its open trials alive
+    grace_s: int = GRACE_S              # a trial not marked alive for this long is failed by whoever sees it
 
     @classmethod
     def from_args(cls, args) -> "TuneOptions":
         return cls(trials=args.trials, timeout=args.timeout, sampler=args.sampler, seed=args.seed, db=args.db,
                    storage=args.storage, workers=args.workers, interpret=args.interpret,
-                   compile_workers=getattr(args, "compile_workers", None))
+                   compile_workers=getattr(args, "compile_workers", None),
+                   heartbeat_s=_env_seconds("TUNEBENCH_HEARTBEAT_S", HEARTBEAT_S),
+                   grace_s=_env_seconds("TUNEBENCH_GRACE_S", GRACE_S))
 
     def validate(self) -> None:
         if self.trials is not None and self.trials < 1:
@@ -88,6 +93,19 @@ class TuneOptions:
             raise ValueError(f"--sampler must be tpe or grid, got {self.sampler!r}")
         if self.compile_workers is not None and self.compile_workers < 0:
             raise ValueError(f"--compile-workers must be >= 0, got {self.compile_workers}")
+        if not 1 <= self.heartbeat_s < self.grace_s:
+            raise ValueError(f"the heartbeat ({self.heartbeat_s} s) must be >= 1 s and shorter than the grace period "
+                             f"({self.grace_s} s), or live trials would be failed as stale")
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name} must be a whole number of seconds, got {value!r}") from None
 
 
 @dataclass
@@ -164,7 +182,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
     from .store import Store
     with interpreting(options.interpret), Store(options.db) as store, warnings.catch_warnings():
         _quiet_optuna()
-        storage = open_storage(options.storage, store.url)
+        storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
         print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
         with Fleet(options) as fleet:
             device = fleet.identify()
@@ -223,9 +241,11 @@ def all_configs(space: dict) -> list[dict]:
     return [dict(zip(space, values)) for values in itertools.product(*space.values())]
 
 
-def open_storage(storage_url: str | None, results_url: str):
+def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = HEARTBEAT_S,
+                 grace_s: int = GRACE_S):
     """Optuna's RDB storage: --storage, else an SQLite file next to an SQLite results database (results.db ->
-    results.optuna.db; the two cannot share a file, both have a `trials` table); memory for a memory database."""
+    results.optuna.db; the two cannot share a file, both have a `trials` table); memory for a memory database.
+    On PostgreSQL they can share a database: the store keeps its tables in a schema of their own."""
     import optuna
     from sqlalchemy.engine import make_url
     if storage_url is None:
@@ -237,13 +257,44 @@ def open_storage(storage_url: str | None, results_url: str):
             return optuna.storages.InMemoryStorage()
         path = os.path.abspath(url.database)
         storage_url = "sqlite:///" + os.path.splitext(path)[0] + ".optuna.db"
+    elif _same_sqlite_file(storage_url, results_url):
+        raise ValueError("--storage and --db name the same SQLite file: both have a `trials` table, so give Optuna "
+                         "its own file (or leave --storage out: it then goes beside --db)")
     sqlite = storage_url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    for attempt in range(STORAGE_OPEN_TRIES):
+        try:
+            return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=heartbeat_s, grace_period=grace_s)
+        except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or an unreachable server
+            if attempt + 1 < STORAGE_OPEN_TRIES and _lost_creation_race(e):
+                time.sleep(0.5 + random.random())
+                continue
+            raise RuntimeError(f"cannot open the Optuna storage {_hide_password(storage_url)}: "
+                               f"{type(e).__name__}: {e}") from e
+
+
+def _lost_creation_race(error: Exception) -> bool:
+    """Optuna creates its tables check-then-create: processes starting at once on a new PostgreSQL database race,
+    and the losers fail with a unique violation (or 'already exists'). Opening again then finds the tables."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    return isinstance(error, (IntegrityError, ProgrammingError)) or "already exists" in str(error)
+
+
+def _same_sqlite_file(url_a: str, url_b: str) -> bool:
+    from sqlalchemy.engine import make_url
+    a, b = make_url(url_a), make_url(url_b)
+    if a.get_backend_name() != "sqlite" or b.get_backend_name() != "sqlite" or not a.database or not b.database:
+        return False
+    return os.path.abspath(a.database) == os.path.abspath(b.database)
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
     try:
-        return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=GRACE_S)
-    except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or an unreachable server
-        raise RuntimeError(f"cannot open the Optuna storage {storage_url}: {type(e).__name__}: {e}") from e
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide, and the error says what is wrong with it
+        return url
 
 
 def _describe_storage(storage) -> str:
@@ -506,7 +557,7 @@ class Search:
         self.dispatch()
         if not any(w.busy for w in self.fleet.workers):
             return bool(self.pending) or self.wants_more()
-        for worker, event in self.fleet.wait(timeout=HEARTBEAT_S):
+        for worker, event in self.fleet.wait(timeout=self.options.heartbeat_s):
             self.on_event(worker, event)
         self.heartbeat()
         return True
@@ -599,7 +650,7 @@ class Search:
         del self.running[worker]
 
     def heartbeat(self) -> None:
-        if not self.heartbeats or time.monotonic() - self.last_beat < HEARTBEAT_S:
+        if not self.heartbeats or time.monotonic() - self.last_beat < self.options.heartbeat_s:
             return
         self.last_beat = time.monotonic()
         for trial in self.open.values():
