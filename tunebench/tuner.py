@@ -311,9 +311,43 @@ def make_sampler(options: TuneOptions, budget: int):
     if options.sampler == "grid":
         # Grid configs are enqueued explicitly (Search.enqueue), so this sampler only runs should the queue be
         # emptied by another process sharing the study.
-        return optuna.samplers.RandomSampler(seed=options.seed)
-    return optuna.samplers.TPESampler(seed=options.seed, multivariate=True, constant_liar=True,
-                                      n_startup_trials=min(10, max(2, budget // 3)))
+        return seeded_per_trial(lambda seed: optuna.samplers.RandomSampler(seed=seed), options.seed)
+    return seeded_per_trial(lambda seed: optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, constant_liar=True, n_startup_trials=min(10, max(2, budget // 3))),
+        options.seed)
+
+
+def seeded_per_trial(make, seed: int):
+    """A sampler whose random draws for trial n come from ``make(seed + n)``. Processes sharing a study (hosts, or
+    runs resumed) hold copies of one seeded sampler: with one random state they would all propose the same configs
+    in lock step, and all but one of each would be a duplicate. Trial numbers are handed out by the storage, one per
+    trial, so the draws differ between processes, and a single run is still reproducible from --seed."""
+    from optuna.samplers import BaseSampler
+
+    class SeededPerTrial(BaseSampler):
+        def __init__(self):
+            self.sampler = make(seed)
+
+        def before_trial(self, study, trial):
+            self.sampler = make(seed + trial.number)
+            self.sampler.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.sampler.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.sampler.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self.sampler.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self.sampler.reseed_rng()
+
+    return SeededPerTrial()
 
 
 # -- worker processes
