@@ -8,7 +8,7 @@ Layout:
 - Any strides (e.g. q sliced out of a fused QKV projection, K and V as halves of one [num_blocks, 2, ...] tensor).
 
 Schedule:
-- One program per (partition, KV head, sequence) handles all query heads of that KV group, so each KV byte is read
+- One program per (KV head, partition, sequence) handles all query heads of that KV group, so each KV byte is read
   once per group: a q tile [GROUP_PAD, D] whose unused rows are masked (GROUP_PAD >= 16 so that tl.dot applies).
   Groups above 64 query heads are split over ceil(group / 64) programs, each reading the group's K/V.
 - Each loop step loads a [BLOCK_N, D] tile of K and V. A tile may span several pages: each token's physical block is
@@ -64,9 +64,11 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_pa
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    part = tl.program_id(0)
-    kv_head = tl.program_id(1) // N_SUB
-    sub = tl.program_id(1) % N_SUB
+    # KV heads vary fastest over the grid: programs running side by side read neighbouring 256-byte rows of the same
+    # tokens ([block, row, head, D] layout), which keeps DRAM accesses close together.
+    kv_head = tl.program_id(0) // N_SUB
+    sub = tl.program_id(0) % N_SUB
+    part = tl.program_id(1)
     b = tl.program_id(2)
     ctx = tl.load(CL + b)
     if SPLIT:
@@ -260,8 +262,8 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
                          f"must have q's batch {B} rows")
     if block_tables.shape[1] < 1:
         raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
-    if B > _MAX_GRID_YZ or Hkv * _group_split(Hq // Hkv)[0] > _MAX_GRID_YZ:
-        raise ValueError(f"B={B} and Hkv={Hkv} must each be at most {_MAX_GRID_YZ} (grid limit)")
+    if B > _MAX_GRID_YZ:
+        raise ValueError(f"B={B} exceeds the grid limit {_MAX_GRID_YZ}")
     if q.device.type == "cpu" and not _interpreting():
         raise ValueError("inputs are CPU tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before importing")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -301,6 +303,9 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
     partition = config["PARTITION"]
     max_tokens = block_tables.shape[1] * block_size          # the longest context the table can address
     num_parts = triton.cdiv(max_tokens, partition) if partition else 1
+    if num_parts > _MAX_GRID_YZ:
+        raise ValueError(f"block_tables addresses {max_tokens} tokens: {num_parts} partitions of {partition} exceed "
+                         f"the grid limit {_MAX_GRID_YZ}; use a larger PARTITION")
     split = num_parts > 1
     if split:
         m_part = torch.empty(B, Hq, num_parts, dtype=torch.float32, device=q.device)
@@ -309,7 +314,7 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
     else:
         m_part = l_part = acc_part = out                       # unused: the kernel writes out directly
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    _paged_decode[(num_parts, Hkv * n_sub, B)](
+    _paged_decode[(Hkv * n_sub, num_parts, B)](
         q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, scale * LOG2E, num_parts,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         Hq, N_SUB=n_sub, GROUP=group, ROWS=rows, GROUP_PAD=group_pad,
