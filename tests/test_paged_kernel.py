@@ -84,6 +84,18 @@ def test_scale_and_out_none(device):
     assert pa.launch(*args8).shape == args[0].shape        # config None adapts to block size 8
 
 
+@pytest.mark.parametrize("partition", (0, 128))
+def test_zero_length_gives_zeros(device, partition):
+    problem = Problem("paged_attention", 2, 4, 2, 1, 130, 16)
+    q, kc, vc, bt, cl = paged_inputs(problem, 16, device, seed=2, context_lens=[130, 5])
+    cl[1] = 0
+    out = pa.launch(q, kc, vc, bt, cl, _cfg(PARTITION=partition), out=poison(torch.empty_like(q)))
+    assert (out[1] == 0).all()
+    verdict = close_enough(out[:1], ref.paged_attention(q[:1], kc, vc, bt[:1], cl[:1]),
+                           ref.paged_attention(q[:1], kc, vc, bt[:1], cl[:1], dtype=q.dtype))
+    assert verdict.ok, verdict.reason
+
+
 def test_default_admitted_and_keep_rejects_what_cannot_fit():
     drawn = [Problem("paged_attention", 1, g * h, h, 1, n, d, dt) for g in (1, 8, 72, 128) for h in (1, 8)
              for n in (1, 32768) for d in (16, 80, 256) for dt in ("float16", "bfloat16", "float32")]
