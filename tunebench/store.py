@@ -279,7 +279,8 @@ class WinnerModel(Base):
             insert = insert.on_conflict_do_update(
                 index_elements=list(key), set_={name: insert.excluded[name] for name in values},
                 where=insert.excluded.median_ms < cls.__table__.c.median_ms)
-            return session.execute(insert).rowcount == 1
+            # preserve_rowcount: SQLAlchemy 2.1 with psycopg reports -1 for an INSERT otherwise (SQLite counts anyway).
+            return session.execute(insert, execution_options={"preserve_rowcount": True}).rowcount == 1
         row = session.scalars(select(cls).filter_by(**key).with_for_update()).one_or_none()
         if row is None:
             session.add(cls(**key, **values))
