@@ -30,6 +30,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -54,6 +55,8 @@ HEARTBEAT_S = 30                # Optuna trial heartbeat; a trial silent for GRA
 GRACE_S = 120                   # both can be set (whole seconds) by $TUNEBENCH_HEARTBEAT_S and $TUNEBENCH_GRACE_S
 SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
 STORAGE_OPEN_TRIES = 3
+HOST = f"{socket.gethostname()}:{os.getpid()}"
+POLL_S = 2.0                    # how often a run with nothing left to do looks at other processes' open trials
 NO_GPU = ("no GPU: CUDA is not available here. Use `tunebench tune --interpret` to run the whole pipeline on the CPU "
           "under the Triton interpreter (a test of the pipeline, not a speed measurement), or run on a GPU machine")
 
@@ -299,7 +302,7 @@ def _hide_password(url: str) -> str:
 
 def _describe_storage(storage) -> str:
     url = getattr(storage, "url", None)
-    return "memory" if url is None else url
+    return "memory" if url is None else _hide_password(url)
 
 
 def study_name(device, kernel: str, shash: str, problem: Problem) -> str:
@@ -460,6 +463,8 @@ class Candidate:
     key: tuple
     compiled: bool              # in Triton's cache already (or there is no compile worker)
     started_at: datetime | None = None
+    runner: str = ""            # the worker that ran it, and its CUDA_VISIBLE_DEVICES (None: the interpreter)
+    gpu: str | None = None
 
 
 class ProblemFailed(RuntimeError):
@@ -490,12 +495,16 @@ class Search:
         self.heartbeats = hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None
         self.storage = storage
         optuna.storages.fail_stale_trials(self.study)
-        self.seen = self.load_seen()
+        self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told
+        self.seen: dict[tuple, Seen] = {}
+        self.elsewhere: dict[tuple, int] = {}   # config -> a trial running it in another process
+        self.live_elsewhere = 0                 # trials asked and not yet told by other processes
+        self.adopted: set[int] = set()          # their trial ids given one heartbeat from here (adopt_orphans)
+        self.sync()
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
         self.compiling: dict[Worker, Candidate] = {}
         self.preparing: set[Worker] = set()
-        self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told
         self.asks = 0
         self.last_beat = time.monotonic()
         self.lookahead = len(fleet.runners) + len(fleet.compilers)
@@ -518,6 +527,34 @@ class Search:
             seen.setdefault(config_key(t.params), Seen(dict(t.params), status, t.number, t.value))
         return seen
 
+    def sync(self) -> None:
+        """What every process sharing the study has done: trials finished elsewhere join ``seen`` (they count toward
+        the budget and are never run again here); trials open elsewhere count as live, and by config once all their
+        parameters are in."""
+        from optuna.trial import TrialState
+        for key, seen in self.load_seen().items():
+            self.seen.setdefault(key, seen)
+        running = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number not in self.open]
+        self.live_elsewhere = len(running)
+        self.elsewhere = {}
+        for t in running:
+            if set(t.params) == set(self.space):
+                self.elsewhere.setdefault(config_key(t.params), t.number)
+        self.adopt_orphans(running)
+
+    def adopt_orphans(self, running: list) -> None:
+        """One heartbeat from here for each trial of another process, the first time it is seen. A process killed
+        between creating a trial and its first heartbeat leaves a RUNNING trial that Optuna never finds stale (it
+        has none), and the other processes would wait for it forever; with one, it goes stale a grace period later
+        unless its owner, alive, keeps it fresh."""
+        if not self.heartbeats:
+            return
+        for t in running:
+            if t._trial_id not in self.adopted:
+                self.storage.record_heartbeat(t._trial_id)
+                self.adopted.add(t._trial_id)
+
     def evaluated(self) -> int:
         return sum(1 for s in self.seen.values() if s.status != "pruned")
 
@@ -536,13 +573,13 @@ class Search:
         from optuna.trial import TrialState
         waiting = {config_key(t.system_attrs.get("fixed_params", {}))
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-        remaining = max(0, self.budget - self.evaluated())
+        remaining = max(0, self.budget - self.evaluated() - self.live_elsewhere)
         order = [self.module.DEFAULT]
         if self.options.sampler == "grid":
             rest = all_configs(self.space)
             random.Random(self.options.seed).shuffle(rest)
             order += rest
-        fresh, seen_keys = [], set(self.seen) | waiting
+        fresh, seen_keys = [], set(self.seen) | waiting | set(self.elsewhere)
         admitted_slots = remaining - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
             key = config_key(config)
@@ -590,7 +627,7 @@ class Search:
         self.refill()
         self.dispatch()
         if not any(w.busy for w in self.fleet.workers):
-            return bool(self.pending) or self.wants_more()
+            return bool(self.pending) or self.wants_more() or self.await_others()
         for worker, event in self.fleet.wait(timeout=self.options.heartbeat_s):
             self.on_event(worker, event)
         self.heartbeat()
@@ -600,8 +637,19 @@ class Search:
         return len(self.pending) + len(self.running)
 
     def wants_more(self) -> bool:
-        return (self.asks < self.max_asks and self.evaluated() + self.live() < self.budget
+        return (self.asks < self.max_asks and self.evaluated() + self.live() + self.live_elsewhere < self.budget
                 and self.live() < self.lookahead)
+
+    def await_others(self) -> bool:
+        """Nothing is left to do here, but other processes sharing the study may still have trials open: waits for
+        them. Their results may change the winner; and the trials of a process that died go stale, are failed, and
+        their share of the budget is run again (here, if no one else does). False once none is open elsewhere."""
+        self.sync()
+        if not self.live_elsewhere:
+            return self.wants_more()
+        time.sleep(min(POLL_S, self.options.heartbeat_s))
+        self.heartbeat()
+        return True
 
     def refill(self) -> None:
         while self.wants_more():
@@ -613,6 +661,7 @@ class Search:
             self.open[trial.number] = trial
             if self.heartbeats:
                 self.storage.record_heartbeat(trial._trial_id)  # from now on, a killed run leaves a stale trial
+        trial.set_user_attr("host", HOST)  # which process holds a RUNNING trial, for whoever looks at the study
         self.asks += 1
         config = suggest_config(trial, self.space)
         key = config_key(config)
@@ -626,6 +675,10 @@ class Search:
         self.pending.append(Candidate(trial, config, key, compiled=not self.fleet.compilers))
 
     def dispatch(self) -> None:
+        if self.pending and not all(w.busy for w in self.fleet.runners):
+            # Read after the pending trials' parameters were written: of two processes that asked for one config,
+            # at least one sees the other's trial, so the config is never run twice (see next_ready).
+            self.sync()
         for worker in [w for w in self.fleet.compilers if not w.busy]:
             todo = [c for c in self.pending if not c.compiled and c not in self.compiling.values()]
             if not todo:
@@ -639,7 +692,7 @@ class Search:
                 self.prepare(worker)
                 continue
             self.pending.remove(candidate)
-            candidate.started_at = _now()
+            candidate.started_at, candidate.runner, candidate.gpu = _now(), worker.name, worker.visible_device
             worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
                           self.options.timeout)
             self.running[worker] = candidate
@@ -657,6 +710,9 @@ class Search:
             if candidate.key in self.seen:
                 self.pending.remove(candidate)
                 self.tell_repeat(candidate.trial, self.seen[candidate.key])
+            elif candidate.key in self.elsewhere:
+                self.pending.remove(candidate)
+                self.tell_running_elsewhere(candidate.trial, self.elsewhere[candidate.key])
             elif candidate.compiled and candidate.key not in running:
                 return candidate
         return None
@@ -684,11 +740,13 @@ class Search:
         del self.running[worker]
 
     def heartbeat(self) -> None:
+        import optuna
         if not self.heartbeats or time.monotonic() - self.last_beat < self.options.heartbeat_s:
             return
         self.last_beat = time.monotonic()
         for trial in self.open.values():
             self.storage.record_heartbeat(trial._trial_id)
+        optuna.storages.fail_stale_trials(self.study)  # the trials of another process that died
 
     # -- telling Optuna and the store
 
@@ -696,7 +754,8 @@ class Search:
         from optuna.trial import TrialState
         from .store import TrialResult
         trial, ok = candidate.trial, outcome.status == "ok"
-        attrs = {"status": outcome.status, **({"message": outcome.message[:500]} if outcome.message else {})}
+        attrs = {"status": outcome.status, "runner": candidate.runner, "gpu": candidate.gpu or "cpu",
+                 **({"message": outcome.message[:500]} if outcome.message else {})}
         if ok:
             attrs.update(p20_ms=outcome.p20_ms, p80_ms=outcome.p80_ms, throughput=outcome.throughput)
         # The store first: a run stopped between the two writes re-runs the trial rather than lose its record.
@@ -725,6 +784,13 @@ class Search:
             self.tell(trial, attrs, seen.median_ms)
         else:
             self.tell(trial, attrs, state=TrialState.PRUNED if seen.status == "pruned" else TrialState.FAIL)
+
+    def tell_running_elsewhere(self, trial, number: int) -> None:
+        """Another process is running this config: this trial is failed as its duplicate (no status, so it counts
+        for nothing), and the other's result arrives with a later sync."""
+        from optuna.trial import TrialState
+        self.tell(trial, {"duplicate_of": number, "message": f"the config is running elsewhere (trial {number})"},
+                  state=TrialState.FAIL)
 
     def abandon(self, replace_busy: bool) -> None:
         """Trials this run asked but did not finish go to FAIL without a status, so that a later run may run them."""
