@@ -30,6 +30,37 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 
 
 @triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, D_PAD] tile, zero-filled in rows >= n_rows (if MASK_ROWS) and columns >= HEAD_DIM (unless EVEN_D)."""
+    if MASK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(ptrs, tile, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    if MASK_ROWS:
+        if EVEN_D:
+            tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+    else:
+        if EVEN_D:
+            tl.store(ptrs, tile)
+        else:
+            tl.store(ptrs, tile, mask=offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
 def _attend(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd,
             offs_m, lo, hi, Nk, shift, qk_scale,
             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -47,16 +78,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, str
             k = k_src.load([start_n, 0])
         else:
             k_ptrs = k_src + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            if MASK_N:
-                if EVEN_D:
-                    k = tl.load(k_ptrs, mask=cols[:, None] < Nk, other=0.0)
-                else:
-                    k = tl.load(k_ptrs, mask=(cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            else:
-                if EVEN_D:
-                    k = tl.load(k_ptrs)
-                else:
-                    k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            k = _load_rows(k_ptrs, cols, Nk, offs_d, HEAD_DIM, MASK_N, EVEN_D)
         qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
         # -- new running max; the scale is folded into the exp2 argument (one FMA per score)
         if MASK_N or MASK_CAUSAL:
@@ -84,16 +106,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, str
             v = v_src.load([start_n, 0])
         else:
             v_ptrs = v_src + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            if MASK_N:
-                if EVEN_D:
-                    v = tl.load(v_ptrs, mask=cols[:, None] < Nk, other=0.0)
-                else:
-                    v = tl.load(v_ptrs, mask=(cols[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            else:
-                if EVEN_D:
-                    v = tl.load(v_ptrs)
-                else:
-                    v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = _load_rows(v_ptrs, cols, Nk, offs_d, HEAD_DIM, MASK_N, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -141,16 +154,7 @@ def _flash_v2_fwd(Q, K, V, O, qk_scale,
         k_src = k_head
         v_src = v_head
         q_ptrs = q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        if EVEN_M:
-            if EVEN_D:
-                q = tl.load(q_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            if EVEN_D:
-                q = tl.load(q_ptrs, mask=offs_m[:, None] < Nq, other=0.0)
-            else:
-                q = tl.load(q_ptrs, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q = _load_rows(q_ptrs, offs_m, Nq, offs_d, HEAD_DIM, not EVEN_M, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -186,16 +190,7 @@ def _flash_v2_fwd(Q, K, V, O, qk_scale,
         desc_o.store([m0, 0], out)
     else:
         o_ptrs = o_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-        if EVEN_M:
-            if EVEN_D:
-                tl.store(o_ptrs, out)
-            else:
-                tl.store(o_ptrs, out, mask=offs_d[None, :] < HEAD_DIM)
-        else:
-            if EVEN_D:
-                tl.store(o_ptrs, out, mask=offs_m[:, None] < Nq)
-            else:
-                tl.store(o_ptrs, out, mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+        _store_rows(o_ptrs, out, offs_m, Nq, offs_d, HEAD_DIM, not EVEN_M, EVEN_D)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -223,7 +218,7 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
         es = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16:
             return False
-        if any(size > 1 and (stride * es) % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
+        if any(size > 1 and (stride <= 0 or (stride * es) % 16) for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
             return False
     return True
 
@@ -307,6 +302,10 @@ def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
         out = torch.empty_like(q)
     if out.numel() == 0:
         return out
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        # Batch and head offsets are int64 in the kernel; offsets inside one head are int32.
+        if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
+            raise ValueError(f"{name}: offsets inside one head exceed int32 (N={t.shape[2]}, stride {t.stride(2)})")
     D_PAD = _pad_head_dim(D)
     BLOCK_M, BLOCK_N = _tiles(config, q.dtype == torch.float32, D_PAD)
     use_tma = config["USE_TMA"]
@@ -346,14 +345,13 @@ def _tma_supported() -> bool:
 
 def _tiles(config: dict, fp32: bool, d_pad: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) as run. fp32 dots run on FMA units (input_precision="ieee"), whose operands sit whole in
-    registers: fp32 tiles are capped so that the accumulator holds <= 64 values per thread and a K/V tile <= 32
-    (sm_90 measurements: past that, ptxas spills kilobytes and takes minutes). So every config, DEFAULT included,
-    runs on fp32, with the tile the registers allow."""
+    registers, so fp32 tiles are capped: BLOCK_N at 16 and BLOCK_M at 16 accumulator values per thread (sm_90
+    compiles, causal with tails: past that, ptxas spills up to tens of KB and takes minutes). So every config,
+    DEFAULT included, runs on fp32, with the tile the registers allow."""
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     if fp32:
-        threads = 32 * config["num_warps"]
-        block_m = min(block_m, max(16, 64 * threads // d_pad))
-        block_n = min(block_n, max(16, 32 * threads // d_pad), max(16, 32 * threads // block_m))
+        block_m = min(block_m, max(16, 16 * 32 * config["num_warps"] // d_pad))
+        block_n = 16
     return block_m, block_n
 
 
@@ -394,4 +392,4 @@ def keep(config, problem):
     return None
 
 
-DEFAULT = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "USE_TMA": False}
+DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "USE_TMA": False}

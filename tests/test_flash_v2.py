@@ -99,12 +99,16 @@ def test_keep_rejects_tma_off_hopper():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_keep_bounds_shared_memory(dtype):
-    """Every admitted config fits the H100's 227 KiB by keep's own estimate, and the biggest tiles are rejected."""
+def test_keep_bounds_shared_memory_and_admits_default(dtype):
+    """The biggest 16-bit tiles do not fit the H100's 227 KiB and are rejected; fp32 runs every config on a tile
+    small enough for registers (FMA dots), and DEFAULT is admitted for every head dim."""
     problem = Problem("flash_v2", 1, 1, 1, 4096, 4096, 256, dtype, causal=True)
     huge = {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4, "USE_TMA": False}
-    assert flash_v2.keep(huge, problem) is not None
-    assert flash_v2.keep(flash_v2.DEFAULT, problem) is None
+    if dtype == "float32":
+        assert flash_v2.keep(huge, problem) is None
+        assert flash_v2._tiles(huge, True, 256) == (16, 16)
+    else:
+        assert "shared memory" in flash_v2.keep(huge, problem)
     for D in (16, 40, 64, 111, 128, 160, 256):
         p = Problem("flash_v2", 1, 1, 1, 64, 64, D, dtype)
         assert flash_v2.keep(flash_v2.DEFAULT, p) is None, p
