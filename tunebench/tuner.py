@@ -26,6 +26,7 @@ The search:
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import random
@@ -56,6 +57,7 @@ GRACE_S = 120                   # both can be set (whole seconds) by $TUNEBENCH_
 SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
 STORAGE_OPEN_TRIES = 3
 HOST = f"{socket.gethostname()}:{os.getpid()}"
+CHOOSING_POLL_S = 0.05
 POLL_S = 2.0                    # how often a run with nothing left to do looks at other processes' open trials
 NO_GPU = ("no GPU: CUDA is not available here. Use `tunebench tune --interpret` to run the whole pipeline on the CPU "
           "under the Triton interpreter (a test of the pipeline, not a speed measurement), or run on a GPU machine")
@@ -463,8 +465,7 @@ class Candidate:
     key: tuple
     compiled: bool              # in Triton's cache already (or there is no compile worker)
     started_at: datetime | None = None
-    runner: str = ""            # the worker that ran it, and its CUDA_VISIBLE_DEVICES (None: the interpreter)
-    gpu: str | None = None
+    runner: str = ""            # the worker that ran it, and its GPU (CUDA_VISIBLE_DEVICES): "run1:gpu1"
 
 
 class ProblemFailed(RuntimeError):
@@ -497,7 +498,9 @@ class Search:
         optuna.storages.fail_stale_trials(self.study)
         self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told
         self.seen: dict[tuple, Seen] = {}
-        self.elsewhere: dict[tuple, int] = {}   # config -> a trial running it in another process
+        self.elsewhere: dict[tuple, int] = {}   # config -> the lowest trial running or queued for it elsewhere
+        self.choosing: list[int] = []           # trials elsewhere still writing their config
+        self.claims: list[int] = []             # see sync
         self.live_elsewhere = 0                 # trials asked and not yet told by other processes
         self.adopted: set[int] = set()          # their trial ids given one heartbeat from here (adopt_orphans)
         self.sync()
@@ -512,11 +515,12 @@ class Search:
 
     # -- the study as it stands
 
-    def load_seen(self) -> dict[tuple, Seen]:
+    def load_seen(self, trials: list) -> dict[tuple, Seen]:
         from optuna.trial import TrialState
         seen: dict[tuple, Seen] = {}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                TrialState.FAIL)):
+        for t in trials:
+            if not t.state.is_finished():
+                continue
             status = t.user_attrs.get("status")
             state = {"ok": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(status, TrialState.FAIL)
             if (status is None or t.state != state or "duplicate_of" in t.user_attrs
@@ -529,18 +533,29 @@ class Search:
 
     def sync(self) -> None:
         """What every process sharing the study has done: trials finished elsewhere join ``seen`` (they count toward
-        the budget and are never run again here); trials open elsewhere count as live, and by config once all their
-        parameters are in."""
+        the budget and are never run again here); trials open elsewhere count as live. Their configs (parameters,
+        or the fixed ones of a queued trial) go to ``elsewhere``, the lowest trial number for each; a RUNNING trial
+        whose config is not all written yet is ``choosing``. ``claims``: the numbers of the trials that have, or may
+        yet have, a verdict (evaluated ones, and all open or queued ones, ours too)."""
         from optuna.trial import TrialState
-        for key, seen in self.load_seen().items():
+        trials = self.study.get_trials(deepcopy=False)
+        for key, seen in self.load_seen(trials).items():
             self.seen.setdefault(key, seen)
-        running = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number not in self.open]
+        unfinished = [t for t in trials if not t.state.is_finished()]
+        self.claims = sorted({s.number for s in self.seen.values() if s.status != "pruned"}
+                             | {t.number for t in unfinished})
+        others = [t for t in unfinished if t.number not in self.open]
+        running = [t for t in others if t.state == TrialState.RUNNING]
         self.live_elsewhere = len(running)
-        self.elsewhere = {}
-        for t in running:
-            if set(t.params) == set(self.space):
-                self.elsewhere.setdefault(config_key(t.params), t.number)
+        self.elsewhere, self.choosing = {}, []
+        for t in others:
+            fixed = t.system_attrs.get("fixed_params") or {}
+            config = t.params if set(t.params) == set(self.space) else fixed if set(fixed) == set(self.space) else None
+            if config is not None:
+                key = config_key(config)
+                self.elsewhere[key] = min(self.elsewhere.get(key, t.number), t.number)
+            elif t.state == TrialState.RUNNING:
+                self.choosing.append(t.number)
         self.adopt_orphans(running)
 
     def adopt_orphans(self, running: list) -> None:
@@ -627,7 +642,11 @@ class Search:
         self.refill()
         self.dispatch()
         if not any(w.busy for w in self.fleet.workers):
-            return bool(self.pending) or self.wants_more() or self.await_others()
+            if self.pending:  # held back by a trial elsewhere that is still writing its config (next_ready)
+                time.sleep(CHOOSING_POLL_S)
+                self.heartbeat()
+                return True
+            return self.wants_more() or self.await_others()
         for worker, event in self.fleet.wait(timeout=self.options.heartbeat_s):
             self.on_event(worker, event)
         self.heartbeat()
@@ -652,6 +671,8 @@ class Search:
         return True
 
     def refill(self) -> None:
+        if self.wants_more():
+            self.sync()  # other processes may have taken the rest of the budget since the last look
         while self.wants_more():
             self.ask()
 
@@ -676,8 +697,7 @@ class Search:
 
     def dispatch(self) -> None:
         if self.pending and not all(w.busy for w in self.fleet.runners):
-            # Read after the pending trials' parameters were written: of two processes that asked for one config,
-            # at least one sees the other's trial, so the config is never run twice (see next_ready).
+            # Other processes' trials, read after the pending ones' parameters were written (see next_ready).
             self.sync()
         for worker in [w for w in self.fleet.compilers if not w.busy]:
             todo = [c for c in self.pending if not c.compiled and c not in self.compiling.values()]
@@ -692,7 +712,9 @@ class Search:
                 self.prepare(worker)
                 continue
             self.pending.remove(candidate)
-            candidate.started_at, candidate.runner, candidate.gpu = _now(), worker.name, worker.visible_device
+            candidate.started_at = _now()
+            gpu = "" if worker.visible_device is None else f":gpu{worker.visible_device}"
+            candidate.runner = f"{worker.name}{gpu}"
             worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
                           self.options.timeout)
             self.running[worker] = candidate
@@ -704,16 +726,26 @@ class Search:
             self.preparing.add(worker)
 
     def next_ready(self) -> Candidate | None:
-        """The first pending config that is compiled and not already running; repeats of finished ones are told."""
+        """The first pending config that is compiled and not already running; repeats of finished ones are told.
+
+        Across processes, of the trials for one config the lowest-numbered runs and the others stand down. Optuna
+        numbers trials one at a time per study, so every lower-numbered trial exists when a trial is dispatched;
+        one whose config is not all written yet holds higher ones back until it is. So no config runs twice, and
+        no two trials stand down for each other. Likewise a trial stands down if the trials numbered below it that
+        have or may yet have a verdict already fill the budget: a budget shared by processes is never overrun."""
         running = {c.key for c in self.running.values()}
         for candidate in list(self.pending):
             if candidate.key in self.seen:
                 self.pending.remove(candidate)
                 self.tell_repeat(candidate.trial, self.seen[candidate.key])
-            elif candidate.key in self.elsewhere:
+            elif self.elsewhere.get(candidate.key, candidate.trial.number) < candidate.trial.number:
                 self.pending.remove(candidate)
                 self.tell_running_elsewhere(candidate.trial, self.elsewhere[candidate.key])
-            elif candidate.compiled and candidate.key not in running:
+            elif bisect.bisect_left(self.claims, candidate.trial.number) >= self.budget:
+                self.pending.remove(candidate)
+                self.tell_over_budget(candidate.trial)
+            elif (candidate.compiled and candidate.key not in running
+                  and not any(n < candidate.trial.number for n in self.choosing)):
                 return candidate
         return None
 
@@ -754,7 +786,7 @@ class Search:
         from optuna.trial import TrialState
         from .store import TrialResult
         trial, ok = candidate.trial, outcome.status == "ok"
-        attrs = {"status": outcome.status, "runner": candidate.runner, "gpu": candidate.gpu or "cpu",
+        attrs = {"status": outcome.status, "runner": candidate.runner,
                  **({"message": outcome.message[:500]} if outcome.message else {})}
         if ok:
             attrs.update(p20_ms=outcome.p20_ms, p80_ms=outcome.p80_ms, throughput=outcome.throughput)
@@ -790,6 +822,11 @@ class Search:
         for nothing), and the other's result arrives with a later sync."""
         from optuna.trial import TrialState
         self.tell(trial, {"duplicate_of": number, "message": f"the config is running elsewhere (trial {number})"},
+                  state=TrialState.FAIL)
+
+    def tell_over_budget(self, trial) -> None:
+        from optuna.trial import TrialState
+        self.tell(trial, {"message": "not run: earlier trials (here or in other processes) took the budget"},
                   state=TrialState.FAIL)
 
     def abandon(self, replace_busy: bool) -> None:
