@@ -79,7 +79,8 @@ start() {
   if [ -z "$port" ]; then tail -n 20 "$data/server.log" >&2; exit 1; fi
   local psql=("$bin/psql" -X -q -v ON_ERROR_STOP=1 -h "$data" -p "$port" -U postgres -d postgres)
   [ -x "$bin/psql" ] || psql=(psql -X -q -v ON_ERROR_STOP=1 -h "$data" -p "$port" -U postgres -d postgres)
-  as_owner "${psql[@]}" -c "CREATE ROLE $USER_NAME LOGIN PASSWORD '$PASSWORD'" >&2
+  # CREATEDB: each test gets a database of its own.
+  as_owner "${psql[@]}" -c "CREATE ROLE $USER_NAME LOGIN CREATEDB PASSWORD '$PASSWORD'" >&2
   as_owner "${psql[@]}" -c "CREATE DATABASE $DB_NAME OWNER $USER_NAME" >&2
   echo "export TUNEBENCH_PG_URL=postgresql+psycopg://$USER_NAME:$PASSWORD@127.0.0.1:$port/$DB_NAME"
   echo "export TUNEBENCH_PG_DATA=$data"
