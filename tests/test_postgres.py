@@ -1,0 +1,281 @@
+"""Studies shared through a real PostgreSQL server, as hosts share them: separate `tunebench tune --interpret`
+processes tune one study with one --storage and --db URL. Every trial is finished exactly once, the trial budget is
+shared (not one per process), the winner passes keep and close_enough, and a process killed mid-run (SIGKILL) is
+recovered from: its RUNNING trial goes stale, is failed by Optuna's heartbeat, and the others complete the study.
+
+The server: $TUNEBENCH_PG_URL if set (its user needs CREATEDB: each test gets a database of its own), else
+ci/postgres.sh starts one on loopback for the session, installing Debian's postgresql if it is missing. Where that
+cannot be done the tests skip, saying why; under CI (CI=true) they fail instead."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tunebench.registry import config_in_space, kernel_module
+from tunebench.shapes import Problem, bucket_key
+from tunebench.store import Store
+from tunebench.tuner import config_key, interpreting, open_storage
+from tunebench.workloads import Workload
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROBLEM = Problem("flash_v1", 1, 2, 2, 48, 48, 16, "float32")
+BUDGET = 8
+HEARTBEAT_S, GRACE_S = 1, 8
+# A `tunebench tune` process tuning PROBLEM alone: a suite of one problem is registered before the CLI parses.
+LAUNCH = (f"import sys; from tunebench import shapes; shapes.SUITES['pg-test'] = lambda: [shapes.{PROBLEM!r}]; "
+          f"from tunebench.cli import main; sys.exit(main(sys.argv[1:]))")
+RUN_TIMEOUT_S = 300
+
+
+# -- the server and a database per test
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the PostgreSQL tests, but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("the psycopg driver is not installed (pip install -e '.[test]')")
+    if os.environ.get("TUNEBENCH_PG_URL"):
+        yield os.environ["TUNEBENCH_PG_URL"]
+        return
+    started = subprocess.run(["bash", str(ROOT / "ci" / "postgres.sh"), "start"], capture_output=True, text=True,
+                             timeout=600)
+    if started.returncode == 3:
+        _unavailable(started.stderr.strip().splitlines()[-1])
+    assert started.returncode == 0, f"ci/postgres.sh start failed:\n{started.stderr}"
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+                   if line.startswith("export "))
+    try:
+        yield exports["TUNEBENCH_PG_URL"]
+    finally:
+        subprocess.run(["bash", str(ROOT / "ci" / "postgres.sh"), "stop", exports["TUNEBENCH_PG_DATA"]], timeout=120)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    name = f"tunebench_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.dispose()
+
+
+# -- processes as hosts
+
+
+def start_host(url: str, log: pathlib.Path) -> subprocess.Popen:
+    env = {**os.environ, "TUNEBENCH_HEARTBEAT_S": str(HEARTBEAT_S), "TUNEBENCH_GRACE_S": str(GRACE_S),
+           "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-c", LAUNCH, "tune", "--interpret", "--suite", "pg-test", "--trials", str(BUDGET),
+            "--storage", url, "--db", url]
+    with open(log, "w") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def finish(hosts: list[subprocess.Popen], logs: list[pathlib.Path]) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    for host, log in zip(hosts, logs):
+        try:
+            host.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for h in hosts:
+                h.kill()
+            pytest.fail(f"a tunebench tune process did not finish in {RUN_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+        assert host.returncode == 0, f"exit {host.returncode}:\n{log.read_text()[-3000:]}"
+
+
+def the_study(url: str):
+    import optuna
+    [summary] = optuna.get_all_study_summaries(url)
+    assert summary.study_name.endswith(bucket_key(PROBLEM)), summary.study_name
+    return optuna.load_study(study_name=summary.study_name, storage=url)
+
+
+def evaluated(study) -> list:
+    """Trials that ran a config to a verdict (neither pruned nor a stand-in for another trial)."""
+    return [t for t in study.trials if t.user_attrs.get("status") not in (None, "pruned")
+            and "duplicate_of" not in t.user_attrs]
+
+
+def check_study_and_store(url: str, device: str, budget: int = BUDGET) -> list:
+    """Every trial finished exactly once, the budget shared, and the winner correct; returns the evaluated trials."""
+    from optuna.trial import TrialState
+    study = the_study(url)
+    left = [(t.number, t.state.name) for t in study.trials if not t.state.is_finished()]
+    assert not left, f"trials left unfinished: {left}"
+    done = evaluated(study)
+    assert len(done) == budget, [(t.number, t.user_attrs) for t in study.trials]
+    assert len({config_key(t.params) for t in done}) == budget, "a config was evaluated twice"
+    with Store(url, readonly=True) as store:
+        stored = [t for t in store.trials(kernel=PROBLEM.kernel, problem=PROBLEM) if t.status != "pruned"]
+        [winner] = store.winners(kernel=PROBLEM.kernel)
+    by_number = {t.number: t for t in done}
+    # One store record per evaluated trial, with the status Optuna was told; none for a trial that never ran.
+    assert sorted(t.number for t in stored) == sorted(by_number), "store and study disagree on what ran"
+    for t in stored:
+        assert t.status == by_number[t.number].user_attrs["status"] and t.config == by_number[t.number].params
+    assert all((t.state == TrialState.COMPLETE) == (t.user_attrs["status"] == "ok") for t in done)
+    module = kernel_module(PROBLEM.kernel)
+    oks = {config_key(t.params) for t in done if t.user_attrs["status"] == "ok"}
+    assert config_key(winner.config) in oks
+    with interpreting(True):
+        assert module.keep(winner.config, PROBLEM) is None and config_in_space(PROBLEM.kernel, winner.config) is None
+    assert Workload(PROBLEM, seed=1, device=device).check(module, winner.config).ok
+    return done
+
+
+# -- the tests
+
+
+def test_results_and_studies_share_one_database(pg_url):
+    import optuna
+    import sqlalchemy
+    from tunebench.device import DeviceIdentity
+    from tunebench.store import TrialResult
+    device = DeviceIdentity("NVIDIA H200", "9.0", 132, 150_000_000_000, "550", "2.13.0", "3.6.0", True)
+    config = dict(kernel_module(PROBLEM.kernel).DEFAULT)
+    with Store(pg_url) as store:
+        storage = open_storage(pg_url, store.url)  # --db and --storage: the same URL
+        study = optuna.create_study(storage=storage, study_name="shared")
+        trial = study.ask()
+        study.tell(trial, 1.0)
+        store.record_trial(device, PROBLEM.kernel, "hash", PROBLEM, TrialResult(trial.number, config, "ok", 2.0))
+        assert store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 2.0, 1.0)
+        assert not store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 3.0, 1.0)  # slower: kept
+        assert store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 1.5, 1.0)
+    with Store(pg_url, readonly=True) as store:
+        assert [t.median_ms for t in store.trials()] == [2.0]
+        assert [w.median_ms for w in store.winners()] == [1.5]
+    assert [t.value for t in optuna.load_study(study_name="shared", storage=pg_url).trials] == [1.0]
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.connect() as connection:
+        schemas = connection.exec_driver_sql(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'trials' ORDER BY 1").scalars()
+        assert list(schemas) == ["public", "tunebench_results"]  # Optuna's and the store's, side by side
+    engine.dispose()
+
+
+def test_the_same_sqlite_file_for_results_and_studies_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/results.db"
+    with pytest.raises(ValueError, match="same SQLite file"):
+        open_storage(url, url)
+
+
+def test_workers_of_one_process_share_its_study(pg_url, device):
+    from tunebench.tuner import TuneOptions, tune
+    [result] = tune([PROBLEM], TuneOptions(interpret=True, workers=2, trials=6, storage=pg_url, db=pg_url,
+                                           timeout=120.0))
+    done = check_study_and_store(pg_url, device, budget=6)
+    assert {t.user_attrs["runner"] for t in done} == {"run0", "run1"}  # both runners took trials
+    assert result.config is not None and result.counts.get("ok") == 6
+
+
+def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, device):
+    logs = [tmp_path / f"host{i}.log" for i in range(3)]
+    hosts = [start_host(pg_url, log) for log in logs]
+    finish(hosts, logs)
+    done = check_study_and_store(pg_url, device)
+    ran = {pid_of(t) for t in done}
+    assert ran <= {p.pid for p in hosts}
+    assert len(ran) >= 2, f"one process ran every trial: {ran}"
+
+
+def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device):
+    logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    victim, survivor = start_host(pg_url, logs[0]), start_host(pg_url, logs[1])
+    held = wait_for_a_running_trial(pg_url, victim, logs[0])
+    workers = child_pids(victim.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(30)
+    finish([survivor], logs[1:])
+    done = check_study_and_store(pg_url, device)
+    stale = the_study(pg_url).trials[held]
+    # Failed by the heartbeat: no status, and not the "abandoned" message a run that could still act would leave.
+    assert stale.state.name == "FAIL" and "status" not in stale.user_attrs and "message" not in stale.user_attrs, \
+        f"trial {held} of the killed process: {stale.state.name} {stale.user_attrs}"
+    assert survivor.pid in {pid_of(t) for t in done}
+    assert_exited(workers)
+
+
+def pid_of(trial) -> int:
+    return int(trial.user_attrs["host"].rsplit(":", 1)[1])
+
+
+def wait_for_a_running_trial(url: str, process: subprocess.Popen, log: pathlib.Path) -> int:
+    """The number of a trial the process holds RUNNING, once it has also finished one (so it is mid-run)."""
+    import optuna
+    from optuna.trial import TrialState
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"it ended before it could be killed:\n{log.read_text()[-3000:]}"
+        studies = optuna.get_all_study_summaries(url) if _has_studies(url) else []
+        if studies:
+            trials = optuna.load_study(study_name=studies[0].study_name, storage=url).trials
+            mine = [t for t in trials if "host" in t.user_attrs and pid_of(t) == process.pid]
+            running = [t.number for t in mine if t.state == TrialState.RUNNING]
+            if running and any(t.state.is_finished() for t in mine):
+                return running[0]
+        time.sleep(0.2)
+    pytest.fail(f"no trial was ever running:\n{log.read_text()[-3000:]}")
+
+
+def _has_studies(url: str) -> bool:
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return bool(connection.exec_driver_sql("SELECT to_regclass('public.trial_heartbeats') IS NOT NULL "
+                                                   "AND EXISTS (SELECT 1 FROM public.studies)").scalar())
+    except sqlalchemy.exc.ProgrammingError:
+        return False  # the tables are not there yet
+    finally:
+        engine.dispose()
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def assert_exited(pids: list[int], within_s: float = 20.0) -> None:
+    """The killed process's workers exit by themselves (they watch their parent) rather than hold a GPU."""
+    deadline = time.monotonic() + within_s
+    alive = [p for p in pids if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if running(p)]
+    assert not alive, f"workers of the killed process still running: {alive}"
+
+
+def running(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent (killed) will not reap it
