@@ -1,9 +1,9 @@
 """`tunebench tune`: an Optuna search per problem, over configs compiled, checked and timed in worker processes.
 
 One study per device x kernel x kernel source hash x bucketed problem, in Optuna's own RDB storage (--storage URL,
-else an SQLite file next to the results database), so that a stopped run resumes and, later, several processes or
-hosts can share studies. Every trial is also recorded in the results store, and each problem's winner is upserted
-there (a faster time replaces a slower one, never the reverse).
+else an SQLite file next to the results database), so that a stopped run resumes and several processes or hosts
+share studies. Every trial is also recorded in the results store, and each problem's winner is upserted there (a
+faster time replaces a slower one, never the reverse).
 
 The search:
 - SPACE becomes Optuna suggestions in exactly one place, ``suggest_config``.
@@ -23,6 +23,16 @@ The search:
   Not under --interpret, where there is nothing to compile.
 - At the end of a problem the best few ok configs and DEFAULT are re-timed against each other, interleaved, in one
   worker; the winner is the fastest by those medians, and its speedup over DEFAULT comes from the same rounds.
+
+Many GPUs and hosts:
+- --workers N: one runner process per GPU (CUDA_VISIBLE_DEVICES pinned per runner; under --interpret, N CPU runners),
+  fed by this process's one loop and shown in its one progress display; each trial goes to whichever runner is idle.
+- Processes sharing a study (--storage URL, e.g. PostgreSQL, on several hosts) share its budget and never run one
+  config twice, through Optuna's storage alone (Search.sync, Search.next_ready): trials finished elsewhere count and
+  are not re-run; of the trials for one config the lowest-numbered runs and the others stand down; a trial whose
+  lower-numbered peers already fill the budget stands down. A process with nothing left to ask waits for the others'
+  open trials; those of a process that died go stale after the grace period, are failed, and are asked again.
+- Each trial records its process ("host": hostname:pid) and runner ("runner": run1:gpu1) as user attributes.
 """
 from __future__ import annotations
 
