@@ -355,14 +355,19 @@ def _smem_limit() -> int:
 
 
 def _smem_estimate(config, problem) -> int:
-    """Bytes of shared memory, on the high side: num_stages - 1 buffers (at least one) of the K and V tiles, the q
-    tile and the probabilities as dot operands, plus slack. Checked against triton 3.6's sm_90 compiles of every
+    """Bytes of shared memory, on the high side: the K and V tile buffers (or, if larger, the fp32 accumulator's
+    layout conversion before the epilogue's store), the q tile and the probabilities as dot operands, plus slack.
+    Triton 3.6 on sm_90 keeps num_stages - 1 K/V buffers for mma.sync (q tiles under 64 rows) and num_stages for
+    wgmma (64-row q tiles in fp16/bf16, whose dots run asynchronously). Checked against sm_90 compiles of every
     kernel variant for several shapes (metadata.shared), which it bounds from above."""
     elt = _ELEMENT_BYTES[problem.dtype]
     d_pad, block_n = _pad_head_dim(problem.D), config["BLOCK_N"]
     group_pad = _group_split(problem.group)[2]
-    kv = 2 * block_n * d_pad * elt * max(config["num_stages"] - 1, 1)
-    return kv + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
+    wgmma = group_pad >= 64 and problem.dtype != "float32"
+    buffers = max(config["num_stages"] - (0 if wgmma else 1), 1)
+    kv = 2 * block_n * d_pad * elt * buffers
+    epilogue = group_pad * d_pad * 4
+    return max(kv, epilogue) + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
 
 
 def keep(config, problem):
