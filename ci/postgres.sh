@@ -33,8 +33,10 @@ install_postgres() {
   local policy=/usr/sbin/policy-rc.d made_policy=0
   if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; made_policy=1; fi
   local rc=0
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      postgresql >/dev/null; } >&2 || rc=$?
+  # Short network timeouts: on a host without a registry this should fail in seconds, not minutes.
+  local net=(-o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20)
+  { apt-get "${net[@]}" update -qq && DEBIAN_FRONTEND=noninteractive apt-get "${net[@]}" install -y -qq \
+      --no-install-recommends postgresql >/dev/null; } >&2 || rc=$?
   [ "$made_policy" = 1 ] && rm -f "$policy"
   if [ "$rc" != 0 ]; then
     echo "ci/postgres.sh: apt-get install postgresql failed (exit $rc)" >&2
