@@ -252,10 +252,10 @@ def _wall_timer(fn):
     return (1.0, 1.0, 1.0)
 
 
-def test_real_prefill_providers_agree_on_cpu():
+def test_real_prefill_providers_agree(device):
     names = ["tunebench-v2-default", "sdpa-flash", "sdpa-cudnn", "naive"]
     p = Problem("flash_v2", 1, 4, 2, 48, 48, 32, "float16", causal=True)
-    got = {m.provider: m for m in run_problem(p, bench.select_providers(names), device="cpu", timer=_wall_timer)}
+    got = {m.provider: m for m in run_problem(p, bench.select_providers(names), device=device, timer=_wall_timer)}
     assert got["sdpa-flash"].status == OK and got["naive"].status == OK
     assert got["tunebench-v2-default"].status == OK, got["tunebench-v2-default"].note
     assert got["sdpa-cudnn"].status in (OK, SKIPPED)               # no cuDNN on a CPU: skipped, with its reason
