@@ -223,6 +223,43 @@ def test_written_tokens_decode_like_the_dense_reference(device):
         assert verdict.ok, verdict.reason
 
 
+def test_fork_and_decode_with_the_allocator(device):
+    """Allocator + cache write + decode: a forked sequence and its parent each append their own tokens (the first
+    append copies the shared, partly filled last block) and each decodes against its own token history."""
+    from tunebench.allocator import BlockAllocator
+    Hq, Hkv, D, bs, prompt = 4, 2, 16, 8, 13
+    g = torch.Generator().manual_seed(5)
+    alloc = BlockAllocator(num_blocks=8, block_size=bs)
+    kc = torch.full((8, bs, Hkv, D), math.nan, dtype=torch.float16, device=device)
+    vc = kc.clone()
+    history = {"parent": [torch.randn(prompt, Hkv, D, generator=g).half() for _ in range(2)]}
+
+    def write(slots, k, v):
+        cache_write.launch(k.to(device), v.to(device), kc, vc, torch.tensor(slots, device=device))
+
+    write(alloc.allocate("parent", prompt), *history["parent"])
+    alloc.fork("parent", "child")
+    history["child"] = list(history["parent"])
+    for _ in range(2):
+        slots = [alloc.append(s) for s in ("parent", "child")]
+        for src, dst in alloc.take_copies():
+            kc[dst], vc[dst] = kc[src], vc[src]
+        new = [torch.randn(2, Hkv, D, generator=g).half() for _ in range(2)]
+        write(slots, *new)
+        for i, s in enumerate(("parent", "child")):
+            history[s] = [torch.cat([h, n[i:i + 1]]) for h, n in zip(history[s], new)]
+    seqs = ("parent", "child")
+    q = torch.randn(2, Hq, D, generator=g).half().to(device)
+    tables, lens = alloc.block_tables(seqs, device), alloc.context_lens(seqs, device)
+    out = pa.launch(q, kc, vc, tables, lens, dict(pa.DEFAULT, BLOCK_SIZE=bs, BLOCK_N=16))
+    for b, s in enumerate(seqs):
+        k, v = (h.transpose(0, 1)[None].to(device) for h in history[s])      # [1, Hkv, n, D]
+        want = ref.attention(q[b:b + 1, :, None], k, v)[:, :, 0]
+        lowp = ref.attention(q[b:b + 1, :, None], k, v, dtype=torch.float16)[:, :, 0]
+        verdict = close_enough(out[b:b + 1], want, lowp)
+        assert verdict.ok, f"{s}: {verdict.reason}"
+
+
 def test_cache_write_rejects_bad_inputs(device):
     key, value, kc, vc, slots, _ = _write_args(device, torch.int32)
     with pytest.raises(TypeError, match="slot_mapping must be int32 or int64"):
