@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from conftest import SHARDS
 from strategies import all_configs, configs, paged_inputs, paged_layouts, paged_problems
 from tunebench.correctness import close_enough, poison
 from tunebench.shapes import Problem, suite
@@ -26,8 +27,9 @@ def check_paged(problem, config, device, seed=0, scale=None, **layout):
     assert verdict.ok, f"{problem.label()} {config} {layout}: {verdict.reason}"
 
 
+@pytest.mark.parametrize("shard", range(SHARDS))
 @given(data=st.data())
-def test_matches_reference(device, data):
+def test_matches_reference(device, shard, data):
     problem = data.draw(paged_problems(), label="problem")
     config = data.draw(configs(pa, problem), label="config")
     layout = data.draw(paged_layouts(problem, config["BLOCK_SIZE"]), label="layout")
