@@ -280,7 +280,8 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
     for attempt in range(STORAGE_OPEN_TRIES):
         try:
             storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs,
-                                                 heartbeat_interval=heartbeat_s, grace_period=grace_s)
+                                                 heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                                 heartbeat_stale_trial_callback=retry_once)
             if sqlite:
                 _write_ahead(storage.engine)
             return storage
@@ -290,6 +291,20 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
                 continue
             raise RuntimeError(f"cannot open the Optuna storage {_hide_password(storage_url)}: "
                                f"{type(e).__name__}: {e}") from e
+
+
+def retry_once(study, trial) -> None:
+    """Called for a trial that a dead run left RUNNING, once Optuna's heartbeat check has failed it: its config is
+    queued again, unless the trial was itself such a retry. A config that takes its run down every time then costs
+    two runs, not all of them (Search.lost_verdicts records it crashed). Unlike Optuna's RetryFailedTrialCallback,
+    the copy carries no user attributes: the dead run's "host" on a queued trial would have it failed again as soon
+    as it is popped."""
+    import optuna
+    if "retry_of" in trial.system_attrs or not trial.params:
+        return
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                              distributions=trial.distributions,
+                                              system_attrs={"retry_of": trial.number}))
 
 
 def _write_ahead(engine) -> None:
@@ -532,6 +547,8 @@ class Search:
         self.claims: list[int] = []             # see sync
         self.live_elsewhere = 0                 # trials asked and not yet told by other processes
         self.adopted: set[int] = set()          # their trial ids given one heartbeat from here (adopt_orphans)
+        self.looked_up: set[int] = set()        # failed trials whose verdict was looked for in the store
+        self.found_lost: dict[tuple, Seen] = {}  # the verdicts found for them (lost_verdicts)
         self.sync()
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
@@ -558,7 +575,37 @@ class Search:
                 # failed as stale): it may run again.
                 continue
             seen.setdefault(config_key(t.params), Seen(dict(t.params), status, t.number, t.value))
+        for key, verdict in self.lost_verdicts(trials, seen).items():
+            seen.setdefault(key, verdict)
         return seen
+
+    def lost_verdicts(self, trials: list, seen: dict) -> dict[tuple, Seen]:
+        """Verdicts for failed trials that Optuna holds none for: the store's, when the run recorded one there and
+        died before telling Optuna (the store is written first), so the trial is not run again; and crashed (now
+        recorded) for a retry that a dead run left behind as well (see retry_once). A trial this run looked up once
+        is not looked up again: no one writes a verdict for a trial after it failed."""
+        from optuna.trial import TrialState
+        from .store import TrialResult
+        lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in self.looked_up
+                and set(t.params) == set(self.space) and config_key(t.params) not in seen]
+        if not lost:
+            return self.found_lost
+        self.looked_up.update(t.number for t in lost)
+        # By number and config: trials of another study (an earlier --storage) may share this store's numbers.
+        stored = {r.number: r for r in self.store.trials(self.device, self.kernel, self.hash, self.problem)}
+        stored = {t.number: stored[t.number] for t in lost
+                  if t.number in stored and stored[t.number].config == dict(t.params)}
+        for t in lost:
+            deliberate = "message" in t.user_attrs or "duplicate_of" in t.user_attrs  # told FAIL by a live run
+            if t.number not in stored and "retry_of" in t.system_attrs and not deliberate:
+                stored[t.number] = TrialResult(
+                    t.number, dict(t.params), "crashed", message=f"its run died while it ran, twice (trials "
+                    f"{t.system_attrs['retry_of']} and {t.number}): not run again")
+                self.store.record_trial(self.device, self.kernel, self.hash, self.problem, stored[t.number])
+            if t.number in stored:
+                self.found_lost[config_key(t.params)] = Seen(dict(t.params), stored[t.number].status, t.number,
+                                                             stored[t.number].median_ms)
+        return self.found_lost
 
     def sync(self) -> None:
         """What every process sharing the study has done: trials finished elsewhere join ``seen`` (they count toward
@@ -615,7 +662,7 @@ class Search:
         """Puts DEFAULT (and, for grid, every config not yet evaluated) into Optuna's queue; returns how many asks
         this run may make."""
         from optuna.trial import TrialState
-        waiting = {config_key(t.system_attrs.get("fixed_params", {}))
+        waiting = {config_key(t.system_attrs.get("fixed_params") or t.params)
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         remaining = max(0, self.budget - self.evaluated() - self.live_elsewhere)
         order = [self.module.DEFAULT]
