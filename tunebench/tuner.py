@@ -294,11 +294,11 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
 
 
 def retry_once(study, trial) -> None:
-    """Called for a trial that a dead run left RUNNING, once Optuna's heartbeat check has failed it: its config is
-    queued again, unless the trial was itself such a retry. A config that takes its run down every time then costs
-    two runs, not all of them (Search.lost_verdicts records it crashed). Unlike Optuna's RetryFailedTrialCallback,
-    the copy carries no user attributes: the dead run's "host" on a queued trial would have it failed again as soon
-    as it is popped."""
+    """Called for a trial that a dead run left RUNNING, once it is failed (by Optuna's heartbeat check, or by
+    Search.fail_dead_owners): its config is queued again, unless the trial was itself such a retry. A config that
+    takes its run down every time then costs two runs, not all of them (Search.lost_verdicts records it crashed).
+    Unlike Optuna's RetryFailedTrialCallback, the copy carries no user attributes: the dead run's "host" on a
+    queued trial would have it failed again as soon as it is popped."""
     import optuna
     if "retry_of" in trial.system_attrs or not trial.params:
         return
@@ -549,6 +549,8 @@ class Search:
         self.adopted: set[int] = set()          # their trial ids given one heartbeat from here (adopt_orphans)
         self.looked_up: set[int] = set()        # failed trials whose verdict was looked for in the store
         self.found_lost: dict[tuple, Seen] = {}  # the verdicts found for them (lost_verdicts)
+        self.retries: set[int] = set()          # retries queued by retry_once that this run has counted
+        self.max_asks = 0                       # set by enqueue, after the first sync
         self.sync()
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
@@ -614,7 +616,8 @@ class Search:
         whose config is not all written yet is ``choosing``. ``claims``: the numbers of the trials that have, or may
         yet have, a verdict (evaluated ones, and all open or queued ones, ours too)."""
         from optuna.trial import TrialState
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self.fail_dead_owners(self.study.get_trials(deepcopy=False))
+        self.count_retries(trials)
         for key, seen in self.load_seen(trials).items():
             self.seen.setdefault(key, seen)
         unfinished = [t for t in trials if not t.state.is_finished()]
@@ -633,6 +636,34 @@ class Search:
             elif t.state == TrialState.RUNNING:
                 self.choosing.append(t.number)
         self.adopt_orphans(running)
+
+    def fail_dead_owners(self, trials: list) -> list:
+        """Fails at once the RUNNING trials of a run on this host whose process is gone (killed with kill -9, say),
+        which the heartbeat would fail only a grace period later, with Optuna's stale-trial callback (retry_once)
+        after each, as its heartbeat check does. Returns the study's trials as they now are."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+        dead = [t for t in trials if t.state == TrialState.RUNNING and t.number not in self.open
+                and owner_is_dead(t.user_attrs.get("host"))] if self.heartbeats else []
+        if not dead:
+            return trials
+        callback = self.storage.get_heartbeat_stale_trial_callback()
+        for t in dead:
+            try:
+                failed = self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue  # its owner finished it after all, or another process failed it first
+            if failed and callback is not None:
+                callback(self.study, self.storage.get_trial(t._trial_id))
+        return self.study.get_trials(deepcopy=False)
+
+    def count_retries(self, trials: list) -> None:
+        """A retry queued after this run counted the queue (a process sharing the study died meanwhile) is one more
+        ask this run may make: a grid search asks only for what is queued."""
+        from optuna.trial import TrialState
+        queued = {t.number for t in trials if t.state == TrialState.WAITING and "retry_of" in t.system_attrs}
+        self.max_asks += len(queued - self.retries)
+        self.retries |= queued
 
     def adopt_orphans(self, running: list) -> None:
         """One heartbeat from here for each trial of another process, the first time it is seen. A process killed
@@ -992,6 +1023,26 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
+
+
+def owner_is_dead(host: str | None) -> bool:
+    """Whether the process named by a trial's "host" attribute ("hostname:pid", see HOST) ran on this host and has
+    exited. False when that cannot be known here (another host, no attribute): the heartbeat then decides. A reused
+    pid reads as alive, which only leaves the trial to the heartbeat too."""
+    name, _, pid = (host or "").rpartition(":")
+    if name != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process: alive
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) is as dead as a gone process
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _now() -> datetime:
