@@ -16,7 +16,9 @@ The search:
   first and the rest shuffled by --seed (rejected ones are told pruned), up to --trials evaluations. Enqueued trials
   are Optuna's own queue, which processes sharing the study pop without overlap.
 - Resume: the study's finished trials (evaluated or pruned) are never run again and count toward --trials. Trials a
-  killed run left RUNNING are failed by Optuna's heartbeat (RDB storage) once stale, and do not count.
+  killed run left RUNNING are failed at once if that run was on this host and its process is gone, else by Optuna's
+  heartbeat (RDB storage) once stale; each such config is queued again once, and recorded crashed if it is lost a
+  second time. A result that reached the store before its run died is kept, not run again.
 - Compile ahead: configs are asked a few at a time; compile workers (CPU-bound, one per spare core, up to 8) put
   them into Triton's on-disk cache while the GPU worker checks and times earlier ones. A runner takes the first
   asked config whose compile has finished (or failed: the runner then meets the error itself and classifies it).
