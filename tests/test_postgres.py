@@ -91,6 +91,33 @@ def start_host(url: str, log: pathlib.Path) -> subprocess.Popen:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
+def start_together(url: str, logs: list[pathlib.Path]) -> list[subprocess.Popen]:
+    """Starts a process per log, holding Optuna's `studies` table locked until all of them wait for it: they then
+    open the study at once, each with its workers up, and race for its first trials (each enqueues DEFAULT)."""
+    import optuna
+    import sqlalchemy
+    optuna.storages.RDBStorage(url).engine.dispose()  # Optuna's tables, as the first process would create them
+    engine = sqlalchemy.create_engine(url)
+    database = sqlalchemy.engine.make_url(url).database
+    try:
+        # Autocommit: within a transaction pg_stat_activity would show the same snapshot every time.
+        with engine.connect() as lock, engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+            held = lock.begin()
+            lock.exec_driver_sql("LOCK TABLE studies IN ACCESS EXCLUSIVE MODE")
+            hosts = [start_host(url, log) for log in logs]
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while watch.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %(db)s AND "
+                                        "wait_event_type = 'Lock'", {"db": database}).scalar() < len(hosts):
+                for host, log in zip(hosts, logs):
+                    assert host.poll() is None, f"exit {host.returncode} before the start:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the processes never reached their studies"
+                time.sleep(0.2)
+            held.commit()
+    finally:
+        engine.dispose()
+    return hosts
+
+
 def finish(hosts: list[subprocess.Popen], logs: list[pathlib.Path]) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     for host, log in zip(hosts, logs):
@@ -191,9 +218,11 @@ def test_workers_of_one_process_share_its_study(pg_url, device):
 
 def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, device):
     logs = [tmp_path / f"host{i}.log" for i in range(3)]
-    hosts = [start_host(pg_url, log) for log in logs]
+    hosts = start_together(pg_url, logs)
     finish(hosts, logs)
     done = check_study_and_store(pg_url, device)
+    default = kernel_module(PROBLEM.kernel).DEFAULT
+    assert sum(t.params == default for t in done) == 1  # each process enqueued DEFAULT; the lowest trial ran it
     ran = {pid_of(t) for t in done}
     assert ran <= {p.pid for p in hosts}
     assert len(ran) >= 2, f"one process ran every trial: {ran}"
