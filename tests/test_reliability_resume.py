@@ -94,6 +94,7 @@ def cpu_device():
     return DeviceIdentity.current(interpret=True)
 
 
+@pytest.mark.interpreter
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 def test_sigkill_mid_study_then_resume(tmp_path):
     db = tmp_path / "results.db"

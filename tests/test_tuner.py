@@ -55,6 +55,7 @@ def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
     assert not db.exists()
 
 
+@pytest.mark.interpreter
 def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
     from tunebench.dispatch import Winners
     db = tmp_path / "results.db"
