@@ -11,14 +11,16 @@ from tunebench.shapes import Problem
 from tunebench.strategies import all_configs
 from tunebench.workloads import Workload
 
+from conftest import DEVICE
+
 fv1 = kernel_module("flash_v1")
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def qkv(B=1, Hq=2, Hkv=1, Nq=24, Nk=24, D=16, dtype=torch.float32, seed=0):
+def qkv(B=1, Hq=2, Hkv=1, Nq=24, Nk=24, D=16, dtype=torch.float32, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, Nq, D, generator=g).to(dtype), torch.randn(B, Hkv, Nk, D, generator=g).to(dtype),
-            torch.randn(B, Hkv, Nk, D, generator=g).to(dtype))
+    return tuple(torch.randn(B, h, n, D, generator=g).to(dtype=dtype, device=device)
+                 for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
 
 
 def assert_close(out, q, k, v, causal, scale=None):
@@ -30,7 +32,7 @@ def assert_close(out, q, k, v, causal, scale=None):
 def _bad_inputs():
     q, k, v = qkv()
     cases = {
-        "q not a tensor": (dict(q=q.numpy()), TypeError, "q must be a torch.Tensor"),
+        "q not a tensor": (dict(q=q.cpu().numpy()), TypeError, "q must be a torch.Tensor"),
         "q 3-d": (dict(q=q[0]), ValueError, "q must be 4-d"),
         "k 5-d": (dict(k=k[None]), ValueError, "k must be 4-d"),
         "integer q": (dict(q=q.to(torch.int32)), TypeError, "q dtype"),
@@ -42,10 +44,10 @@ def _bad_inputs():
         "Hq not a multiple of Hkv": (dict(q=torch.cat([q, q[:, :1]], 1), k=torch.cat([k, k], 1), v=torch.cat([v, v], 1)),
                                      ValueError, "multiple of k/v heads"),
         "head dim too small": (dict(q=q[..., :8], k=k[..., :8], v=v[..., :8]), ValueError, "head dim D"),
-        "head dim too large": (dict(q=torch.zeros(1, 1, 2, 264), k=torch.zeros(1, 1, 2, 264),
-                                    v=torch.zeros(1, 1, 2, 264)), ValueError, "head dim D"),
-        "out shape": (dict(out=torch.empty(1, 2, 24, 8)), ValueError, "out must have"),
-        "out dtype": (dict(out=torch.empty(1, 2, 24, 16, dtype=torch.float16)), TypeError, "out dtype"),
+        "head dim too large": (dict(q=torch.randn(1, 1, 2, 264, device=DEVICE), k=torch.randn(1, 1, 2, 264, device=DEVICE),
+                                    v=torch.randn(1, 1, 2, 264, device=DEVICE)), ValueError, "head dim D"),
+        "out shape": (dict(out=torch.empty(1, 2, 24, 8, device=DEVICE)), ValueError, "out must have"),
+        "out dtype": (dict(out=torch.empty(1, 2, 24, 16, dtype=torch.float16, device=DEVICE)), TypeError, "out dtype"),
         "unknown config key": (dict(config={**SMALL, "BLOCK_K": 16}), ValueError, "config keys"),
         "missing config key": (dict(config={"BLOCK_M": 16}), ValueError, "config keys"),
         "BLOCK_M below 16": (dict(config={**SMALL, "BLOCK_M": 8}), ValueError, "BLOCK_M"),
