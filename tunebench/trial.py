@@ -225,7 +225,6 @@ class _WorkerState:
     def __init__(self, role: str, interpret: bool):
         self.role, self.interpret = role, interpret
         self.device = torch.device("cpu" if interpret else "cuda")
-        self.bench = timing.bench_for(interpret)
         self.workload: Workload | None = None
         self.loaded: tuple | None = None
 
@@ -242,15 +241,19 @@ class _WorkerState:
             module = importlib.import_module(request.module)
             workload = self.setup(request.problem, request.seed)
             if isinstance(request, Run):
-                outcome = run_trial(workload, module, request.config, self.bench)
+                outcome = run_trial(workload, module, request.config, self.bench(request.problem))
                 return ("ok", outcome), outcome.fatal
             if isinstance(request, Compile):
                 return ("ok", precompile(workload, module, request.config)), False
             if isinstance(request, Retime):
-                return ("ok", retime(workload, module, request.configs, self.bench, request.rounds)), False
+                return ("ok", retime(workload, module, request.configs, self.bench(request.problem),
+                                     request.rounds)), False
             return ("error", f"unknown request {request!r}"), False
         except Exception as e:
             return ("error", f"{type(e).__name__}: {e}"[:MESSAGE_CHARS]), is_cuda_fault(e)
+
+    def bench(self, problem: Problem) -> timing.Bench:
+        return timing.bench_for(self.interpret, paged=problem.paged)
 
     def setup(self, problem: Problem, seed: int) -> Workload:
         """The problem's inputs (and, for a run worker, its references), built once and kept until the next problem."""
