@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import os
 import random
 import signal
@@ -102,8 +103,8 @@ class TuneOptions:
     def validate(self) -> None:
         if self.trials is not None and self.trials < 1:
             raise ValueError(f"--trials must be >= 1, got {self.trials}")
-        if not self.timeout > 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"--timeout must be a finite number of seconds > 0, got {self.timeout}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.sampler not in ("tpe", "grid"):
@@ -113,6 +114,26 @@ class TuneOptions:
         if not 1 <= self.heartbeat_s < self.grace_s:
             raise ValueError(f"the heartbeat ({self.heartbeat_s} s) must be >= 1 s and shorter than the grace period "
                              f"({self.grace_s} s), or live trials would be failed as stale")
+        if self.storage is not None:
+            _check_storage_url(self.storage)
+
+
+def _check_storage_url(url: str) -> None:
+    """A --storage that cannot name a database is refused before anything is written (tune creates the results
+    database before it opens the storage): not a URL, an unknown dialect, or an SQLite file in a missing folder."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as e:
+        raise ValueError(f"--storage is not a database URL that SQLAlchemy can use: {_hide_password(url)} "
+                         f"({type(e).__name__}: {e})") from None
+    path = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if path and path != ":memory:" and not path.startswith("file:"):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--storage names an SQLite file in a folder that does not exist: {folder}")
 
 
 def _env_seconds(name: str, default: int) -> int:
