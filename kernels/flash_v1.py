@@ -20,7 +20,7 @@ Supported:
 Not supported: backward, dropout, attention bias or arbitrary masks, sliding windows, variable-length (packed)
 batches, paged K/V (see paged_attention), fp8, head dims outside 16..256.
 
-Scratch: launch allocates fp32 O [B*Hq, Nq, D], m and l [B*Hq, Nq] per call (O in fp32 so that rewriting it once per
+Scratch: launch allocates fp32 O [B*Hq, Nq, D rounded up to 16], m and l [B*Hq, Nq] per call (O in fp32 so that rewriting it once per
 K/V block does not accumulate fp16 rounding); the kernel initialises them itself (Algorithm 1, line 2) and writes the
 result to `out`, in q's dtype, in a final pass over the Q blocks.
 
@@ -48,7 +48,7 @@ def _flash_v1_fwd(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    Hq, Nq, Nk, D, qk_scale,
+    Hq, Nq, Nk, D, D_SCR, qk_scale,
     GROUP: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -59,21 +59,23 @@ def _flash_v1_fwd(
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     out_base = Out + b * stride_ob + h * stride_oh
-    # Scratch is contiguous: O [B*Hq, Nq, D], m and l [B*Hq, Nq].
-    o_base = O_acc + pid * Nq * D
+    # Scratch is contiguous: O [B*Hq, Nq, D_SCR], m and l [B*Hq, Nq]. D_SCR (D rounded up to 16) keeps O's rows
+    # 64-byte aligned, so the O round trips, most of this schedule's HBM traffic, stay vectorised for any D.
+    o_base = O_acc + pid * Nq * D_SCR
     m_base = M_acc + pid * Nq
     l_base = L_acc + pid * Nq
 
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
+    scr_d_ok = offs_d < D_SCR                        # O's columns D..D_SCR-1 hold zeros (Q and V are 0-padded)
     diag = Nk - Nq                                   # bottom-right causal: query i sees key j iff j <= i + diag
 
     # -- Algorithm 1, line 2: O = 0, l = 0, m = -inf in HBM
     for start_m in range(0, Nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Nq
-        tl.store(o_base + offs_m[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_M, D_PAD], tl.float32),
-                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(o_base + offs_m[:, None] * D_SCR + offs_d[None, :], tl.zeros([BLOCK_M, D_PAD], tl.float32),
+                 mask=m_ok[:, None] & scr_d_ok[None, :])
         tl.store(m_base + offs_m, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=m_ok)
         tl.store(l_base + offs_m, tl.zeros([BLOCK_M], tl.float32), mask=m_ok)
     # The next reads of O, m, l may be done by other threads of this program than the ones that wrote them.
@@ -99,11 +101,12 @@ def _flash_v1_fwd(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Nq
             row_mask = m_ok[:, None] & d_ok[None, :]
+            scr_mask = m_ok[:, None] & scr_d_ok[None, :]
             # -- line 8: load Q_i, O_i, l_i, m_i. Scratch loads use .cg (L2, not L1): it was written by this
             #    program on the previous outer step.
             q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-            o_ptrs = o_base + offs_m[:, None] * D + offs_d[None, :]
-            o_i = tl.load(o_ptrs, mask=row_mask, other=0.0, cache_modifier=".cg")
+            o_ptrs = o_base + offs_m[:, None] * D_SCR + offs_d[None, :]
+            o_i = tl.load(o_ptrs, mask=scr_mask, other=0.0, cache_modifier=".cg")
             m_i = tl.load(m_base + offs_m, mask=m_ok, other=float("-inf"), cache_modifier=".cg")
             l_i = tl.load(l_base + offs_m, mask=m_ok, other=0.0, cache_modifier=".cg")
 
@@ -128,13 +131,13 @@ def _flash_v1_fwd(
             beta = tl.math.exp2(m_ij - m_new_safe)
             l_new = alpha * l_i + beta * l_ij
 
-            # -- line 12: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j)
+            # -- line 12: O_i <- diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j)
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             l_div = tl.where(l_new == 0.0, 1.0, l_new)   # rows that have seen no key yet keep O = 0
             o_i = (o_i * (alpha * l_i)[:, None] + pv * beta[:, None]) / l_div[:, None]
 
-            # -- line 13: write O_i, l_i, m_i back to HBM
-            tl.store(o_ptrs, o_i, mask=row_mask)
+            # -- lines 12-13: write O_i, l_i <- l_new, m_i <- m_new to HBM
+            tl.store(o_ptrs, o_i, mask=scr_mask)
             tl.store(m_base + offs_m, m_new, mask=m_ok)
             tl.store(l_base + offs_m, l_new, mask=m_ok)
         # The next outer step reads back what this one wrote, possibly through other threads.
@@ -143,8 +146,10 @@ def _flash_v1_fwd(
     # -- line 16: O is already normalised; convert it to the output dtype
     for start_m in range(0, Nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_mask = (offs_m < Nq)[:, None] & d_ok[None, :]
-        o = tl.load(o_base + offs_m[:, None] * D + offs_d[None, :], mask=row_mask, other=0.0, cache_modifier=".cg")
+        m_ok = offs_m < Nq
+        row_mask = m_ok[:, None] & d_ok[None, :]
+        o = tl.load(o_base + offs_m[:, None] * D_SCR + offs_d[None, :], mask=m_ok[:, None] & scr_d_ok[None, :],
+                    other=0.0, cache_modifier=".cg")
         tl.store(out_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
                  o.to(Out.dtype.element_ty), mask=row_mask)
 
@@ -239,11 +244,12 @@ def kernel_arguments(q, k, v, out, config, causal, scale):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    o_acc = torch.empty(B * Hq, Nq, D, dtype=torch.float32, device=q.device)
+    D_scr = -(-D // 16) * 16
+    o_acc = torch.empty(B * Hq, Nq, D_scr, dtype=torch.float32, device=q.device)
     m_acc = torch.empty(B * Hq, Nq, dtype=torch.float32, device=q.device)
     l_acc = torch.empty_like(m_acc)
     args = (q, k, v, out, o_acc, m_acc, l_acc, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Hq, Nq, Nk, D, scale * LOG2E)
+            Hq, Nq, Nk, D, D_scr, scale * LOG2E)
     meta = dict(GROUP=Hq // Hkv, D_PAD=padded_head_dim(D), CAUSAL=bool(causal),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], NUM_STAGES=config["num_stages"],
@@ -273,10 +279,12 @@ def _device_shared_memory(index: int) -> int:
 
 
 def shared_memory_bytes(config: dict, D_pad: int, elem_bytes: int) -> int:
-    """An upper estimate of the kernel's shared memory, fitted to sm_90 code compiled from SPACE (triton 3.6):
-    K_j and V_j, Q_i and its staging, P_ij, and for each extra pipeline stage one more Q_i, O_i (fp32), m_i, l_i."""
+    """An upper estimate of the kernel's shared memory, fitted to sm_90 code compiled from SPACE (triton 3.6): K_j and
+    V_j; Q_i and its staging; one more Q_i-sized tile for the layout conversion of O when q, k, v or out have strides
+    or addresses that are not multiples of 16 (an odd head dim, say); P_ij; and for each extra pipeline stage one more
+    Q_i, O_i (fp32), m_i and l_i."""
     BM, BN = config["BLOCK_M"], config["BLOCK_N"]
-    resident = elem_bytes * (2 * BN * D_pad + 2 * BM * D_pad + BM * BN)
+    resident = elem_bytes * (2 * BN * D_pad + 3 * BM * D_pad + BM * BN)
     per_stage = (elem_bytes + 4) * BM * D_pad + 8 * BM
     return resident + (config["num_stages"] - 1) * per_stage
 
