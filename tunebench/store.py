@@ -444,7 +444,10 @@ class Store:
         if path is not None:
             self.where = str(path)
             self._prepare_file(path)
-        self.engine = _make_engine(parsed, path, readonly)
+        try:
+            self.engine = _make_engine(parsed, path, readonly)
+        except (SQLAlchemyError, ImportError) as e:  # an unknown dialect, or its driver is not installed
+            raise StoreError(f"cannot use the results database URL {self.where}: {type(e).__name__}: {e}") from e
         try:
             self._open()
         except StoreError:
@@ -515,6 +518,9 @@ class Store:
         if SchemaVersionModel.__tablename__ not in inspect(connection).get_table_names():
             return None
         version = connection.scalar(select(SchemaVersionModel.version).where(SchemaVersionModel.id == 1))
+        if version is not None and type(version) is not int:  # SQLite keeps whatever was put in a column
+            raise StoreError(f"{self.where} has a schema version {version!r} that is not a number: it is not a "
+                             f"tunebench results database")
         if version is not None and version > SCHEMA_VERSION:
             raise StoreError(f"{self.where} has results schema version {version}, newer than the {SCHEMA_VERSION} "
                              f"this tunebench {__version__} reads: upgrade tunebench to use it")
@@ -644,7 +650,8 @@ class Store:
         """Stored trials, by number; filters as trial_counts."""
         query = self._filter_trials(select(TrialModel), device, kernel, source_hash, problem, device_name)
         with self.session(read_only=True) as session:
-            return [row.to_result() for row in session.scalars(query.order_by(TrialModel.number, TrialModel.id))]
+            return _readable(self, "trials", lambda: [
+                row.to_result() for row in session.scalars(query.order_by(TrialModel.number, TrialModel.id))])
 
     def trial_counts(self, device: DeviceIdentity | str | None = None, kernel: str | None = None,
                      source_hash: str | None = None, problem: Problem | None = None, *,
@@ -669,7 +676,7 @@ class Store:
         if kernel is not None:
             query = query.where(KernelModel.name == kernel)
         with self.session(read_only=True) as session:
-            rows = session.execute(query).all()
+            rows = _readable(self, "winners", lambda: session.execute(query).all())
         out = []
         for winner, device, kern, problem in rows:
             try:
@@ -678,6 +685,16 @@ class Store:
                 warnings.warn(f"tunebench: skipping winner #{winner.id} in {self.where} (device {device.name!r}, "
                               f"kernel {kern.name!r}): {e}", StoreWarning, stacklevel=2)
         return out
+
+
+def _readable(store: "Store", table: str, read):
+    """``read()``, with a value SQLAlchemy cannot convert (SQLite keeps any value in any column: a date that is not
+    a date, ...) turned into a StoreError naming the database, which the dispatcher reports and skips."""
+    try:
+        return read()
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{store.where} has {table} that cannot be read ({type(e).__name__}: {e}): it was not "
+                         f"written by tunebench") from e
 
 
 class _Rejected(Exception):
