@@ -95,3 +95,27 @@ def test_bad_inputs_and_variant_are_rejected(device):
 def test_import_is_light():
     code = "import sys, tunebench; print(sorted(m for m in ('optuna', 'sqlalchemy', 'hypothesis') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.gpu
+def test_both_entry_points_work_under_torch_compile_fullgraph():
+    from tunebench.workloads import pack_paged
+    q = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16)
+    k, v = torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.float16), torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.float16)
+
+    @torch.compile(fullgraph=True)
+    def prefill(q, k, v):
+        return tunebench.flash_attention(q * 1.0, k, v, causal=True) + 1.0
+
+    expect = tunebench.flash_attention(q, k, v, causal=True) + 1.0
+    torch.testing.assert_close(prefill(q, k, v), expect)
+    qd = torch.randn(3, 8, 64, device="cuda", dtype=torch.bfloat16)
+    kd, vd = (torch.randn(3, 2, 70, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([70, 1, 33], dtype=torch.int32, device="cuda")
+    kc, vc, tables = pack_paged(kd, vd, lens, 16)
+
+    @torch.compile(fullgraph=True)
+    def decode(q, kc, vc, tables, lens):
+        return tunebench.paged_attention(q, kc, vc, tables, lens) * 2.0
+
+    torch.testing.assert_close(decode(qd, kc, vc, tables, lens), tunebench.paged_attention(qd, kc, vc, tables, lens) * 2.0)

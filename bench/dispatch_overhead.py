@@ -1,0 +1,66 @@
+"""Host cost of tunebench's dispatch, on a GPU: import time over torch + triton, and per-call overhead of
+tunebench.flash_attention / paged_attention over a direct launch of the same config.
+
+Both paths launch the same kernel on a tiny problem, so the host is the bottleneck and the difference in wall time
+per call is the dispatcher's own cost (shape key, dict lookup, Python call). Median of several rounds.
+"""
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def import_time() -> tuple[float, float]:
+    code = ("import time; t=time.perf_counter(); import {m}; print(time.perf_counter()-t)")
+    base = [float(subprocess.check_output([sys.executable, "-c", code.format(m="torch, triton")])) for _ in range(5)]
+    full = [float(subprocess.check_output([sys.executable, "-c", code.format(m="torch, triton, tunebench")]))
+            for _ in range(5)]
+    return statistics.median(base), statistics.median(full)
+
+
+def per_call_us(fn, n=3000, rounds=7) -> float:
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) / n * 1e6)
+    return statistics.median(out)
+
+
+def main():
+    import tunebench
+    from tunebench import dispatch
+    from tunebench.kernels import flash_v2, paged_attention as pa
+    from tunebench.workloads import pack_paged
+    base, full = import_time()
+    print(f"import: torch+triton {base * 1e3:.0f} ms; + tunebench {full * 1e3:.0f} ms "
+          f"(tunebench adds {(full - base) * 1e3:.0f} ms)")
+    q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    tunebench.flash_attention(q, k, v)
+    config = dispatch._DISPATCHER._cache[("flash_v2", q.shape, k.shape, q.dtype, False)]
+    direct = per_call_us(lambda: flash_v2.launch(q, k, v, config=config))
+    tuned = per_call_us(lambda: tunebench.flash_attention(q, k, v))
+    print(f"flash_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
+          f"overhead {tuned - direct:.1f} us")
+    qd = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    kd = torch.randn(2, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((2,), 40, dtype=torch.int32, device="cuda")
+    kc, vc, tables = pack_paged(kd, kd.clone(), lens, 16)
+    tunebench.paged_attention(qd, kc, vc, tables, lens)
+    pconf = dispatch._DISPATCHER._cache[("paged_attention", qd.shape, kc.shape, tables.shape, qd.dtype)]
+    direct = per_call_us(lambda: pa.launch(qd, kc, vc, tables, lens, config=pconf))
+    tuned = per_call_us(lambda: tunebench.paged_attention(qd, kc, vc, tables, lens))
+    print(f"paged_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
+          f"overhead {tuned - direct:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
