@@ -141,7 +141,8 @@ print(json.dumps({"cuda_initialized": torch.cuda.is_initialized(), "config": r.c
 @pytest.mark.gpu
 def test_an_illegal_memory_access_on_a_gpu_is_crashed_and_the_worker_replaced(tmp_path):
     from fake_kernels import gpu_fault
-    seed = next(s for s in range(100) if [c["MODE"] for c in grid_order(gpu_fault, s, GPU_PROBLEM)] == ["ok", "oob", "ok"])
+    seed = next(s for s in range(100)
+                if [c["MODE"] for c in grid_order(gpu_fault, s, GPU_PROBLEM)] == ["ok", "oob", "ok"])
     db, log = tmp_path / "results.db", tmp_path / "launches.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                TUNEBENCH_FAKE_LOG=str(log))

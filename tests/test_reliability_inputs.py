@@ -43,7 +43,8 @@ GOOD, BAD = two_configs()
 # chosen, exactly or as the nearest bucket: (what is wrong, SQL planting it, what the warning says).
 HOSTILE = [
     ("unknown kernel", "UPDATE kernels SET name = 'evil_kernel' WHERE source_hash = 'evil'", "unknown kernel"),
-    ("config outside SPACE", "UPDATE winners SET config_json = :bad_block WHERE id = :id", "BLOCK_M=48 is not in SPACE"),
+    ("config outside SPACE", "UPDATE winners SET config_json = :bad_block WHERE id = :id",
+     "BLOCK_M=48 is not in SPACE"),
     ("config with an extra key", "UPDATE winners SET config_json = :extra_key WHERE id = :id", "config outside SPACE"),
     ("config not JSON", "UPDATE winners SET config_json = '{\"BLOCK_M\": ' WHERE id = :id", "malformed row"),
     ("config not an object", "UPDATE winners SET config_json = '[16, 32]' WHERE id = :id", "not a JSON object"),

@@ -11,8 +11,6 @@ import time
 import traceback
 import warnings
 
-import pytest
-
 from tunebench import registry
 from tunebench.device import DeviceIdentity
 from tunebench.shapes import Problem
