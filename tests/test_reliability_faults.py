@@ -161,5 +161,8 @@ def test_an_illegal_memory_access_on_a_gpu_is_crashed_and_the_worker_replaced(tm
     assert any(marker in oob.message for marker in ("illegal memory access", "unspecified launch failure",
                                                      "misaligned address", "CUDA error")), oob.message
     runs = trial_runs(log_entries(log))
-    assert runs[1]["config"]["MODE"] == "oob" and runs[2]["pid"] != runs[1]["pid"]  # a fresh CUDA context after it
+    # The faulting process never launches again: every run after the fault is in a fresh CUDA context. (On the H100
+    # the run log's order differed from the grid's, so the fault is looked up rather than assumed at index 1.)
+    i = next(i for i, r in enumerate(runs) if r["config"]["MODE"] == "oob")
+    assert runs[i + 1:] and all(r["pid"] != runs[i]["pid"] for r in runs[i + 1:]), runs
 
