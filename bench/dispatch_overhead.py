@@ -12,26 +12,37 @@ import time
 import torch
 
 
-def import_time() -> tuple[float, float]:
+def import_time(runs=3) -> tuple[float, float]:
     code = ("import time; t=time.perf_counter(); import {m}; print(time.perf_counter()-t)")
-    base = [float(subprocess.check_output([sys.executable, "-c", code.format(m="torch, triton")])) for _ in range(5)]
-    full = [float(subprocess.check_output([sys.executable, "-c", code.format(m="torch, triton, tunebench")]))
-            for _ in range(5)]
+    base, full = [], []
+    for _ in range(runs):   # interleaved, so file-cache warmth favours neither
+        base.append(float(subprocess.check_output([sys.executable, "-c", code.format(m="torch, triton")])))
+        full.append(float(subprocess.check_output([sys.executable, "-c", code.format(m="torch, triton, tunebench")])))
     return statistics.median(base), statistics.median(full)
 
 
-def per_call_us(fn, n=3000, rounds=7) -> float:
-    for _ in range(200):
+def _round(fn, n) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
         fn()
     torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def paired_us(direct, dispatched, n=2000, rounds=15) -> tuple[float, float, float]:
+    """Host time per call of each path, rounds alternating between them; the overhead is the median of the per-round
+    differences, so that drift between rounds cancels."""
+    for fn in (direct, dispatched):
+        for _ in range(200):
             fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(out)
+    torch.cuda.synchronize()
+    a, b = [], []
+    for r in range(rounds):
+        first, second = (direct, dispatched) if r % 2 == 0 else (dispatched, direct)
+        x, y = _round(first, n), _round(second, n)
+        a.append(x if first is direct else y)
+        b.append(y if first is direct else x)
+    return statistics.median(a), statistics.median(b), statistics.median(d2 - d1 for d1, d2 in zip(a, b))
 
 
 def main():
@@ -46,20 +57,20 @@ def main():
     k, v = torch.randn_like(q), torch.randn_like(q)
     tunebench.flash_attention(q, k, v)
     config = dispatch._DISPATCHER._cache[("flash_v2", q.shape, k.shape, q.dtype, False)]
-    direct = per_call_us(lambda: flash_v2.launch(q, k, v, config=config))
-    tuned = per_call_us(lambda: tunebench.flash_attention(q, k, v))
+    direct, tuned, over = paired_us(lambda: flash_v2.launch(q, k, v, config=config),
+                                    lambda: tunebench.flash_attention(q, k, v))
     print(f"flash_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
-          f"overhead {tuned - direct:.1f} us")
+          f"overhead {over:.1f} us (median of paired rounds)")
     qd = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
     kd = torch.randn(2, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((2,), 40, dtype=torch.int32, device="cuda")
     kc, vc, tables = pack_paged(kd, kd.clone(), lens, 16)
     tunebench.paged_attention(qd, kc, vc, tables, lens)
     pconf = dispatch._DISPATCHER._cache[("paged_attention", qd.shape, kc.shape, tables.shape, qd.dtype)]
-    direct = per_call_us(lambda: pa.launch(qd, kc, vc, tables, lens, config=pconf))
-    tuned = per_call_us(lambda: tunebench.paged_attention(qd, kc, vc, tables, lens))
+    direct, tuned, over = paired_us(lambda: pa.launch(qd, kc, vc, tables, lens, config=pconf),
+                                    lambda: tunebench.paged_attention(qd, kc, vc, tables, lens))
     print(f"paged_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
-          f"overhead {tuned - direct:.1f} us")
+          f"overhead {over:.1f} us (median of paired rounds)")
 
 
 if __name__ == "__main__":
