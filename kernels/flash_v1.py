@@ -15,15 +15,14 @@ Supported:
 - Causal masking aligned bottom-right (query i sees key j iff j <= i + Nk - Nq, as in FlashAttention >= 2.1). Q
   blocks that see none of the current K/V block are skipped. A query row that sees no key (Nq > Nk) outputs 0.
 - Head dims 16..256; one that is not a power of two is padded to the next one and masked.
-- fp16, bf16 and fp32. fp32 dots are full fp32 (input_precision="ieee", no tf32), like naive fp32 torch.
+- fp16, bf16 and fp32. fp32 dots are exact fp32 (input_precision="ieee", no tf32), like naive fp32 torch.
 
 Not supported: backward, dropout, attention bias or arbitrary masks, sliding windows, variable-length (packed)
-batches, paged K/V (see paged_attention), fp8, head dims outside 16..256. Only B * Hq programs run, one per SM, so
-a long sequence with few heads leaves most of the GPU idle: that too is the V1 schedule.
+batches, paged K/V (see paged_attention), fp8, head dims outside 16..256.
 
-Scratch: launch allocates, per call, fp32 O [B*Hq, Nq, D rounded up to 16] and m, l [B*Hq, Nq] (O in fp32 so that
-rewriting it once per K/V block does not accumulate fp16 rounding). The kernel initialises them itself (Algorithm 1,
-line 2) and writes the result to `out`, in q's dtype, in a final pass over the Q blocks.
+Scratch: launch allocates fp32 O [B*Hq, Nq, D rounded up to 16], m and l [B*Hq, Nq] per call (O in fp32 so that rewriting it once per
+K/V block does not accumulate fp16 rounding); the kernel initialises them itself (Algorithm 1, line 2) and writes the
+result to `out`, in q's dtype, in a final pass over the Q blocks.
 
 Tuning: SPACE holds B_r (BLOCK_M), B_c (BLOCK_N), num_warps and num_stages (the software-pipelining depth of the inner
 loop over Q blocks). keep() rejects configs whose estimated shared memory exceeds the device's opt-in limit or whose
