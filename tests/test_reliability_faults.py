@@ -7,7 +7,6 @@ the consolidated figure the README quotes. The GPU variant launches a real out-o
 import json
 import os
 import pathlib
-import random
 import subprocess
 import sys
 import time
@@ -18,11 +17,11 @@ import torch
 TESTS = pathlib.Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # fake_kernels, here and (through spawn's copy of sys.path) in the workers
 
-from fake_kernels import every_fault  # noqa: E402
+from fake_kernels import admitted_grid_order, every_fault  # noqa: E402
 from tunebench import registry  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import TuneOptions, all_configs, config_key, open_storage, study_name, tune  # noqa: E402
+from tunebench.tuner import TuneOptions, config_key, open_storage, study_name, tune  # noqa: E402
 
 EXPECTED = {"ok": "ok", "out_of_resources": "out_of_resources", "compile_error": "compile_error",
             "hang": "timeout", "illegal_access": "crashed", "wrong": "incorrect", "unwritten": "incorrect",
@@ -32,16 +31,6 @@ PROBLEM = Problem("fake_every_fault", 1, 2, 1, 24, 40, 16, "float32", causal=Tru
 GPU_PROBLEM = Problem("fake_gpu_fault", 1, 2, 1, 24, 40, 16, "float32", causal=True)
 
 
-def grid_order(module, seed: int, problem: Problem = PROBLEM) -> list[dict]:
-    """The admitted configs in the order `tune --sampler grid` runs them: DEFAULT, then SPACE shuffled by seed."""
-    rest = all_configs(module.SPACE)
-    random.Random(seed).shuffle(rest)
-    order, keys = [], set()
-    for config in [module.DEFAULT] + rest:
-        if config_key(config) not in keys and module.keep(config, problem) is None:
-            keys.add(config_key(config))
-            order.append(config)
-    return order
 
 
 def log_entries(path) -> list[dict]:
@@ -54,7 +43,7 @@ def log_entries(path) -> list[dict]:
 
 def seed_ending_on_ok(module) -> int:
     """A grid seed whose last config is correct, so even the last fault has a trial after it."""
-    return next(s for s in range(100) if grid_order(module, s)[-1]["MODE"] == "ok")
+    return next(s for s in range(100) if admitted_grid_order(module, s, PROBLEM)[-1]["MODE"] == "ok")
 
 
 @pytest.fixture
@@ -93,7 +82,7 @@ def test_every_fault_in_one_study(tmp_path, every_fault_kernel):
     optuna_trials = study.get_trials(deepcopy=False)
     assert {t.state.name for t in optuna_trials} <= {"COMPLETE", "FAIL", "PRUNED"}
     assert sorted(t.number for t in optuna_trials) == sorted(t.number for t in trials)
-    assert len(evaluated) == len(grid_order(every_fault, seed))
+    assert len(evaluated) == len(admitted_grid_order(every_fault, seed, PROBLEM))
     assert len({config_key(t.config) for t in trials}) == len(trials)  # nothing ran twice
 
     # Each trial ran in the order planned; after a fatal fault the next trial runs in a fresh process, after any
@@ -142,7 +131,7 @@ print(json.dumps({"cuda_initialized": torch.cuda.is_initialized(), "config": r.c
 def test_an_illegal_memory_access_on_a_gpu_is_crashed_and_the_worker_replaced(tmp_path):
     from fake_kernels import gpu_fault
     seed = next(s for s in range(100)
-                if [c["MODE"] for c in grid_order(gpu_fault, s, GPU_PROBLEM)] == ["ok", "oob", "ok"])
+                if [c["MODE"] for c in admitted_grid_order(gpu_fault, s, GPU_PROBLEM)] == ["ok", "oob", "ok"])
     db, log = tmp_path / "results.db", tmp_path / "launches.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                TUNEBENCH_FAKE_LOG=str(log))

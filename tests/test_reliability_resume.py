@@ -8,7 +8,6 @@ not because its heartbeat went stale minutes later."""
 import json
 import os
 import pathlib
-import random
 import signal
 import socket
 import sqlite3
@@ -25,7 +24,7 @@ sys.path.insert(0, str(TESTS))  # fake_kernels, here and in spawned workers
 from tunebench import registry  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import (TuneOptions, all_configs, config_key, open_storage, select_problems,  # noqa: E402
+from tunebench.tuner import (TuneOptions, config_key, open_storage, select_problems,  # noqa: E402
                              study_name, tune)
 
 GRACE_S = "3600"
@@ -163,15 +162,6 @@ tune([problem], TuneOptions(interpret=True, sampler="grid", seed=int(sys.argv[3]
 """
 
 
-def grid_order(module, seed: int, problem: Problem) -> list[dict]:
-    rest = all_configs(module.SPACE)
-    random.Random(seed).shuffle(rest)
-    order, keys = [], set()
-    for config in [module.DEFAULT] + rest:
-        if config_key(config) not in keys and module.keep(config, problem) is None:
-            keys.add(config_key(config))
-            order.append(config)
-    return order
 
 
 def launches(path: pathlib.Path) -> list[dict]:
@@ -179,10 +169,10 @@ def launches(path: pathlib.Path) -> list[dict]:
 
 
 def test_a_config_that_kills_its_run_is_retried_once_then_crashed(tmp_path, monkeypatch):
-    from fake_kernels import deadly
+    from fake_kernels import admitted_grid_order, deadly
     monkeypatch.setitem(registry.KERNELS, DEADLY.kernel, "fake_kernels.deadly")  # to read its rows back here
     # Two correct configs finish before the deadly one; the third comes after it.
-    seed = next(s for s in range(200) if [c["MODE"] for c in grid_order(deadly, s, DEADLY)] ==
+    seed = next(s for s in range(200) if [c["MODE"] for c in admitted_grid_order(deadly, s, DEADLY)] ==
                 ["ok", "ok", "kill_run", "ok"])
     db, log = tmp_path / "results.db", tmp_path / "launches.jsonl"
     env = dict(os.environ, TUNEBENCH_GRACE_S=GRACE_S, TUNEBENCH_FAKE_LOG=str(log))

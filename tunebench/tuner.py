@@ -279,6 +279,14 @@ def all_configs(space: dict) -> list[dict]:
     return [dict(zip(space, values)) for values in itertools.product(*space.values())]
 
 
+def grid_order(space: dict, default: dict, seed: int) -> list[dict]:
+    """The order `--sampler grid` enqueues configs in: DEFAULT first, then every SPACE combination shuffled by seed
+    (repeats and keep-rejected configs are skipped when enqueued)."""
+    rest = all_configs(space)
+    random.Random(seed).shuffle(rest)
+    return [default] + rest
+
+
 def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = HEARTBEAT_S,
                  grace_s: int = GRACE_S):
     """Optuna's RDB storage: --storage, else an SQLite file next to an SQLite results database (results.db ->
@@ -719,11 +727,10 @@ class Search:
         waiting = {config_key(t.system_attrs.get("fixed_params") or t.params)
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         remaining = max(0, self.budget - self.evaluated() - self.live_elsewhere)
-        order = [self.module.DEFAULT]
         if self.options.sampler == "grid":
-            rest = all_configs(self.space)
-            random.Random(self.options.seed).shuffle(rest)
-            order += rest
+            order = grid_order(self.space, self.module.DEFAULT, self.options.seed)
+        else:
+            order = [self.module.DEFAULT]
         fresh, seen_keys = [], set(self.seen) | waiting | set(self.elsewhere)
         admitted_slots = remaining - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
