@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .registry import KERNELS, kernel_module, source_hash
+from .registry import kernel_module, source_hash
 from .shapes import Problem, bucket, bucket_distance, bucket_key
 
 VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
@@ -141,10 +141,11 @@ class Dispatcher:
             why = f"no tuned winner of {problem.kernel} {problem.dtype} D{problem.D} causal={problem.causal}: DEFAULT"
         return Choice(dict(module.DEFAULT), why)
 
-    def config_for(self, key: tuple, make_problem) -> dict:
+    def config_for(self, key: tuple, resolve) -> dict:
+        """The config cached for a call's shape key; resolve() picks it on the first call with that key."""
         config = self._cache.get(key)
         if config is None:
-            config = self._cache[key] = self.choose(make_problem()).config
+            config = self._cache[key] = resolve()
         return config
 
 
@@ -205,7 +206,7 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
     if kernel is None:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     key = (kernel, q.shape, k.shape, q.dtype, causal)
-    config = _DISPATCHER.config_for(key, lambda: _dense_problem(kernel, q, k, causal))
+    config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_dense_problem(kernel, q, k, causal)).config)
     return _launcher(kernel)(q, k, v, config=config, causal=causal, scale=scale)
 
 
@@ -216,9 +217,7 @@ def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optiona
         problem = _paged_problem(q, k_cache, block_tables)
         return _paged_config(_DISPATCHER.choose(problem).config, k_cache.shape[1], problem)
 
-    config = _DISPATCHER._cache.get(key)
-    if config is None:
-        config = _DISPATCHER._cache[key] = resolve()
+    config = _DISPATCHER.config_for(key, resolve)
     return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale)
 
 
