@@ -9,13 +9,12 @@
 A dense reference (plain PyTorch SDPA over a contiguous per-sample cache) generates the same tokens:
 `run(...)` returns both. Random weights, seeded; nothing is downloaded.
 
-    python examples/generate.py                # GPU: bf16-free fp32 check plus tokens/s
+    python examples/generate.py                # GPU: float32 token-for-token check, plus tokens/s
     TRITON_INTERPRET=1 python examples/generate.py --small    # CPU, under the Triton interpreter
 """
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 

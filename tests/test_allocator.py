@@ -1,6 +1,5 @@
 """The paged KV block allocator: every verb and error, a Hypothesis state machine against a model of physical memory,
 a synthetic trace's waste, and the memory that parallel sampling and beam forks save."""
-import math
 import random
 import subprocess
 import sys

@@ -5,7 +5,6 @@ import pathlib
 import sys
 
 import pytest
-import torch
 
 _spec = importlib.util.spec_from_file_location(
     "generate", pathlib.Path(__file__).resolve().parents[1] / "examples" / "generate.py")
