@@ -113,3 +113,59 @@ def test_throughput_units():
     assert timing.throughput(paged, 2.0) == pytest.approx(paged.min_bytes / 2e-3 / 1e9)
     assert (timing.throughput_unit(dense), timing.throughput_unit(paged)) == ("TFLOP/s", "GB/s")
     assert math.isfinite(timing.throughput(dense, 1e-6))
+
+
+def test_a_worker_that_cannot_start_raises_its_own_error_and_the_fleet_stops_the_rest(monkeypatch):
+    # The second process fails to spawn: the caller must see that error (not an AssertionError from closing a
+    # process that never started), and the process already started must be stopped.
+    import multiprocessing.context
+
+    from tunebench.tuner import Fleet, TuneOptions
+
+    started = []
+    real_start = multiprocessing.context.SpawnProcess.start
+
+    def start_once(process):
+        if started:
+            raise OSError("planted: cannot spawn")
+        real_start(process)
+        started.append(process)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_once)
+    with pytest.raises(OSError, match="planted: cannot spawn"):
+        with Fleet(TuneOptions(interpret=True, workers=2)):
+            pass
+    assert len(started) == 1
+    started[0].join(10.0)
+    assert not started[0].is_alive()
+
+
+def test_a_worker_whose_parent_is_gone_exits_quietly():
+    # The parent's end of the pipe is closed while the worker serves: the worker returns from worker_main without
+    # a BrokenPipeError traceback.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    err = ctx.SimpleQueue()
+    process = ctx.Process(target=_serve_into_closed_pipe, args=(child, err))
+    process.start()
+    child.close()
+    parent.close()  # gone before the worker says it is ready
+    process.join(60.0)
+    assert process.exitcode == 0
+    assert err.get() == ""
+
+
+def _serve_into_closed_pipe(conn, err):
+    import contextlib
+    import io
+
+    from tunebench.trial import worker_main
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        try:
+            worker_main(conn, "compile", True, None, 1)
+        except BaseException as e:  # noqa: BLE001 (the test reports what escaped)
+            captured.write(f"{type(e).__name__}: {e}")
+    err.put(captured.getvalue())

@@ -277,7 +277,8 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
     _exit_with_parent(os.getppid())
     torch.set_num_threads(max(1, threads))
     state = _WorkerState(role, interpret)
-    conn.send(("ready", os.getpid()))
+    if not _reply(conn, ("ready", os.getpid())):
+        return
     while True:
         try:
             request = conn.recv()
@@ -286,10 +287,21 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
         if request is None:
             return
         reply, fatal = state.handle(request)
-        conn.send((*reply, fatal))
+        if not _reply(conn, (*reply, fatal)):
+            return
         if fatal:
             conn.close()
             os._exit(3)  # this CUDA context is unusable; the parent starts a fresh process
+
+
+def _reply(conn, message) -> bool:
+    """Sends to the parent; False when the parent is gone (killed, or closed its end), and the worker should exit
+    quietly rather than print a BrokenPipeError."""
+    try:
+        conn.send(message)
+        return True
+    except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+        return False
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -340,11 +352,17 @@ class Worker:
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, name=f"tunebench-{self.name}", daemon=True,
-                                   args=(child, self.role, self.interpret, self.visible_device, self.threads))
-        self.process.start()
-        child.close()
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=worker_main, name=f"tunebench-{self.name}", daemon=True,
+                              args=(child, self.role, self.interpret, self.visible_device, self.threads))
+        try:
+            process.start()
+        except BaseException:
+            conn.close()  # a process that never started is not kept: close() has nothing of it to stop
+            raise
+        finally:
+            child.close()
+        self.process, self.conn = process, conn
         self.loaded = None  # a fresh process has no problem set up
 
     def await_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
