@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--storage", default=None, help="Optuna storage URL for studies (default: next to --db)")
     t.add_argument("--workers", type=int, default=1, help="GPUs of this host to tune on at once")
     t.add_argument("--compile-workers", type=int, default=None,
-                   help="CPU processes compiling configs ahead of the GPU (default: one per spare core, up to 8; "
-                        "0: off)")
+                   help="CPU processes compiling configs ahead of the GPUs (default: one per spare core, up to 8 "
+                        "per --workers; 0: off)")
     t.add_argument("--interpret", action="store_true",
                    help="run the whole pipeline on the CPU under the Triton interpreter (not a speed measurement)")
     t.set_defaults(func=_tune)

@@ -19,10 +19,10 @@ The search:
   killed run left RUNNING are failed at once if that run was on this host and its process is gone, else by Optuna's
   heartbeat (RDB storage) once stale; each such config is queued again once, and recorded crashed if it is lost a
   second time. A result that reached the store before its run died is kept, not run again.
-- Compile ahead: configs are asked a few at a time; compile workers (CPU-bound, one per spare core, up to 8) put
-  them into Triton's on-disk cache while the GPU worker checks and times earlier ones. A runner takes the first
-  asked config whose compile has finished (or failed: the runner then meets the error itself and classifies it).
-  Not under --interpret, where there is nothing to compile.
+- Compile ahead: configs are asked a few at a time; compile workers (CPU-bound, one per spare core, up to 8 per GPU
+  runner, so that two GPUs are fed twice the compiles) put them into Triton's on-disk cache while the GPU workers
+  check and time earlier ones. A runner takes the first asked config whose compile has finished (or failed: the
+  runner then meets the error itself and classifies it). Not under --interpret, where there is nothing to compile.
 - At the end of a problem the best few ok configs and DEFAULT are re-timed against each other, interleaved, in one
   worker; the winner is the fastest by those medians, and its speedup over DEFAULT comes from the same rounds.
 
@@ -64,7 +64,7 @@ TOP_K = 3                       # finalists re-timed against each other (plus DE
 RETIME_ROUNDS = 3
 RETIME_ROUNDS_INTERPRET = 2
 ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
-MAX_COMPILE_WORKERS = 8
+MAX_COMPILE_WORKERS = 8         # per runner: two GPUs take twice the compiles per second
 HEARTBEAT_S = 30                # Optuna trial heartbeat; a trial silent for GRACE_S is stale (its run died)
 GRACE_S = 120                   # both can be set (whole seconds) by $TUNEBENCH_HEARTBEAT_S and $TUNEBENCH_GRACE_S
 SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
@@ -86,7 +86,7 @@ class TuneOptions:
     storage: str | None = None
     workers: int = 1
     interpret: bool = False
-    compile_workers: int | None = None  # None: one per spare core, up to MAX_COMPILE_WORKERS (0 under --interpret)
+    compile_workers: int | None = None  # None: a spare core each, <= MAX_COMPILE_WORKERS per runner (0: --interpret)
     top_k: int = TOP_K
     setup_timeout: float = SETUP_TIMEOUT_S
     heartbeat_s: int = HEARTBEAT_S      # how often a run marks its open trials alive
@@ -210,8 +210,10 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
 
 
 def tune(problems: list[Problem], options: TuneOptions, *, results: list[ProblemResult] | None = None,
-         err=None) -> list[ProblemResult]:
-    """Tunes each problem in turn and returns (and appends to ``results``, as they finish) one result per problem."""
+         err=None, fleet: Fleet | None = None) -> list[ProblemResult]:
+    """Tunes each problem in turn and returns (and appends to ``results``, as they finish) one result per problem.
+    ``fleet``: worker processes already started (and left running) by the caller, for experiments that tune the same
+    problems many times (bench/search_efficiency.py); by default the run starts and stops its own."""
     options.validate()
     err = err or sys.stderr
     results = [] if results is None else results
@@ -222,7 +224,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
         _quiet_optuna()
         storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
         print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
-        with Fleet(options) as fleet:
+        with contextlib.nullcontext(fleet) if fleet is not None else Fleet(options) as fleet:
             device = fleet.identify()
             for index, problem in enumerate(problems):
                 search = Search(problem, options, store, storage, fleet, device,
@@ -447,7 +449,7 @@ class Fleet:
             devices, threads = visible_devices(n), 4
             n_compile = options.compile_workers
             if n_compile is None:
-                n_compile = min(MAX_COMPILE_WORKERS, max(0, (os.cpu_count() or 1) - n - 1))
+                n_compile = min(MAX_COMPILE_WORKERS * n, max(0, (os.cpu_count() or 1) - n - 1))
         self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}")
                         for i, d in enumerate(devices)]
         self.compilers = [Worker("compile", options.interpret, devices[0], 1, options.setup_timeout,
