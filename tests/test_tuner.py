@@ -161,3 +161,26 @@ def test_studies_live_beside_an_sqlite_results_database(tmp_path):
     assert isinstance(open_storage(None, "sqlite://"), optuna.storages.InMemoryStorage)
     with pytest.raises(ValueError, match="--storage"):
         open_storage(None, "postgresql+psycopg://u@localhost/tunebench")
+
+
+def test_a_queued_trial_killed_while_writing_its_config_is_retried_whole():
+    # A run killed between the parameters of a queued (grid) trial: the retry carries the whole queued config.
+    import optuna
+    from optuna.trial import TrialState
+
+    from tunebench.tuner import retry_once
+    study = optuna.create_study()
+    done = study.ask()
+    done.suggest_categorical("BLOCK_M", [16, 32])
+    done.suggest_categorical("BLOCK_N", [16, 32])
+    study.tell(done, 1.0)
+    study.enqueue_trial({"BLOCK_M": 32, "BLOCK_N": 16})
+    half = study.ask()
+    half.suggest_categorical("BLOCK_M", [16, 32])  # killed here, before BLOCK_N
+    study.tell(half, state=TrialState.FAIL)
+    retry_once(study, study.trials[half.number])
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert retry.system_attrs["retry_of"] == half.number
+    again = study.ask()  # the tuner's suggestions take the queued values without a distribution clash
+    assert {n: again.suggest_categorical(n, [16, 32]) for n in ("BLOCK_M", "BLOCK_N")} == retry.params

@@ -63,6 +63,7 @@ DEFAULT_TRIALS = 24
 TOP_K = 3                       # finalists re-timed against each other (plus DEFAULT)
 RETIME_ROUNDS = 3
 RETIME_ROUNDS_INTERPRET = 2
+REFILL_SYNC_S = 0.5             # refill reads the study at most this often (dispatch reads it before each run)
 TPE_AHEAD = 2                   # TPE configs asked ahead of each runner once the random start is done
 ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
 MAX_COMPILE_WORKERS = 8         # per runner: two GPUs take twice the compiles per second
@@ -336,8 +337,18 @@ def retry_once(study, trial) -> None:
     import optuna
     if "retry_of" in trial.system_attrs or not trial.params:
         return
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
-                                              distributions=trial.distributions,
+    # A queued config (DEFAULT, the grid) is retried whole even if the run died while writing its parameters.
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    distributions = dict(trial.distributions)
+    if set(params) - set(distributions):  # the distributions of the parameters it did not write: another trial's
+        for other in study.get_trials(deepcopy=False):
+            distributions = {**other.distributions, **distributions}
+            if set(params) <= set(distributions):
+                break
+        else:
+            return  # none known (no trial wrote them): the config is not retried
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=params,
+                                              distributions={name: distributions[name] for name in params},
                                               system_attrs={"retry_of": trial.number}))
 
 
@@ -589,9 +600,11 @@ class Search:
         self.found_lost: dict[tuple, Seen] = {}  # the verdicts found for them (lost_verdicts)
         self.retries: set[int] = set()          # retries queued by retry_once that this run has counted
         self.max_asks = 0                       # set by enqueue, after the first sync
+        self.synced_at = 0.0                    # when sync last read the study
         self.sync()
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
+        self.finishing: set[tuple] = set()      # configs run, their results not yet written (step)
         self.compiling: dict[Worker, Candidate] = {}
         self.preparing: set[Worker] = set()
         self.asks = 0
@@ -655,6 +668,7 @@ class Search:
         whose config is not all written yet is ``choosing``. ``claims``: the numbers of the trials that have, or may
         yet have, a verdict (evaluated ones, and all open or queued ones, ours too)."""
         from optuna.trial import TrialState
+        self.synced_at = time.monotonic()
         trials = self.fail_dead_owners(self.study.get_trials(deepcopy=False))
         self.count_retries(trials)
         for key, seen in self.load_seen(trials).items():
@@ -792,8 +806,20 @@ class Search:
                 self.heartbeat()
                 return True
             return self.wants_more() or self.await_others()
-        for worker, event in self.fleet.wait(timeout=self.options.heartbeat_s):
-            self.on_event(worker, event)
+        finished = []
+        try:
+            for worker, event in self.fleet.wait(timeout=self.options.heartbeat_s):
+                done = self.on_event(worker, event)
+                if done is not None:
+                    finished.append(done)
+            if finished:
+                # The freed runners get their next configs before the results are written: one process's loop
+                # serves every GPU, and the writes (store, Optuna) take longer than the sync dispatch needs.
+                self.dispatch()
+        finally:
+            for candidate, outcome in finished:
+                self.finishing.discard(candidate.key)
+                self.finish(candidate, outcome)
         self.heartbeat()
         return True
 
@@ -827,8 +853,11 @@ class Search:
         return True
 
     def refill(self) -> None:
-        if self.wants_more():
-            self.sync()  # other processes may have taken the rest of the budget since the last look
+        if self.wants_more() and time.monotonic() - self.synced_at >= REFILL_SYNC_S:
+            # Other processes may have taken the rest of the budget since the last look. Not on every step: a look
+            # reads the whole study, and one process's loop serves all its GPUs. A trial asked over the budget in
+            # the meantime stands down in next_ready, which reads the study again before anything runs.
+            self.sync()
         while self.wants_more():
             self.ask()
 
@@ -889,7 +918,7 @@ class Search:
         one whose config is not all written yet holds higher ones back until it is. So no config runs twice, and
         no two trials stand down for each other. Likewise a trial stands down if the trials numbered below it that
         have or may yet have a verdict already fill the budget: a budget shared by processes is never overrun."""
-        running = {c.key for c in self.running.values()}
+        running = {c.key for c in self.running.values()} | self.finishing
         for candidate in list(self.pending):
             if candidate.key in self.seen:
                 self.pending.remove(candidate)
@@ -905,15 +934,16 @@ class Search:
                 return candidate
         return None
 
-    def on_event(self, worker: Worker, event: Event) -> None:
+    def on_event(self, worker: Worker, event: Event) -> tuple[Candidate, Outcome] | None:
+        """Frees the worker; for a run, returns its candidate and outcome, for the caller to finish (tell)."""
         if worker in self.compiling:
             self.compiling.pop(worker).compiled = True  # or failed: the runner compiles it and reports the error
-            return
+            return None
         if worker in self.preparing:
             self.preparing.discard(worker)
             if event.kind != "ok":
                 raise ProblemFailed(event.message or f"setting up the problem: the worker {event.kind}")
-            return
+            return None
         candidate = self.running[worker]
         if event.kind == "ok":
             outcome = event.value
@@ -924,8 +954,9 @@ class Search:
         else:
             del self.running[worker]  # abandoned with the other open trials: not this config's fault
             raise ProblemFailed(event.message)
-        self.finish(candidate, outcome)
         del self.running[worker]
+        self.finishing.add(candidate.key)  # not run again while its result is being written
+        return candidate, outcome
 
     def heartbeat(self) -> None:
         import optuna
@@ -942,10 +973,9 @@ class Search:
         from optuna.trial import TrialState
         from .store import TrialResult
         trial, ok = candidate.trial, outcome.status == "ok"
+        # Optuna commits each attribute on its own; the timings' spread and throughput go to the store alone.
         attrs = {"status": outcome.status, "runner": candidate.runner,
                  **({"message": outcome.message[:500]} if outcome.message else {})}
-        if ok:
-            attrs.update(p20_ms=outcome.p20_ms, p80_ms=outcome.p80_ms, throughput=outcome.throughput)
         # The store first: a run stopped between the two writes re-runs the trial rather than lose its record.
         self.store.record_trial(self.device, self.kernel, self.hash, self.problem, TrialResult(
             trial.number, candidate.config, outcome.status, outcome.median_ms, outcome.p20_ms, outcome.p80_ms,
