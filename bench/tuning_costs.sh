@@ -6,7 +6,8 @@
 #   compile     compile-ahead's saving: the llama-3-8b flash_v2 prefill problems, TRIALS trials each, tuned with
 #               --compile-workers 0 and with the default, each from a fresh Triton cache and results database.
 # Usage (GPU machine, package installed):  bash bench/tuning_costs.sh [full] [efficiency] [compile]   (default: all)
-# Settings (environment): DIR (/tmp/tuning_costs: logs, databases), TRIALS (16, for compile).
+# Settings (environment): DIR (/tmp/tuning_costs: logs, databases), TRIALS (16, for compile), EFFICIENCY_ARGS
+#   (more arguments for search_efficiency.py, e.g. "--grids .grids" to reuse an earlier run's grids).
 # Writes DIR/STEP/... and DIR/summary.txt; DIR/done when every step has ended (for a caller polling a background run).
 set -uo pipefail
 DIR=${DIR:-/tmp/tuning_costs}
@@ -36,7 +37,7 @@ for step in "${steps[@]}"; do
     full)
       timed full "$DIR/full" tunebench tune --db "$DIR/full/results.db" ;;
     efficiency)
-      timed efficiency "$DIR/efficiency" python3 bench/search_efficiency.py --out "$DIR/efficiency" ;;
+      timed efficiency "$DIR/efficiency" python3 bench/search_efficiency.py --out "$DIR/efficiency" ${EFFICIENCY_ARGS:-} ;;
     compile)
       for cw in 0 default; do
         args=(--preset llama-3-8b --kernel flash_v2 --trials "$TRIALS" --db "$DIR/compile-$cw/results.db")
