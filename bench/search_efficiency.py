@@ -161,9 +161,9 @@ def write_report(out: pathlib.Path, rows: list[dict], args, n_problems: int, tot
         lines += ["", f"**{hits} of {len(rows)} (problem, seed) pairs hit ({hits / len(rows):.0%}; goal >= 90%).** "
                   f"Head-to-head ratio median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}. "
                   f"TPE used {rows[0]['budget']}/{rows[0]['admitted']} of the first problem's grid; wall time per "
-                  f"TPE run median {statistics.median(r['wall_s'] for r in rows):.0f} s vs grid "
-                  f"{statistics.median({r['problem']: r['grid_wall_s'] for r in rows}.values()):.0f} s "
-                  f"(nan: grids reused)."]
+                  f"TPE run median {statistics.median(r['wall_s'] for r in rows):.0f} s"
+                  + (" (grids reused from an earlier run)." if args.grids else
+                     f" vs grid {statistics.median({r['problem']: r['grid_wall_s'] for r in rows}.values()):.0f} s.")]
     report = "\n".join(lines)
     (out / "efficiency.md").write_text(report + "\n")
     (out / "efficiency.json").write_text(json.dumps(rows, indent=1))

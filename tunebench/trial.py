@@ -300,7 +300,7 @@ def _reply(conn, message) -> bool:
     try:
         conn.send(message)
         return True
-    except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+    except OSError:  # BrokenPipeError, ConnectionResetError: the other end is closed
         return False
 
 
