@@ -5,6 +5,7 @@
 #   - the wall time of each run and their ratio (the goal: >= 1.8x, i.e. >= 90% scaling efficiency);
 #   - GPU utilisation sampled by nvidia-smi every 0.5 s during each run (both GPUs busy in the 2-worker run);
 #   - trials per GPU in the 2-worker run (Optuna's `runner` attribute of each trial) and their distinct configs;
+#   - where each run's time went (its $TUNEBENCH_TRACE timeline, summarised by bench/trace_summary.py);
 #   - the winner of each problem in both runs; where they differ, the two configs re-timed head to head on GPU 0
 #     (interleaved rounds, as the tuner confirms winners), so "match within timing noise" is measured, not assumed.
 #
@@ -54,14 +55,15 @@ tune_with() {  # $1: number of workers
        "($(date +%T))"
   local start end
   start=$(date +%s.%N)
-  TRITON_CACHE_DIR="$dir/triton-cache" tunebench tune "${PROBLEMS[@]}" --sampler "$SAMPLER" --trials "$TRIALS" \
+  TUNEBENCH_TRACE="$dir/trace.jsonl" TRITON_CACHE_DIR="$dir/triton-cache" tunebench tune "${PROBLEMS[@]}" --sampler "$SAMPLER" --trials "$TRIALS" \
     --seed "$SEED" --workers "$1" --db "$dir/results.db" > "$dir/tune.log" 2>&1
   rc=$?
   end=$(date +%s.%N)
   [ -n "$smi" ] && kill "$smi" 2>/dev/null
   python3 -c "print(f'{$end - $start:.1f}')" > "$dir/wall_s"
   grep -v '^  #' "$dir/tune.log" | tail -n 25
-  echo "=== --workers $1: exit $rc, $(cat "$dir/wall_s") s"
+  echo "=== --workers $1: exit $rc, $(cat "$dir/wall_s") s; where the time went:"
+  python3 "$(dirname "$0")/trace_summary.py" "$dir/trace.jsonl"
   return "$rc"
 }
 

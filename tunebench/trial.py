@@ -36,7 +36,7 @@ import torch
 from .correctness import Verdict, close_enough
 from .shapes import Problem
 from .workloads import Workload
-from . import timing
+from . import timing, trace
 
 MESSAGE_CHARS = 2000
 STARTUP_TIMEOUT_S = 180.0   # importing torch and triton in a fresh process; slow on a loaded CI machine
@@ -364,6 +364,7 @@ class Worker:
             child.close()
         self.process, self.conn = process, conn
         self.loaded = None  # a fresh process has no problem set up
+        trace.event("spawn", worker=self.name)
 
     def await_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         try:
@@ -374,6 +375,7 @@ class Worker:
         if reply is None or reply[0] != "ready":
             code = self._stop()
             raise RuntimeError(f"the {self.name} worker process did not start ({describe_exit(code)})")
+        trace.event("ready", worker=self.name)
 
     def submit(self, request, timeout: float) -> None:
         assert not self.busy, f"{self.name} worker is busy"
@@ -451,12 +453,14 @@ class Worker:
 
     def _send(self, request, phase: str, timeout: float) -> None:
         self.phase, self.deadline = phase, time.monotonic() + timeout
+        trace.event("send", worker=self.name, request=type(request).__name__)
         try:
             self.conn.send(request)
         except (OSError, BrokenPipeError):
             pass  # the process is gone: receive() sees EOF and reports it as died
 
     def _finish(self, event: Event) -> Event:
+        trace.event("done", worker=self.name, result=event.kind)
         self.request, self.phase, self.deadline = None, None, float("inf")
         return event
 

@@ -57,7 +57,7 @@ from datetime import datetime, timezone
 from .registry import KERNELS, kernel_module, source_hash
 from .shapes import Problem, bucket_key, preset_problems, suite
 from .trial import Compile, Event, Identify, Outcome, Retime, Run, Setup, Worker
-from . import timing
+from . import timing, trace
 
 DEFAULT_TRIALS = 24
 TOP_K = 3                       # finalists re-timed against each other (plus DEFAULT)
@@ -226,12 +226,17 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
         _quiet_optuna()
         storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
         print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
+        trace.event("tune", workers=options.workers, problems=len(problems))
         with contextlib.nullcontext(fleet) if fleet is not None else Fleet(options) as fleet:
+            trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
             device = fleet.identify()
+            trace.event("identified")
             for index, problem in enumerate(problems):
+                trace.event("problem", index=index, label=problem.label())
                 search = Search(problem, options, store, storage, fleet, device,
                                 Progress(err, index, len(problems), problem))
                 results.append(search.tune())
+        trace.event("fleet_closed")
     return results
 
 
@@ -602,6 +607,7 @@ class Search:
         self.max_asks = 0                       # set by enqueue, after the first sync
         self.synced_at = 0.0                    # when sync last read the study
         self.sync()
+        trace.event("study_loaded")
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
         self.finishing: set[tuple] = set()      # configs run, their results not yet written (step)
@@ -611,7 +617,8 @@ class Search:
         self.last_beat = time.monotonic()
         self.wide = len(fleet.runners) + len(fleet.compilers)
         self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
-        self.max_asks = self.enqueue()
+        with trace.span("enqueue"):
+            self.max_asks = self.enqueue()
 
     # -- the study as it stands
 
@@ -667,6 +674,10 @@ class Search:
         or the fixed ones of a queued trial) go to ``elsewhere``, the lowest trial number for each; a RUNNING trial
         whose config is not all written yet is ``choosing``. ``claims``: the numbers of the trials that have, or may
         yet have, a verdict (evaluated ones, and all open or queued ones, ours too)."""
+        with trace.span("sync"):
+            self._sync()
+
+    def _sync(self) -> None:
         from optuna.trial import TrialState
         self.synced_at = time.monotonic()
         trials = self.fail_dead_owners(self.study.get_trials(deepcopy=False))
@@ -779,7 +790,9 @@ class Search:
         self.progress.begin(self.budget, self.evaluated(), self.counts())
         try:
             self.search()
+            trace.event("searched")
             result = self.confirm()
+            trace.event("confirmed")
         except ProblemFailed as e:
             result = ProblemResult(self.problem, counts=self.counts(), note=str(e))
         result.wall_s = time.monotonic() - start
@@ -819,7 +832,8 @@ class Search:
         finally:
             for candidate, outcome in finished:
                 self.finishing.discard(candidate.key)
-                self.finish(candidate, outcome)
+                with trace.span("finish"):
+                    self.finish(candidate, outcome)
         self.heartbeat()
         return True
 
@@ -862,6 +876,10 @@ class Search:
             self.ask()
 
     def ask(self) -> None:
+        with trace.span("ask"):
+            self._ask()
+
+    def _ask(self) -> None:
         with deferred_interrupt():
             trial = self.study.ask()
             self.open[trial.number] = trial

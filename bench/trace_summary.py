@@ -1,0 +1,127 @@
+"""Where a tuning run's wall time went, from the timeline it wrote with $TUNEBENCH_TRACE=FILE (tunebench/trace.py).
+
+    python3 bench/trace_summary.py FILE
+
+Prints:
+- the run's phases: starting the workers, reading the device, then per problem: opening its study, the search, the
+  confirmation (re-timing the finalists), and closing the workers;
+- per runner (a GPU worker): its time in each kind of request (Setup, Run, Retime, ...), and in each problem's search
+  the share of the wall time it was busy, and its idle gaps between a reply and the next request (the parent's
+  latency in feeding it);
+- the parent's own work: time in Optuna asks, writing results, reading the study, in all and per trial.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+import sys
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def busy_intervals(events: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
+    """worker -> [(start, end, request)]: a Setup sent before a Run is its own interval, ending when the Run is sent."""
+    open_: dict[str, tuple[float, str]] = {}
+    out: dict[str, list] = collections.defaultdict(list)
+    for e in events:
+        w = e.get("worker")
+        if e["kind"] == "send":
+            if w in open_:
+                start, request = open_[w]
+                out[w].append((start, e["t"], request))
+            open_[w] = (e["t"], e["request"])
+        elif e["kind"] == "done" and w in open_:
+            start, request = open_.pop(w)
+            out[w].append((start, e["t"], request))
+    return out
+
+
+def overlap(intervals, lo: float, hi: float) -> float:
+    return sum(max(0.0, min(b, hi) - max(a, lo)) for a, b, _ in intervals)
+
+
+def main(path: str) -> None:
+    events = load(path)
+    first = {}
+    for e in events:
+        first.setdefault(e["kind"], e["t"])
+    t0 = events[0]["t"]
+    end = events[-1]["t"]
+    print(f"trace of {end - t0:.1f} s, {len(events)} events")
+
+    # -- phases
+    problems = []   # (label, begin, loaded, searched, confirmed)
+    current = None
+    for e in events:
+        if e["kind"] == "problem":
+            current = {"label": e["label"], "begin": e["t"]}
+            problems.append(current)
+        elif current is not None and e["kind"] in ("study_loaded", "searched", "confirmed"):
+            current.setdefault(e["kind"], e["t"])
+    print("\n== phases (s)")
+    if "fleet_ready" in first:
+        print(f"  start workers  {first['fleet_ready'] - t0:7.2f}")
+    if "identified" in first:
+        print(f"  identify       {first['identified'] - first['fleet_ready']:7.2f}")
+    for p in problems:
+        loaded = p.get("study_loaded", p["begin"])
+        searched = p.get("searched", loaded)
+        confirmed = p.get("confirmed", searched)
+        print(f"  {p['label']}: study {loaded - p['begin']:.2f}, search {searched - loaded:.2f}, "
+              f"confirm {confirmed - searched:.2f}")
+    if problems and "fleet_closed" in first:
+        last = problems[-1].get("confirmed", problems[-1]["begin"])
+        print(f"  close workers  {first['fleet_closed'] - last:7.2f}")
+
+    # -- workers
+    intervals = busy_intervals(events)
+    runners = sorted(w for w in intervals if w.startswith("run"))
+    print("\n== runners: seconds in each request (count)")
+    for w in runners:
+        per = collections.defaultdict(lambda: [0.0, 0])
+        for a, b, request in intervals[w]:
+            per[request][0] += b - a
+            per[request][1] += 1
+        print(f"  {w}: " + ", ".join(f"{r} {s:.2f} ({n})" for r, (s, n) in sorted(per.items())))
+    compilers = [w for w in intervals if w.startswith("compile")]
+    if compilers:
+        total = sum(b - a for w in compilers for a, b, _ in intervals[w])
+        count = sum(len(intervals[w]) for w in compilers)
+        print(f"  {len(compilers)} compile workers: {total:.2f} s in {count} requests")
+
+    print("\n== runners in each search: busy share of its wall time; idle gaps between a reply and the next request")
+    for p in problems:
+        lo, hi = p.get("study_loaded", p["begin"]), p.get("searched")
+        if hi is None:
+            continue
+        cells = []
+        for w in runners:
+            mine = [iv for iv in intervals[w] if iv[1] > lo and iv[0] < hi]
+            busy = overlap(mine, lo, hi)
+            gaps = [b[0] - a[1] for a, b in zip(mine, mine[1:]) if b[0] > a[1]]
+            gap = (f", gaps median {statistics.median(gaps) * 1e3:.0f} ms, total {sum(gaps):.2f} s"
+                   if gaps else "")
+            cells.append(f"{w} {busy / max(hi - lo, 1e-9):.0%}{gap}")
+        print(f"  {p['label']}: " + "; ".join(cells))
+
+    # -- the parent
+    spans = collections.defaultdict(list)
+    for e in events:
+        if "s" in e and "worker" not in e:
+            spans[e["kind"]].append(e["s"])
+    runs = sum(1 for w in runners for iv in intervals[w] if iv[2] == "Run")
+    print("\n== the parent's own work")
+    for kind, values in sorted(spans.items()):
+        print(f"  {kind:8s} {sum(values):7.2f} s in {len(values):4d}, mean {statistics.mean(values) * 1e3:6.1f} ms"
+              f", {sum(values) / max(runs, 1) * 1e3:6.1f} ms per run")
+    print(f"  ({runs} runs)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])

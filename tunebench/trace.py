@@ -1,0 +1,43 @@
+"""A timeline of a tuning run, for finding where its wall time goes (bench/trace_summary.py reads it).
+
+With $TUNEBENCH_TRACE=FILE set, the tuner's process appends one JSON line per event to FILE: each worker request sent
+and finished (worker, request type, what came of it), the spans of the parent's own work (asking Optuna, writing a
+result, reading the study) and the run's milestones (workers ready, each problem's search and confirmation). Without
+it every call here returns at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+_path = os.environ.get("TUNEBENCH_TRACE") or None
+_file = None
+
+
+def enabled() -> bool:
+    return _path is not None
+
+
+def event(kind: str, **fields) -> None:
+    """One line: {"t": seconds (time.time), "kind": kind, **fields}."""
+    global _file
+    if _path is None:
+        return
+    if _file is None:
+        _file = open(_path, "a", buffering=1)  # line-buffered: a killed run keeps what it wrote
+    _file.write(json.dumps({"t": round(time.time(), 6), "kind": kind, **fields}, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def span(kind: str, **fields):
+    """An event with the duration ("s") of the block, written when it ends."""
+    if _path is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        event(kind, s=round(time.perf_counter() - start, 6), **fields)
