@@ -13,7 +13,8 @@
 # SAMPLER=grid by default: its configs are a queue (DEFAULT, then SPACE shuffled by SEED), so both runs evaluate the
 # same TRIALS configs per problem and differ only in how many GPUs do it; TPE would propose differently with two
 # runners in flight, and the runs would not be the same work.
-# Settings (environment): PRESET (llama-3-8b), KERNEL (flash_v2), TRIALS (16 per problem), SEED (0), SAMPLER (grid),
+# Settings (environment): PRESET (llama-3-8b), KERNEL (flash_v2), SUITE (instead of PRESET: e.g. default, every
+#   kernel unless KERNEL is given), TRIALS (16 per problem), SEED (0), SAMPLER (grid),
 #   OUT (/tmp/scaling: logs, databases, utilisation samples), NOISE (0.03: winners within 3% count as matching),
 #   INTERPRET=1 runs the same comparison on a CPU under the Triton interpreter (a check of this script, not a
 #   measurement: tiny suite, flash_v1, no nvidia-smi).
@@ -28,7 +29,12 @@ if [ "$INTERPRET" = 1 ]; then
   PROBLEMS=(--suite tiny --kernel "${KERNEL:-flash_v1}" --interpret)
   TRIALS=${TRIALS:-4}
 else
-  PROBLEMS=(--preset "${PRESET:-llama-3-8b}" --kernel "${KERNEL:-flash_v2}")
+  if [ -n "${SUITE:-}" ]; then
+    PROBLEMS=(--suite "$SUITE")
+    [ -n "${KERNEL:-}" ] && PROBLEMS+=(--kernel "$KERNEL")
+  else
+    PROBLEMS=(--preset "${PRESET:-llama-3-8b}" --kernel "${KERNEL:-flash_v2}")
+  fi
   TRIALS=${TRIALS:-16}
   gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
   if [ "$gpus" -lt 2 ]; then

@@ -54,14 +54,15 @@ def main(path: str) -> None:
     print(f"trace of {end - t0:.1f} s, {len(events)} events")
 
     # -- phases
-    problems = []   # (label, begin, loaded, searched, confirmed)
-    current = None
+    problems = []   # {label, begin, study_loaded, searched, confirmed}
     for e in events:
         if e["kind"] == "problem":
-            current = {"label": e["label"], "begin": e["t"]}
-            problems.append(current)
-        elif current is not None and e["kind"] in ("study_loaded", "searched", "confirmed"):
-            current.setdefault(e["kind"], e["t"])
+            problems.append({"label": e["label"], "begin": e["t"]})
+        elif e["kind"] == "study_loaded" and problems:  # written while the problem's search is created
+            problems[-1].setdefault(e["kind"], e["t"])
+        elif e["kind"] in ("searched", "confirmed") and "index" in e:
+            # A problem's confirmation may end during the next one's search (re-timed in the background).
+            problems[e["index"]].setdefault(e["kind"], e["t"])
     print("\n== phases (s)")
     if "fleet_ready" in first:
         print(f"  start workers  {first['fleet_ready'] - t0:7.2f}")
@@ -71,10 +72,10 @@ def main(path: str) -> None:
         loaded = p.get("study_loaded", p["begin"])
         searched = p.get("searched", loaded)
         confirmed = p.get("confirmed", searched)
-        print(f"  {p['label']}: study {loaded - p['begin']:.2f}, search {searched - loaded:.2f}, "
-              f"confirm {confirmed - searched:.2f}")
+        print(f"  {p['label']}: from {p['begin'] - t0:.2f}: study {loaded - p['begin']:.2f}, "
+              f"search {searched - loaded:.2f}, confirm {confirmed - searched:.2f}")
     if problems and "fleet_closed" in first:
-        last = problems[-1].get("confirmed", problems[-1]["begin"])
+        last = max(p.get("confirmed", p["begin"]) for p in problems)
         print(f"  close workers  {first['fleet_closed'] - last:7.2f}")
 
     # -- workers

@@ -1,6 +1,7 @@
 """`tunebench tune` end to end on the CPU (--interpret): real spawned workers, the real results store and Optuna
 studies in SQLite files under tmp_path. Planted faults come from test-only kernel modules (tests/fake_kernels)
 registered into the kernel registry for the test."""
+import json
 import os
 import pathlib
 import sys
@@ -184,3 +185,67 @@ def test_a_queued_trial_killed_while_writing_its_config_is_retried_whole():
     assert retry.system_attrs["retry_of"] == half.number
     again = study.ask()  # the tuner's suggestions take the queued values without a distribution clash
     assert {n: again.suggest_categorical(n, [16, 32]) for n in ("BLOCK_M", "BLOCK_N")} == retry.params
+
+
+def test_a_finished_problem_is_re_timed_while_the_next_one_searches(tmp_path, fakes, monkeypatch):
+    # One runner: the first problem's re-timing is in the background when the second problem's search starts, so
+    # the second problem's first trial waits for it; both winners still arrive, in the order of the problems.
+    from tunebench import trace
+    log = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(trace, "_path", str(log))
+    monkeypatch.setattr(trace, "_file", None)
+    problems = [fake_problem("fake_plain"), Problem("fake_plain", 1, 2, 1, 24, 24, 16, "float32", causal=False)]
+    results = tune(problems, options(tmp_path, trials=2))
+    trace._file.close()
+    assert [r.problem for r in results] == problems and all(r.config is not None and r.written for r in results)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    second = next(e["t"] for e in events if e["kind"] == "problem" and e["index"] == 1)
+    first_confirmed = next(e["t"] for e in events if e["kind"] == "confirmed" and e["index"] == 0)
+    assert second < first_confirmed
+    retimes = [e for e in events if e["kind"] == "send" and e["request"] == "Retime"]
+    assert len(retimes) == 2
+
+
+def test_a_failed_re_timing_falls_back_to_the_trial_medians(tmp_path, fakes, monkeypatch):
+    # The finalists' re-timing fails in the worker (its module cannot be imported there): the winner is the
+    # fastest by its trial median, and the result says why.
+    from tunebench import trial, tuner
+    monkeypatch.setattr(tuner, "Retime", lambda module, *a, **kw: trial.Retime("no_such_module_here", *a, **kw))
+    [result] = tune([fake_problem("fake_plain")], options(tmp_path, trials=3))
+    with Store(result_db(tmp_path)) as store:
+        fastest = min((t for t in store.trials(kernel="fake_plain") if t.status == "ok"), key=lambda t: t.median_ms)
+    assert "re-timing failed (error" in result.note and "trial medians used" in result.note
+    assert result.config == fastest.config and result.median_ms == fastest.median_ms
+
+
+def test_the_grid_is_queued_a_lookahead_at_a_time(tmp_path, fakes, monkeypatch):
+    # Every ask reads Optuna's whole queue: the grid goes into it a few configs at a time, and is still exhaustive.
+    import optuna
+    from optuna.trial import TrialState
+    waiting = []
+    real = optuna.Study.enqueue_trial
+
+    def enqueue(study, params, *a, **kw):
+        waiting.append(len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
+        return real(study, params, *a, **kw)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
+    [result] = tune([fake_problem("fake_behaviours")], options(tmp_path, sampler="grid", compile_workers=1))
+    assert len(waiting) == 18 and max(waiting) < 2  # lookahead: 1 runner + 1 compile worker
+    assert sum(result.counts.values()) == 18
+
+
+def test_background_replies_go_to_their_handler():
+    from tunebench.trial import Identify
+    from tunebench.tuner import Fleet
+    with Fleet(TuneOptions(interpret=True, workers=2)) as fleet:
+        got = []
+        fleet.submit_background(fleet.runners[0], Identify(), 60.0, got.append)
+        fleet.runners[1].submit(Identify(), 60.0)
+        events = []
+        while not (got and events):
+            events += fleet.wait(timeout=5.0)
+        assert [w for w, _ in events] == [fleet.runners[1]] and events[0][1].kind == "ok"
+        assert len(got) == 1 and got[0].kind == "ok" and not fleet.background
+        processes = [w.process for w in fleet.workers]
+    assert all(not p.is_alive() for p in processes)

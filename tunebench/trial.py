@@ -261,7 +261,8 @@ class _WorkerState:
             self.workload = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # give the last problem's memory back to the other processes on this GPU
-            self.workload = Workload(problem, seed, self.device)
+            # A compile worker needs the inputs' shapes, dtypes and alignment, not their values.
+            self.workload = Workload(problem, seed, self.device, fill=self.role == "run")
             if self.role == "run":
                 self.workload.references()
             self.loaded = (problem, seed)
@@ -345,6 +346,7 @@ class Worker:
         self.phase: str | None = None       # None (idle), "setup" or "run"
         self.deadline = float("inf")
         self.restarts = 0
+        self.exiting = False                # asked to exit (ask_to_exit)
 
     @property
     def busy(self) -> bool:
@@ -364,6 +366,7 @@ class Worker:
             child.close()
         self.process, self.conn = process, conn
         self.loaded = None  # a fresh process has no problem set up
+        self.exiting = False
         trace.event("spawn", worker=self.name)
 
     def await_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
@@ -441,12 +444,19 @@ class Worker:
         self.await_ready()
         return code
 
+    def ask_to_exit(self) -> None:
+        """Tells an idle worker to exit, without waiting: a fleet asks all of its workers first, then joins them, so
+        that their interpreters shut down at once (one by one, 18 workers took 8 s on an H200 pair)."""
+        if self.process is not None and self.process.is_alive() and not self.busy and not self.exiting:
+            self.exiting = True
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self.conn.send(None)
+
     def close(self) -> None:
         if self.process is None:
             return
-        if self.process.is_alive() and not self.busy:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                self.conn.send(None)
+        self.ask_to_exit()
+        if self.exiting:
             self.process.join(2.0)
         self._stop()
         self.process = None

@@ -53,6 +53,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 from .registry import KERNELS, kernel_module, source_hash
 from .shapes import Problem, bucket_key, preset_problems, suite
@@ -227,15 +228,25 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
         storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
         print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
         trace.event("tune", workers=options.workers, problems=len(problems))
+        first = len(results)
         with contextlib.nullcontext(fleet) if fleet is not None else Fleet(options) as fleet:
             trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
             device = fleet.identify()
             trace.event("identified")
-            for index, problem in enumerate(problems):
-                trace.event("problem", index=index, label=problem.label())
-                search = Search(problem, options, store, storage, fleet, device,
-                                Progress(err, index, len(problems), problem))
-                results.append(search.tune())
+            try:
+                for index, problem in enumerate(problems):
+                    trace.event("problem", index=index, label=problem.label())
+                    search = Search(problem, options, store, storage, fleet, device,
+                                    Progress(err, index, len(problems), problem))
+                    # Its result arrives once its finalists are re-timed: in the background of the next search.
+                    search.tune(results.append)
+                fleet.drain()
+            except BaseException:
+                fleet.cancel_background()  # a caller's fleet must not hold replies meant for this run
+                raise
+            finally:
+                order = {id(p): i for i, p in enumerate(problems)}
+                results[first:] = sorted(results[first:], key=lambda r: order.get(id(r.problem), len(problems)))
         trace.event("fleet_closed")
     return results
 
@@ -477,6 +488,9 @@ class Fleet:
                                  name=f"compile{i}")
                           for i in range(n_compile)]
         self.workers = self.runners + self.compilers
+        # Requests outside the search that the fleet is serving (a finished problem's finalists being re-timed while
+        # the next problem's search runs), and what to do with each reply.
+        self.background: dict[Worker, Callable[[Event], None]] = {}
 
     def __enter__(self) -> "Fleet":
         try:
@@ -493,6 +507,9 @@ class Fleet:
         self.close()
 
     def close(self) -> None:
+        self.background.clear()
+        for w in self.workers:
+            w.ask_to_exit()
         for w in self.workers:
             if w.process is not None:
                 w.close()
@@ -510,8 +527,34 @@ class Fleet:
                                f"choose them with CUDA_VISIBLE_DEVICES")
         return identities[0]
 
+    def submit_background(self, worker: Worker, request, timeout: float, on_reply: Callable[[Event], None]) -> None:
+        """Sends a request whose reply goes to ``on_reply`` (called from ``wait``) rather than to the search."""
+        worker.submit(request, timeout)
+        self.background[worker] = on_reply
+
+    def idle_runner(self, loaded: tuple | None = None) -> Worker:
+        """An idle runner, one that has ``loaded`` (problem, seed) set up if there is one; waits for one if none is."""
+        while True:
+            idle = [w for w in self.runners if not w.busy]
+            if idle:
+                return next((w for w in idle if w.loaded == loaded), idle[0])
+            for worker, event in self.wait(timeout=60.0):
+                raise RuntimeError(f"{worker.name} replied to no one: {event}")  # all runners are in the background
+
+    def drain(self) -> None:
+        """Waits for every background request to be answered."""
+        while self.background:
+            for worker, event in self.wait(timeout=60.0):
+                raise RuntimeError(f"{worker.name} replied to no one: {event}")
+
+    def cancel_background(self) -> None:
+        for worker in list(self.background):
+            worker.cancel()
+        self.background.clear()
+
     def wait(self, timeout: float) -> list[tuple[Worker, Event]]:
-        """Waits until a busy worker replies or reaches its deadline (or ``timeout``); returns what happened."""
+        """Waits until a busy worker replies or reaches its deadline (or ``timeout``); returns what happened, less the
+        replies to background requests, which go to their handlers."""
         from multiprocessing.connection import wait as wait_for_connections
         busy = [w for w in self.workers if w.busy]
         if not busy:
@@ -527,7 +570,11 @@ class Fleet:
                 event = w.expire()
             else:
                 continue
-            if event is not None:
+            if event is None:
+                continue
+            if w in self.background:
+                self.background.pop(w)(event)
+            else:
                 events.append((w, event))
         return events
 
@@ -605,6 +652,8 @@ class Search:
         self.found_lost: dict[tuple, Seen] = {}  # the verdicts found for them (lost_verdicts)
         self.retries: set[int] = set()          # retries queued by retry_once that this run has counted
         self.max_asks = 0                       # set by enqueue, after the first sync
+        self.unqueued: list[dict] = []          # grid configs to queue (top_up)
+        self.queued_ahead = 0                   # configs this run queued and has not asked for yet
         self.synced_at = 0.0                    # when sync last read the study
         self.sync()
         trace.event("study_loaded")
@@ -613,6 +662,12 @@ class Search:
         self.finishing: set[tuple] = set()      # configs run, their results not yet written (step)
         self.compiling: dict[Worker, Candidate] = {}
         self.preparing: set[Worker] = set()
+        if self.evaluated() + self.live_elsewhere < self.budget:
+            # Trials are to run here: the idle runners build the inputs and references while this process fills
+            # Optuna's queue and asks for the first configs.
+            for worker in self.fleet.runners:
+                if not worker.busy:
+                    self.prepare(worker)
         self.asks = 0
         self.last_beat = time.monotonic()
         self.wide = len(fleet.runners) + len(fleet.compilers)
@@ -754,8 +809,8 @@ class Search:
             return f"keep() raised {type(e).__name__}: {e}"
 
     def enqueue(self) -> int:
-        """Puts DEFAULT (and, for grid, every config not yet evaluated) into Optuna's queue; returns how many asks
-        this run may make."""
+        """Puts DEFAULT (and, for grid, every config not yet evaluated) into Optuna's queue, or into ``unqueued``
+        for top_up to put there as asks use the queue up; returns how many asks this run may make."""
         from optuna.trial import TrialState
         waiting = {config_key(t.system_attrs.get("fixed_params") or t.params)
                    for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
@@ -776,28 +831,51 @@ class Search:
                     continue
                 admitted_slots -= 1
             fresh.append(config)
-        for config in fresh:
-            self.study.enqueue_trial(config)
         queued = len(waiting) + len(fresh)
+        self.unqueued = fresh
+        self.top_up()
         if self.options.sampler == "grid":
             return queued
         return queued + ASK_FACTOR * remaining + ASK_SLACK
 
+    def top_up(self) -> None:
+        """Moves the next configs of ``unqueued`` into Optuna's queue once this run's share of it is used up, a
+        lookahead's worth at a time. Not all at once: every ask reads the whole queue (Optuna pops the first waiting
+        trial it can claim), and with a grid of 105 configs queued an ask took 30 ms of the loop that feeds every GPU.
+        A config that was evaluated, or queued or run elsewhere, since the grid was laid out is left out."""
+        if self.queued_ahead > 0 or not self.unqueued:
+            return
+        chunk = []
+        while self.unqueued and len(chunk) < max(1, self.lookahead()):
+            config = self.unqueued.pop(0)
+            key = config_key(config)
+            if key not in self.seen and key not in self.elsewhere:
+                chunk.append(config)
+        for config in chunk:
+            self.study.enqueue_trial(config)
+        self.queued_ahead += len(chunk)
+
     # -- the loop
 
-    def tune(self) -> ProblemResult:
+    def tune(self, deliver: Callable[[ProblemResult], None]) -> None:
+        """Searches, then has the finalists re-timed in the background: ``deliver`` gets the result once they are
+        (from Fleet.wait, during the next problem's search), or at once if there is nothing to re-time."""
         start = time.monotonic()
         self.progress.begin(self.budget, self.evaluated(), self.counts())
+
+        def done(result: ProblemResult) -> None:
+            result.wall_s = time.monotonic() - start
+            trace.event("confirmed", index=self.progress.index)
+            self.progress.end(result)
+            deliver(result)
+
         try:
             self.search()
-            trace.event("searched")
-            result = self.confirm()
-            trace.event("confirmed")
         except ProblemFailed as e:
-            result = ProblemResult(self.problem, counts=self.counts(), note=str(e))
-        result.wall_s = time.monotonic() - start
-        self.progress.end(result)
-        return result
+            done(ProblemResult(self.problem, counts=self.counts(), note=str(e)))
+            return
+        trace.event("searched", index=self.progress.index)
+        self.confirm(done)
 
     def search(self) -> None:
         try:
@@ -813,7 +891,11 @@ class Search:
     def step(self) -> bool:
         self.refill()
         self.dispatch()
-        if not any(w.busy for w in self.fleet.workers):
+        if not self.busy():
+            if self.pending and all(w.busy for w in self.fleet.runners):
+                self.fleet.wait(timeout=self.options.heartbeat_s)  # the runners re-time an earlier problem's finalists
+                self.heartbeat()
+                return True
             if self.pending:  # held back by a trial elsewhere that is still writing its config (next_ready)
                 time.sleep(CHOOSING_POLL_S)
                 self.heartbeat()
@@ -839,6 +921,10 @@ class Search:
 
     def live(self) -> int:
         return len(self.pending) + len(self.running)
+
+    def busy(self) -> bool:
+        """Whether a worker is serving this search (the fleet may also serve an earlier problem's re-timing)."""
+        return bool(self.running or self.compiling or self.preparing)
 
     def wants_more(self) -> bool:
         return (self.asks < self.max_asks and self.evaluated() + self.live() + self.live_elsewhere < self.budget
@@ -880,6 +966,7 @@ class Search:
             self._ask()
 
     def _ask(self) -> None:
+        self.top_up()
         with deferred_interrupt():
             trial = self.study.ask()
             self.open[trial.number] = trial
@@ -887,6 +974,8 @@ class Search:
                 self.storage.record_heartbeat(trial._trial_id)  # from now on, a killed run leaves a stale trial
         trial.set_user_attr("host", HOST)  # which process holds a RUNNING trial, for whoever looks at the study
         self.asks += 1
+        if "fixed_params" in self.storage.get_trial_system_attrs(trial._trial_id):  # it came from the queue
+            self.queued_ahead = max(0, self.queued_ahead - 1)
         config = suggest_config(trial, self.space)
         key = config_key(config)
         if key in self.seen:
@@ -912,7 +1001,8 @@ class Search:
         for worker in [w for w in self.fleet.runners if not w.busy]:
             candidate = self.next_ready()
             if candidate is None:
-                self.prepare(worker)
+                if self.pending:
+                    self.prepare(worker)
                 continue
             self.pending.remove(candidate)
             candidate.started_at = _now()
@@ -923,8 +1013,9 @@ class Search:
             self.running[worker] = candidate
 
     def prepare(self, worker: Worker) -> None:
-        """While the first configs compile, an idle runner builds the problem's inputs and references."""
-        if worker.loaded != (self.problem, self.options.seed) and self.pending:
+        """An idle runner builds the problem's inputs and references (while the first configs are asked and
+        compiled), once."""
+        if worker.loaded != (self.problem, self.options.seed):
             worker.submit(Setup(self.problem, self.options.seed), self.options.setup_timeout)
             self.preparing.add(worker)
 
@@ -1065,17 +1156,32 @@ class Search:
         times = [s.median_ms for s in self.seen.values() if s.status == "ok"]
         return min(times) if times else None
 
-    def confirm(self) -> ProblemResult:
-        """Re-times the best few ok configs and DEFAULT against each other; upserts the fastest as the winner."""
+    def confirm(self, done: Callable[[ProblemResult], None]) -> None:
+        """Re-times the best few ok configs and DEFAULT against each other, interleaved, in one idle runner (the
+        fleet's other runners go on to the next problem meanwhile); then upserts the fastest as the winner."""
         oks = sorted((s for s in self.seen.values() if s.status == "ok"), key=lambda s: s.median_ms)
         if not oks:
-            return ProblemResult(self.problem, counts=self.counts(), note="no config passed")
+            done(ProblemResult(self.problem, counts=self.counts(), note="no config passed"))
+            return
         finalists = oks[:self.options.top_k]
         default = self.seen.get(config_key(self.module.DEFAULT))
-        default_ok = default is not None and default.status == "ok"
-        if default_ok and default not in finalists:
+        if default is not None and default.status == "ok" and default not in finalists:
             finalists.append(default)
-        ms, note = self.retime(finalists)
+        rounds = RETIME_ROUNDS_INTERPRET if self.options.interpret else RETIME_ROUNDS
+        request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists], rounds)
+        worker = self.fleet.idle_runner(loaded=(self.problem, self.options.seed))
+        self.fleet.submit_background(worker, request, self.options.timeout * rounds,
+                                     lambda event: done(self.confirmed(finalists, default, event)))
+
+    def confirmed(self, finalists: list[Seen], default: Seen | None, event: Event) -> ProblemResult:
+        """The winner by the re-timing's medians (by the trial medians if it failed), upserted into the store."""
+        default_ok = default is not None and default.status == "ok"
+        counts = self.counts()
+        if event.kind == "ok":
+            ms, note = [timing.confirmed_ms(r) for r in event.value], ""
+        else:
+            ms = [s.median_ms for s in finalists]
+            note = f"re-timing failed ({event.kind}: {event.message}); trial medians used"
         best = min(range(len(finalists)), key=ms.__getitem__)
         default_ms = ms[finalists.index(default)] if default_ok else None
         speedup = default_ms / ms[best] if default_ms else None
@@ -1086,18 +1192,7 @@ class Search:
                                            speedup)
         if not written:
             note = _join(note, "the store keeps a faster earlier winner")
-        return ProblemResult(self.problem, config, ms[best], default_ms, speedup, self.counts(), written=written,
-                             note=note)
-
-    def retime(self, finalists: list[Seen]) -> tuple[list[float], str]:
-        """Each finalist's median over interleaved rounds in one worker; their trial medians if that fails."""
-        rounds = RETIME_ROUNDS_INTERPRET if self.options.interpret else RETIME_ROUNDS
-        request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists], rounds)
-        event = self.fleet.runners[0].call(request, timeout=self.options.timeout * rounds)
-        if event.kind != "ok":
-            return [s.median_ms for s in finalists], f"re-timing failed ({event.kind}: {event.message}); " \
-                                                     f"trial medians used"
-        return [timing.confirmed_ms(r) for r in event.value], ""
+        return ProblemResult(self.problem, config, ms[best], default_ms, speedup, counts, written=written, note=note)
 
 
 def _join(*notes: str) -> str:

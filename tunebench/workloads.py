@@ -44,15 +44,22 @@ def pack_paged(k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, blo
 
 
 class Workload:
-    """Random inputs for one problem (fixed seed) plus its float64 and naive low-precision references."""
+    """Random inputs for one problem (fixed seed) plus its float64 and naive low-precision references.
 
-    def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda"):
+    The values are drawn on the device the workload lives on (a seeded generator there: on a GPU, drawing 100M values
+    on the host took most of a second per problem and worker). fill=False leaves them uninitialised, for a compile
+    worker, which needs only their shapes, dtypes and alignment."""
+
+    def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda", fill: bool = True):
         self.problem, self.device = problem, torch.device(device)
-        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)    # the paged blocks' order
+        values = torch.Generator(device=self.device).manual_seed(seed)
         p, dt = problem, problem.torch_dtype
 
         def randn(*shape):
-            return torch.randn(*shape, generator=self._gen).to(dtype=dt, device=self.device)
+            if not fill:
+                return torch.empty(*shape, dtype=dt, device=self.device)
+            return torch.randn(*shape, generator=values, dtype=torch.float32, device=self.device).to(dt)
 
         if p.paged:
             self.q = randn(p.B, p.Hq, p.D)
