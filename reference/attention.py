@@ -1,11 +1,14 @@
 """The plainest attention there is: S = QK^T * scale, mask, softmax, PV.
 
-Computed in ``dtype`` (float64 by default), one (batch, head) at a time so that a 16k x 16k score matrix is the most
-that is ever materialised.
+Computed in ``dtype`` (float64 by default), for as many (batch, head) pairs at a time as keep the score matrices within
+MAX_SCORES elements (one pair at a time from 8k x 16k up). One pair per step made a small problem's reference thousands
+of steps of a few launches each (a paged decode of B=128 x 32 heads: 4096), which every tuning worker computes.
 """
 import math
 
 import torch
+
+MAX_SCORES = 1 << 27    # score elements materialised at once: 1 GiB in float64
 
 
 def _causal_mask(nq: int, nk: int, device) -> torch.Tensor:
@@ -30,16 +33,21 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, dtype=t
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     mask = _causal_mask(Nq, Nk, q.device) if causal else None
-    out = torch.empty(B, Hq, Nq, D, dtype=dtype, device=q.device)
-    for b in range(B):
-        for h in range(Hq):
-            qi, ki, vi = (t.to(dtype) for t in (q[b, h], k[b, h // group], v[b, h // group]))
-            s = (qi @ ki.T) * scale                                  # [Nq, Nk]
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            p = torch.softmax(s, dim=-1)
-            out[b, h] = torch.nan_to_num(p, nan=0.0) @ vi            # fully masked rows -> 0
-    return out
+    out = torch.empty(B * Hq, Nq, D, dtype=dtype, device=q.device)
+    qs, ks, vs = q.reshape(B * Hq, Nq, D), k.reshape(B * Hkv, Nk, D), v.reshape(B * Hkv, Nk, D)
+    pair = torch.arange(B * Hq, device=q.device)
+    kv_of = (pair // Hq) * Hkv + (pair % Hq) // group              # (b, h) -> (b, h // group)
+    step = max(1, MAX_SCORES // max(1, Nq * Nk))
+    for start in range(0, B * Hq, step):
+        rows = slice(start, min(start + step, B * Hq))
+        qi = qs[rows].to(dtype)
+        ki, vi = ks[kv_of[rows]].to(dtype), vs[kv_of[rows]].to(dtype)
+        s = (qi @ ki.transpose(-1, -2)) * scale                      # [pairs, Nq, Nk]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out[rows] = torch.nan_to_num(p, nan=0.0) @ vi                # fully masked rows -> 0
+    return out.reshape(B, Hq, Nq, D)
 
 
 def gather_paged_kv(cache, block_table, length: int) -> torch.Tensor:

@@ -104,6 +104,9 @@ def test_interleaved_rotates_the_order_and_keeps_results_per_fn():
     medians = timing.interleaved(fns, fake_bench, rounds=3)
     assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
     assert medians == [[0.0] * 3, [1.0] * 3, [2.0] * 3]
+    order.clear()  # the rounds shared among runners: the second part goes on with the rotation
+    assert timing.interleaved(fns, fake_bench, rounds=1, first=2) == [[0.0], [1.0], [2.0]]
+    assert order == [2, 0, 1]
 
 
 def test_throughput_units():

@@ -249,3 +249,18 @@ def test_background_replies_go_to_their_handler():
         assert len(got) == 1 and got[0].kind == "ok" and not fleet.background
         processes = [w.process for w in fleet.workers]
     assert all(not p.is_alive() for p in processes)
+
+
+def test_the_re_timing_rounds_are_shared_by_the_idle_runners(tmp_path, fakes, monkeypatch):
+    # Two runners, one problem: nothing else to overlap its re-timing, so each runner times the finalists in one of
+    # the (interpreter's two) rounds; the winner comes from both rounds.
+    from tunebench import trace
+    log = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(trace, "_path", str(log))
+    monkeypatch.setattr(trace, "_file", None)
+    [result] = tune([fake_problem("fake_plain")], options(tmp_path, trials=3, workers=2))
+    trace._file.close()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    retimed_by = sorted(e["worker"] for e in events if e["kind"] == "send" and e["request"] == "Retime")
+    assert retimed_by == ["run0", "run1"]
+    assert result.config is not None and result.written and not result.note

@@ -70,11 +70,12 @@ def quantiles(values: list[float], qs: tuple[float, ...]) -> list[float]:
     return out
 
 
-def interleaved(fns: list[Callable[[], object]], bench: Bench, rounds: int) -> list[list[float]]:
+def interleaved(fns: list[Callable[[], object]], bench: Bench, rounds: int, first: int = 0) -> list[list[float]]:
     """Times every fn once per round, rotating which goes first, so that drift (clocks, temperature, a neighbour on
-    the machine) falls on all of them alike. Returns each fn's medians, one per round."""
+    the machine) falls on all of them alike. Returns each fn's medians, one per round. ``first``: the number of the
+    first round, when the rounds are shared among workers."""
     medians: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
+    for r in range(first, first + rounds):
         for i in range(len(fns)):
             j = (i + r) % len(fns)
             medians[j].append(bench(fns[j]).median_ms)

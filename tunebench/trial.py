@@ -121,9 +121,10 @@ def launch_inputs(workload: Workload, module, config: dict) -> list[tuple[str, t
     return [(name, t, t.clone()) for name, t in zip(names, args) if isinstance(t, torch.Tensor)]
 
 
-def retime(workload: Workload, module, configs: list[dict], bench: timing.Bench, rounds: int) -> list[list[float]]:
+def retime(workload: Workload, module, configs: list[dict], bench: timing.Bench, rounds: int,
+           first: int = 0) -> list[list[float]]:
     """The finalists against each other: interleaved rounds on one worker, so that noise does not pick the winner."""
-    return timing.interleaved([launcher(workload, module, c) for c in configs], bench, rounds)
+    return timing.interleaved([launcher(workload, module, c) for c in configs], bench, rounds, first)
 
 
 def precompile(workload: Workload, module, config: dict) -> str:
@@ -216,6 +217,7 @@ class Retime:
     seed: int
     configs: list = field(hash=False)
     rounds: int = 3
+    first: int = 0      # the number of the first round (rounds shared among runners)
 
 
 # -- the worker process
@@ -247,7 +249,7 @@ class _WorkerState:
                 return ("ok", precompile(workload, module, request.config)), False
             if isinstance(request, Retime):
                 return ("ok", retime(workload, module, request.configs, self.bench(request.problem),
-                                     request.rounds)), False
+                                     request.rounds, request.first)), False
             return ("error", f"unknown request {request!r}"), False
         except Exception as e:
             return ("error", f"{type(e).__name__}: {e}"[:MESSAGE_CHARS]), is_cuda_fault(e)

@@ -532,12 +532,12 @@ class Fleet:
         worker.submit(request, timeout)
         self.background[worker] = on_reply
 
-    def idle_runner(self, loaded: tuple | None = None) -> Worker:
-        """An idle runner, one that has ``loaded`` (problem, seed) set up if there is one; waits for one if none is."""
+    def idle_runners(self, loaded: tuple | None = None) -> list[Worker]:
+        """The idle runners, those that have ``loaded`` (problem, seed) set up first; waits for one if none is."""
         while True:
             idle = [w for w in self.runners if not w.busy]
             if idle:
-                return next((w for w in idle if w.loaded == loaded), idle[0])
+                return sorted(idle, key=lambda w: w.loaded != loaded)
             for worker, event in self.wait(timeout=60.0):
                 raise RuntimeError(f"{worker.name} replied to no one: {event}")  # all runners are in the background
 
@@ -1157,8 +1157,10 @@ class Search:
         return min(times) if times else None
 
     def confirm(self, done: Callable[[ProblemResult], None]) -> None:
-        """Re-times the best few ok configs and DEFAULT against each other, interleaved, in one idle runner (the
-        fleet's other runners go on to the next problem meanwhile); then upserts the fastest as the winner."""
+        """Re-times the best few ok configs and DEFAULT against each other in interleaved rounds, in the background
+        of the next problem's search; then upserts the fastest as the winner. Each round times every finalist on one
+        GPU; the rounds are shared out among the runners idle now (all of one kind of GPU: Fleet.identify), so that
+        the last problem's re-timing, which nothing else overlaps, is not left to one GPU."""
         oks = sorted((s for s in self.seen.values() if s.status == "ok"), key=lambda s: s.median_ms)
         if not oks:
             done(ProblemResult(self.problem, counts=self.counts(), note="no config passed"))
@@ -1168,10 +1170,24 @@ class Search:
         if default is not None and default.status == "ok" and default not in finalists:
             finalists.append(default)
         rounds = RETIME_ROUNDS_INTERPRET if self.options.interpret else RETIME_ROUNDS
-        request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists], rounds)
-        worker = self.fleet.idle_runner(loaded=(self.problem, self.options.seed))
-        self.fleet.submit_background(worker, request, self.options.timeout * rounds,
-                                     lambda event: done(self.confirmed(finalists, default, event)))
+        workers = self.fleet.idle_runners(loaded=(self.problem, self.options.seed))[:rounds]
+        shares = [rounds // len(workers) + (i < rounds % len(workers)) for i in range(len(workers))]
+        parts: list[Event] = []
+
+        def on_part(event: Event) -> None:
+            parts.append(event)
+            if len(parts) < len(shares):
+                return
+            failed = [e for e in parts if e.kind != "ok"]
+            # Each part: per finalist, its medians of that part's rounds.
+            merged = failed[0] if failed else Event("ok", [sum((e.value[i] for e in parts), [])
+                                                           for i in range(len(finalists))])
+            done(self.confirmed(finalists, default, merged))
+
+        for i, (worker, share) in enumerate(zip(workers, shares)):
+            request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists],
+                             share, first=sum(shares[:i]))
+            self.fleet.submit_background(worker, request, self.options.timeout * share, on_part)
 
     def confirmed(self, finalists: list[Seen], default: Seen | None, event: Event) -> ProblemResult:
         """The winner by the re-timing's medians (by the trial medians if it failed), upserted into the store."""
