@@ -13,8 +13,9 @@ The search:
   of a config already evaluated do not count (a repeat is told the earlier result, not run again), but the sampler
   may be asked at most 4 x trials + 20 times, so a sampler that keeps proposing such configs ends the search early.
 - --sampler grid is exhaustive over what keep admits: every config of SPACE not yet in the study is enqueued, DEFAULT
-  first and the rest shuffled by --seed (rejected ones are told pruned), up to --trials evaluations. Enqueued trials
-  are Optuna's own queue, which processes sharing the study pop without overlap.
+  first and the rest shuffled by --seed (rejected ones are told pruned), up to --trials evaluations; a lookahead's
+  worth at a time (Search.top_up), since every ask reads the whole queue. Enqueued trials are Optuna's own queue,
+  which processes sharing the study pop without overlap.
 - Resume: the study's finished trials (evaluated or pruned) are never run again and count toward --trials. Trials a
   killed run left RUNNING are failed at once if that run was on this host and its process is gone, else by Optuna's
   heartbeat (RDB storage) once stale; each such config is queued again once, and recorded crashed if it is lost a
@@ -23,8 +24,11 @@ The search:
   runner, so that two GPUs are fed twice the compiles) put them into Triton's on-disk cache while the GPU workers
   check and time earlier ones. A runner takes the first asked config whose compile has finished (or failed: the
   runner then meets the error itself and classifies it). Not under --interpret, where there is nothing to compile.
-- At the end of a problem the best few ok configs and DEFAULT are re-timed against each other, interleaved, in one
-  worker; the winner is the fastest by those medians, and its speedup over DEFAULT comes from the same rounds.
+- At the end of a problem the best few ok configs and DEFAULT are re-timed against each other in interleaved rounds
+  (each round times every finalist on one GPU; the rounds are shared among the runners idle then), in the background
+  while the next problem's search starts; the winner is the fastest by the median of its rounds, and its speedup over
+  DEFAULT comes from the same rounds. A runner builds a problem's inputs and references as soon as the problem starts.
+- $TUNEBENCH_TRACE=FILE writes the run's timeline (tunebench/trace.py; bench/trace_summary.py reads it).
 
 Many GPUs and hosts:
 - --workers N: one runner process per GPU (CUDA_VISIBLE_DEVICES pinned per runner; under --interpret, N CPU runners),
