@@ -232,8 +232,8 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
         storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
         print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
         trace.event("tune", workers=options.workers, problems=len(problems))
-        first = len(results)
-        with contextlib.nullcontext(fleet) if fleet is not None else Fleet(options) as fleet:
+        first, lent = len(results), fleet is not None
+        with contextlib.nullcontext(fleet) if lent else Fleet(options) as fleet:
             trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
             device = fleet.identify()
             trace.event("identified")
@@ -246,7 +246,8 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
                     search.tune(results.append)
                 fleet.drain()
             except BaseException:
-                fleet.cancel_background()  # a caller's fleet must not hold replies meant for this run
+                if lent:  # a caller's fleet must not hold replies meant for this run (an own fleet is closed now)
+                    fleet.cancel_background()
                 raise
             finally:
                 order = {id(p): i for i, p in enumerate(problems)}
