@@ -16,10 +16,6 @@ _path = os.environ.get("TUNEBENCH_TRACE") or None
 _file = None
 
 
-def enabled() -> bool:
-    return _path is not None
-
-
 def event(kind: str, **fields) -> None:
     """One line: {"t": seconds (time.time), "kind": kind, **fields}."""
     global _file

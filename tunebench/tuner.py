@@ -543,14 +543,17 @@ class Fleet:
             idle = [w for w in self.runners if not w.busy]
             if idle:
                 return sorted(idle, key=lambda w: w.loaded != loaded)
-            for worker, event in self.wait(timeout=60.0):
-                raise RuntimeError(f"{worker.name} replied to no one: {event}")  # all runners are in the background
+            self._wait_background()  # every runner serves a background request
 
     def drain(self) -> None:
         """Waits for every background request to be answered."""
         while self.background:
-            for worker, event in self.wait(timeout=60.0):
-                raise RuntimeError(f"{worker.name} replied to no one: {event}")
+            self._wait_background()
+
+    def _wait_background(self) -> None:
+        """Waits for replies when only background requests are out: any other reply would have no one to take it."""
+        for worker, event in self.wait(timeout=60.0):
+            raise RuntimeError(f"{worker.name} replied to no one: {event}")
 
     def cancel_background(self) -> None:
         for worker in list(self.background):
