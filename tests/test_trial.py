@@ -172,3 +172,11 @@ def _serve_into_closed_pipe(conn, err):
         except BaseException as e:  # noqa: BLE001 (the test reports what escaped)
             captured.write(f"{type(e).__name__}: {e}")
     err.put(captured.getvalue())
+
+
+def test_a_trace_file_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    from tunebench import trace
+    monkeypatch.setattr(trace, "_path", str(tmp_path / "no-such-folder" / "trace.jsonl"))
+    monkeypatch.setattr(trace, "_file", None)
+    with pytest.raises(RuntimeError, match="TUNEBENCH_TRACE names a file that cannot be written: .*no-such-folder"):
+        trace.event("tune")

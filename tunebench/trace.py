@@ -22,7 +22,10 @@ def event(kind: str, **fields) -> None:
     if _path is None:
         return
     if _file is None:
-        _file = open(_path, "a", buffering=1)  # line-buffered: a killed run keeps what it wrote
+        try:
+            _file = open(_path, "a", buffering=1)  # line-buffered: a killed run keeps what it wrote
+        except OSError as e:
+            raise RuntimeError(f"$TUNEBENCH_TRACE names a file that cannot be written: {_path} ({e})") from None
     _file.write(json.dumps({"t": round(time.time(), 6), "kind": kind, **fields}, default=str) + "\n")
 
 
