@@ -157,7 +157,8 @@ def check_study_and_store(url: str, device: str, budget: int = BUDGET) -> list:
             and not (t.state == TrialState.WAITING and "retry_of" in t.system_attrs
                      and config_key(t.params) in {config_key(d.params) for d in done})]
     assert not left, f"trials left unfinished: {left}"
-    assert len(done) == budget, [(t.number, t.user_attrs) for t in study.trials]
+    assert len(done) == budget, "\n".join(f"{t.number} {t.state.name} {t.params} {t.user_attrs} {t.system_attrs}"
+                                          for t in study.trials)
     assert len({config_key(t.params) for t in done}) == budget, "a config was evaluated twice"
     with Store(url, readonly=True) as store:
         stored = [t for t in store.trials(kernel=PROBLEM.kernel, problem=PROBLEM) if t.status != "pruned"]
@@ -239,19 +240,18 @@ def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device):
     # The victim names another host, so its death can be learnt only from its heartbeat, as across machines.
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
     victim, survivor = start_host(pg_url, logs[0], hostname="elsewhere"), start_host(pg_url, logs[1])
-    held = wait_for_a_running_trial(pg_url, victim, logs[0])
+    held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0])
     workers = child_pids(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
-    killed_at = datetime.now()  # naive local time, as Optuna stamps trials
     victim.wait(30)
     finish([survivor], logs[1:])
     done = check_study_and_store(pg_url, device)
     stale = the_study(pg_url).trials[held]
     # No status, nor the "abandoned" message a run that could still act leaves: failed for it, by its heartbeat,
-    # which stopped at the kill and was found stale a grace period later.
+    # which stopped at the freeze and was found stale a grace period later.
     assert stale.state.name == "FAIL" and "status" not in stale.user_attrs and "message" not in stale.user_attrs, \
         f"trial {held} of the killed process: {stale.state.name} {stale.user_attrs}"
-    assert (stale.datetime_complete - killed_at).total_seconds() >= GRACE_S - HEARTBEAT_S - 1
+    assert (stale.datetime_complete - frozen_at).total_seconds() >= GRACE_S - HEARTBEAT_S - 1
     assert survivor.pid in {pid_of(t) for t in done}
     assert_exited(workers)
 
@@ -260,22 +260,39 @@ def pid_of(trial) -> int:
     return int(trial.user_attrs["host"].rsplit(":", 1)[1])
 
 
-def wait_for_a_running_trial(url: str, process: subprocess.Popen, log: pathlib.Path) -> int:
-    """The number of a trial the process holds RUNNING, once it has also finished one (so it is mid-run)."""
-    import optuna
-    from optuna.trial import TrialState
+def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Path) -> tuple[int, datetime]:
+    """Stops the process (SIGSTOP) once it has finished a trial and holds another RUNNING, and returns that trial's
+    number and when it was stopped. The trials are read again after the stop: a stopped process can tell Optuna
+    nothing more (its workers' replies wait in their pipes), so the trial read RUNNING then is RUNNING when it is
+    killed, however soon the process would have finished or pruned it. If it holds none by then, it runs on."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
         assert process.poll() is None, f"it ended before it could be killed:\n{log.read_text()[-3000:]}"
-        studies = optuna.get_all_study_summaries(url) if _has_studies(url) else []
-        if studies:
-            trials = optuna.load_study(study_name=studies[0].study_name, storage=url).trials
-            mine = [t for t in trials if "host" in t.user_attrs and pid_of(t) == process.pid]
-            running = [t.number for t in mine if t.state == TrialState.RUNNING]
-            if running and any(t.state.is_finished() for t in mine):
-                return running[0]
+        if held_trials(url, process.pid):
+            os.kill(process.pid, signal.SIGSTOP)
+            frozen_at = datetime.now()  # naive local time, as Optuna stamps trials
+            held = held_trials(url, process.pid)
+            if held:
+                return held[0], frozen_at
+            os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.2)
     pytest.fail(f"no trial was ever running:\n{log.read_text()[-3000:]}")
+
+
+def held_trials(url: str, pid: int) -> list[int]:
+    """The trials the process holds RUNNING with no verdict written yet, once it has also finished one (so it is
+    mid-run). Not one whose attributes it has begun to write: Optuna commits each on its own, so a process stopped
+    between them leaves a trial RUNNING with, say, its status but no state."""
+    import optuna
+    from optuna.trial import TrialState
+    studies = optuna.get_all_study_summaries(url) if _has_studies(url) else []
+    if not studies:
+        return []
+    trials = optuna.load_study(study_name=studies[0].study_name, storage=url).trials
+    mine = [t for t in trials if "host" in t.user_attrs and pid_of(t) == pid]
+    if not any(t.state.is_finished() for t in mine):
+        return []
+    return [t.number for t in mine if t.state == TrialState.RUNNING and set(t.user_attrs) == {"host"}]
 
 
 def _has_studies(url: str) -> bool:
