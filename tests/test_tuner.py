@@ -206,6 +206,17 @@ def test_a_finished_problem_is_re_timed_while_the_next_one_searches(tmp_path, fa
     assert len(retimes) == 2
 
 
+def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():
+    # Optuna commits each user attribute on its own: a run killed between the two writes of a repeat must leave a
+    # trial with duplicate_of and no status, never a status alone (which reads as one more evaluated config).
+    from types import SimpleNamespace
+    from tunebench.tuner import Search, Seen
+    written = []
+    Search.tell_repeat(SimpleNamespace(tell=lambda trial, attrs, *a, **kw: written.append(list(attrs))), None,
+                       Seen({"BLOCK_M": 16}, "ok", 3, 1.0))
+    assert written == [["duplicate_of", "status"]]
+
+
 def test_a_failed_re_timing_falls_back_to_the_trial_medians(tmp_path, fakes, monkeypatch):
     # The finalists' re-timing fails in the worker (its module cannot be imported there): the winner is the
     # fastest by its trial median, and the result says why.

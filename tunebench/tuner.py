@@ -1114,7 +1114,9 @@ class Search:
     def tell_repeat(self, trial, seen: Seen) -> None:
         """A config already evaluated: Optuna is told the earlier result (so TPE learns), nothing runs again."""
         from optuna.trial import TrialState
-        attrs = {"status": seen.status, "duplicate_of": seen.number}
+        # duplicate_of first: Optuna commits each attribute on its own, and a run that dies between the two must not
+        # leave a trial that reads as an evaluation (a status without duplicate_of).
+        attrs = {"duplicate_of": seen.number, "status": seen.status}
         if seen.status == "ok":
             self.tell(trial, attrs, seen.median_ms)
         else:
