@@ -3,7 +3,7 @@
     python3 bench/trace_summary.py FILE
 
 Prints:
-- the run's phases: starting the workers, reading the device, then per problem: opening its study, the search, the
+- the run's phases: from the process's start to its first worker's, starting the workers, reading the device, then per problem: opening its study, the search, the
   confirmation (re-timing the finalists), and closing the workers;
 - per runner (a GPU worker): its time in each kind of request (Setup, Run, Retime, ...), and in each problem's search
   the share of the wall time it was busy, and its idle gaps between a reply and the next request (the parent's
@@ -64,8 +64,11 @@ def main(path: str) -> None:
             # A problem's confirmation may end during the next one's search (re-timed in the background).
             problems[e["index"]].setdefault(e["kind"], e["t"])
     print("\n== phases (s)")
+    if "process" in first and "spawn" in first:
+        print(f"  process start to the first worker spawned (Python, imports) {first['spawn'] - t0:7.2f}")
     if "fleet_ready" in first:
-        print(f"  start workers  {first['fleet_ready'] - t0:7.2f}")
+        opened = f" (databases open at {first['tune'] - first['spawn']:.2f})" if "tune" in first else ""
+        print(f"  start workers  {first['fleet_ready'] - first.get('spawn', t0):7.2f}{opened}")
     if "identified" in first:
         print(f"  identify       {first['identified'] - first['fleet_ready']:7.2f}")
     for p in problems:

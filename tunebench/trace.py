@@ -26,7 +26,22 @@ def event(kind: str, **fields) -> None:
             _file = open(_path, "a", buffering=1)  # line-buffered: a killed run keeps what it wrote
         except OSError as e:
             raise RuntimeError(f"$TUNEBENCH_TRACE names a file that cannot be written: {_path} ({e})") from None
+        started = _process_started()
+        if started is not None:  # what came before the first event: starting Python, imports
+            _file.write(json.dumps({"t": round(started, 6), "kind": "process", "pid": os.getpid()}) + "\n")
     _file.write(json.dumps({"t": round(time.time(), 6), "kind": kind, **fields}, default=str) + "\n")
+
+
+def _process_started() -> float | None:
+    """When this process started, in time.time() seconds (to 10 ms), from /proc; None where there is none."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @contextlib.contextmanager
