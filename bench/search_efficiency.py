@@ -59,7 +59,7 @@ def main() -> int:
     from tunebench import registry, timing
     from tunebench.shapes import Problem, bucket_key
     from tunebench.store import Store
-    from tunebench.trial import Retime
+    from tunebench.workers import Retime
     from tunebench.tuner import Fleet, TuneOptions, all_configs, format_config, interpreting, tune
 
     out = pathlib.Path(args.out)

@@ -97,6 +97,13 @@ def test_import_is_light():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
+def test_the_command_line_and_tuner_load_without_torch():
+    # `tunebench tune` spawns its workers before it imports torch (2-3 s), so that they start meanwhile.
+    code = ("import sys, tunebench.cli, tunebench.tuner, tunebench.workers; "
+            "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 @pytest.mark.gpu
 def test_both_entry_points_work_under_torch_compile_fullgraph():
     from tunebench.workloads import pack_paged

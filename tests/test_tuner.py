@@ -217,11 +217,36 @@ def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():
     assert written == [["duplicate_of", "status"]]
 
 
+def test_problems_whose_timings_cost_most_are_tuned_first():
+    # Paged decode is timed by graph replay (~1 s a timing, against ~0.1 s): those problems go first, so the last
+    # problem's re-timing, which nothing overlaps, is a short one. Otherwise the given order stands.
+    from tunebench.tuner import schedule
+    problems = suite("default")
+    order = schedule(problems)
+    paged = [p for p in problems if p.paged]
+    assert paged and len(paged) < len(problems)
+    assert order == paged + [p for p in problems if not p.paged]
+
+
+def test_results_come_in_the_given_order_whatever_order_the_problems_are_tuned_in(tmp_path, fakes, monkeypatch):
+    from tunebench import trace, tuner
+    log = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(trace, "_path", str(log))
+    monkeypatch.setattr(trace, "_file", None)
+    monkeypatch.setattr(tuner, "schedule", lambda problems: problems[::-1])
+    problems = [fake_problem("fake_plain"), Problem("fake_plain", 1, 2, 1, 24, 24, 16, "float32", causal=False)]
+    results = tune(problems, options(tmp_path, trials=2))
+    trace._file.close()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["label"] for e in events if e["kind"] == "problem"] == [p.label() for p in problems[::-1]]
+    assert [r.problem for r in results] == problems and all(r.config is not None for r in results)
+
+
 def test_a_failed_re_timing_falls_back_to_the_trial_medians(tmp_path, fakes, monkeypatch):
     # The finalists' re-timing fails in the worker (its module cannot be imported there): the winner is the
     # fastest by its trial median, and the result says why.
-    from tunebench import trial, tuner
-    monkeypatch.setattr(tuner, "Retime", lambda module, *a, **kw: trial.Retime("no_such_module_here", *a, **kw))
+    from tunebench import tuner, workers
+    monkeypatch.setattr(tuner, "Retime", lambda module, *a, **kw: workers.Retime("no_such_module_here", *a, **kw))
     [result] = tune([fake_problem("fake_plain")], options(tmp_path, trials=3))
     with Store(result_db(tmp_path)) as store:
         fastest = min((t for t in store.trials(kernel="fake_plain") if t.status == "ok"), key=lambda t: t.median_ms)
@@ -247,7 +272,7 @@ def test_the_grid_is_queued_a_lookahead_at_a_time(tmp_path, fakes, monkeypatch):
 
 
 def test_background_replies_go_to_their_handler():
-    from tunebench.trial import Identify
+    from tunebench.workers import Identify
     from tunebench.tuner import Fleet
     with Fleet(TuneOptions(interpret=True, workers=2)) as fleet:
         got = []
@@ -275,3 +300,22 @@ def test_the_re_timing_rounds_are_shared_by_the_idle_runners(tmp_path, fakes, mo
     retimed_by = sorted(e["worker"] for e in events if e["kind"] == "send" and e["request"] == "Retime")
     assert retimed_by == ["run0", "run1"]
     assert result.config is not None and result.written and not result.note
+
+
+def test_a_re_timing_that_the_next_search_overlaps_goes_to_one_runner(tmp_path, fakes, monkeypatch):
+    # Two runners, two problems: the first problem's rounds go to one runner (the other starts the next search),
+    # the last problem's are shared by both.
+    from tunebench import trace
+    log = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(trace, "_path", str(log))
+    monkeypatch.setattr(trace, "_file", None)
+    problems = [fake_problem("fake_plain"), Problem("fake_plain", 1, 2, 1, 24, 24, 16, "float32", causal=False)]
+    results = tune(problems, options(tmp_path, trials=3, workers=2))
+    trace._file.close()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    second = next(i for i, e in enumerate(events) if e["kind"] == "searched" and e["index"] == 1)
+    retimes = [(i > second, e["worker"]) for i, e in enumerate(events)
+               if e["kind"] == "send" and e["request"] == "Retime"]
+    assert len([w for after, w in retimes if not after]) == 1
+    assert sorted(w for after, w in retimes if after) == ["run0", "run1"]
+    assert all(r.config is not None and r.written and not r.note for r in results)

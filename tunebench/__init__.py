@@ -4,11 +4,26 @@
     out = tunebench.flash_attention(q, k, v, causal=True)          # q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]
     out = tunebench.paged_attention(q, k_cache, v_cache, block_tables, context_lens)
 
-Importing this module stays light: no optuna, sqlalchemy or hypothesis, and no kernel is compiled until called.
+Importing this module stays light: no optuna, sqlalchemy or hypothesis, and no kernel is compiled until called. Even
+torch waits for the first use of a name below, so that `tunebench tune` can start its worker processes before it
+imports torch itself.
 """
-from .allocator import BlockAllocator, OutOfBlocks
-from .dispatch import explain, flash_attention, paged_attention, reload, tuned_paged_block_size
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "paged_attention", "explain", "reload", "tuned_paged_block_size", "BlockAllocator",
-           "OutOfBlocks"]
+_EXPORTS = {"flash_attention": ".dispatch", "paged_attention": ".dispatch", "explain": ".dispatch",
+            "reload": ".dispatch", "tuned_paged_block_size": ".dispatch", "BlockAllocator": ".allocator",
+            "OutOfBlocks": ".allocator"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tunebench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

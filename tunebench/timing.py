@@ -52,6 +52,16 @@ def wall_bench(fn: Callable[[], object], reps: int = INTERPRET_REPS) -> Timing:
     return Timing(*quantiles(times, QUANTILES))
 
 
+# About how long one timing takes on a GPU (bench_for), in seconds: do_bench's 25 ms warm-up and 100 ms of launches,
+# or a graph of 100 ms of launches replayed 10 times (re-timings on an H200: 0.09 s and 1.0 s a timing). For ordering
+# work (tuner.schedule), not for reporting.
+TYPICAL_S = {"launches": 0.1, "graph": 1.0}
+
+
+def typical_s(paged: bool) -> float:
+    return TYPICAL_S["graph" if paged else "launches"]
+
+
 def bench_for(interpret: bool, paged: bool = False) -> Bench:
     if interpret:
         return wall_bench

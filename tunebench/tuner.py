@@ -61,7 +61,7 @@ from typing import Callable
 
 from .registry import KERNELS, kernel_module, source_hash
 from .shapes import Problem, bucket_key, preset_problems, suite
-from .trial import Compile, Event, Identify, Outcome, Retime, Run, Setup, Worker
+from .workers import Compile, Event, Identify, Outcome, Retime, Run, Setup, Worker
 from . import timing, trace
 
 DEFAULT_TRIALS = 24
@@ -224,26 +224,31 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
     options.validate()
     err = err or sys.stderr
     results = [] if results is None else results
-    if not options.interpret:
-        require_gpu()
-    from .store import Store
-    with interpreting(options.interpret), Store(options.db) as store, warnings.catch_warnings():
-        _quiet_optuna()
-        storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
-        print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
-        trace.event("tune", workers=options.workers, problems=len(problems))
-        first, lent = len(results), fleet is not None
-        with contextlib.nullcontext(fleet) if lent else Fleet(options) as fleet:
+    first, lent = len(results), fleet is not None
+    # An own fleet's workers start first: they import torch and triton while this process does the same and opens
+    # its databases (this process has not imported torch yet where CUDA_VISIBLE_DEVICES names the GPUs).
+    with interpreting(options.interpret), contextlib.nullcontext(fleet) if lent else Fleet(options).starting() as fleet:
+        if not options.interpret:
+            require_gpu()
+        from .store import Store
+        with Store(options.db) as store, warnings.catch_warnings():
+            _quiet_optuna()
+            storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
+            print(f"tunebench tune: results in {store.where}, studies in {_describe_storage(storage)}", file=err)
+            trace.event("tune", workers=options.workers, problems=len(problems))
+            for kernel in dict.fromkeys(p.kernel for p in problems):
+                kernel_module(kernel)  # and triton: imported while the workers start, not once they are ready
+            fleet.await_ready()
             trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
             device = fleet.identify()
             trace.event("identified")
             try:
-                for index, problem in enumerate(problems):
+                for index, problem in enumerate(schedule(problems)):
                     trace.event("problem", index=index, label=problem.label())
                     search = Search(problem, options, store, storage, fleet, device,
                                     Progress(err, index, len(problems), problem))
                     # Its result arrives once its finalists are re-timed: in the background of the next search.
-                    search.tune(results.append)
+                    search.tune(results.append, last=index == len(problems) - 1)
                 fleet.drain()
             except BaseException:
                 if lent:  # a caller's fleet must not hold replies meant for this run (an own fleet is closed now)
@@ -252,8 +257,17 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
             finally:
                 order = {id(p): i for i, p in enumerate(problems)}
                 results[first:] = sorted(results[first:], key=lambda r: order.get(id(r.problem), len(problems)))
-        trace.event("fleet_closed")
+    trace.event("fleet_closed")
     return results
+
+
+def schedule(problems: list[Problem]) -> list[Problem]:
+    """The order the problems are tuned in: those whose timings take longest first (timing.typical_s), else as given
+    (the results come back in the given order). Each problem's finalists are re-timed in the background of the next
+    problem's search, but nothing overlaps the last problem's re-timing, so that one should be short: on an H200 pair
+    a paged decode problem's (graph replays, ~1 s a timing) held both GPUs for the last 7.9 s of a 135 s run, where a
+    flash problem's takes about 1 s."""
+    return sorted(problems, key=lambda p: -timing.typical_s(p.paged))
 
 
 def _quiet_optuna() -> None:
@@ -489,7 +503,9 @@ class Fleet:
                 n_compile = min(MAX_COMPILE_WORKERS * n, max(0, (os.cpu_count() or 1) - n - 1))
         self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}")
                         for i, d in enumerate(devices)]
-        self.compilers = [Worker("compile", options.interpret, devices[0], 1, options.setup_timeout,
+        # Spread over the GPUs: each compile worker holds a CUDA context (its inputs' shapes and alignment are real
+        # tensors), and the driver creates one context at a time per GPU.
+        self.compilers = [Worker("compile", options.interpret, devices[i % n], 1, options.setup_timeout,
                                  name=f"compile{i}")
                           for i in range(n_compile)]
         self.workers = self.runners + self.compilers
@@ -499,10 +515,8 @@ class Fleet:
 
     def __enter__(self) -> "Fleet":
         try:
-            for w in self.workers:
-                w.start()
-            for w in self.workers:
-                w.await_ready()
+            self.start()
+            self.await_ready()
         except BaseException:
             self.close()
             raise
@@ -510,6 +524,30 @@ class Fleet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def starting(self):
+        """The fleet with its processes spawned, not yet awaited: they import torch and triton (4-5 s for 18 workers
+        on an H200 pair) while the caller does other work, then call ``await_ready``. Closed on leaving."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.close()
+
+    def start(self) -> None:
+        for w in self.workers:
+            if w.process is None:
+                w.start()
+
+    def await_ready(self) -> None:
+        try:
+            for w in self.workers:
+                if not w.ready:
+                    w.await_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.background.clear()
@@ -588,11 +626,15 @@ class Fleet:
 
 
 def visible_devices(n: int) -> list[str]:
-    """CUDA_VISIBLE_DEVICES values for n workers, one GPU each, from what this process may see."""
-    import torch
+    """CUDA_VISIBLE_DEVICES values for n workers, one GPU each, from what this process may see: the variable's own
+    list where it is set (without importing torch), else torch's device count."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else [str(i) for i in
-                                                                             range(torch.cuda.device_count())]
+    if listed:
+        ids = [d.strip() for d in listed.split(",") if d.strip()]
+    else:
+        require_gpu()
+        import torch
+        ids = [str(i) for i in range(torch.cuda.device_count())]
     if n > len(ids):
         raise ValueError(f"--workers {n} needs {n} GPUs, but {len(ids)} are visible")
     return ids[:n]
@@ -865,9 +907,10 @@ class Search:
 
     # -- the loop
 
-    def tune(self, deliver: Callable[[ProblemResult], None]) -> None:
+    def tune(self, deliver: Callable[[ProblemResult], None], last: bool = True) -> None:
         """Searches, then has the finalists re-timed in the background: ``deliver`` gets the result once they are
-        (from Fleet.wait, during the next problem's search), or at once if there is nothing to re-time."""
+        (from Fleet.wait, during the next problem's search), or at once if there is nothing to re-time. ``last``: no
+        problem follows, so nothing will overlap the re-timing (see confirm)."""
         start = time.monotonic()
         self.progress.begin(self.budget, self.evaluated(), self.counts())
 
@@ -883,7 +926,7 @@ class Search:
             done(ProblemResult(self.problem, counts=self.counts(), note=str(e)))
             return
         trace.event("searched", index=self.progress.index)
-        self.confirm(done)
+        self.confirm(done, share=last)
 
     def search(self) -> None:
         try:
@@ -1166,11 +1209,13 @@ class Search:
         times = [s.median_ms for s in self.seen.values() if s.status == "ok"]
         return min(times) if times else None
 
-    def confirm(self, done: Callable[[ProblemResult], None]) -> None:
+    def confirm(self, done: Callable[[ProblemResult], None], share: bool = True) -> None:
         """Re-times the best few ok configs and DEFAULT against each other in interleaved rounds, in the background
         of the next problem's search; then upserts the fastest as the winner. Each round times every finalist on one
-        GPU; the rounds are shared out among the runners idle now (all of one kind of GPU: Fleet.identify), so that
-        the last problem's re-timing, which nothing else overlaps, is not left to one GPU."""
+        GPU. ``share``: the rounds are shared out among the runners idle now (all of one kind of GPU:
+        Fleet.identify), for the last problem's re-timing, which nothing else overlaps. Otherwise one runner takes
+        them all while the others start the next search: a runner sharing them loads and warms up every finalist
+        itself (on an H200 pair a flash problem's re-timing took 20-60% more runner time shared than on one GPU)."""
         oks = sorted((s for s in self.seen.values() if s.status == "ok"), key=lambda s: s.median_ms)
         if not oks:
             done(ProblemResult(self.problem, counts=self.counts(), note="no config passed"))
@@ -1180,7 +1225,7 @@ class Search:
         if default is not None and default.status == "ok" and default not in finalists:
             finalists.append(default)
         rounds = RETIME_ROUNDS_INTERPRET if self.options.interpret else RETIME_ROUNDS
-        workers = self.fleet.idle_runners(loaded=(self.problem, self.options.seed))[:rounds]
+        workers = self.fleet.idle_runners(loaded=(self.problem, self.options.seed))[:rounds if share else 1]
         shares = [rounds // len(workers) + (i < rounds % len(workers)) for i in range(len(workers))]
         parts: list[Event] = []
 
