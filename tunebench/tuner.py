@@ -78,6 +78,8 @@ SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 refere
 STORAGE_OPEN_TRIES = 3
 HOST = f"{socket.gethostname()}:{os.getpid()}"
 CHOOSING_POLL_S = 0.05
+ASK_BATCH = 2                   # configs asked per turn of the loop: replies are read in between (at a problem's start
+                                # a runner set up waited ~0.5 s for the 18 asks of an H200 pair's lookahead)
 POLL_S = 2.0                    # how often a run with nothing left to do looks at other processes' open trials
 NO_GPU = ("no GPU: CUDA is not available here. Use `tunebench tune --interpret` to run the whole pipeline on the CPU "
           "under the Triton interpreter (a test of the pipeline, not a speed measurement), or run on a GPU machine")
@@ -944,7 +946,8 @@ class Search:
         self.dispatch()
         if not self.busy():
             if self.pending and all(w.busy for w in self.fleet.runners):
-                self.fleet.wait(timeout=self.options.heartbeat_s)  # the runners re-time an earlier problem's finalists
+                # The runners re-time an earlier problem's finalists; with configs still to ask, only look.
+                self.fleet.wait(timeout=0.0 if self.wants_more() else self.options.heartbeat_s)
                 self.heartbeat()
                 return True
             if self.pending:  # held back by a trial elsewhere that is still writing its config (next_ready)
@@ -954,7 +957,9 @@ class Search:
             return self.wants_more() or self.await_others()
         finished = []
         try:
-            for worker, event in self.fleet.wait(timeout=self.options.heartbeat_s):
+            # With configs still to ask, only look for replies: the asks go on in the next turn.
+            timeout = 0.0 if self.wants_more() else self.options.heartbeat_s
+            for worker, event in self.fleet.wait(timeout=timeout):
                 done = self.on_event(worker, event)
                 if done is not None:
                     finished.append(done)
@@ -1009,7 +1014,9 @@ class Search:
             # reads the whole study, and one process's loop serves all its GPUs. A trial asked over the budget in
             # the meantime stands down in next_ready, which reads the study again before anything runs.
             self.sync()
-        while self.wants_more():
+        for _ in range(ASK_BATCH):
+            if not self.wants_more():
+                break
             self.ask()
 
     def ask(self) -> None:
