@@ -2,6 +2,7 @@
 go through the dispatcher (TUNEBENCH_DB), which skips or refuses them with a message naming them and falls back,
 never crashing; a corrupt file given to the CLI fails naming its path and is left as it was; CLI calls with bad
 arguments exit non-zero with a message and write nothing. (tests/test_store.py checks the store's own refusals.)"""
+import contextlib
 import json
 import os
 import sqlite3
@@ -105,24 +106,30 @@ def test_untrusted_rows_are_skipped_and_dispatch_falls_back(user_db, device):
     print(f"hostile rows: {len(HOSTILE)} kinds planted, {len(HOSTILE)} skipped with a warning, dispatch correct")
 
 
+def execute(path, *statements: str) -> None:
+    """Runs and commits the statements, and closes the connection: `with sqlite3.connect()` only commits, and the
+    store's WAL mode then leaves the change in the -wal file until the connection is garbage-collected, which could
+    rewrite the database file in the middle of a test that checks that reading it changes nothing."""
+    with contextlib.closing(sqlite3.connect(path)) as c, c:
+        for statement in statements:
+            c.execute(statement)
+
+
 def newer_schema(path):
     Store(str(path)).close()
-    with sqlite3.connect(path) as c:
-        c.execute("UPDATE schema_version SET version = 99")
+    execute(path, "UPDATE schema_version SET version = 99")
 
 
 def schema_not_a_number(path):
     Store(str(path)).close()
-    with sqlite3.connect(path) as c:
-        c.execute("UPDATE schema_version SET version = 'one'")
+    execute(path, "UPDATE schema_version SET version = 'one'")
 
 
 def date_not_a_date(path):
     store = Store(str(path))
     store.upsert_winner(DEVICE, "flash_v2", registry.source_hash("flash_v2"), problem(64), GOOD, 1.0, 1.2)
     store.close()
-    with sqlite3.connect(path) as c:
-        c.execute("UPDATE winners SET updated_at = 'yesterday'")
+    execute(path, "UPDATE winners SET updated_at = 'yesterday'")
 
 
 def corrupt(path):
@@ -130,10 +137,9 @@ def corrupt(path):
 
 
 def foreign_tables(path):
-    with sqlite3.connect(path) as c:
-        c.execute("CREATE TABLE winners (id INTEGER PRIMARY KEY, payload BLOB)")
-        c.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER, written_by TEXT)")
-        c.execute("INSERT INTO schema_version VALUES (1, 1, 'not tunebench')")
+    execute(path, "CREATE TABLE winners (id INTEGER PRIMARY KEY, payload BLOB)",
+            "CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER, written_by TEXT)",
+            "INSERT INTO schema_version VALUES (1, 1, 'not tunebench')")
 
 
 UNUSABLE = {
