@@ -25,9 +25,11 @@ The search:
   check and time earlier ones. A runner takes the first asked config whose compile has finished (or failed: the
   runner then meets the error itself and classifies it). Not under --interpret, where there is nothing to compile.
 - At the end of a problem the best few ok configs and DEFAULT are re-timed against each other in interleaved rounds
-  (each round times every finalist on one GPU; the rounds are shared among the runners idle then), in the background
-  while the next problem's search starts; the winner is the fastest by the median of its rounds, and its speedup over
-  DEFAULT comes from the same rounds. A runner builds a problem's inputs and references as soon as the problem starts.
+  (each round times every finalist on one GPU; one runner takes them all, except for the last problem, whose rounds
+  are shared among the runners idle then), in the background while the next problem's search starts; the winner is
+  the fastest by the median of its rounds, and its speedup over DEFAULT comes from the same rounds. Problems whose
+  timings take longest are tuned first (schedule), so that the last re-timing is short. A runner builds a problem's
+  inputs and references as soon as the problem starts.
 - $TUNEBENCH_TRACE=FILE writes the run's timeline (tunebench/trace.py; bench/trace_summary.py reads it).
 
 Many GPUs and hosts:
@@ -1246,10 +1248,10 @@ class Search:
                                                            for i in range(len(finalists))])
             done(self.confirmed(finalists, default, merged))
 
-        for i, (worker, share) in enumerate(zip(workers, shares)):
+        for i, (worker, n_rounds) in enumerate(zip(workers, shares)):
             request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists],
-                             share, first=sum(shares[:i]))
-            self.fleet.submit_background(worker, request, self.options.timeout * share, on_part)
+                             n_rounds, first=sum(shares[:i]))
+            self.fleet.submit_background(worker, request, self.options.timeout * n_rounds, on_part)
 
     def confirmed(self, finalists: list[Seen], default: Seen | None, event: Event) -> ProblemResult:
         """The winner by the re-timing's medians (by the trial medians if it failed), upserted into the store."""
