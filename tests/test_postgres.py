@@ -6,6 +6,7 @@ recovered from: its RUNNING trial goes stale, is failed by Optuna's heartbeat, a
 The server: $TUNEBENCH_PG_URL if set (its user needs CREATEDB: each test gets a database of its own), else
 ci/postgres.sh starts one on loopback for the session, installing Debian's postgresql if it is missing. Where that
 cannot be done the tests skip, saying why; under CI (CI=true) they fail instead."""
+import functools
 import os
 import pathlib
 import signal
@@ -285,14 +286,22 @@ def held_trials(url: str, pid: int) -> list[int]:
     between them leaves a trial RUNNING with, say, its status but no state."""
     import optuna
     from optuna.trial import TrialState
-    studies = optuna.get_all_study_summaries(url) if _has_studies(url) else []
+    studies = optuna.get_all_study_summaries(_storage(url)) if _has_studies(url) else []
     if not studies:
         return []
-    trials = optuna.load_study(study_name=studies[0].study_name, storage=url).trials
+    trials = optuna.load_study(study_name=studies[0].study_name, storage=_storage(url)).trials
     mine = [t for t in trials if "host" in t.user_attrs and pid_of(t) == pid]
     if not any(t.state.is_finished() for t in mine):
         return []
     return [t.number for t in mine if t.state == TrialState.RUNNING and set(t.user_attrs) == {"host"}]
+
+
+@functools.lru_cache(maxsize=None)
+def _storage(url: str):
+    """One storage per database, made once its tables exist: a fresh one per look (an engine, a schema check) made
+    each look take long enough on a loaded 2-core machine for the victim to finish its share between two looks."""
+    import optuna
+    return optuna.storages.RDBStorage(url)
 
 
 def _has_studies(url: str) -> bool:

@@ -52,6 +52,9 @@ FINISHED_AND_OPEN = """SELECT (SELECT count(*) FROM trials WHERE state = 'COMPLE
     (SELECT count(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id
      WHERE t.state = 'RUNNING' AND a.key = 'host')"""
 
+LEFT_RUNNING = """SELECT s.study_name, t.number FROM trials t JOIN studies s ON s.study_id = t.study_id
+    WHERE t.state = 'RUNNING'"""
+
 
 def children(pid: int) -> list[int]:
     kids = []
@@ -115,7 +118,8 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     run.stderr.close()
     problems = select_problems(["flash_v1"], "tiny", None, interpret=True)
     before = stored(db, problems)
-    (left_running,) = query(optuna_file(db), "SELECT number FROM trials WHERE state = 'RUNNING'")
+    # Which problem's trial was left running: the first one's, or (when the kill came later) the next one's.
+    ((running_study, left_running),) = query(optuna_file(db), LEFT_RUNNING)
     assert len(workers) >= 1
     until = time.monotonic() + 30
     while any(alive(w) for w in workers) and time.monotonic() < until:
@@ -130,7 +134,8 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     print(f"kill -9 after {len(before)} stored trials, 1 left running; resumed in {resume_s:.0f} s")
 
     assert {k: v for k, v in after.items() if k in before} == before  # no finished trial lost or rewritten
-    first = problems[0].label()
+    [killed_in] = [p.label() for p in problems
+                   if study_name(cpu_device(), p.kernel, registry.source_hash(p.kernel), p) == running_study]
     for p in problems:
         rows = [(config, status) for (label, _), (config, status, _) in after.items() if label == p.label()]
         keys = Counter(config_key(config) for config, _ in rows)
@@ -138,13 +143,13 @@ def test_sigkill_mid_study_then_resume(tmp_path):
         assert sum(1 for _, status in rows if status != "pruned") == trials  # each study completed its budget
         optuna_rows = optuna_trials(db, cpu_device(), p)
         assert not [t.number for t in optuna_rows if t.state.name == "RUNNING"]
-        if p.label() == first:
-            killed = next(t for t in optuna_rows if t.number == left_running[0])
-            assert killed.state.name == "FAIL" and (first, killed.number) not in after
+        if p.label() == killed_in:
+            killed = next(t for t in optuna_rows if t.number == left_running)
+            assert killed.state.name == "FAIL" and (killed_in, killed.number) not in after
             (retry,) = [t for t in optuna_rows if t.system_attrs.get("retry_of") == killed.number]
             # Retried once, the whole config: a grid trial killed while writing its parameters has them queued.
             assert retry.params == (killed.system_attrs.get("fixed_params") or killed.params)
-            assert after[(first, retry.number)][1] == "ok"
+            assert after[(killed_in, retry.number)][1] == "ok"
 
 
 # -- a config that kills its run, twice
