@@ -3,11 +3,15 @@
     python3 bench/trace_summary.py FILE
 
 Prints:
-- the run's phases: from the process's start to its first worker's, starting the workers, reading the device, then per problem: opening its study, the search, the
-  confirmation (re-timing the finalists), and closing the workers;
+- the run's phases: from the process's start to its first worker's, starting the workers (and when the parent had
+  checked the GPU, opened its databases and imported the kernels), reading the device, then per problem: opening its
+  study, the search, the confirmation (re-timing the finalists), and closing the workers;
+- when the workers' processes started, finished their imports and were warm (CUDA context, Triton), by role;
 - per runner (a GPU worker): its time in each kind of request (Setup, Run, Retime, ...), and in each problem's search
   the share of the wall time it was busy, and its idle gaps between a reply and the next request (the parent's
   latency in feeding it);
+- each runner's idle time from the device read to the last result;
+- each re-timing: the runners that took it, and every finalist's round medians;
 - the parent's own work: time in Optuna asks, writing results, reading the study, in all and per trial.
 """
 from __future__ import annotations
@@ -67,7 +71,10 @@ def main(path: str) -> None:
     if "process" in first and "spawn" in first:
         print(f"  process start to the first worker spawned (Python, imports) {first['spawn'] - t0:7.2f}")
     if "fleet_ready" in first:
-        opened = f" (databases open at {first['tune'] - first['spawn']:.2f})" if "tune" in first else ""
+        marks = [(label, first[kind] - first.get("spawn", t0)) for label, kind in
+                 (("GPU checked", "gpu_checked"), ("databases open", "tune"), ("kernels imported", "kernels_imported"))
+                 if kind in first]
+        opened = f" ({', '.join(f'{label} at {t:.2f}' for label, t in marks)})" if marks else ""
         print(f"  start workers  {first['fleet_ready'] - first.get('spawn', t0):7.2f}{opened}")
     if "identified" in first:
         print(f"  identify       {first['identified'] - first['fleet_ready']:7.2f}")
@@ -80,6 +87,31 @@ def main(path: str) -> None:
     if problems and "fleet_closed" in first:
         last = max(p.get("confirmed", p["begin"]) for p in problems)
         print(f"  close workers  {first['fleet_closed'] - last:7.2f}")
+
+    # -- workers starting: spawned (by the parent), its process started, imports done (ready), CUDA and Triton warm
+    spawned, started, ready, warmed = {}, {}, {}, {}
+    for e in events:
+        w = e.get("worker")
+        if e["kind"] == "spawn":
+            spawned.setdefault(w, e["t"])
+        elif e["kind"] == "worker_ready":
+            ready.setdefault(w, e["t"])
+            if e.get("started"):
+                started.setdefault(w, e["started"])
+        elif e["kind"] == "warmed":
+            warmed.setdefault(w, e["t"])
+    if ready:
+        print("\n== workers starting (s from the run's start: median / last)")
+        for role in ("run", "compile"):
+            names = [w for w in spawned if w.startswith(role)]
+            cells = []
+            for label, marks in (("spawned", spawned), ("process started", started), ("imports done", ready),
+                                 ("warm", warmed)):
+                ts = [marks[w] - t0 for w in names if w in marks]
+                if ts:
+                    cells.append(f"{label} {statistics.median(ts):.2f} / {max(ts):.2f}")
+            if cells:
+                print(f"  {len(names)} {role}: " + ", ".join(cells))
 
     # -- workers
     intervals = busy_intervals(events)
@@ -111,6 +143,24 @@ def main(path: str) -> None:
                    if gaps else "")
             cells.append(f"{w} {busy / max(hi - lo, 1e-9):.0%}{gap}")
         print(f"  {p['label']}: " + "; ".join(cells))
+
+    if problems and "identified" in first:
+        lo = first["identified"]
+        hi = max(p.get("confirmed", p["begin"]) for p in problems)
+        print(f"\n== runners idle from the device read to the last result ({hi - lo:.2f} s)")
+        for w in runners:
+            print(f"  {w}: idle {hi - lo - overlap(intervals[w], lo, hi):.2f} s")
+
+    retimed = [e for e in events if e["kind"] == "retimed" and e.get("rounds_ms")]
+    if retimed:
+        print("\n== re-timings: runners; per finalist its round medians (ms), the winner first")
+        for e in retimed:
+            label = problems[e["index"]]["label"] if e["index"] < len(problems) else e["index"]
+            order = sorted(range(len(e["configs"])), key=lambda i: statistics.median(e["rounds_ms"][i]))
+            print(f"  {label} ({'extra rounds for the closest' if e.get('extra') else ', '.join(e['runners'])})")
+            for i in order:
+                ms = e["rounds_ms"][i]
+                print(f"    {' '.join(f'{m:.4f}' for m in ms)}  spread {max(ms) / min(ms) - 1:5.1%}  {e['configs'][i]}")
 
     # -- the parent
     spans = collections.defaultdict(list)

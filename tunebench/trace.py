@@ -14,6 +14,14 @@ import time
 
 _path = os.environ.get("TUNEBENCH_TRACE") or None
 _file = None
+_process_line = True    # the first event is preceded by the process's start time: the run's, not a worker's
+
+
+def in_worker() -> None:
+    """This process is a worker of the run: its events join the parent's file (appended a line at a time) without a
+    start-of-process line of their own."""
+    global _process_line
+    _process_line = False
 
 
 def event(kind: str, **fields) -> None:
@@ -26,13 +34,13 @@ def event(kind: str, **fields) -> None:
             _file = open(_path, "a", buffering=1)  # line-buffered: a killed run keeps what it wrote
         except OSError as e:
             raise RuntimeError(f"$TUNEBENCH_TRACE names a file that cannot be written: {_path} ({e})") from None
-        started = _process_started()
+        started = process_started() if _process_line else None
         if started is not None:  # what came before the first event: starting Python, imports
             _file.write(json.dumps({"t": round(started, 6), "kind": "process", "pid": os.getpid()}) + "\n")
     _file.write(json.dumps({"t": round(time.time(), 6), "kind": kind, **fields}, default=str) + "\n")
 
 
-def _process_started() -> float | None:
+def process_started() -> float | None:
     """When this process started, in time.time() seconds (to 10 ms), from /proc; None where there is none."""
     try:
         with open("/proc/self/stat") as f:

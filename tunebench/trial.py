@@ -37,7 +37,7 @@ from .correctness import Verdict, close_enough
 from .shapes import Problem
 from .workers import Compile, Identify, Outcome, Retime, Run, Setup
 from .workloads import Workload
-from . import timing
+from . import timing, trace
 
 MESSAGE_CHARS = 2000
 # Messages of errors after which a CUDA context is unusable: the worker reports the trial and exits.
@@ -239,8 +239,9 @@ def _warm_kernel(x_ptr):
     tl.store(x_ptr, tl.load(x_ptr) + 1.0)
 
 
-def worker_main(conn, role: str, interpret: bool, visible_device: str | None, threads: int) -> None:
+def worker_main(conn, role: str, interpret: bool, visible_device: str | None, threads: int, name: str = "") -> None:
     """Entry point of a spawned worker: set the environment before any kernel module is imported, then serve."""
+    trace.in_worker()
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     if visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_device
@@ -250,7 +251,9 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
     state = _WorkerState(role, interpret)
     if not _reply(conn, ("ready", os.getpid())):
         return
+    trace.event("worker_ready", worker=name, started=trace.process_started())
     warm(interpret)
+    trace.event("warmed", worker=name)
     while True:
         try:
             request = conn.recv()

@@ -117,7 +117,7 @@ class Worker:
         ctx = multiprocessing.get_context("spawn")
         conn, child = ctx.Pipe()
         process = ctx.Process(target=_serve, name=f"tunebench-{self.name}", daemon=True,
-                              args=(child, self.role, self.interpret, self.visible_device, self.threads))
+                              args=(child, self.role, self.interpret, self.visible_device, self.threads, self.name))
         try:
             process.start()
         except BaseException:
