@@ -109,6 +109,14 @@ def test_interleaved_rotates_the_order_and_keeps_results_per_fn():
     assert order == [2, 0, 1]
 
 
+def test_contenders_are_the_finalists_whose_rounds_overlap_the_leaders():
+    # The leader by median; a finalist whose fastest round beats the leader's slowest is still in the running.
+    assert timing.contenders([[4.83, 5.34, 5.12], [5.13, 5.16, 5.20], [5.71, 5.71, 5.86]]) == [0, 1]
+    assert timing.contenders([[1.0, 1.0, 1.0], [1.01, 1.01, 1.01]]) == [0]       # close, but apart every round
+    assert timing.contenders([[2.0, 2.1, 2.2], [1.0, 1.1, 1.2], [2.15, 2.3, 2.4]]) == [1]
+    assert timing.contenders([[3.0], [3.0]]) == [0]  # a tie with no spread: nothing more to learn
+
+
 def test_throughput_units():
     dense = Problem("flash_v2", 2, 4, 4, 128, 128, 64)
     paged = Problem("paged_attention", 2, 4, 2, 1, 1000, 64)

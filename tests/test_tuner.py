@@ -23,7 +23,7 @@ from tunebench.tuner import (TuneOptions, config_key, interpreting, open_storage
 from tunebench.workloads import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
-         "fake_plain": "fake_kernels.plain"}
+         "fake_plain": "fake_kernels.plain", "fake_lagging": "fake_kernels.lagging"}
 
 
 @pytest.fixture
@@ -204,6 +204,84 @@ def test_a_finished_problem_is_re_timed_while_the_next_one_searches(tmp_path, fa
     assert second < first_confirmed
     retimes = [e for e in events if e["kind"] == "send" and e["request"] == "Retime"]
     assert len(retimes) == 2
+
+
+def lagging_problems() -> list[Problem]:
+    return [fake_problem("fake_lagging"), Problem("fake_lagging", 1, 2, 1, 24, 24, 16, "float32", causal=False)]
+
+
+def traced_tune(tmp_path, monkeypatch, problems, **kw) -> tuple[list, list[dict]]:
+    from tunebench import trace
+    log = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(trace, "_path", str(log))
+    monkeypatch.setattr(trace, "_file", None)
+    results = tune(problems, options(tmp_path, **kw))
+    trace._file.close()
+    return results, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def check_lagging_results(tmp_path, problems, results) -> dict[int, list]:
+    """Every config of both problems evaluated once and told ok; the winners are fast configs. Returns each study's
+    trials from the store (0: the first problem's)."""
+    from optuna.trial import TrialState
+    assert [r.problem for r in results] == problems
+    assert all(r.config is not None and r.config["X"] != 3 and r.written and not r.note for r in results)
+    storage = open_storage(None, f"sqlite:///{result_db(tmp_path)}")
+    for study in storage.get_all_studies():
+        trials = storage.get_all_trials(study._study_id)
+        assert sorted(t.params["X"] for t in trials) == [1, 2, 3]
+        assert all(t.state == TrialState.COMPLETE and t.user_attrs["status"] == "ok" for t in trials)
+    with Store(result_db(tmp_path)) as store:
+        return {i: store.trials(kernel="fake_lagging", problem=p) for i, p in enumerate(problems)}
+
+
+def test_the_next_problem_starts_while_the_last_trial_of_one_runs(tmp_path, fakes, monkeypatch, capsys):
+    # Two runners: once the slow DEFAULT is all that is left of the first problem, the idle runner starts the second
+    # problem; the slow trial's result is still told, and the first problem's re-timing follows it.
+    problems = lagging_problems()
+    results, events = traced_tune(tmp_path, monkeypatch, problems, trials=3, workers=2, sampler="grid")
+    [searched] = [e for e in events if e["kind"] == "searched" and e["index"] == 0]
+    assert searched["running"] == 1 and searched["pending"] == 0
+    second = next(i for i, e in enumerate(events) if e["kind"] == "problem" and e["index"] == 1)
+    first_retime = next(i for i, e in enumerate(events) if e["kind"] == "send" and e["request"] == "Retime")
+    assert second < first_retime  # the second problem began before the first one's trials had all finished
+    check_lagging_results(tmp_path, problems, results)
+    assert "of [1/2] ok" in capsys.readouterr().err  # the late trial's line names its problem
+
+
+def test_a_handed_off_problems_last_configs_run_before_the_next_ones(tmp_path, fakes, monkeypatch):
+    # One runner and two compile workers: while the slow DEFAULT runs, the first problem's other configs are compiled
+    # and the compile workers are idle, so the second problem starts and its configs compile; the runner still takes
+    # every config of the first problem before any of the second's.
+    problems = lagging_problems()
+    results, events = traced_tune(tmp_path, monkeypatch, problems, trials=3, sampler="grid", compile_workers=2)
+    [searched] = [e for e in events if e["kind"] == "searched" and e["index"] == 0]
+    assert searched["running"] == 1 and searched["pending"] == 2
+    trials = check_lagging_results(tmp_path, problems, results)
+    assert max(t.started_at for t in trials[0]) < min(t.started_at for t in trials[1])
+    begun = next(e["t"] for e in events if e["kind"] == "problem" and e["index"] == 1)
+    compiled = [e["t"] for e in events if e["kind"] == "send" and e["request"] == "Compile" and e["t"] > begun]
+    last_of_first = max(t.finished_at for t in trials[0]).timestamp()
+    assert compiled and compiled[0] < last_of_first  # the second problem compiled while the first one ran
+
+
+def test_finalists_whose_rounds_overlap_get_more_rounds(tmp_path, fakes, monkeypatch):
+    # The first rounds leave two finalists overlapping: those two, and only they, are re-timed for the extra rounds,
+    # on one runner, and the winner comes from all their rounds.
+    from tunebench import timing, tuner
+    monkeypatch.setattr(tuner, "EXTRA_ROUNDS_INTERPRET", 2)
+    monkeypatch.setattr(timing, "contenders", lambda rounds: [0, len(rounds) - 1])
+    [result], events = traced_tune(tmp_path, monkeypatch, [fake_problem("fake_plain")], trials=4)
+    first, extra = [e for e in events if e["kind"] == "retimed"]
+    assert len(first["configs"]) >= 3 and all(len(r) == 2 for r in first["rounds_ms"])
+    assert extra["extra"] and extra["configs"] == [first["configs"][0], first["configs"][-1]]
+    assert [len(r) for r in extra["rounds_ms"]] == [4, 4]
+    assert sum(1 for e in events if e["kind"] == "send" and e["request"] == "Retime") == 2
+    assert result.config is not None and result.written and not result.note
+    rounds = dict(zip(first["configs"], first["rounds_ms"]))
+    rounds.update(zip(extra["configs"], extra["rounds_ms"]))  # the contenders' rounds, first and extra
+    assert result.median_ms == min(timing.confirmed_ms(r) for r in rounds.values())
+    assert result.median_ms == timing.confirmed_ms(rounds[tuner.format_config(result.config)])
 
 
 def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():

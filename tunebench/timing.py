@@ -92,6 +92,15 @@ def interleaved(fns: list[Callable[[], object]], bench: Bench, rounds: int, firs
     return medians
 
 
+def contenders(rounds: list[list[float]]) -> list[int]:
+    """The finalists still in the running after interleaved rounds: the leader (lowest median of its rounds) and
+    every finalist whose fastest round beats the leader's slowest. Their rounds overlap, so a few more decide it: a
+    fast config's rounds spread most (on an H200 DEFAULT's three rounds spread up to 12%, seemingly as its clocks
+    moved, and once two slow rounds of three made a config 4.5% slower the winner)."""
+    leader = min(range(len(rounds)), key=lambda i: confirmed_ms(rounds[i]))
+    return [i for i in range(len(rounds)) if i == leader or min(rounds[i]) < max(rounds[leader])]
+
+
 def confirmed_ms(round_medians: list[float]) -> float:
     """One number for a config re-timed over several rounds: the median of its round medians."""
     return statistics.median(round_medians)

@@ -27,9 +27,11 @@ The search:
 - At the end of a problem the best few ok configs and DEFAULT are re-timed against each other in interleaved rounds
   (each round times every finalist on one GPU; one runner takes them all, except for the last problem, whose rounds
   are shared among the runners idle then), in the background while the next problem's search starts; the winner is
-  the fastest by the median of its rounds, and its speedup over DEFAULT comes from the same rounds. Problems whose
-  timings take longest are tuned first (schedule), so that the last re-timing is short. A runner builds a problem's
-  inputs and references as soon as the problem starts.
+  the fastest by the median of its rounds (finalists whose rounds overlap the leader's get two rounds more), and its
+  speedup over DEFAULT comes from the same rounds. Problems whose timings take longest are tuned first (schedule),
+  so that the last re-timing is short. A runner builds a problem's inputs and references as soon as the problem
+  starts. Once a problem has only compiled configs left to run and a worker is idle, the next problem starts, and
+  the last configs run in its background, before its own (Search.hand_off).
 - $TUNEBENCH_TRACE=FILE writes the run's timeline (tunebench/trace.py; bench/trace_summary.py reads it).
 
 Many GPUs and hosts:
@@ -70,6 +72,8 @@ DEFAULT_TRIALS = 24
 TOP_K = 3                       # finalists re-timed against each other (plus DEFAULT)
 RETIME_ROUNDS = 3
 RETIME_ROUNDS_INTERPRET = 2
+EXTRA_ROUNDS = 2                # more rounds for the finalists whose rounds overlap the leader's (timing.contenders)
+EXTRA_ROUNDS_INTERPRET = 0      # wall-clock rounds on a CPU: none (they would say nothing about a GPU's ranking)
 REFILL_SYNC_S = 0.5             # refill reads the study at most this often (dispatch reads it before each run)
 TPE_AHEAD = 2                   # TPE configs asked ahead of each runner once the random start is done
 ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
@@ -234,6 +238,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
     with interpreting(options.interpret), contextlib.nullcontext(fleet) if lent else Fleet(options).starting() as fleet:
         if not options.interpret:
             require_gpu()
+        trace.event("gpu_checked")
         from .store import Store
         with Store(options.db) as store, warnings.catch_warnings():
             _quiet_optuna()
@@ -242,6 +247,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
             trace.event("tune", workers=options.workers, problems=len(problems))
             for kernel in dict.fromkeys(p.kernel for p in problems):
                 kernel_module(kernel)  # and triton: imported while the workers start, not once they are ready
+            trace.event("kernels_imported")
             fleet.await_ready()
             trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
             device = fleet.identify()
@@ -255,6 +261,8 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
                     search.tune(results.append, last=index == len(problems) - 1)
                 fleet.drain()
             except BaseException:
+                for tail in list(fleet.tails):  # trials still finishing in the background: a later run runs them
+                    tail.abandon(replace_busy=False)
                 if lent:  # a caller's fleet must not hold replies meant for this run (an own fleet is closed now)
                     fleet.cancel_background()
                 raise
@@ -516,6 +524,9 @@ class Fleet:
         # Requests outside the search that the fleet is serving (a finished problem's finalists being re-timed while
         # the next problem's search runs), and what to do with each reply.
         self.background: dict[Worker, Callable[[Event], None]] = {}
+        # Searches handed off (Search.hand_off), oldest first: their last configs go to idle runners before the
+        # current search's (serve_tails), their replies come back as background ones, their trials get heartbeats.
+        self.tails: list = []
 
     def __enter__(self) -> "Fleet":
         try:
@@ -555,6 +566,7 @@ class Fleet:
 
     def close(self) -> None:
         self.background.clear()
+        self.tails.clear()
         for w in self.workers:
             w.ask_to_exit()
         for w in self.workers:
@@ -587,10 +599,19 @@ class Fleet:
                 return sorted(idle, key=lambda w: w.loaded != loaded)
             self._wait_background()  # every runner serves a background request
 
+    def serve_tails(self) -> None:
+        """Gives idle runners the configs that handed-off searches have left to run, oldest search first."""
+        for tail in list(self.tails):
+            tail.dispatch_late()
+
     def drain(self) -> None:
-        """Waits for every background request to be answered."""
-        while self.background:
-            self._wait_background()
+        """Waits for every background request to be answered, and for the handed-off searches to finish."""
+        while self.background or self.tails:
+            self.serve_tails()
+            if self.background:
+                self._wait_background()
+            elif self.tails:  # held back by a trial elsewhere still writing its config (Search.next_ready)
+                time.sleep(CHOOSING_POLL_S)
 
     def _wait_background(self) -> None:
         """Waits for replies when only background requests are out: any other reply would have no one to take it."""
@@ -601,6 +622,7 @@ class Fleet:
         for worker in list(self.background):
             worker.cancel()
         self.background.clear()
+        self.tails.clear()
 
     def wait(self, timeout: float) -> list[tuple[Worker, Event]]:
         """Waits until a busy worker replies or reaches its deadline (or ``timeout``); returns what happened, less the
@@ -718,11 +740,13 @@ class Search:
         self.preparing: set[Worker] = set()
         if self.evaluated() + self.live_elsewhere < self.budget:
             # Trials are to run here: the idle runners build the inputs and references while this process fills
-            # Optuna's queue and asks for the first configs.
+            # Optuna's queue and asks for the first configs (those that an earlier problem leaves idle).
+            self.fleet.serve_tails()
             for worker in self.fleet.runners:
                 if not worker.busy:
                     self.prepare(worker)
         self.asks = 0
+        self.late_failures: list[str] = []      # handed-off trials that could not run (late_reply)
         self.last_beat = time.monotonic()
         self.wide = len(fleet.runners) + len(fleet.compilers)
         self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
@@ -925,17 +949,23 @@ class Search:
             deliver(result)
 
         try:
-            self.search()
+            self.search(hand_off=not last)
         except ProblemFailed as e:
             done(ProblemResult(self.problem, counts=self.counts(), note=str(e)))
             return
-        trace.event("searched", index=self.progress.index)
-        self.confirm(done, share=last)
+        trace.event("searched", index=self.progress.index, running=len(self.running), pending=len(self.pending))
+        if self.running or self.pending:
+            self.hand_off(lambda: self.confirm(done, share=False))
+        else:
+            self.confirm(done, share=last)
 
-    def search(self) -> None:
+    def search(self, hand_off: bool = False) -> None:
+        """Until every trial is told, or (``hand_off``) until only compiled configs are left to run and a worker is
+        idle: then the next problem starts (see hand_off)."""
         try:
             while self.step():
-                pass
+                if hand_off and self.tail():
+                    break
         except ProblemFailed:
             self.abandon(replace_busy=True)  # the next problem must not receive this one's late replies
             raise
@@ -961,13 +991,15 @@ class Search:
         try:
             # With configs still to ask, only look for replies: the asks go on in the next turn.
             timeout = 0.0 if self.wants_more() else self.options.heartbeat_s
+            idle = sum(not w.busy for w in self.fleet.runners)
             for worker, event in self.fleet.wait(timeout=timeout):
                 done = self.on_event(worker, event)
                 if done is not None:
                     finished.append(done)
-            if finished:
-                # The freed runners get their next configs before the results are written: one process's loop
-                # serves every GPU, and the writes (store, Optuna) take longer than the sync dispatch needs.
+            if finished or sum(not w.busy for w in self.fleet.runners) > idle:
+                # The freed runners (of this search's trials, or of an earlier problem's, handed off) get their next
+                # configs before the results are written and before the next asks: one process's loop serves every
+                # GPU, and the writes (store, Optuna) and asks take longer than the sync dispatch needs.
                 self.dispatch()
         finally:
             for candidate, outcome in finished:
@@ -976,6 +1008,68 @@ class Search:
                     self.finish(candidate, outcome)
         self.heartbeat()
         return True
+
+    def tail(self) -> bool:
+        """Whether all that is left of this search is to run configs already compiled, and to wait for those running,
+        while a worker (a compile worker the next problem can use, or a runner) is idle: no config is left to ask
+        or compile, and no other process has a trial of this study open (a run that shares the study waits for
+        those, await_others)."""
+        if not (self.running or self.pending) or self.compiling or self.preparing:
+            return False
+        if any(not c.compiled for c in self.pending):
+            return False
+        if self.asks < self.max_asks and self.evaluated() + self.live() + self.live_elsewhere < self.budget:
+            return False
+        if all(w.busy for w in self.fleet.workers):
+            return False
+        if self.live_elsewhere or time.monotonic() - self.synced_at >= REFILL_SYNC_S:
+            self.sync()  # another process's trial that may yet need running here keeps this search going
+        return not self.live_elsewhere
+
+    def hand_off(self, then: Callable[[], None]) -> None:
+        """The next problem starts now, and this one's last configs run in its background: they go to idle runners
+        before the next problem's (Fleet.serve_tails), their results are told as they come (late_reply), and
+        ``then`` (the re-timing) follows the last of them. Meanwhile the next problem's first configs compile, and
+        the runners move on to it without waiting for them (on an H200 pair, each problem's start had left a runner
+        idle for ~0.5 s while its first configs compiled)."""
+        self.then = then
+        self.progress.late = True
+        self.fleet.tails.append(self)
+        for worker in self.running:
+            self.fleet.background[worker] = lambda event, worker=worker: self.late_reply(worker, event)
+
+    def dispatch_late(self) -> None:
+        """A handed-off search's share of the idle runners (Fleet.serve_tails)."""
+        if self.pending:
+            self.dispatch_runs(late=True)
+            self.finish_late()
+
+    def late_reply(self, worker: Worker, event: Event) -> None:
+        """A handed-off trial's result, told as in the search."""
+        from optuna.trial import TrialState
+        candidate = self.running[worker]
+        try:
+            finished = self.on_event(worker, event)
+            if finished is not None and self.pending:
+                self.dispatch_runs(late=True)  # the freed runner's next config first, then the writes
+        except ProblemFailed as e:
+            # The worker could not run the problem (its setup failed): the trial is left without a verdict for a
+            # later run to run, and the winner comes from the rest.
+            self.late_failures.append(str(e))
+            self.tell(candidate.trial, {"message": f"abandoned: {e}"[:500]}, state=TrialState.FAIL)
+            finished = None
+        if finished is not None:
+            candidate, outcome = finished
+            self.finishing.discard(candidate.key)
+            with trace.span("finish"):
+                self.finish(candidate, outcome)
+        self.finish_late()
+
+    def finish_late(self) -> None:
+        """Once a handed-off search has nothing left to run: its re-timing."""
+        if not self.running and not self.pending and self in self.fleet.tails:
+            self.fleet.tails.remove(self)
+            self.then()
 
     def live(self) -> int:
         return len(self.pending) + len(self.running)
@@ -1048,9 +1142,7 @@ class Search:
         self.pending.append(Candidate(trial, config, key, compiled=not self.fleet.compilers))
 
     def dispatch(self) -> None:
-        if self.pending and not all(w.busy for w in self.fleet.runners):
-            # Other processes' trials, read after the pending ones' parameters were written (see next_ready).
-            self.sync()
+        self.fleet.serve_tails()  # an earlier problem's last configs first
         for worker in [w for w in self.fleet.compilers if not w.busy]:
             todo = [c for c in self.pending if not c.compiled and c not in self.compiling.values()]
             if not todo:
@@ -1058,10 +1150,18 @@ class Search:
             worker.submit(Compile(self.module_path, self.problem, self.options.seed, todo[0].config),
                           self.options.timeout)
             self.compiling[worker] = todo[0]
+        self.dispatch_runs()
+
+    def dispatch_runs(self, late: bool = False) -> None:
+        """Gives each idle runner the next compiled config; ``late``: this search was handed off, and the replies
+        come back as background ones (late_reply)."""
+        if self.pending and not all(w.busy for w in self.fleet.runners):
+            # Other processes' trials, read after the pending ones' parameters were written (see next_ready).
+            self.sync()
         for worker in [w for w in self.fleet.runners if not w.busy]:
             candidate = self.next_ready()
             if candidate is None:
-                if self.pending:
+                if self.pending and not late:
                     self.prepare(worker)
                 continue
             self.pending.remove(candidate)
@@ -1071,6 +1171,8 @@ class Search:
             worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
                           self.options.timeout)
             self.running[worker] = candidate
+            if late:
+                self.fleet.background[worker] = lambda event, worker=worker: self.late_reply(worker, event)
 
     def prepare(self, worker: Worker) -> None:
         """An idle runner builds the problem's inputs and references (while the first configs are asked and
@@ -1132,8 +1234,9 @@ class Search:
         if not self.heartbeats or time.monotonic() - self.last_beat < self.options.heartbeat_s:
             return
         self.last_beat = time.monotonic()
-        for trial in self.open.values():
-            self.storage.record_heartbeat(trial._trial_id)
+        for search in (self, *self.fleet.tails):  # and the trials of earlier problems still finishing
+            for trial in search.open.values():
+                self.storage.record_heartbeat(trial._trial_id)
         optuna.storages.fail_stale_trials(self.study)  # the trials of another process that died
 
     # -- telling Optuna and the store
@@ -1234,6 +1337,7 @@ class Search:
         if default is not None and default.status == "ok" and default not in finalists:
             finalists.append(default)
         rounds = RETIME_ROUNDS_INTERPRET if self.options.interpret else RETIME_ROUNDS
+        extra = EXTRA_ROUNDS_INTERPRET if self.options.interpret else EXTRA_ROUNDS
         workers = self.fleet.idle_runners(loaded=(self.problem, self.options.seed))[:rounds if share else 1]
         shares = [rounds // len(workers) + (i < rounds % len(workers)) for i in range(len(workers))]
         parts: list[Event] = []
@@ -1246,7 +1350,26 @@ class Search:
             # Each part: per finalist, its medians of that part's rounds.
             merged = failed[0] if failed else Event("ok", [sum((e.value[i] for e in parts), [])
                                                            for i in range(len(finalists))])
-            done(self.confirmed(finalists, default, merged))
+            trace.event("retimed", index=self.progress.index, runners=[w.name for w in workers],
+                        configs=[format_config(s.config) for s in finalists], rounds_ms=merged.value)
+            close = timing.contenders(merged.value) if merged.kind == "ok" and extra else []
+            if len(close) < 2:
+                done(self.confirmed(finalists, default, merged))
+                return
+
+            def on_extra(event: Event) -> None:
+                # The contenders' extra rounds join their first ones; a failed extra re-timing leaves those.
+                if event.kind == "ok":
+                    for i, more in zip(close, event.value):
+                        merged.value[i] += more
+                trace.event("retimed", index=self.progress.index, extra=True, configs=[format_config(
+                    finalists[i].config) for i in close], rounds_ms=[merged.value[i] for i in close])
+                done(self.confirmed(finalists, default, merged))
+
+            [worker] = self.fleet.idle_runners(loaded=(self.problem, self.options.seed))[:1]
+            request = Retime(self.module_path, self.problem, self.options.seed,
+                             [finalists[i].config for i in close], extra, first=rounds)
+            self.fleet.submit_background(worker, request, self.options.timeout * extra, on_extra)
 
         for i, (worker, n_rounds) in enumerate(zip(workers, shares)):
             request = Retime(self.module_path, self.problem, self.options.seed, [s.config for s in finalists],
@@ -1267,6 +1390,8 @@ class Search:
         speedup = default_ms / ms[best] if default_ms else None
         if not default_ok:
             note = _join(note, f"DEFAULT is {default.status if default else 'not evaluated'}")
+        if self.late_failures:
+            note = _join(note, f"{len(self.late_failures)} trial(s) not run: {self.late_failures[0]}")
         config = finalists[best].config
         written = self.store.upsert_winner(self.device, self.kernel, self.hash, self.problem, config, ms[best],
                                            speedup)
@@ -1332,6 +1457,7 @@ class Progress:
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.budget = 0
         self.start = time.monotonic()
+        self.late = False   # the next problem has started (Search.hand_off): trials say which problem they are of
 
     def begin(self, budget: int, evaluated: int, counts: dict) -> None:
         self.budget, self.start = budget, time.monotonic()
@@ -1341,11 +1467,13 @@ class Progress:
     def trial(self, number: int, config: dict, outcome: Outcome, evaluated: int, counts: dict,
               best_ms: float | None) -> None:
         if self.tty:
-            self._redraw(evaluated, counts, best_ms)
+            if not self.late:  # the line being redrawn is the next problem's now
+                self._redraw(evaluated, counts, best_ms)
             return
         ms = f" {outcome.median_ms:.4f} ms" if outcome.median_ms is not None else ""
         why = f" ({outcome.message[:120]})" if outcome.message and outcome.status != "ok" else ""
-        self._print(f"  #{number} {outcome.status}{ms} {format_config(config)}{why}")
+        of = f" of [{self.index + 1}/{self.total}]" if self.late else ""
+        self._print(f"  #{number}{of} {outcome.status}{ms} {format_config(config)}{why}")
 
     def end(self, result: ProblemResult) -> None:
         if self.tty:
