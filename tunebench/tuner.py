@@ -1003,9 +1003,7 @@ class Search:
                 self.dispatch()
         finally:
             for candidate, outcome in finished:
-                self.finishing.discard(candidate.key)
-                with trace.span("finish"):
-                    self.finish(candidate, outcome)
+                self.finish(candidate, outcome)
         self.heartbeat()
         return True
 
@@ -1036,7 +1034,11 @@ class Search:
         self.progress.late = True
         self.fleet.tails.append(self)
         for worker in self.running:
-            self.fleet.background[worker] = lambda event, worker=worker: self.late_reply(worker, event)
+            self.reply_late(worker)
+
+    def reply_late(self, worker: Worker) -> None:
+        """The reply of a run of this handed-off search comes back as a background one, to late_reply."""
+        self.fleet.background[worker] = lambda event: self.late_reply(worker, event)
 
     def dispatch_late(self) -> None:
         """A handed-off search's share of the idle runners (Fleet.serve_tails)."""
@@ -1059,10 +1061,7 @@ class Search:
             self.tell(candidate.trial, {"message": f"abandoned: {e}"[:500]}, state=TrialState.FAIL)
             finished = None
         if finished is not None:
-            candidate, outcome = finished
-            self.finishing.discard(candidate.key)
-            with trace.span("finish"):
-                self.finish(candidate, outcome)
+            self.finish(*finished)
         self.finish_late()
 
     def finish_late(self) -> None:
@@ -1172,7 +1171,7 @@ class Search:
                           self.options.timeout)
             self.running[worker] = candidate
             if late:
-                self.fleet.background[worker] = lambda event, worker=worker: self.late_reply(worker, event)
+                self.reply_late(worker)
 
     def prepare(self, worker: Worker) -> None:
         """An idle runner builds the problem's inputs and references (while the first configs are asked and
@@ -1242,6 +1241,12 @@ class Search:
     # -- telling Optuna and the store
 
     def finish(self, candidate: Candidate, outcome: Outcome) -> None:
+        """Writes a run's result (store, then Optuna): it is no longer one being written (``finishing``)."""
+        self.finishing.discard(candidate.key)
+        with trace.span("finish"):
+            self._finish(candidate, outcome)
+
+    def _finish(self, candidate: Candidate, outcome: Outcome) -> None:
         from optuna.trial import TrialState
         from .store import TrialResult
         trial, ok = candidate.trial, outcome.status == "ok"

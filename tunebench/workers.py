@@ -51,7 +51,8 @@ class Setup:
 
 
 @dataclass(frozen=True)
-class Run:
+class _OneConfig:
+    """A request about one config of one problem; the worker tells the kinds apart by their class."""
     module: str
     problem: Problem
     seed: int
@@ -59,11 +60,13 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Compile:
-    module: str
-    problem: Problem
-    seed: int
-    config: dict = field(hash=False)
+class Run(_OneConfig):
+    """Compile (or load from the cache), check and time the config."""
+
+
+@dataclass(frozen=True)
+class Compile(_OneConfig):
+    """Compile the config into Triton's on-disk cache without launching it."""
 
 
 @dataclass(frozen=True)
