@@ -309,9 +309,9 @@ def _device(name="NVIDIA H100 80GB HBM3"):
 
 
 def _fill(store):
-    from tunebench.registry import kernel_module, source_hash
+    from tunebench.registry import kernel_module, kernel_identity
     from tunebench.store import TrialResult
-    dev, h = _device(), source_hash("flash_v2")
+    dev, h = _device(), kernel_identity("flash_v2")
     problem = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
     config = dict(kernel_module("flash_v2").DEFAULT)
     t0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ import tunebench
 from tunebench import dispatch
 from tunebench.correctness import close_enough
 from tunebench.device import DeviceIdentity
-from tunebench.registry import kernel_module, source_hash
+from tunebench.registry import kernel_module, kernel_identity
 from tunebench.shapes import Problem
 from tunebench.store import Store
 import tunebench.reference as ref
@@ -33,7 +33,7 @@ def db(tmp_path, monkeypatch):
 
 
 def _put(store, problem, config, ms=1.0, hash_=None):
-    store.upsert_winner(_device(), problem.kernel, hash_ or source_hash(problem.kernel), problem, config, ms, 1.3)
+    store.upsert_winner(_device(), problem.kernel, hash_ or kernel_identity(problem.kernel), problem, config, ms, 1.3)
 
 
 def _problem(nq=40, nk=40, causal=True):

@@ -77,7 +77,7 @@ def test_every_fault_in_one_study(tmp_path, every_fault_kernel):
 
     # No trial lost: every trial Optuna handed out is finished, and each has its one row in the store.
     import optuna
-    name = study_name(result_device(), PROBLEM.kernel, registry.source_hash(PROBLEM.kernel), PROBLEM)
+    name = study_name(result_device(), PROBLEM.kernel, registry.kernel_identity(PROBLEM.kernel), PROBLEM)
     study = optuna.load_study(study_name=name, storage=open_storage(None, f"sqlite:///{db}"))
     optuna_trials = study.get_trials(deepcopy=False)
     assert {t.state.name for t in optuna_trials} <= {"COMPLETE", "FAIL", "PRUNED"}

@@ -70,7 +70,7 @@ def user_db(tmp_path, monkeypatch):
 
 def plant_hostile_rows(path) -> None:
     store = Store(str(path))
-    shash = registry.source_hash("flash_v2")
+    shash = registry.kernel_identity("flash_v2")
     store.upsert_winner(DEVICE, "flash_v2", shash, problem(64), GOOD, 1.0, 1.2)
     ids = []
     for i, (what, _, _) in enumerate(HOSTILE):
@@ -127,7 +127,7 @@ def schema_not_a_number(path):
 
 def date_not_a_date(path):
     store = Store(str(path))
-    store.upsert_winner(DEVICE, "flash_v2", registry.source_hash("flash_v2"), problem(64), GOOD, 1.0, 1.2)
+    store.upsert_winner(DEVICE, "flash_v2", registry.kernel_identity("flash_v2"), problem(64), GOOD, 1.0, 1.2)
     store.close()
     execute(path, "UPDATE winners SET updated_at = 'yesterday'")
 

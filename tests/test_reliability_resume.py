@@ -85,7 +85,7 @@ def stored(db: pathlib.Path, problems) -> dict:
 
 def optuna_trials(db: pathlib.Path, device, problem: Problem):
     import optuna
-    name = study_name(device, problem.kernel, registry.source_hash(problem.kernel), problem)
+    name = study_name(device, problem.kernel, registry.kernel_identity(problem.kernel), problem)
     return optuna.load_study(study_name=name, storage=open_storage(None, f"sqlite:///{db}")).get_trials(
         deepcopy=False)
 
@@ -135,7 +135,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
 
     assert {k: v for k, v in after.items() if k in before} == before  # no finished trial lost or rewritten
     [killed_in] = [p.label() for p in problems
-                   if study_name(cpu_device(), p.kernel, registry.source_hash(p.kernel), p) == running_study]
+                   if study_name(cpu_device(), p.kernel, registry.kernel_identity(p.kernel), p) == running_study]
     for p in problems:
         rows = [(config, status) for (label, _), (config, status, _) in after.items() if label == p.label()]
         keys = Counter(config_key(config) for config, _ in rows)
@@ -214,7 +214,7 @@ def test_a_result_stored_before_its_run_died_is_kept_not_rerun(tmp_path, monkeyp
     from tunebench.tuner import suggest_config
     monkeypatch.setitem(registry.KERNELS, "fake_plain", "fake_kernels.plain")
     problem = Problem("fake_plain", 1, 2, 1, 24, 40, 16, "float32", causal=True)
-    db, device, shash = tmp_path / "results.db", cpu_device(), registry.source_hash("fake_plain")
+    db, device, shash = tmp_path / "results.db", cpu_device(), registry.kernel_identity("fake_plain")
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process id that no process has now: the dead run's
     store = Store(str(db))

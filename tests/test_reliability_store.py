@@ -168,7 +168,7 @@ def test_16_writers_end_on_the_global_minimum_while_the_dispatcher_reads(tmp_pat
     pairs = {pair for plan in plans for pair in plan}
     stop, barrier, results = ctx.Event(), ctx.Barrier(writers + 1), ctx.Queue()
     reader = ctx.Process(target=_reader_process, args=(url, pairs, stop, barrier, results))
-    shash = registry.source_hash("flash_v2")  # the dispatcher ignores winners of another source
+    shash = registry.kernel_identity("flash_v2")  # the dispatcher ignores winners of another source
     procs = [ctx.Process(target=_upsert_process, args=(url, shash, plan, barrier, results)) for plan in plans]
     start = time.monotonic()
     for p in [reader] + procs:

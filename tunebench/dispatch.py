@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .registry import kernel_module, source_hash
+from .registry import kernel_module, kernel_identity
 from .shapes import Problem, bucket, bucket_distance, bucket_key
 
 VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
@@ -83,7 +83,7 @@ class Winners:
                 continue
             for w in found:
                 if w.kernel not in hashes:
-                    hashes[w.kernel] = source_hash(w.kernel)
+                    hashes[w.kernel] = kernel_identity(w.kernel)
                 if w.source_hash != hashes[w.kernel]:
                     stale.add(w.kernel)
                     continue

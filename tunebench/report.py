@@ -35,13 +35,13 @@ def tuning_times(trials) -> tuple[timedelta | None, timedelta | None]:
 
 def collect(store: Store) -> tuple[list[WinnerLine], dict[str, int]]:
     """Every winner with its trials' counts and times, and the status totals over all trials."""
-    from .registry import source_hash
+    from .registry import kernel_identity
     current: dict[str, str | None] = {}
     lines = []
     for w in store.winners():
         if w.kernel not in current:
             try:
-                current[w.kernel] = source_hash(w.kernel)
+                current[w.kernel] = kernel_identity(w.kernel)
             except ImportError:
                 current[w.kernel] = None
         trials = store.trials(kernel=w.kernel, source_hash=w.source_hash, problem=w.problem, device_name=w.device)

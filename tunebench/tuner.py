@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .registry import KERNELS, kernel_module, source_hash
+from .registry import KERNELS, kernel_module, kernel_identity
 from .shapes import Problem, bucket_key, preset_problems, suite
 from .workers import Compile, Event, Identify, Outcome, Retime, Run, Setup, Worker
 from . import timing, trace
@@ -704,7 +704,7 @@ class Search:
         self.kernel = problem.kernel
         self.module_path = KERNELS[self.kernel]
         self.module = kernel_module(self.kernel)
-        self.hash = source_hash(self.kernel)
+        self.hash = kernel_identity(self.kernel)
         self.space = self.module.SPACE
         # keep() once per config of SPACE: the reason it is rejected for this problem, or None
         self.reasons = {config_key(c): self.reject_reason(c) for c in all_configs(self.space)}
