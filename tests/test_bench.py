@@ -12,7 +12,6 @@ from tunebench import bench
 from tunebench.bench import (FAILED, OK, SKIPPED, WRONG, Ceilings, Measurement, Provider, Runner, Skip, rows,
                              run_problem)
 from tunebench.cli import main
-from tunebench.roofline import kv_bytes
 from tunebench.shapes import Problem
 
 PREFILL = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
@@ -32,8 +31,8 @@ def _synthetic():
         Measurement(PREFILL, "tunebench-v1", False, OK, _ms_at(PREFILL, 84)),
         Measurement(PREFILL, "sdpa-efficient", True, WRONG, err_ratio=7.5, note="max error 0.3 > allowed 0.04"),
         Measurement(PREFILL, "flex", True, SKIPPED, note="FlexAttention failed"),
-        Measurement(DECODE, "tunebench-paged", False, OK, kv_bytes(DECODE) / 2.7e12 * 1e3),
-        Measurement(DECODE, "sdpa-dense-flash", True, OK, kv_bytes(DECODE) / 2.4e12 * 1e3),
+        Measurement(DECODE, "tunebench-paged", False, OK, DECODE.kv_bytes / 2.7e12 * 1e3),
+        Measurement(DECODE, "sdpa-dense-flash", True, OK, DECODE.kv_bytes / 2.4e12 * 1e3),
         Measurement(DECODE, "gather-sdpa", True, FAILED, note="RuntimeError: boom"),
     ]
 

@@ -4,7 +4,7 @@ import pytest
 
 from tunebench.cli import main
 from tunebench.roofline import (DATASHEET, GPUS, MEASURED, SEED_SWEEP, analyze, fused_intensity, gpu_key_for,
-                                kv_bytes, unfused_score_intensity)
+                                unfused_score_intensity)
 from tunebench.shapes import Problem
 
 # The seed's table (attention-and-kv-cache.md): N, d, ops/byte, and its verdict against the A100's 201.
@@ -37,7 +37,7 @@ def test_decode_is_memory_bound_everywhere(gpu):
     a = analyze(p, gpu)
     assert a.bound == "memory" and a.floor_s == a.memory_s > a.compute_s
     assert a.intensity == pytest.approx(p.group, rel=0.01)          # 4 FLOPs per K/V element of 2 bytes, x group
-    assert kv_bytes(p) == 2 * 64 * 8 * 4096 * 128 * 2 < p.min_bytes
+    assert p.kv_bytes == 2 * 64 * 8 * 4096 * 128 * 2 < p.min_bytes
 
 
 def test_ceilings_say_where_they_come_from():

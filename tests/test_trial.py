@@ -117,13 +117,15 @@ def test_contenders_are_the_finalists_whose_rounds_overlap_the_leaders():
     assert timing.contenders([[3.0], [3.0]]) == [0]  # a tie with no spread: nothing more to learn
 
 
-def test_throughput_units():
+def test_one_throughput_per_problem_kind():
+    # Prefill counts matmul FLOPs; decode counts the K/V bytes it must read (the same figure the bench reports).
     dense = Problem("flash_v2", 2, 4, 4, 128, 128, 64)
-    paged = Problem("paged_attention", 2, 4, 2, 1, 1000, 64)
-    assert timing.throughput(dense, 1.0) == pytest.approx(dense.flops / 1e-3 / 1e12)
-    assert timing.throughput(paged, 2.0) == pytest.approx(paged.min_bytes / 2e-3 / 1e9)
-    assert (timing.throughput_unit(dense), timing.throughput_unit(paged)) == ("TFLOP/s", "GB/s")
-    assert math.isfinite(timing.throughput(dense, 1e-6))
+    paged = Problem("paged_attention", 2, 4, 2, 1, 1000, 64, dtype="float16")
+    assert dense.throughput(1.0) == pytest.approx(dense.flops / 1e-3 / 1e12)
+    assert paged.throughput(2.0) == pytest.approx(2 * 2 * 2 * 1000 * 64 * 2 / 2e-3 / 1e9)
+    assert (dense.unit, paged.unit) == ("TFLOP/s", "GB/s")
+    assert dense.throughput(0.0) is None and dense.throughput(None) is None
+    assert math.isfinite(dense.throughput(1e-6))
 
 
 def test_a_worker_that_cannot_start_raises_its_own_error_and_the_fleet_stops_the_rest(monkeypatch):

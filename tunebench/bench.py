@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .roofline import kv_bytes
 from .shapes import PAGED_KERNELS, Problem, preset_problems, suite
 
 DEFAULT_SUITE = "headline"
@@ -648,17 +647,6 @@ def measure_ceilings(dtypes, device="cuda", timer=None, copy_bytes: int = COPY_B
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting: pure functions of measurements
 
-def throughput(problem: Problem, ms: float | None) -> float | None:
-    """TFLOP/s for prefill, GB/s of K/V read for decode."""
-    if ms is None or not ms > 0:
-        return None
-    return kv_bytes(problem) / (ms * 1e-3) / 1e9 if problem.paged else problem.flops / (ms * 1e-3) / 1e12
-
-
-def unit(problem: Problem) -> str:
-    return "GB/s" if problem.paged else "TFLOP/s"
-
-
 def best_peer(measurements: list[Measurement]) -> Measurement | None:
     timed = [m for m in measurements if m.peer and m.status == OK and m.median_ms]
     return min(timed, key=lambda m: m.median_ms) if timed else None
@@ -673,17 +661,17 @@ def rows(measurements: list[Measurement], ceilings: Ceilings | None) -> list[dic
     out = []
     for problem, ms in by_problem.items():
         peer = best_peer(ms)
-        peer_tp = throughput(problem, peer.median_ms) if peer else None
+        peer_tp = problem.throughput(peer.median_ms) if peer else None
         ceiling, ceiling_name = ceilings.for_problem(problem) if ceilings else (None, "")
         for m in ms:
-            tp = throughput(problem, m.median_ms) if m.status == OK else None
+            tp = problem.throughput(m.median_ms) if m.status == OK else None
             out.append({
                 "problem": problem.label(), "phase": "decode" if problem.paged else "prefill",
                 "dtype": problem.dtype, "B": problem.B, "Hq": problem.Hq, "Hkv": problem.Hkv, "Nq": problem.Nq,
                 "Nk": problem.Nk, "D": problem.D, "causal": problem.causal,
                 "provider": m.provider, "peer": m.peer, "status": m.status,
                 "median_ms": m.median_ms, "p20_ms": m.p20_ms, "p80_ms": m.p80_ms,
-                "throughput": tp, "unit": unit(problem),
+                "throughput": tp, "unit": problem.unit,
                 "tflops": problem.flops / (m.median_ms * 1e-3) / 1e12 if tp else None,
                 "intensity": problem.flops / problem.min_bytes,
                 "best_peer": peer.provider if peer else None,

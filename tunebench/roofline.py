@@ -105,11 +105,6 @@ def current_gpu_key() -> tuple[str, str]:
     return "H100", "no GPU here; using H100 (pass --gpu)"
 
 
-def kv_bytes(problem: Problem) -> float:
-    """Bytes of K and V read once: what decode must move, and what its effective bandwidth is counted in."""
-    return float(2 * problem.B * problem.Hkv * problem.Nk * problem.D * DTYPE_BYTES[problem.dtype])
-
-
 @dataclass(frozen=True)
 class Analysis:
     problem: Problem
@@ -170,7 +165,7 @@ SEED_SWEEP = [(n, d) for d in (64, 128, 256) for n in (256, 2048, 4096)]
 
 def format_analysis(a: Analysis) -> str:
     p = a.problem
-    unit, rate = ("GB/s", kv_bytes(p) / a.floor_s / 1e9) if p.paged else ("TFLOP/s", a.flops / a.floor_s / 1e12)
+    unit, rate = ("GB/s", p.kv_bytes / a.floor_s / 1e9) if p.paged else ("TFLOP/s", a.flops / a.floor_s / 1e12)
     what = "effective KV bandwidth" if p.paged else "throughput"
     lines = [
         f"problem      {p.label()}",

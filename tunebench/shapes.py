@@ -64,6 +64,21 @@ class Problem:
         elems = self.B * (2 * self.Hq * self.Nq + 2 * self.Hkv * self.Nk) * self.D
         return float(elems * DTYPE_BYTES[self.dtype])
 
+    @property
+    def kv_bytes(self) -> float:
+        """Bytes of K and V read once: what decode must move, and what its bandwidth is counted in."""
+        return float(2 * self.B * self.Hkv * self.Nk * self.D * DTYPE_BYTES[self.dtype])
+
+    @property
+    def unit(self) -> str:
+        return "GB/s" if self.paged else "TFLOP/s"
+
+    def throughput(self, ms: float | None) -> float | None:
+        """The one throughput of a timing: TFLOP/s for prefill, GB/s of K/V read for decode; None without a time."""
+        if ms is None or not ms > 0:
+            return None
+        return self.kv_bytes / (ms * 1e-3) / 1e9 if self.paged else self.flops / (ms * 1e-3) / 1e12
+
     def label(self) -> str:
         c = " causal" if self.causal else ""
         return (f"{self.kernel} {self.dtype} B{self.B} H{self.Hq}/{self.Hkv} "

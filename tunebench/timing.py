@@ -105,14 +105,3 @@ def confirmed_ms(round_medians: list[float]) -> float:
     """One number for a config re-timed over several rounds: the median of its round medians."""
     return statistics.median(round_medians)
 
-
-def throughput(problem, median_ms: float) -> float:
-    """TFLOP/s for a dense problem (compute-bound), GB/s for paged decode (memory-bound)."""
-    seconds = median_ms * 1e-3
-    if problem.paged:
-        return problem.min_bytes / seconds / 1e9
-    return problem.flops / seconds / 1e12
-
-
-def throughput_unit(problem) -> str:
-    return "GB/s" if problem.paged else "TFLOP/s"

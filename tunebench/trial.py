@@ -92,7 +92,7 @@ def time_(workload: Workload, module, config: dict, bench: timing.Bench, verdict
     except Exception as e:
         return failure(e, "crashed", "timing")
     return Outcome("ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                   throughput=timing.throughput(workload.problem, t.median_ms), err_ratio=verdict.ratio)
+                   throughput=workload.problem.throughput(t.median_ms), err_ratio=verdict.ratio)
 
 
 def launcher(workload: Workload, module, config: dict):
