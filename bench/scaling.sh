@@ -92,7 +92,7 @@ from tunebench.shapes import bucket_key
 from tunebench.store import Store
 from tunebench.tuner import format_config, interpreting
 from tunebench.trial import retime
-from tunebench.workloads import Workload
+from tunebench.inputs import Workload
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.simplefilter("ignore")

@@ -106,7 +106,7 @@ def test_the_command_line_and_tuner_load_without_torch():
 
 @pytest.mark.gpu
 def test_both_entry_points_work_under_torch_compile_fullgraph():
-    from tunebench.workloads import pack_paged
+    from tunebench.inputs import pack_paged
     q = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16)
     k, v = torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.float16), torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.float16)
 

@@ -9,7 +9,7 @@ from tunebench.correctness import close_enough, poison
 from tunebench.registry import kernel_module
 from tunebench.shapes import Problem
 from tunebench.strategies import all_configs
-from tunebench.workloads import Workload
+from tunebench.inputs import Workload
 
 from conftest import DEVICE
 

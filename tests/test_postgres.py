@@ -22,7 +22,7 @@ from tunebench.registry import config_in_space, kernel_module
 from tunebench.shapes import Problem, bucket_key
 from tunebench.store import Store
 from tunebench.tuner import config_key, interpreting, open_storage
-from tunebench.workloads import Workload
+from tunebench.inputs import Workload
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBLEM = Problem("flash_v1", 1, 2, 2, 48, 48, 16, "float32")

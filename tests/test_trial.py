@@ -14,7 +14,7 @@ from tunebench import timing  # noqa: E402
 from tunebench.registry import kernel_module  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
 from tunebench.trial import failure, run_trial, warmup_only  # noqa: E402
-from tunebench.workloads import Workload  # noqa: E402
+from tunebench.inputs import Workload  # noqa: E402
 
 FAKE = Problem("fake_behaviours", 1, 2, 1, 24, 40, 16, "float32", causal=True)
 

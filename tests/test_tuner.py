@@ -20,7 +20,7 @@ from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
 from tunebench.tuner import (TuneOptions, config_key, interpreting, open_storage, select_problems,  # noqa: E402
                              tune)
-from tunebench.workloads import Workload  # noqa: E402
+from tunebench.inputs import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
          "fake_plain": "fake_kernels.plain", "fake_lagging": "fake_kernels.lagging"}

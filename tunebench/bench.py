@@ -80,7 +80,7 @@ class Inputs:
 
 def make_inputs(problem: Problem, device, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE) -> Inputs:
     import torch
-    from .workloads import pack_paged
+    from .inputs import pack_paged
     gen = torch.Generator(device=device).manual_seed(seed)
     dt, p = problem.torch_dtype, problem
 
@@ -326,7 +326,7 @@ def _tuned_paged_own_block(inp: Inputs) -> Runner:
     """The tuned kernel on a cache laid out in the block size it was tuned to on this GPU (when that differs)."""
     import torch
     import tunebench
-    from .workloads import pack_paged
+    from .inputs import pack_paged
     p = inp.problem
     bs = tunebench.tuned_paged_block_size(p.Hkv, p.D, p.dtype)
     if bs is None or bs == inp.block_size:

@@ -36,7 +36,7 @@ import triton.language as tl
 from .correctness import Verdict, close_enough
 from .shapes import Problem
 from .workers import Compile, Identify, Outcome, Retime, Run, Setup
-from .workloads import Workload
+from .inputs import Workload
 from . import timing, trace
 
 MESSAGE_CHARS = 2000
