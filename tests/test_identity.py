@@ -27,7 +27,8 @@ UNCHANGED = [  # (kernel, old text, new text): none of these touch compiled code
     ("flash_v2", '"""FlashAttention-2 forward', '"""A longer module docstring.\n\nFlashAttention-2 forward'),
     ("flash_v2", "def _check_inputs(q, k, v, out, causal, scale):\n",
      "def _check_inputs(q, k, v, out, causal, scale):\n    assert True, 'a new validation line'\n"),
-    ("flash_v2", "        # -- load K (TMA zero-fills", "\n\n        # -- a new comment\n        # -- load K (TMA zero-fills"),
+    ("flash_v2", "        # -- load K (TMA zero-fills",
+     "\n\n        # -- a new comment\n        # -- load K (TMA zero-fills"),
     ("flash_v2", "MASK_CAUSAL masks key j", "MASK_CAUSAL (reworded docstring) masks key j"),
     ("paged_attention", "def launch(", "def _a_new_helper():\n    return 1\n\n\ndef launch("),
 ]
@@ -55,7 +56,8 @@ def test_edits_to_compiled_code_change_the_identity(kernel, old, new, tmp_path, 
 
 def test_a_global_constant_read_by_a_jit_function_is_part_of_the_identity(tmp_path, monkeypatch):
     source = ("import triton\nimport triton.language as tl\nSCALE = {}\n\n\n@triton.jit\ndef _k(X):\n"
-              "    tl.store(X, tl.load(X) * SCALE)\n\n\ndef launch(x, config=None):\n    pass\n\n\nSPACE = {{'A': [1]}}\n")
+              "    tl.store(X, tl.load(X) * SCALE)\n\n\ndef launch(x, config=None):\n    pass\n\n\n"
+              "SPACE = {{'A': [1]}}\n")
     one = identity_of(source.format(2.0), "id_const_a", tmp_path, monkeypatch)
     assert identity_of(source.format(2.0), "id_const_b", tmp_path, monkeypatch) == one
     assert identity_of(source.format(3.0), "id_const_c", tmp_path, monkeypatch) != one

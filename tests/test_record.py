@@ -1,0 +1,76 @@
+"""Recording a program's buckets and reading the record back: round trip, counts, and clear errors."""
+import json
+
+import pytest
+
+from tunebench import record
+from tunebench.shapes import Problem, bucket
+
+KNOWN = ("flash_v2", "flash_v1", "paged_attention")
+PREFILL = Problem("flash_v2", 3, 8, 2, 100, 100, 64, "float16", True)
+DECODE = Problem("paged_attention", 5, 8, 2, 1, 1000, 64, "float16")
+
+
+def test_round_trip_counts_calls_per_bucket_most_called_first(tmp_path):
+    path = tmp_path / "shapes.json"
+    with record.record(path) as rec:
+        for _ in range(3):
+            rec.count(("a",), lambda: PREFILL)
+        rec.count(("b",), lambda: Problem("flash_v2", 4, 8, 2, 128, 128, 64, "float16", True))  # same bucket
+        for _ in range(7):
+            rec.count(("c",), lambda: DECODE)
+    assert record.active() is None
+    assert record.load(path, KNOWN) == [(bucket(DECODE), 7), (bucket(PREFILL), 4)]
+
+
+def test_a_problem_is_worked_out_only_on_a_shapes_first_call(tmp_path):
+    rec, made = record.Recorder(tmp_path / "r.json"), []
+    for _ in range(5):
+        rec.count(("k",), lambda: made.append(1) or PREFILL)
+    assert made == [1] and rec.calls[("k",)][0] == 5
+
+
+def test_recordings_do_not_nest(tmp_path):
+    with record.record(tmp_path / "a.json"):
+        with pytest.raises(RuntimeError, match="already recording"):
+            with record.record(tmp_path / "b.json"):
+                pass
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def entry(**problem):
+    fields = dict(kernel="flash_v2", B=1, Hq=8, Hkv=2, Nq=64, Nk=64, D=64, dtype="float16", causal=False)
+    return {"problem": dict(fields, **problem), "calls": 1}
+
+
+def doc(*entries):
+    return {"format": record.FORMAT, "version": record.VERSION, "entries": list(entries)}
+
+
+@pytest.mark.parametrize("data, message", [
+    ('{"format": "tunebench-record", "version": 1, "entries": [', "not a readable record"),   # truncated
+    ({"entries": []}, "not a tunebench record"),
+    (doc(), "non-empty list"),
+    (doc(entry(kernel="evil_kernel")), "entry 0: unknown kernel 'evil_kernel'"),
+    (doc(entry(), entry(Nk=10 ** 12)), "entry 1: Nk must be an integer in"),
+    (doc(entry(B=0)), "entry 0: B must be"),
+    (doc(entry(Hq=7, Hkv=2)), "entry 0: Hq \\(7\\) must be a multiple"),
+    (doc(entry(dtype="int8")), "entry 0: dtype must be"),
+    (doc({"problem": entry()["problem"], "calls": -3}), "entry 0: 'calls' must be a positive integer"),
+    ("[" * 100_000, "not a readable record"),
+])
+def test_a_bad_record_names_the_file_and_the_entry(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(record.RecordError, match=message) as e:
+        record.load(path, KNOWN)
+    assert path in str(e.value)
+
+
+def test_a_missing_record_says_how_to_make_one(tmp_path):
+    with pytest.raises(record.RecordError, match="no such record file.*TUNEBENCH_RECORD"):
+        record.load(tmp_path / "none.json", KNOWN)
