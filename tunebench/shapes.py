@@ -175,8 +175,33 @@ def _headline_suite() -> list[Problem]:
     return out
 
 
+# (B, Hq, Hkv, N) per family of the transfer suite: 4-64 programs' worth of batch x heads, GQA 1-8, 512-32k tokens.
+_TRANSFER_FAMILIES = {
+    ("bfloat16", 128, True): [(1, 32, 8, 16384), (1, 32, 8, 32768), (2, 32, 8, 8192), (4, 32, 8, 4096),
+                              (16, 32, 8, 1024), (32, 32, 8, 512), (8, 16, 16, 2048), (4, 16, 16, 1024),
+                              (2, 16, 16, 8192), (1, 28, 4, 4096), (4, 28, 4, 2048), (8, 64, 8, 1024),
+                              (2, 64, 8, 4096), (64, 32, 8, 512)],
+    ("bfloat16", 128, False): [(4, 16, 16, 1024), (4, 16, 16, 4096), (1, 16, 16, 16384), (1, 32, 8, 8192),
+                               (16, 32, 8, 1024), (8, 28, 4, 2048), (2, 64, 8, 4096), (32, 16, 16, 512)],
+    ("float16", 128, True): [(1, 32, 8, 16384), (4, 32, 8, 4096), (16, 32, 8, 1024), (8, 16, 16, 2048),
+                             (2, 28, 4, 8192), (4, 64, 8, 1024)],
+    ("bfloat16", 64, True): [(4, 32, 32, 4096), (1, 32, 32, 16384), (16, 32, 32, 1024), (8, 16, 16, 2048),
+                             (2, 64, 8, 8192), (32, 28, 4, 512)],
+    ("float16", 64, False): [(4, 32, 32, 4096), (16, 32, 32, 1024), (1, 16, 16, 16384), (8, 64, 8, 2048),
+                             (2, 28, 4, 8192), (64, 16, 16, 512)],
+}
+
+
+def _transfer_suite() -> list[Problem]:
+    # Several tuned buckets per (dtype, D, causal) family, so that leave-one-out can ask what a shape that was not
+    # tuned would get from its neighbours (bench/transfer_loo.py).
+    return [Problem("flash_v2", b, hq, hkv, n, n, d, dtype, causal)
+            for (dtype, d, causal), shapes in _TRANSFER_FAMILIES.items() for b, hq, hkv, n in shapes]
+
+
 SUITES = {
     "default": _default_suite,
+    "transfer": _transfer_suite,
     "headline": _headline_suite,
     "tiny": _tiny_suite,
     "prefill": lambda: [p for p in _default_suite() if not p.paged],

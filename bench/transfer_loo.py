@@ -1,0 +1,140 @@
+"""Leave-one-out of safe transfer: would a shape that was not tuned still run at least as fast as DEFAULT?
+
+For every shape of a tuned suite (default: the `transfer` suite), its own trials are hidden and the dispatcher's rule
+(tunebench.transfer.choose) picks a config from the other buckets' stored trials. Then the shape's own winner, the
+transferred choice, the old nearest-bucket winner and DEFAULT are timed head to head in this one process, in
+interleaved rounds (the median of the round medians; do_bench, L2 flushed). Ratios are against DEFAULT and against the
+shape's own winner, measured in the same run.
+
+Usage (GPU, after `tunebench tune --suite transfer --db DB`):
+    python3 bench/transfer_loo.py --db DB --out benchmarks/h200
+    python3 bench/transfer_loo.py --db DB --interpret --limit 3       # a check of the script on a CPU
+Writes OUT/transfer-loo.csv and prints the table and the distribution.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import pathlib
+import statistics
+
+
+def evidence_by_bucket(store, device_name: str, problems, identity) -> dict:
+    from tunebench import transfer
+    from tunebench.shapes import bucket, bucket_key
+    out = {}
+    for p in problems:
+        e = transfer.Evidence(bucket(p))
+        for t in store.trials(device_name=device_name, kernel=p.kernel, source_hash=identity(p.kernel), problem=p):
+            if t.status == "ok" and t.median_ms:
+                e.add(t.config, t.median_ms)
+        out[bucket_key(p)] = e
+    return out
+
+
+def nearest_winner(problem, evidence: dict, default: dict) -> dict:
+    """The rule transfer replaced: the best config of the nearest tuned bucket (log2 steps of B, heads, lengths)."""
+    from tunebench.shapes import bucket
+    b = bucket(problem)
+    fields = ("B", "Hq", "Hkv", "Nq", "Nk")
+
+    def far(e):
+        if (e.bucket.kernel, e.bucket.dtype, e.bucket.D, e.bucket.causal) != (b.kernel, b.dtype, b.D, b.causal):
+            return math.inf
+        return sum(abs(math.log2(getattr(e.bucket, f)) - math.log2(getattr(b, f))) for f in fields)
+    near = min(evidence, key=far, default=None)
+    if near is None or far(near) == math.inf or not near.ms:
+        return default
+    return near.configs[min(near.ms, key=near.ms.get)]
+
+
+def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> list[float]:
+    import torch
+    from tunebench import timing
+    from tunebench.registry import kernel_module
+    device = "cpu" if interpret else "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=problem.torch_dtype)
+    q = randn(problem.B, problem.Hq, problem.Nq, problem.D)
+    k, v = randn(problem.B, problem.Hkv, problem.Nk, problem.D), randn(problem.B, problem.Hkv, problem.Nk, problem.D)
+    launch = kernel_module(problem.kernel).launch
+    fns = [lambda c=c: launch(q, k, v, config=c, causal=problem.causal) for c in configs]
+    bench = timing.wall_bench if interpret else timing.gpu_bench
+    per_round = [[bench(fn).median_ms for fn in fns] for _ in range(rounds)]
+    return [statistics.median(r[i] for r in per_round) for i in range(len(configs))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True, help="the results database the suite was tuned into")
+    parser.add_argument("--suite", default="transfer", help="the tuned suite (dense problems)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per shape")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes")
+    parser.add_argument("--out", default=None, help="folder for transfer-loo.csv")
+    parser.add_argument("--interpret", action="store_true", help="check the script on a CPU (not a measurement)")
+    args = parser.parse_args()
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from tunebench import transfer
+    from tunebench.registry import kernel_identity, kernel_module
+    from tunebench.shapes import bucket_key, suite
+    from tunebench.store import Store
+    device_name = "cpu-interpreter" if args.interpret else __import__("torch").cuda.get_device_name()
+    problems = [p for p in suite(args.suite) if not p.paged][:args.limit]
+    with Store(args.db, readonly=True) as store:
+        evidence = evidence_by_bucket(store, device_name, problems, kernel_identity)
+        winners = {bucket_key(w.problem): w.config for w in store.winners(device_name=device_name)
+                   if w.source_hash == kernel_identity(w.kernel)}
+    rows = []
+    for i, p in enumerate(problems, 1):
+        module, key = kernel_module(p.kernel), bucket_key(p)
+        own = evidence[key]
+        if not own.ms:
+            print(f"[{i}/{len(problems)}] {p.label()}: no stored trials, skipped")
+            continue
+        rest = [e for k, e in evidence.items() if k != key]
+        default = dict(module.DEFAULT)
+        choice = transfer.choose(p, rest, default, lambda c: module.keep(c, p) is None)
+        chosen = choice.config if choice else default
+        own_best = winners.get(key) or own.configs[min(own.ms, key=own.ms.get)]   # the confirmed winner, if stored
+        configs = [own_best, chosen, nearest_winner(p, rest, default), default]
+        own_ms, chosen_ms, nearest_ms, default_ms = head_to_head(p, configs, args.rounds, args.interpret)
+        rows.append(dict(shape=p.label(), transferred=choice is not None, why=choice.why() if choice else "DEFAULT",
+                         own_ms=own_ms, chosen_ms=chosen_ms, nearest_ms=nearest_ms, default_ms=default_ms,
+                         chosen_vs_default=default_ms / chosen_ms, chosen_vs_own=own_ms / chosen_ms,
+                         nearest_vs_default=default_ms / nearest_ms, own_vs_default=default_ms / own_ms,
+                         chosen=chosen, own=configs[0]))
+        r = rows[-1]
+        print(f"[{i}/{len(problems)}] {p.label():58s} chosen/DEFAULT {r['chosen_vs_default']:.3f}  chosen/own "
+              f"{r['chosen_vs_own']:.3f}  nearest/DEFAULT {r['nearest_vs_default']:.3f}  "
+              f"{'transferred' if choice else 'DEFAULT'}", flush=True)
+    report(rows)
+    if args.out and rows:
+        path = pathlib.Path(args.out) / "transfer-loo.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+    return 0
+
+
+def report(rows: list[dict]) -> None:
+    if not rows:
+        print("no shape had stored trials")
+        return
+    for name in ("chosen_vs_default", "chosen_vs_own", "nearest_vs_default", "own_vs_default"):
+        xs = sorted(r[name] for r in rows)
+        q = statistics.quantiles(xs, n=10) if len(xs) > 1 else xs * 9
+        print(f"{name:20s} min {xs[0]:.3f}  p10 {q[0]:.3f}  median {statistics.median(xs):.3f}  max {xs[-1]:.3f}")
+    print(f"transferred on {sum(r['transferred'] for r in rows)} of {len(rows)} shapes; "
+          f"goal: chosen/DEFAULT >= 0.98 on every shape, median chosen/own >= 0.97")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
