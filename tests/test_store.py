@@ -3,6 +3,7 @@ databases (newer schema, corrupt file, unknown kernels, configs outside SPACE) a
 import json
 import math
 import multiprocessing
+import pathlib
 import random
 import sqlite3
 import subprocess
@@ -249,6 +250,20 @@ def test_show_prints_winners_by_device(db, capsys):
     assert bucket(TINY["paged_attention"]).label() in out and "BLOCK_SIZE=16" in out
     assert cli.main(["show", "--db", str(db), "--kernel", "flash_v1"]) == 0
     assert capsys.readouterr().out.strip() == f"no winners in {db}"
+
+
+def test_the_shipped_winners_are_listed_and_none_is_stale(capsys):
+    """results.db ships H100 and H200 winners: `tunebench show` lists them, and each one's kernel identity is the
+    kernel's current one, so the dispatcher uses them (an edit to a jit body or SPACE must re-tune them)."""
+    from tunebench.report import collect
+    shipped = pathlib.Path(registry.__file__).parent / "results.db"
+    assert cli.main(["show", "--db", str(shipped)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("NVIDIA H100") and "\nNVIDIA H200 " in out
+    with Store(str(shipped), readonly=True) as store:
+        lines, _ = collect(store)
+    assert {x.winner.device for x in lines} == {"NVIDIA H100 80GB HBM3", "NVIDIA H200"}
+    assert [x.winner.problem.label() for x in lines if x.stale] == []
 
 
 def test_show_on_a_missing_database_fails_naming_it(tmp_path, capsys):

@@ -282,7 +282,7 @@ def utc(when: datetime | None) -> datetime | None:
 
 
 def as_utc(when: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything this module wrote was UTC."""
+    """SQLite hands back naive datetimes; everything the store wrote was UTC."""
     if when is None or when.tzinfo is not None:
         return when
     return when.replace(tzinfo=timezone.utc)
