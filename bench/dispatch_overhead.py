@@ -47,7 +47,7 @@ def paired_us(direct, dispatched, n=2000, rounds=15) -> tuple[float, float, floa
 
 def main():
     import tunebench
-    from tunebench import dispatch
+    from tunebench.runtime import dispatch
     from tunebench.kernels import flash_v2, paged_attention as pa
     from tunebench.inputs import pack_paged
     base, full = import_time()

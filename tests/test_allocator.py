@@ -12,7 +12,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from tunebench.allocator import BlockAllocator, OutOfBlocks
+from tunebench.runtime.allocator import BlockAllocator, OutOfBlocks
 
 
 def state(a: BlockAllocator):
@@ -198,9 +198,9 @@ def fake_dispatch(monkeypatch):
         def tuned_paged_block_size(kv_heads, head_dim, dtype):
             calls.append((kv_heads, head_dim, dtype))
             return value
-        mod = types.ModuleType("tunebench.dispatch")
+        mod = types.ModuleType("tunebench.runtime.dispatch")
         mod.tuned_paged_block_size = tuned_paged_block_size
-        monkeypatch.setitem(sys.modules, "tunebench.dispatch", mod)
+        monkeypatch.setitem(sys.modules, "tunebench.runtime.dispatch", mod)
         return calls
     return install
 
@@ -221,21 +221,22 @@ def test_block_size_tuned_when_stored(fake_dispatch):
 def test_block_size_default_when_nothing_tuned_or_no_dispatcher(fake_dispatch, monkeypatch):
     fake_dispatch(None)
     assert BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16").block_size_source == "default"
-    monkeypatch.setitem(sys.modules, "tunebench.dispatch", None)     # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "tunebench.runtime.dispatch", None)     # importing it raises ImportError
     a = BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16")
     assert (a.block_size, a.block_size_source) == (16, "default")
-    monkeypatch.setitem(sys.modules, "tunebench.dispatch", types.ModuleType("tunebench.dispatch"))  # no function
+    no_function = types.ModuleType("tunebench.runtime.dispatch")
+    monkeypatch.setitem(sys.modules, "tunebench.runtime.dispatch", no_function)
     assert BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16").block_size_source == "default"
     assert BlockAllocator(4).block_size_source == "default"
 
 
 def test_block_size_broken_dispatcher_or_partial_geometry_raises(monkeypatch):
-    mod = types.ModuleType("tunebench.dispatch")
+    mod = types.ModuleType("tunebench.runtime.dispatch")
 
     def broken(*args):
         raise ImportError("no sqlalchemy", name="sqlalchemy")
     mod.__getattr__ = broken
-    monkeypatch.setitem(sys.modules, "tunebench.dispatch", mod)
+    monkeypatch.setitem(sys.modules, "tunebench.runtime.dispatch", mod)
     with pytest.raises(ImportError, match="sqlalchemy"):
         BlockAllocator(4, kv_heads=8, head_dim=128, dtype="fp16")
     with pytest.raises(ValueError, match="all of kv_heads, head_dim and dtype"):
@@ -247,14 +248,14 @@ def test_block_size_broken_dispatcher_or_partial_geometry_raises(monkeypatch):
 def test_the_allocator_imports_nothing_heavy():
     """Loaded on its own (whatever the package's __init__ imports), and used without block tables, it pulls in no
     torch, numpy or database modules: torch comes only with block_tables/context_lens."""
-    import tunebench.allocator
+    import tunebench.runtime.allocator
     code = ("import importlib.util as u, sys; spec = u.spec_from_file_location('alloc', sys.argv[1]); "
             "m = sys.modules['alloc'] = u.module_from_spec(spec); spec.loader.exec_module(m); "
             "a = m.BlockAllocator(4, 2); "
             "a.allocate(0, 3); a.fork(0, 1); a.append(1); a.take_copies(); a.stats(); a.free(0); "
             "heavy = {'torch', 'triton', 'numpy', 'optuna', 'sqlalchemy', 'hypothesis'}; "
             "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy))")
-    out = subprocess.run([sys.executable, "-c", code, tunebench.allocator.__file__],
+    out = subprocess.run([sys.executable, "-c", code, tunebench.runtime.allocator.__file__],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

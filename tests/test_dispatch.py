@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tunebench
-from tunebench import dispatch
+from tunebench.runtime import dispatch
 from tunebench.correctness import close_enough
 from tunebench.device import DeviceIdentity
 from tunebench.registry import kernel_module, kernel_identity

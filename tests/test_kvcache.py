@@ -2,7 +2,7 @@
 import pytest
 
 from tunebench.cli import main
-from tunebench.kvcache import GIB, blocks_that_fit, dtype_name, human_bytes, kv_bytes_per_token, kv_size
+from tunebench.runtime.kvcache import GIB, blocks_that_fit, dtype_name, human_bytes, kv_bytes_per_token, kv_size
 
 SEED = dict(layers=32, kv_heads=8, head_dim=128)   # Llama-2-7B-like geometry from the seed
 

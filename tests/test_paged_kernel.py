@@ -228,7 +228,7 @@ def test_written_tokens_decode_like_the_dense_reference(device):
 def test_fork_and_decode_with_the_allocator(device):
     """Allocator + cache write + decode: a forked sequence and its parent each append their own tokens (the first
     append copies the shared, partly filled last block) and each decodes against its own token history."""
-    from tunebench.allocator import BlockAllocator
+    from tunebench.runtime.allocator import BlockAllocator
     Hq, Hkv, D, bs, prompt = 4, 2, 16, 8, 13
     g = torch.Generator().manual_seed(5)
     alloc = BlockAllocator(num_blocks=8, block_size=bs)

@@ -13,8 +13,9 @@ import torch
 
 import tunebench
 import tunebench.reference as ref
-from tunebench import cli, dispatch, registry
+from tunebench import cli, registry
 from tunebench.correctness import close_enough
+from tunebench.runtime import dispatch
 from tunebench.device import DeviceIdentity
 from tunebench.shapes import Problem
 from tunebench.store import Store

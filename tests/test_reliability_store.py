@@ -18,8 +18,8 @@ from tunebench.store import Store, resolve_url
 
 H100 = DeviceIdentity("NVIDIA H100 80GB HBM3", "9.0", 132, 85_000_000_000, "550.54.15", "2.13.0", "3.6.0", True)
 PROBLEM = Problem("flash_v2", 1, 2, 1, 64, 64, 32, "float16", causal=True)
-PRELOAD = ["tunebench.tuner", "tunebench.store", "tunebench.dispatch", "optuna", "optuna.storages._rdb.storage",
-           "alembic.migration", "pytest"]
+PRELOAD = ["tunebench.tuner", "tunebench.store", "tunebench.runtime.dispatch", "optuna",
+           "optuna.storages._rdb.storage", "alembic.migration", "pytest"]
 
 
 def forkserver():
@@ -130,7 +130,7 @@ def _upsert_process(url: str, shash: str, plan: list, barrier, results) -> None:
 def _reader_process(url: str, pairs: set, stop, barrier, results) -> None:
     """Loops what the dispatcher does on its first call, plus Store.winners, until the writers are done."""
     try:
-        from tunebench.dispatch import Winners
+        from tunebench.runtime.dispatch import Winners
         configs = configs_for(PROBLEM)
         pairs = {(tuple(sorted(configs[i].items())), ms) for i, ms in pairs}
         barrier.wait(120)

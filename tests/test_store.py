@@ -3,8 +3,11 @@ databases (newer schema, corrupt file, unknown kernels, configs outside SPACE) a
 import json
 import math
 import multiprocessing
+import pathlib
 import random
 import sqlite3
+import subprocess
+import sys
 import traceback
 from datetime import datetime, timedelta, timezone
 
@@ -13,8 +16,8 @@ import pytest
 from tunebench import cli, registry
 from tunebench.device import DeviceIdentity
 from tunebench.shapes import Problem, bucket, suite
-from tunebench.store import (STATUSES, KernelModel, SchemaVersionModel, Store, StoreError, StoreWarning, TrialResult,
-                             default_db_path, resolve_url)
+from tunebench.store import STATUSES, Store, StoreError, StoreWarning, TrialResult, default_db_path, resolve_url
+from tunebench.store.models import KernelModel, SchemaVersionModel
 
 H100 = DeviceIdentity("NVIDIA H100 80GB HBM3", "9.0", 132, 85_000_000_000, "550.54.15", "2.13.0", "3.6.0", True)
 H200 = DeviceIdentity("NVIDIA H200", "9.0", 132, 150_000_000_000, "550.54.15", "2.13.0", "3.6.0", True)
@@ -201,11 +204,38 @@ def test_untrusted_rows_are_skipped_with_a_warning(db):
         c.execute("UPDATE winners SET config_json = ? WHERE kernel_id = "
                   "(SELECT id FROM kernels WHERE name = 'flash_v2')", (bool_as_int,))
     with pytest.warns(StoreWarning) as caught:
-        winners = Store(str(db), readonly=True).winners()
+        winners = Store(str(db), readonly=True).winners(check_config=registry.checked_config)
     assert [w.kernel for w in winners] == ["paged_attention"]
     messages = "\n".join(str(w.message) for w in caught)
     assert "'evil_kernel'" in messages and "unknown kernel" in messages
     assert "BLOCK_M=48 is not in SPACE" in messages and "USE_TMA=0 has the wrong type" in messages
+    # Without the kernels, the store lists what it can check alone: SPACE is its caller's to check.
+    with pytest.warns(StoreWarning, match="unknown kernel"):
+        listed = Store(str(db), readonly=True).winners()
+    assert sorted(w.kernel for w in listed) == ["flash_v1", "flash_v2", "paged_attention"]
+
+
+@pytest.mark.parametrize("config_json", ['{"BLOCK_M": NaN}', '{"BLOCK_M": [16]}', '{"BLOCK_M": {"a": 1}}'])
+def test_configs_that_are_not_json_scalars_are_skipped_without_the_kernels(db, config_json):
+    store = Store(str(db))
+    store.upsert_winner(H100, "flash_v2", "h", TINY["flash_v2"], default("flash_v2"), 1.0, 1.5)
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE winners SET config_json = ?", (config_json,))
+    with pytest.warns(StoreWarning, match="config values must be finite numbers, booleans or strings"):
+        assert Store(str(db), readonly=True).winners() == []
+
+
+def test_show_imports_no_kernel_nor_triton(db):
+    """`tunebench show` lists rows without loading the kernels: Triton's import is the slow part of a CLI call."""
+    store = Store(str(db))
+    store.upsert_winner(H100, "flash_v2", "h", TINY["flash_v2"], other_config("flash_v2"), 0.125, 1.5)
+    store.close()
+    code = ("import sys; from tunebench import cli; rc = cli.main(['show', '--db', sys.argv[1]]); "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'triton' or "
+            "m.startswith('tunebench.kernels') or m.startswith('torch')))")
+    out = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True, check=True).stdout
+    assert H100.name in out and TINY["flash_v2"].label() in out
+    assert out.strip().splitlines()[-1] == "0 []"
 
 
 def test_show_prints_winners_by_device(db, capsys):
@@ -220,6 +250,20 @@ def test_show_prints_winners_by_device(db, capsys):
     assert bucket(TINY["paged_attention"]).label() in out and "BLOCK_SIZE=16" in out
     assert cli.main(["show", "--db", str(db), "--kernel", "flash_v1"]) == 0
     assert capsys.readouterr().out.strip() == f"no winners in {db}"
+
+
+def test_the_shipped_winners_are_listed_and_none_is_stale(capsys):
+    """results.db ships H100 and H200 winners: `tunebench show` lists them, and each one's kernel identity is the
+    kernel's current one, so the dispatcher uses them (an edit to a jit body or SPACE must re-tune them)."""
+    from tunebench.report import collect
+    shipped = pathlib.Path(registry.__file__).parent / "results.db"
+    assert cli.main(["show", "--db", str(shipped)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("NVIDIA H100") and "\nNVIDIA H200 " in out
+    with Store(str(shipped), readonly=True) as store:
+        lines, _ = collect(store)
+    assert {x.winner.device for x in lines} == {"NVIDIA H100 80GB HBM3", "NVIDIA H200"}
+    assert [x.winner.problem.label() for x in lines if x.stale] == []
 
 
 def test_show_on_a_missing_database_fails_naming_it(tmp_path, capsys):

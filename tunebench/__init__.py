@@ -11,9 +11,10 @@ imports torch itself.
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"flash_attention": ".dispatch", "paged_attention": ".dispatch", "explain": ".dispatch",
-            "reload": ".dispatch", "tuned_paged_block_size": ".dispatch", "BlockAllocator": ".allocator",
-            "OutOfBlocks": ".allocator"}
+_EXPORTS = {"flash_attention": ".runtime.dispatch", "paged_attention": ".runtime.dispatch",
+            "explain": ".runtime.dispatch", "reload": ".runtime.dispatch",
+            "tuned_paged_block_size": ".runtime.dispatch", "BlockAllocator": ".runtime.allocator",
+            "OutOfBlocks": ".runtime.allocator"}
 __all__ = list(_EXPORTS)
 
 

@@ -48,12 +48,12 @@ def _tune(args) -> int:
 
 
 def _show(args) -> int:
-    from .store import show_command
+    from .commands.show import show_command
     return show_command(args)
 
 
 def _kv_size(args) -> int:
-    from .kvcache import kv_size_command
+    from .commands.kv_size import kv_size_command
     return kv_size_command(args)
 
 
@@ -68,7 +68,7 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import report_command
+    from .commands.report import report_command
     return report_command(args)
 
 

@@ -105,11 +105,27 @@ def _is_constant(value) -> bool:
 
 
 def config_in_space(name: str, config: dict) -> str | None:
-    """Why a config (e.g. read from a database) is outside the kernel's SPACE, or None when every value is allowed."""
+    """Why a config (e.g. read from a database) is outside the kernel's SPACE, or None when every value is allowed.
+    Membership is by value and type: JSON's 1 does not pass for True, nor 64.0 for 64."""
     space = kernel_module(name).SPACE
     if set(config) != set(space):
         return f"keys {sorted(config)} != SPACE keys {sorted(space)}"
     for key, value in config.items():
         if value not in space[key]:
             return f"{key}={value!r} is not in SPACE {space[key]}"
+        if not any(type(value) is type(allowed) and value == allowed for allowed in space[key]):
+            return f"{key}={value!r} has the wrong type"
     return None
+
+
+def checked_config(name: str, config: dict) -> dict:
+    """A config read from a database, in SPACE's key order; ValueError says why it cannot be used. This is the check
+    that needs the kernel, which the store leaves to the dispatcher and `tunebench report`."""
+    try:
+        why = config_in_space(name, config)
+        space = kernel_module(name).SPACE
+    except ImportError as e:
+        raise ValueError(f"the kernel module cannot be imported: {e}") from None
+    if why:
+        raise ValueError(f"config outside SPACE: {why}")
+    return {key: config[key] for key in space}

@@ -1,9 +1,12 @@
-"""`tunebench report`: what tuning produced, read from a results database.
+"""What tuning produced, read from a results database, as text: `tunebench report` and `tunebench show` print it.
 
 Per device: each winner with its speedup over the kernel's DEFAULT (and over the best peer, when the tuner measured
 one), its trials' outcomes, and the time spent tuning it (first trial start to last trial end, and the sum of trial
 durations); then totals by status and a PNG of the speedups. A winner whose kernel source has changed since is marked
 stale: the dispatcher ignores it.
+
+Only collect() needs the kernels (their SPACE and identity); the formatting helpers import none, so that
+`tunebench show` lists rows without loading Triton.
 """
 from __future__ import annotations
 
@@ -35,10 +38,10 @@ def tuning_times(trials) -> tuple[timedelta | None, timedelta | None]:
 
 def collect(store: Store) -> tuple[list[WinnerLine], dict[str, int]]:
     """Every winner with its trials' counts and times, and the status totals over all trials."""
-    from .registry import kernel_identity
+    from .registry import checked_config, kernel_identity
     current: dict[str, str | None] = {}
     lines = []
-    for w in store.winners():
+    for w in store.winners(check_config=checked_config):
         if w.kernel not in current:
             try:
                 current[w.kernel] = kernel_identity(w.kernel)
@@ -67,8 +70,18 @@ def format_duration(d: timedelta | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def _speedup(x: float | None) -> str:
+def format_speedup(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def format_config(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def device_label(w: Winner) -> str:
+    """The device a winner was measured on, with the versions that measured it."""
+    note = "" if w.is_speed_measurement else " [interpreter: not a speed measurement]"
+    return f"{w.device} (capability {w.capability}, torch {w.torch}, triton {w.triton}){note}"
 
 
 def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -> str:
@@ -78,18 +91,15 @@ def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -
     devices = list(dict.fromkeys(x.winner.device for x in lines))
     for device in devices:
         mine = [x for x in lines if x.winner.device == device]
-        w0 = mine[0].winner
-        out += [f"## {device} (capability {w0.capability}, torch {w0.torch}, triton {w0.triton})"
-                + ("" if w0.is_speed_measurement else " [interpreter: not a speed measurement]"), "",
+        out += [f"## {device_label(mine[0].winner)}", "",
                 "| kernel | problem (bucket) | config | median ms | vs DEFAULT | vs peer | trials | tuning time |",
                 "|---|---|---|---|---|---|---|---|"]
         for x in mine:
             w = x.winner
-            config = " ".join(f"{k}={v}" for k, v in w.config.items())
             stale = " (stale: kernel changed)" if x.stale else ""
-            out.append(f"| {w.kernel}{stale} | {w.problem.label()} | {config} | {w.median_ms:.4f} | "
-                       f"{_speedup(w.speedup_vs_default)} | {_speedup(w.speedup_vs_peer)} | {format_counts(x.counts)} "
-                       f"| {format_duration(x.span)} (trials {format_duration(x.busy)}) |")
+            out.append(f"| {w.kernel}{stale} | {w.problem.label()} | {format_config(w.config)} | {w.median_ms:.4f} "
+                       f"| {format_speedup(w.speedup_vs_default)} | {format_speedup(w.speedup_vs_peer)} "
+                       f"| {format_counts(x.counts)} | {format_duration(x.span)} (trials {format_duration(x.busy)}) |")
         spans = [x.span for x in mine if x.span is not None]
         speedups = [x.winner.speedup_vs_default for x in mine if x.winner.speedup_vs_default]
         out += ["", f"{len(mine)} winners; tuning time {format_duration(sum(spans, timedelta()) if spans else None)}"
@@ -136,20 +146,3 @@ def plot_speedups(lines: list[WinnerLine], path: Path) -> Path | None:
     plt.close(fig)
     return path
 
-
-def report_command(args) -> int:
-    store = Store(args.db, readonly=True)
-    try:
-        lines, totals = collect(store)
-    finally:
-        store.close()
-    text = format_report(lines, totals, store.where)
-    print(text, end="")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(text)
-        png = plot_speedups(lines, out / "speedups.png")
-        print(f"wrote {out / 'report.md'}" + (f" and {png}" if png else "; no speedup plot (matplotlib is not "
-                                                                           "installed, or no speedups stored)"))
-    return 0

@@ -73,9 +73,9 @@ def _resolve_block_size(block_size, kv_heads, head_dim, dtype) -> tuple[int, str
         raise ValueError("give all of kv_heads, head_dim and dtype (to look up the tuned block size) or none")
     from .kvcache import dtype_name
     try:
-        from tunebench.dispatch import tuned_paged_block_size
+        from tunebench.runtime.dispatch import tuned_paged_block_size
     except ImportError as e:
-        if e.name != "tunebench.dispatch":  # a broken dispatcher is an error, not a reason to fall back
+        if e.name != "tunebench.runtime.dispatch":  # a broken dispatcher is an error, not a reason to fall back
             raise
         return DEFAULT_BLOCK_SIZE, "default"
     tuned = tuned_paged_block_size(kv_heads, head_dim, dtype_name(dtype))
@@ -86,7 +86,7 @@ def _resolve_block_size(block_size, kv_heads, head_dim, dtype) -> tuple[int, str
 
 class BlockAllocator:
     """Paged KV blocks for many sequences. ``block_size``: explicit wins; else, given kv_heads, head_dim and dtype,
-    the tuned winner of the paged kernel on this GPU (``tunebench.dispatch.tuned_paged_block_size``); else 16.
+    the tuned winner of the paged kernel on this GPU (``tunebench.runtime.dispatch.tuned_paged_block_size``); else 16.
     ``block_size_source`` says which: "explicit", "tuned" or "default"."""
 
     def __init__(self, num_blocks: int, block_size: int | None = None, *, kv_heads: int | None = None,

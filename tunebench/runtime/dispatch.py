@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from .registry import kernel_module, kernel_identity
-from .shapes import Problem, bucket, bucket_distance, bucket_key
+from ..registry import checked_config, kernel_identity, kernel_module
+from ..shapes import Problem, bucket, bucket_distance, bucket_key
 
 VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
 TUNE_HINT = "run `tunebench tune` on this GPU to tune them"
@@ -30,7 +30,7 @@ def packaged_db_path():
 
 def database_urls() -> list[str]:
     """Databases to read, highest precedence first."""
-    from .store import default_db_path, resolve_url
+    from ..store import default_db_path, resolve_url
     urls = []
     user = os.environ.get("TUNEBENCH_DB")
     if user:
@@ -71,13 +71,13 @@ class Winners:
 
     @classmethod
     def load(cls, device_name: str | None = None, urls: list[str] | None = None) -> "Winners":
-        from .store import Store, StoreError
+        from ..store import Store, StoreError
         device_name = device_name or current_device_name()
         rows, stale = [], set()
         hashes = {}
         for url in database_urls() if urls is None else urls:
             try:
-                found = Store(url, readonly=True).winners(device_name=device_name)
+                found = Store(url, readonly=True).winners(device_name=device_name, check_config=checked_config)
             except StoreError as e:
                 warnings.warn(f"tunebench: ignoring results database: {e}", stacklevel=3)
                 continue
@@ -194,7 +194,7 @@ _LAUNCH: dict[str, object] = {}
 
 
 def _launcher(kernel: str):
-    """The kernel module's launch, looked up once (importlib on every call cost ~0.8 us of host time)."""
+    """The kernel module's launch, looked up once: a warm call should cost one dict lookup, not an importlib call."""
     launch = _LAUNCH.get(kernel)
     if launch is None:
         launch = _LAUNCH[kernel] = kernel_module(kernel).launch

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .shapes import DTYPE_BYTES
+from ..shapes import DTYPE_BYTES
 
 GIB = 1 << 30
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
@@ -109,11 +109,3 @@ def format_kv_size(s: KVSize, layers: int, kv_heads: int, head_dim: int, dtype, 
                      f"{s.sequences_fit} sequences of {context} tokens")
     return "\n".join(lines)
 
-
-def kv_size_command(args) -> int:
-    """`tunebench kv-size`: args has layers, kv_heads, head_dim, dtype, context, batch, memory (GiB or None),
-    block_size."""
-    s = kv_size(args.layers, args.kv_heads, args.head_dim, args.dtype, args.context, args.batch,
-                args.memory, args.block_size)
-    print(format_kv_size(s, args.layers, args.kv_heads, args.head_dim, args.dtype, args.context, args.batch))
-    return 0
