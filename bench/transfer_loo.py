@@ -22,7 +22,7 @@ import statistics
 
 
 def evidence_by_bucket(store, device_name: str, problems, identity) -> dict:
-    from tunebench import transfer
+    from tunebench.runtime import transfer
     from tunebench.shapes import bucket, bucket_key
     out = {}
     for p in problems:
@@ -81,7 +81,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-    from tunebench import transfer
+    from tunebench.runtime import transfer
     from tunebench.registry import kernel_identity, kernel_module
     from tunebench.shapes import bucket_key, suite
     from tunebench.store import Store

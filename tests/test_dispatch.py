@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import tunebench
-from tunebench.runtime import dispatch
+from tunebench.runtime import dispatch, winners
 from tunebench.correctness import close_enough
 from tunebench.device import DeviceIdentity
 from tunebench.registry import kernel_module, kernel_identity
 from tunebench.shapes import Problem
-from tunebench.store import Store
+from tunebench.store import Store, TrialResult
 import tunebench.reference as ref
 
 V2_TUNED = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "USE_TMA": False}
@@ -26,7 +26,7 @@ def _device():
 def db(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'user.db'}"
     monkeypatch.setenv("TUNEBENCH_DB", url)
-    monkeypatch.setattr(dispatch, "packaged_db_path", lambda: None)
+    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
     dispatch.reload()
     yield Store(url)
     dispatch.reload()
@@ -46,16 +46,32 @@ def test_tuned_winner_is_launched_and_correct(db, device):
     _put(db, p, V2_TUNED)
     q = torch.randn(1, 2, 40, 32).half().to(device)
     k, v = torch.randn(1, 1, 40, 32).half().to(device), torch.randn(1, 1, 40, 32).half().to(device)
-    assert "tuned winner" in tunebench.explain(q, k, causal=True) and "'BLOCK_M': 16" in tunebench.explain(q, k, causal=True)
+    assert "exact winner" in tunebench.explain(q, k, causal=True) and "'BLOCK_M': 16" in tunebench.explain(q, k, causal=True)
     out = tunebench.flash_attention(q, k, v, causal=True)
     assert close_enough(out, ref.attention(q, k, v, True), ref.attention(q, k, v, True, dtype=q.dtype)).ok
 
 
-def test_nearest_bucket_and_default(db):
+def _timed(store, problem, *timings):
+    """Stores ok trials: (config, median ms) pairs, as a tuning run of that bucket would."""
+    for number, (config, ms) in enumerate(timings):
+        store.record_trial(_device(), problem.kernel, kernel_identity(problem.kernel), problem,
+                           TrialResult(number, config, "ok", median_ms=ms))
+
+
+def test_untuned_buckets_get_a_safe_transfer_or_default(db):
+    default = kernel_module("flash_v2").DEFAULT
     _put(db, _problem(64, 64), V2_TUNED)
-    why = tunebench.explain(_problem(300, 300))
-    assert "nearest tuned bucket" in why and "Nq64" in why
-    assert "DEFAULT" in tunebench.explain(_problem(causal=False))        # causality never substituted
+    _timed(db, _problem(64, 64), (default, 1.0), (V2_TUNED, 0.8))
+    why = tunebench.explain(_problem(256, 256))
+    assert "DEFAULT: no exact winner and no safe transfer" in why        # one neighbour is not enough evidence
+    _timed(db, _problem(1024, 1024), (default, 2.0), (V2_TUNED, 1.5))
+    dispatch.reload()
+    why = tunebench.explain(_problem(256, 256))
+    assert f"-> {V2_TUNED}:" in why and "transferred from buckets" in why and "Nq64" in why and "1.33x" in why
+    assert "DEFAULT" in tunebench.explain(_problem(256, 256, causal=False))   # causality never substituted
+    _timed(db, _problem(128, 128), (default, 1.0), (V2_TUNED, 1.1))      # the nearest neighbour says it loses
+    dispatch.reload()
+    assert "no safe transfer" in tunebench.explain(_problem(256, 256))
 
 
 def test_no_winners_warns_once_with_the_tune_command(db):
@@ -78,10 +94,11 @@ def test_user_db_takes_precedence_over_packaged(tmp_path, monkeypatch):
     other = dict(V2_TUNED, BLOCK_N=16)
     _put(packaged, _problem(), other)
     _put(user, _problem(), V2_TUNED)
-    w = dispatch.Winners.load(_device().name, [user.url, packaged.url])
-    assert w.choose(_problem()).config == V2_TUNED
-    w = dispatch.Winners.load(_device().name, [packaged.url])
-    assert w.choose(_problem()).config == other
+    default, admits = kernel_module("flash_v2").DEFAULT, (lambda c: True)
+    w = winners.Winners.load(_device().name, [user.url, packaged.url])
+    assert w.choose(_problem(), default, admits).config == V2_TUNED
+    w = winners.Winners.load(_device().name, [packaged.url])
+    assert w.choose(_problem(), default, admits).config == other
 
 
 def test_bad_inputs_and_variant_are_rejected(device):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tunebench import record
+from tunebench.runtime import record
 from tunebench.shapes import Problem, bucket
 
 KNOWN = ("flash_v2", "flash_v1", "paged_attention")
@@ -74,3 +74,16 @@ def test_a_bad_record_names_the_file_and_the_entry(tmp_path, data, message):
 def test_a_missing_record_says_how_to_make_one(tmp_path):
     with pytest.raises(record.RecordError, match="no such record file.*TUNEBENCH_RECORD"):
         record.load(tmp_path / "none.json", KNOWN)
+
+
+def test_recording_counts_real_calls_and_never_changes_results(tmp_path, device):
+    import torch
+    import tunebench
+    q = torch.randn(1, 2, 40, 32).half().to(device)
+    k, v = torch.randn(1, 1, 40, 32).half().to(device), torch.randn(1, 1, 40, 32).half().to(device)
+    plain = tunebench.flash_attention(q, k, v, causal=True)
+    with tunebench.record(tmp_path / "calls.json"):
+        recorded = [tunebench.flash_attention(q, k, v, causal=True) for _ in range(3)]
+    assert all(torch.equal(r, plain) for r in recorded)
+    [(problem, calls)] = record.load(tmp_path / "calls.json", KNOWN)
+    assert calls == 3 and problem == bucket(Problem("flash_v2", 1, 2, 1, 40, 40, 32, "float16", True))

@@ -15,7 +15,7 @@ import tunebench
 import tunebench.reference as ref
 from tunebench import cli, registry
 from tunebench.correctness import close_enough
-from tunebench.runtime import dispatch
+from tunebench.runtime import dispatch, winners
 from tunebench.device import DeviceIdentity
 from tunebench.shapes import Problem
 from tunebench.store import Store
@@ -41,8 +41,8 @@ def two_configs() -> tuple[dict, dict]:
 GOOD, BAD = two_configs()
 
 
-# One hostile row per bucket of the family that the good winner (Nq 64) is in, so that a row not skipped would be
-# chosen, exactly or as the nearest bucket: (what is wrong, SQL planting it, what the warning says).
+# One hostile row per bucket of the family that the good winner (Nq 64) is in; three of them are buckets queried
+# below, so a row not skipped would be chosen there: (what is wrong, SQL planting it, what the warning says).
 HOSTILE = [
     ("unknown kernel", "UPDATE kernels SET name = 'evil_kernel' WHERE source_hash = 'evil'", "unknown kernel"),
     ("config outside SPACE", "UPDATE winners SET config_json = :bad_block WHERE id = :id",
@@ -63,7 +63,7 @@ def user_db(tmp_path, monkeypatch):
     """TUNEBENCH_DB set to a file under tmp_path, the packaged database out of the way; the dispatcher reloads."""
     path = tmp_path / "user.db"
     monkeypatch.setenv("TUNEBENCH_DB", str(path))
-    monkeypatch.setattr(dispatch, "packaged_db_path", lambda: None)
+    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
     dispatch.reload()
     yield path
     dispatch.reload()
@@ -99,10 +99,10 @@ def test_untrusted_rows_are_skipped_and_dispatch_falls_back(user_db, device):
         assert says in messages, (what, messages)
     assert messages.count("skipping winner") == len(HOSTILE)
     assert all(str(user_db) in str(w.message) for w in caught if "skipping" in str(w.message))
-    assert "tuned winner for bucket" in choices[64]
+    assert "exact winner for bucket" in choices[64] and f"-> {GOOD}:" in choices[64]
     for n, why in choices.items():
-        assert f"-> {GOOD}:" in why, why  # the good winner, never a hostile row's config
-        assert n == 64 or "nearest tuned bucket" in why
+        assert f"-> {BAD}:" not in why, why  # never a hostile row's config
+        assert n == 64 or "DEFAULT: no exact winner" in why
     assert close_enough(out, ref.attention(q, k, v, True), ref.attention(q, k, v, True, dtype=q.dtype)).ok
     print(f"hostile rows: {len(HOSTILE)} kinds planted, {len(HOSTILE)} skipped with a warning, dispatch correct")
 
@@ -170,7 +170,7 @@ def test_unusable_databases_are_refused_and_dispatch_runs_default(user_db, case)
 
 def test_a_database_url_that_cannot_load_is_refused(monkeypatch):
     monkeypatch.setenv("TUNEBENCH_DB", "nosuchdialect://host/db")
-    monkeypatch.setattr(dispatch, "packaged_db_path", lambda: None)
+    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
     dispatch.reload()
     try:
         with pytest.warns(UserWarning, match="ignoring results database: cannot use the results database URL "

@@ -3,7 +3,7 @@ import math
 
 from hypothesis import given, strategies as st
 
-from tunebench import transfer
+from tunebench.runtime import transfer
 from tunebench.shapes import Problem
 
 DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64}

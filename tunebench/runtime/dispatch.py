@@ -1,113 +1,22 @@
-"""Runtime dispatch: a call's shape -> its bucket -> the tuned config -> launch.
+"""Runtime dispatch: a call's shape -> its bucket -> the config to run (winners.py) -> launch. Nothing here tunes.
 
-Winners are read once, lazily, on the first call: from the user's database (TUNEBENCH_DB, else the per-user database
-that `tunebench tune` writes) layered over the results.db shipped in the package; user winners take precedence. Only
-winners measured on this GPU, with the kernel's current source hash, are used. A bucket with no winner takes the
-nearest tuned bucket of the same kernel, dtype, head dim and causality; a GPU with no winners runs DEFAULT (and says
-so once). Nothing here ever tunes.
+A GPU with no winners at all runs DEFAULT and says so once. Every call is counted when a recording is on
+(record.py); a shape seen before costs one dict lookup more.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import warnings
-from importlib import resources
 from typing import Optional
 
 import torch
 
-from ..registry import checked_config, kernel_identity, kernel_module
-from ..shapes import Problem, bucket, bucket_distance, bucket_key
+from ..registry import kernel_module
+from ..shapes import Problem
+from . import record
+from .winners import TUNE_HINT, Choice, Winners
 
 VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
-TUNE_HINT = "run `tunebench tune` on this GPU to tune them"
-
-
-def packaged_db_path():
-    path = resources.files("tunebench") / "results.db"
-    return path if path.is_file() else None
-
-
-def database_urls() -> list[str]:
-    """Databases to read, highest precedence first."""
-    from ..store import default_db_path, resolve_url
-    urls = []
-    user = os.environ.get("TUNEBENCH_DB")
-    if user:
-        urls.append(resolve_url(user))
-    elif default_db_path().exists():
-        urls.append(resolve_url(str(default_db_path())))
-    packaged = packaged_db_path()
-    if packaged is not None:
-        urls.append(resolve_url(str(packaged)))
-    return urls
-
-
-def current_device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return "cpu-interpreter"
-
-
-@dataclasses.dataclass
-class Choice:
-    config: dict
-    why: str
-
-
-class Winners:
-    """The winners for one device, indexed by exact bucket and by (kernel, dtype, D, causal) family."""
-
-    def __init__(self, device_name: str, rows):
-        self.device_name = device_name
-        self.exact: dict[str, tuple[Problem, dict, str]] = {}
-        self.families: dict[tuple, list[tuple[Problem, dict, str]]] = {}
-        for problem, config, origin in rows:
-            key = bucket_key(problem)
-            if key in self.exact:                   # rows come highest precedence first
-                continue
-            self.exact[key] = (problem, config, origin)
-            self.families.setdefault(_family(problem), []).append((problem, config, origin))
-
-    @classmethod
-    def load(cls, device_name: str | None = None, urls: list[str] | None = None) -> "Winners":
-        from ..store import Store, StoreError
-        device_name = device_name or current_device_name()
-        rows, stale = [], set()
-        hashes = {}
-        for url in database_urls() if urls is None else urls:
-            try:
-                found = Store(url, readonly=True).winners(device_name=device_name, check_config=checked_config)
-            except StoreError as e:
-                warnings.warn(f"tunebench: ignoring results database: {e}", stacklevel=3)
-                continue
-            for w in found:
-                if w.kernel not in hashes:
-                    hashes[w.kernel] = kernel_identity(w.kernel)
-                if w.source_hash != hashes[w.kernel]:
-                    stale.add(w.kernel)
-                    continue
-                rows.append((w.problem, w.config, url))
-        if stale:
-            warnings.warn(f"tunebench: ignoring stored winners for {', '.join(sorted(stale))}: the kernel source "
-                          f"changed since they were tuned; {TUNE_HINT}", stacklevel=3)
-        return cls(device_name, rows)
-
-    def choose(self, problem: Problem) -> Choice | None:
-        key = bucket_key(problem)
-        if key in self.exact:
-            _, config, origin = self.exact[key]
-            return Choice(config, f"tuned winner for bucket {key} ({origin})")
-        candidates = self.families.get(_family(problem), [])
-        if not candidates:
-            return None
-        b = bucket(problem)
-        near, config, origin = min(candidates, key=lambda c: bucket_distance(b, c[0]))
-        return Choice(config, f"no winner for bucket {key}; nearest tuned bucket {bucket_key(near)} ({origin})")
-
-
-def _family(problem: Problem) -> tuple:
-    return (problem.kernel, problem.dtype, problem.D, problem.causal)
+record.start_from_environment()
 
 
 class Dispatcher:
@@ -124,10 +33,17 @@ class Dispatcher:
             self._winners = Winners.load()
         return self._winners
 
-    def choose(self, problem: Problem) -> Choice:
+    def choose(self, problem: Problem, block_size: int | None = None) -> Choice:
+        """The config for a call: exact winner, safe transfer or DEFAULT, with the reason. A paged call passes its
+        cache's block size: only trials at that page size are evidence for it."""
         module = kernel_module(problem.kernel)
-        choice = self.winners.choose(problem)
-        if choice is not None and module.keep(choice.config, problem) is None:
+        default = dict(module.DEFAULT) if block_size is None else dict(module.DEFAULT, BLOCK_SIZE=block_size)
+
+        def admits(config):
+            return module.keep(config, problem) is None
+        only = None if block_size is None else {"BLOCK_SIZE": block_size}
+        choice = self.winners.choose(problem, default, admits, only)
+        if choice is not None and admits(choice.config):
             return choice
         if choice is not None:
             why = f"{choice.why}, but keep() rejects it here: {module.keep(choice.config, problem)}; DEFAULT"
@@ -138,8 +54,8 @@ class Dispatcher:
                 warnings.warn(f"tunebench: no tuned configs for {self.winners.device_name}; using each kernel's "
                               f"DEFAULT. {TUNE_HINT}.", stacklevel=4)
         else:
-            why = f"no tuned winner of {problem.kernel} {problem.dtype} D{problem.D} causal={problem.causal}: DEFAULT"
-        return Choice(dict(module.DEFAULT), why)
+            why = "DEFAULT: no exact winner and no safe transfer (no config beat DEFAULT in every nearby tuned bucket)"
+        return Choice(default, why)
 
     def config_for(self, key: tuple, resolve) -> dict:
         """The config cached for a call's shape key; resolve() picks it on the first call with that key."""
@@ -206,16 +122,22 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
     if kernel is None:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     key = (kernel, q.shape, k.shape, q.dtype, causal)
+    recorder = record.active()
+    if recorder is not None:
+        recorder.count(key, lambda: _dense_problem(kernel, q, k, causal))
     config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_dense_problem(kernel, q, k, causal)).config)
     return _launcher(kernel)(q, k, v, config=config, causal=causal, scale=scale)
 
 
 def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float]) -> torch.Tensor:
     key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype)
+    recorder = record.active()
+    if recorder is not None:
+        recorder.count(key, lambda: _paged_problem(q, k_cache, block_tables))
 
     def resolve():
         problem = _paged_problem(q, k_cache, block_tables)
-        return _paged_config(_DISPATCHER.choose(problem).config, k_cache.shape[1], problem)
+        return _paged_config(_DISPATCHER.choose(problem, k_cache.shape[1]).config, k_cache.shape[1], problem)
 
     config = _DISPATCHER.config_for(key, resolve)
     return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale)
@@ -276,7 +198,7 @@ def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_table
         problem = _paged_problem(q, k, block_tables)
     else:
         problem = _dense_problem(VARIANTS[variant], q, k, causal)
-    choice = _DISPATCHER.choose(problem)
+    choice = _DISPATCHER.choose(problem, None if block_tables is None or k is None else k.shape[1])
     return f"{problem.label()} -> {choice.config}: {choice.why}"
 
 

@@ -172,6 +172,29 @@ class Store:
         with self.session(read_only=True) as session:
             return {status: count for status, count in session.execute(query.group_by(TrialModel.status))}
 
+    def timings(self, device_name: str) -> list[tuple[str, str, Problem, dict, float]]:
+        """(kernel, source_hash, bucket, config, median_ms) of every ok trial measured on a device: the evidence the
+        dispatcher's safe transfer reads. A row that cannot be read as such is left out (it is evidence, not a
+        winner: nothing is dispatched from it alone)."""
+        query = (select(KernelModel.name, KernelModel.source_hash, ProblemModel, TrialModel.config_json,
+                        TrialModel.median_ms)
+                 .join(DeviceModel, TrialModel.device_id == DeviceModel.id)
+                 .join(KernelModel, TrialModel.kernel_id == KernelModel.id)
+                 .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
+                 .where(DeviceModel.name == device_name, TrialModel.status == "ok"))
+        with self.session(read_only=True) as session:
+            rows = _readable(self, "trials", lambda: session.execute(query).all())
+        out = []
+        for kernel, source_hash, problem, config_json, median in rows:
+            try:
+                config = json.loads(config_json)
+                bucketed = problem.to_problem()
+            except (ValueError, TypeError, RecursionError):
+                continue
+            if kernel in KERNELS and isinstance(config, dict) and type(median) is float and 0 < median < math.inf:
+                out.append((kernel, source_hash, bucketed, config, median))
+        return out
+
     def winners(self, *, device_name: str | None = None, kernel: str | None = None,
                 check_config: Callable[[str, dict], dict] | None = None) -> list[Winner]:
         """Stored winners, newest first. A row that cannot be trusted is skipped with a StoreWarning naming it: an

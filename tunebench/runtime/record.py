@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 
-from .shapes import DTYPES, Problem, bucket, bucket_key
+from ..shapes import DTYPES, Problem, bucket, bucket_key
 
 FORMAT = "tunebench-record"
 VERSION = 1

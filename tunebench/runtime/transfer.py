@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .shapes import Problem, bucket_key
+from ..shapes import Problem, bucket_key
 
 NEIGHBOURS = 3
 MIN_NEIGHBOURS = 2
@@ -38,6 +38,12 @@ class Evidence:
         key = config_key(config)
         if median_ms > 0 and math.isfinite(median_ms) and median_ms < self.ms.get(key, math.inf):
             self.ms[key], self.configs[key] = median_ms, dict(config)
+
+
+    def only(self, values: dict) -> "Evidence":
+        """The same bucket's evidence, restricted to the configs that have these values."""
+        keep = [k for k, c in self.configs.items() if all(c.get(name) == v for name, v in values.items())]
+        return Evidence(self.bucket, {k: self.ms[k] for k in keep}, {k: self.configs[k] for k in keep})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,118 @@
+"""What the dispatcher knows: the winners and the ok trials stored for this GPU, and how it picks a config from them.
+
+They are read once, lazily, on the first call: from the user's database (TUNEBENCH_DB, else the per-user database that
+`tunebench tune` writes) layered over the results.db shipped in the package; user winners take precedence. Only rows
+measured on this GPU, with the kernel's current identity, count. A bucket with a winner runs it; one without runs a
+config that safe transfer (transfer.py) finds in the neighbouring buckets' trials, or else DEFAULT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from importlib import resources
+
+from ..registry import checked_config, kernel_identity
+from ..shapes import Problem, bucket, bucket_key
+from . import transfer
+
+TUNE_HINT = "run `tunebench tune` on this GPU to tune them"
+
+
+def packaged_db_path():
+    path = resources.files("tunebench") / "results.db"
+    return path if path.is_file() else None
+
+
+def database_urls() -> list[str]:
+    """Databases to read, highest precedence first."""
+    from ..store import default_db_path, resolve_url
+    urls = []
+    user = os.environ.get("TUNEBENCH_DB")
+    if user:
+        urls.append(resolve_url(user))
+    elif default_db_path().exists():
+        urls.append(resolve_url(str(default_db_path())))
+    packaged = packaged_db_path()
+    if packaged is not None:
+        urls.append(resolve_url(str(packaged)))
+    return urls
+
+
+def current_device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu-interpreter"
+
+
+@dataclasses.dataclass
+class Choice:
+    config: dict
+    why: str
+
+
+def family(problem: Problem) -> tuple:
+    """What a config may be transferred across: never kernel, dtype, head dim or causality."""
+    return (problem.kernel, problem.dtype, problem.D, problem.causal)
+
+
+class Winners:
+    """One device's winners by exact bucket, and its ok trials by family and bucket (the evidence for transfer)."""
+
+    def __init__(self, device_name: str, rows, timings=()):
+        self.device_name = device_name
+        self.exact: dict[str, tuple[Problem, dict, str]] = {}
+        for problem, config, origin in rows:
+            self.exact.setdefault(bucket_key(problem), (problem, config, origin))   # highest precedence first
+        self.evidence: dict[tuple, dict[str, transfer.Evidence]] = {}
+        for problem, config, median_ms in timings:
+            buckets = self.evidence.setdefault(family(problem), {})
+            buckets.setdefault(bucket_key(problem), transfer.Evidence(bucket(problem))).add(config, median_ms)
+
+    @classmethod
+    def load(cls, device_name: str | None = None, urls: list[str] | None = None) -> "Winners":
+        from ..store import Store, StoreError
+        device_name = device_name or current_device_name()
+        rows, timings, stale, identity = [], [], set(), {}
+
+        def current(kernel: str, source_hash: str) -> bool:
+            if kernel not in identity:
+                identity[kernel] = kernel_identity(kernel)
+            return source_hash == identity[kernel]
+        for url in database_urls() if urls is None else urls:
+            try:
+                store = Store(url, readonly=True)
+                found = store.winners(device_name=device_name, check_config=checked_config)
+                timed = store.timings(device_name)
+            except StoreError as e:
+                warnings.warn(f"tunebench: ignoring results database: {e}", stacklevel=3)
+                continue
+            for w in found:
+                if current(w.kernel, w.source_hash):
+                    rows.append((w.problem, w.config, url))
+                else:
+                    stale.add(w.kernel)
+            for kernel, shash, problem, config, ms in timed:
+                try:
+                    if current(kernel, shash):                   # a config outside SPACE is never evidence
+                        timings.append((problem, checked_config(kernel, config), ms))
+                except ValueError:
+                    continue
+        if stale:
+            warnings.warn(f"tunebench: ignoring stored winners for {', '.join(sorted(stale))}: the kernel source "
+                          f"changed since they were tuned; {TUNE_HINT}", stacklevel=3)
+        return cls(device_name, rows, timings)
+
+    def choose(self, problem: Problem, default: dict, admits, only: dict | None = None) -> Choice | None:
+        """The exact winner, else a safe transfer, else None (DEFAULT). ``only`` restricts the evidence to configs
+        with those values (a paged call's page size, which the cache fixes)."""
+        key = bucket_key(problem)
+        if key in self.exact:
+            _, config, origin = self.exact[key]
+            return Choice(config, f"exact winner for bucket {key} ({origin})")
+        evidence = list(self.evidence.get(family(problem), {}).values())
+        if only:
+            evidence = [e.only(only) for e in evidence]
+        found = transfer.choose(problem, evidence, default, admits)
+        return Choice(found.config, f"no winner for bucket {key}; {found.why()}") if found else None
