@@ -204,7 +204,7 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
     partition = config["PARTITION"]
     max_tokens = block_tables.shape[1] * block_size          # the longest context the table can address
     num_parts = triton.cdiv(max_tokens, partition) if partition else 1
-    check_grid(f"partitions of {partition} tokens for the {max_tokens} that block_tables addresses", num_parts,
+    check_grid(f"partitions (block_tables addresses {max_tokens} tokens, PARTITION={partition})", num_parts,
                "; use a larger PARTITION")
     split = num_parts > 1
     if split:
