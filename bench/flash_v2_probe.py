@@ -86,7 +86,8 @@ def variant(name: str):
         path = os.path.join(tempfile.gettempdir(), f"flash_v2_{name}_{os.getpid()}.py")
         with open(path, "w") as fh:
             fh.write(src)
-        spec = importlib.util.spec_from_file_location(f"flash_v2_{name}", path)
+        # Named inside tunebench.kernels, so that its relative imports (from ._launch) resolve.
+        spec = importlib.util.spec_from_file_location(f"tunebench.kernels.flash_v2_{name}", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         _LOADED[name] = mod

@@ -11,11 +11,12 @@ Not supported: dtype conversion (key and the cache must have the same dtype), qu
 writing one token to several slots. Slot values are not checked (that would need a device sync): a slot past the
 cache writes out of bounds, and two tokens with the same slot race.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import (ELEMENT_BYTES, check_config, check_float_dtype, check_grid, check_head_dim, check_like,
+                      check_runnable, check_same_shape, check_tensor, padded_head_dim)
 
 
 @triton.jit
@@ -45,71 +46,12 @@ def _cache_write(Key, Value, KC, VC, Slots, T, block_size,
     tl.store(v_dst, v, mask=mask)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_D, _MAX_D = 16, 256
-_MAX_GRID_Y = 65535
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pad_head_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _check_config(config: dict) -> dict:
-    if not isinstance(config, dict) or set(config) != set(SPACE):
-        raise ValueError(f"config must be a dict with keys {sorted(SPACE)}, got {config!r}")
-    t = config["BLOCK_T"]
-    if not isinstance(t, int) or t < 1 or t & (t - 1):
-        raise ValueError(f"config['BLOCK_T'] must be a power of two >= 1, got {t!r}")
-    if config["num_warps"] not in (1, 2, 4, 8, 16):
-        raise ValueError(f"config['num_warps'] must be a power of two <= 16, got {config['num_warps']!r}")
-    return config
-
-
-def _check_inputs(key, value, k_cache, v_cache, slot_mapping):
-    for name, t, rank, shape in (("key", key, 3, "[T, Hkv, D]"), ("value", value, 3, "[T, Hkv, D]"),
-                                 ("k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, D]"),
-                                 ("v_cache", v_cache, 4, "[num_blocks, block_size, Hkv, D]"),
-                                 ("slot_mapping", slot_mapping, 1, "[T]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-d {shape}, got shape {tuple(t.shape)}")
-        if t.device != key.device:
-            raise ValueError(f"{name} is on {t.device} but key is on {key.device}")
-    if key.dtype not in _DTYPES:
-        raise TypeError(f"key must be float16, bfloat16 or float32, got {key.dtype}")
-    for name, t in (("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != key.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match key dtype {key.dtype}")
-    if slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    if value.shape != key.shape:
-        raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    if key.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"key [T, Hkv, D] = {tuple(key.shape)} must match the cache's [Hkv, D] = "
-                         f"{tuple(k_cache.shape[2:])}")
-    if not _MIN_D <= key.shape[2] <= _MAX_D:
-        raise ValueError(f"head dim D must be in [{_MIN_D}, {_MAX_D}], got {key.shape[2]}")
-    if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but key has {key.shape[0]} tokens")
-    if key.shape[1] > _MAX_GRID_Y:
-        raise ValueError(f"Hkv={key.shape[1]} exceeds the grid limit {_MAX_GRID_Y}")
-    if key.device.type == "cpu" and not _interpreting():
-        raise ValueError("inputs are CPU tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before importing")
-
-
 def launch(key, value, k_cache, v_cache, slot_mapping, config=None):
     """k_cache[slot // block_size, slot % block_size] = key (and v_cache likewise) for every slot >= 0.
 
     Writes in place and returns (k_cache, v_cache). config None means DEFAULT.
     """
-    config = _check_config(DEFAULT if config is None else config)
+    config = check_config(DEFAULT if config is None else config, SPACE, BLOCK_T=1)
     _check_inputs(key, value, k_cache, v_cache, slot_mapping)
     T, Hkv, D = key.shape
     if T == 0 or Hkv == 0:
@@ -118,10 +60,37 @@ def launch(key, value, k_cache, v_cache, slot_mapping, config=None):
     _cache_write[(triton.cdiv(T, block_t), Hkv)](
         key, value, k_cache, v_cache, slot_mapping, T, k_cache.shape[1],
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), slot_mapping.stride(0),
-        HEAD_DIM=D, D_PAD=_pad_head_dim(D), BLOCK_T=block_t,
+        HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_T=block_t,
         num_warps=config["num_warps"],
     )
     return k_cache, v_cache
+
+
+def _check_inputs(key, value, k_cache, v_cache, slot_mapping):
+    cache_layout = "[num_blocks, block_size, Hkv, D]"
+    for name, t, rank, layout in (("key", key, 3, "[T, Hkv, D]"), ("value", value, 3, "[T, Hkv, D]"),
+                                  ("k_cache", k_cache, 4, cache_layout), ("v_cache", v_cache, 4, cache_layout),
+                                  ("slot_mapping", slot_mapping, 1, "[T]")):
+        check_tensor(name, t, rank, layout)
+        check_like(name, t, "key", key, dtype=False)
+    check_float_dtype("key", key)
+    for name, t in (("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_like(name, t, "key", key)
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    check_same_shape("value", value, "key", key)
+    check_same_shape("v_cache", v_cache, "k_cache", k_cache)
+    if key.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"key [T, Hkv, D] = {tuple(key.shape)} must match the cache's [Hkv, D] = "
+                         f"{tuple(k_cache.shape[2:])}")
+    check_head_dim(key.shape[2])
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but key has {key.shape[0]} tokens")
+    check_grid("Hkv", key.shape[1])
+    check_runnable("key", key)
+
+
+_TILE_REGISTERS = 64  # per-thread 32-bit registers for the K and V tiles a program holds
 
 
 SPACE = {
@@ -129,17 +98,14 @@ SPACE = {
     "num_warps": [1, 2, 4, 8],
 }
 
-_ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-_TILE_REGISTERS = 64  # per-thread 32-bit registers for the K and V tiles a program holds
-
 
 def keep(config, problem):
     """Why this config would not run well for this problem (a string), or None. Uses problem.D and problem.dtype."""
-    elements = config["BLOCK_T"] * _pad_head_dim(problem.D)
+    elements = config["BLOCK_T"] * padded_head_dim(problem.D)
     threads = 32 * config["num_warps"]
     if config["num_warps"] > 1 and threads * 8 > elements:
         return f"{threads} threads for a tile of {elements} elements: most threads idle"
-    if 2 * elements * _ELEMENT_BYTES[problem.dtype] // 4 // threads > _TILE_REGISTERS:
+    if 2 * elements * ELEMENT_BYTES[problem.dtype] // 4 // threads > _TILE_REGISTERS:
         return f"register pressure: {elements} elements per tile on {threads} threads"
     return None
 

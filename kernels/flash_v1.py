@@ -29,16 +29,12 @@ loop over Q blocks). keep() rejects configs whose estimated shared memory exceed
 estimated register tiles would spill heavily; both estimates were fitted by compiling SPACE for sm_90 with triton 3.6
 (no config over the estimate, no admitted config spilling more than about 1 KiB per thread).
 """
-import math
-import os
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
-# 1/ln(2): scores are scaled into log2 units so the kernel can use exp2, as flash_v2 does.
-LOG2E = 1.4426950408889634
+from ._launch import (ELEMENT_BYTES, LOG2E, check_config, check_dense_inputs, dot_precision, head_dim_unsupported,
+                      padded_head_dim, qk_scale, shared_memory_limit)
 
 
 @triton.jit
@@ -154,82 +150,14 @@ def _flash_v1_fwd(
                  o.to(Out.dtype.element_ty), mask=row_mask)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _check_tensor(name: str, t, ref=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-d [B, H, N, D], got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} dtype must be float16, bfloat16 or float32, got {t.dtype}")
-    if ref is not None and t.dtype != ref.dtype:
-        raise TypeError(f"{name} dtype {t.dtype} must match q dtype {ref.dtype}")
-    if ref is not None and t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {ref.device}; all tensors must share one device")
-    if t.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"{name} is on {t.device}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"importing the kernel, for the CPU interpreter)")
-
-
-def _check_inputs(q, k, v, out) -> None:
-    _check_tensor("q", q)
-    _check_tensor("k", k, q)
-    _check_tensor("v", v, q)
-    B, Hq, Nq, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[0] != B:
-        raise ValueError(f"k and v batch size {k.shape[0]} must equal q batch size {B}")
-    if k.shape[3] != D:
-        raise ValueError(f"k and v head dim {k.shape[3]} must equal q head dim {D}")
-    if k.shape[1] < 1 or Hq % k.shape[1]:
-        raise ValueError(f"q heads (Hq={Hq}) must be a multiple of k/v heads (Hkv={k.shape[1]})")
-    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D}")
-    if out is not None:
-        _check_tensor("out", out, q)
-        if out.shape != q.shape:
-            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-
-
-def _check_config(config) -> None:
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict with keys {sorted(SPACE)}, got {type(config).__name__}")
-    if set(config) != set(SPACE):
-        raise ValueError(f"config keys must be {sorted(SPACE)}, got {sorted(config)}")
-    for name in ("BLOCK_M", "BLOCK_N"):
-        value = config[name]
-        # tl.dot needs every dim >= 16; tl.arange needs a power of two.
-        if not isinstance(value, int) or value < 16 or value & (value - 1):
-            raise ValueError(f"config {name} must be a power of two >= 16, got {value!r}")
-    if not isinstance(config["num_warps"], int) or config["num_warps"] not in (1, 2, 4, 8, 16):
-        raise ValueError(f"config num_warps must be 1, 2, 4, 8 or 16, got {config['num_warps']!r}")
-    if not isinstance(config["num_stages"], int) or config["num_stages"] < 1:
-        raise ValueError(f"config num_stages must be an int >= 1, got {config['num_stages']!r}")
-
-
-def padded_head_dim(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
     """Attention with the FlashAttention-1 schedule. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> out [B, Hq, Nq, D].
 
-    config: a dict over SPACE's keys (None: DEFAULT). scale defaults to 1/sqrt(D). out, when given, must have q's
-    shape, dtype and device; every element of it is overwritten.
+    config: a dict over SPACE's keys (None: DEFAULT). causal must be a bool; scale (None: 1/sqrt(D)) a finite number.
+    out, when given, must have q's shape, dtype and device; every element of it is overwritten.
     """
-    config = DEFAULT if config is None else config
-    _check_config(config)
-    _check_inputs(q, k, v, out)
-    if isinstance(scale, bool) or not (scale is None or isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    config = check_config(DEFAULT if config is None else config, SPACE, BLOCK_M=16, BLOCK_N=16)
+    check_dense_inputs(q, k, v, out, causal, scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -243,39 +171,17 @@ def kernel_arguments(q, k, v, out, config, causal, scale):
     """(grid, positional args, keyword args) of one _flash_v1_fwd launch, scratch allocated. Inputs unchecked."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     D_scr = -(-D // 16) * 16
     o_acc = torch.empty(B * Hq, Nq, D_scr, dtype=torch.float32, device=q.device)
     m_acc = torch.empty(B * Hq, Nq, dtype=torch.float32, device=q.device)
     l_acc = torch.empty_like(m_acc)
     args = (q, k, v, out, o_acc, m_acc, l_acc, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Hq, Nq, Nk, D, D_scr, scale * LOG2E)
-    meta = dict(GROUP=Hq // Hkv, D_PAD=padded_head_dim(D), CAUSAL=bool(causal),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            Hq, Nq, Nk, D, D_scr, qk_scale(scale, D))
+    meta = dict(GROUP=Hq // Hkv, D_PAD=padded_head_dim(D), CAUSAL=bool(causal), DOT_PRECISION=dot_precision(q.dtype),
                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], NUM_STAGES=config["num_stages"],
                 # The inner loop sets its own pipelining depth (see the kernel); the other loops stream.
                 num_warps=config["num_warps"], num_stages=1)
     return (B * Hq,), args, meta
-
-
-SPACE = {
-    "BLOCK_M": [16, 32, 64, 128],
-    "BLOCK_N": [16, 32, 64, 128],
-    "num_warps": [2, 4, 8],
-    "num_stages": [1, 2, 3],
-}
-
-
-def shared_memory_limit() -> int:
-    """The opt-in shared memory per block of the current CUDA device, else an H100/H200's 227 KiB."""
-    if torch.cuda.is_available():
-        return _device_shared_memory(torch.cuda.current_device())
-    return 227 * 1024
-
-
-@lru_cache(maxsize=None)
-def _device_shared_memory(index: int) -> int:
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 def shared_memory_bytes(config: dict, D_pad: int, elem_bytes: int) -> int:
@@ -309,14 +215,21 @@ MAX_REGISTERS_PER_THREAD = 176
 SHARED_MEMORY_SLACK = 2048
 
 
+SPACE = {
+    "BLOCK_M": [16, 32, 64, 128],
+    "BLOCK_N": [16, 32, 64, 128],
+    "num_warps": [2, 4, 8],
+    "num_stages": [1, 2, 3],
+}
+
+
 def keep(config: dict, problem) -> str | None:
     """Why this config should not be compiled for this problem, or None to admit it."""
     if set(config) != set(SPACE):
         return f"config keys {sorted(config)} != SPACE keys {sorted(SPACE)}"
-    if not MIN_HEAD_DIM <= problem.D <= MAX_HEAD_DIM:
-        return f"head dim {problem.D} outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-    D_pad = padded_head_dim(problem.D)
-    elem = 4 if problem.dtype == "float32" else 2
+    if reason := head_dim_unsupported(problem.D):
+        return reason
+    D_pad, elem = padded_head_dim(problem.D), ELEMENT_BYTES[problem.dtype]
     smem, limit = shared_memory_bytes(config, D_pad, elem), shared_memory_limit()
     if smem + SHARED_MEMORY_SLACK > limit:
         return f"shared memory: about {smem} B (+{SHARED_MEMORY_SLACK} slack) > {limit} B on this device"

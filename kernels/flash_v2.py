@@ -22,14 +22,12 @@ Not supported: backward, dropout, attention bias or arbitrary masks, sliding win
 returning the log-sum-exp, head dims above 256, B * Hq above 65535 (the grid's second axis), offsets inside one
 head beyond int32 ((N - 1) * row stride >= 2**31).
 """
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+from ._launch import (ELEMENT_BYTES, LOG2E, check_config, check_dense_inputs, check_grid, dot_precision,
+                      head_dim_unsupported, interpreting, padded_head_dim, qk_scale, shared_memory_limit)
 
 
 @triton.jit
@@ -196,19 +194,61 @@ def _flash_v2_fwd(Q, K, V, O, qk_scale,
         _store_rows(o_ptrs, out, offs_m, Nq, offs_d, HEAD_DIM, not EVEN_M, EVEN_D)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_D, _MAX_D = 16, 256
-_MAX_GRID_Y = 65535
-# fp32 scores plus output accumulator per thread (16-bit inputs) beyond which ptxas spills heavily on sm_90.
-_MAX_ACC_REGS = 160
+def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
+    """Attention forward. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> out [B, Hq, Nq, D] (q's dtype).
+
+    scale defaults to 1/sqrt(D). config None means DEFAULT. If config asks for USE_TMA but the strides do not allow
+    TMA, the pointer path runs instead (same result).
+    """
+    config = _check_config(DEFAULT if config is None else config)
+    _check_inputs(q, k, v, out, causal, scale)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    _check_offsets(q=q, k=k, v=v, out=out)
+    D_PAD = padded_head_dim(D)
+    BLOCK_M, BLOCK_N = _tiles(config, q.dtype == torch.float32, D_PAD)
+    use_tma = config["USE_TMA"]
+    if use_tma:
+        if not _tma_supported():
+            raise ValueError("config['USE_TMA']=True needs a CUDA device with compute capability >= 9 "
+                             "(and not the Triton interpreter)")
+        use_tma = _tma_compatible(q, k, v, out)
+        if use_tma:
+            triton.set_allocator(_tma_allocator)
+    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
+    _flash_v2_fwd[grid](
+        q, k, v, out, qk_scale(scale, D),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Nq, Nk,
+        HEAD_DIM=D, D_PAD=D_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        CAUSAL=causal, EVEN_M=Nq % BLOCK_M == 0, EVEN_N=Nk % BLOCK_N == 0, EVEN_D=D == D_PAD,
+        USE_TMA=use_tma, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _check_config(config: dict) -> dict:
+    check_config(config, SPACE, BLOCK_M=16, BLOCK_N=16)
+    if not isinstance(config["USE_TMA"], bool):
+        raise ValueError(f"config['USE_TMA'] must be a bool, got {config['USE_TMA']!r}")
+    return config
 
 
-def _pad_head_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def _check_inputs(q, k, v, out, causal, scale):
+    check_dense_inputs(q, k, v, out, causal, scale)
+    check_grid("B * Hq", q.shape[0] * q.shape[1])
+
+
+def _check_offsets(**tensors: torch.Tensor) -> None:
+    """Batch and head offsets are int64 in the kernel; offsets inside one head are int32."""
+    for name, t in tensors.items():
+        if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
+            raise ValueError(f"{name}: offsets inside one head exceed int32 (N={t.shape[2]}, stride {t.stride(2)})")
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -230,7 +270,7 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def _tma_supported() -> bool:
-    return not _interpreting() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return not interpreting() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def _tiles(config: dict, fp32: bool, d_pad: int) -> tuple[int, int]:
@@ -245,123 +285,14 @@ def _tiles(config: dict, fp32: bool, d_pad: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-def _smem_limit() -> int:
-    if torch.cuda.is_available() and not _interpreting():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
-    return 227 * 1024  # the H100's opt-in limit per block
-
-
 def _smem_bytes(block_m: int, block_n: int, num_stages: int, d_pad: int, elem: int) -> int:
     """An upper bound on shared memory: the Q tile plus one K and one V tile per pipeline stage (sm_90 compiles use
     num_stages buffers with wgmma and num_stages - 1 below it), plus barriers and scratch."""
     return (block_m + 2 * block_n * max(1, num_stages)) * d_pad * elem + 1024
 
 
-def _check_config(config: dict) -> dict:
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict with keys {sorted(SPACE)}, got {type(config).__name__}")
-    unknown, missing = set(config) - set(SPACE), set(SPACE) - set(config)
-    if unknown:
-        raise ValueError(f"config has unknown keys {sorted(unknown)}; expected {sorted(SPACE)}")
-    if missing:
-        raise ValueError(f"config is missing keys {sorted(missing)}; expected {sorted(SPACE)}")
-    for name in ("BLOCK_M", "BLOCK_N"):
-        b = config[name]
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"config[{name!r}] must be a power of two >= 16, got {b!r}")
-    if config["num_warps"] not in (1, 2, 4, 8, 16):
-        raise ValueError(f"config['num_warps'] must be a power of two <= 16, got {config['num_warps']!r}")
-    if not isinstance(config["num_stages"], int) or config["num_stages"] < 1:
-        raise ValueError(f"config['num_stages'] must be an int >= 1, got {config['num_stages']!r}")
-    if not isinstance(config["USE_TMA"], bool):
-        raise ValueError(f"config['USE_TMA'] must be a bool, got {config['USE_TMA']!r}")
-    return config
-
-
-def _check_inputs(q, k, v, out, causal, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-d [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    B, Hq, Nq, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k shape {tuple(k.shape)} must equal v shape {tuple(v.shape)}")
-    if k.shape[0] != B:
-        raise ValueError(f"k/v batch {k.shape[0]} must equal q batch {B}")
-    if k.shape[3] != D:
-        raise ValueError(f"k/v head dim {k.shape[3]} must equal q head dim {D}")
-    if not _MIN_D <= D <= _MAX_D:
-        raise ValueError(f"head dim D must be in [{_MIN_D}, {_MAX_D}], got {D}")
-    Hkv = k.shape[1]
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv}")
-    if B * Hq > _MAX_GRID_Y:
-        raise ValueError(f"B * Hq = {B * Hq} exceeds the grid limit {_MAX_GRID_Y}")
-    if q.device.type == "cpu" and not _interpreting():
-        raise ValueError("q, k, v are CPU tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before importing")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if out.shape != q.shape:
-            raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"out dtype {out.dtype} must match q dtype {q.dtype}")
-        if out.device != q.device:
-            raise ValueError(f"out is on {out.device} but q is on {q.device}")
-
-
-def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
-    """Attention forward. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> out [B, Hq, Nq, D] (q's dtype).
-
-    scale defaults to 1/sqrt(D). config None means DEFAULT. If config asks for USE_TMA but the strides do not allow
-    TMA, the pointer path runs instead (same result).
-    """
-    config = _check_config(DEFAULT if config is None else config)
-    _check_inputs(q, k, v, out, causal, scale)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    if out is None:
-        out = torch.empty_like(q)
-    if out.numel() == 0:
-        return out
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        # Batch and head offsets are int64 in the kernel; offsets inside one head are int32.
-        if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
-            raise ValueError(f"{name}: offsets inside one head exceed int32 (N={t.shape[2]}, stride {t.stride(2)})")
-    D_PAD = _pad_head_dim(D)
-    BLOCK_M, BLOCK_N = _tiles(config, q.dtype == torch.float32, D_PAD)
-    use_tma = config["USE_TMA"]
-    if use_tma:
-        if not _tma_supported():
-            raise ValueError("config['USE_TMA']=True needs a CUDA device with compute capability >= 9 "
-                             "(and not the Triton interpreter)")
-        use_tma = _tma_compatible(q, k, v, out)
-        if use_tma:
-            triton.set_allocator(_tma_allocator)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
-    _flash_v2_fwd[grid](
-        q, k, v, out, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk,
-        HEAD_DIM=D, D_PAD=D_PAD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        CAUSAL=causal, EVEN_M=Nq % BLOCK_M == 0, EVEN_N=Nk % BLOCK_N == 0, EVEN_D=D == D_PAD,
-        USE_TMA=use_tma, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return out
+# fp32 scores plus output accumulator per thread (16-bit inputs) beyond which ptxas spills heavily on sm_90.
+_MAX_ACC_REGS = 160
 
 
 SPACE = {
@@ -375,8 +306,8 @@ SPACE = {
 
 def keep(config, problem):
     """Why this config would not compile, run or fit for this problem (a string), or None."""
-    if not _MIN_D <= problem.D <= _MAX_D:
-        return f"head dim {problem.D} outside [{_MIN_D}, {_MAX_D}]"
+    if reason := head_dim_unsupported(problem.D):
+        return reason
     fp32 = problem.dtype == "float32"
     if config["USE_TMA"]:
         if not _tma_supported():
@@ -385,18 +316,16 @@ def keep(config, problem):
             return "USE_TMA with fp32: the dots run on FMA units, so TMA buys nothing, and its tiles spill registers"
         if config["BLOCK_M"] < 64:
             return "USE_TMA with BLOCK_M < 64: no wgmma at that size, and the TMA tiles spill registers"
-    d_pad = _pad_head_dim(problem.D)
+    d_pad = padded_head_dim(problem.D)
     block_m, block_n = _tiles(config, fp32, d_pad)
-    smem = _smem_bytes(block_m, block_n, config["num_stages"], d_pad, 4 if fp32 else 2)
-    if smem > _smem_limit():
-        return f"shared memory ~{smem} B > the device's {_smem_limit()} B"
+    smem = _smem_bytes(block_m, block_n, config["num_stages"], d_pad, ELEMENT_BYTES[problem.dtype])
+    if smem > (limit := shared_memory_limit()):
+        return f"shared memory ~{smem} B > the device's {limit} B"
     acc_regs = block_m * (d_pad + block_n) // (32 * config["num_warps"])
     if not fp32 and acc_regs > _MAX_ACC_REGS:
         return f"register pressure: {acc_regs} fp32 accumulator values per thread > {_MAX_ACC_REGS}"
     return None
 
 
-# Admitted for every problem (fp16 D 256 included: ~225 KiB of shared memory, the most that fits); on an H100, fp16
-# D 128, N 4k and 16k, causal or not, it reached 94-96% of the fastest config measured (128x128 or 128x64, 8 warps,
-# which do not fit D 256).
+# Admitted for every problem: fp16 D 256 needs ~225 KiB of shared memory, the most that fits an H100/H200.
 DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "USE_TMA": False}

@@ -31,14 +31,13 @@ soft-capping, quantised (fp8/int8) caches, returning the log-sum-exp. The values
 not checked (that would need a device sync): a length above max_blocks * block_size or a block id out of range reads
 out of bounds.
 """
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+from ._launch import (ELEMENT_BYTES, LOG2E, check_config, check_float_dtype, check_grid, check_group, check_head_dim,
+                      check_like, check_out, check_runnable, check_same_shape, check_scale, check_tensor,
+                      dot_precision, padded_head_dim, qk_scale, shared_memory_limit)
 
 
 @triton.jit
@@ -181,104 +180,6 @@ def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_D, _MAX_D = 16, 256
-_MAX_GRID_YZ = 65535
-_MAX_ROWS = 64        # query heads per program; larger groups are split (the q tile and accumulator stay small)
-_REDUCE_BLOCK_P = 32  # partitions merged per step of the reduce
-_REDUCE_WARPS = 4
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pad_head_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _group_split(group: int) -> tuple[int, int, int]:
-    """(programs per KV group, query heads per program, padded rows of the q tile)."""
-    n_sub = -(-group // _MAX_ROWS)
-    rows = -(-group // n_sub)
-    return n_sub, rows, max(16, triton.next_power_of_2(rows))
-
-
-def _check_config(config: dict) -> dict:
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict with keys {sorted(SPACE)}, got {type(config).__name__}")
-    unknown, missing = set(config) - set(SPACE), set(SPACE) - set(config)
-    if unknown:
-        raise ValueError(f"config has unknown keys {sorted(unknown)}; expected {sorted(SPACE)}")
-    if missing:
-        raise ValueError(f"config is missing keys {sorted(missing)}; expected {sorted(SPACE)}")
-    for name, low in (("BLOCK_SIZE", 1), ("BLOCK_N", 16)):
-        v = config[name]
-        if not isinstance(v, int) or v < low or v & (v - 1):
-            raise ValueError(f"config[{name!r}] must be a power of two >= {low}, got {v!r}")
-    part = config["PARTITION"]
-    if not isinstance(part, int) or part < 0 or (part and part % config["BLOCK_N"]):
-        raise ValueError(f"config['PARTITION'] must be 0 (no split) or a multiple of BLOCK_N="
-                         f"{config['BLOCK_N']}, got {part!r}")
-    if config["num_warps"] not in (1, 2, 4, 8, 16):
-        raise ValueError(f"config['num_warps'] must be a power of two <= 16, got {config['num_warps']!r}")
-    if not isinstance(config["num_stages"], int) or config["num_stages"] < 1:
-        raise ValueError(f"config['num_stages'] must be an int >= 1, got {config['num_stages']!r}")
-    return config
-
-
-def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
-    for name, t, rank, shape in (("q", q, 3, "[B, Hq, D]"),
-                                 ("k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, D]"),
-                                 ("v_cache", v_cache, 4, "[num_blocks, block_size, Hkv, D]"),
-                                 ("block_tables", block_tables, 2, "[B, max_blocks]"),
-                                 ("context_lens", context_lens, 1, "[B]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-d {shape}, got shape {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-    B, Hq, D = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache shape {tuple(k_cache.shape)} must equal v_cache shape {tuple(v_cache.shape)}")
-    Hkv = k_cache.shape[2]
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache/v_cache head dim {k_cache.shape[3]} must equal q head dim {D}")
-    if not _MIN_D <= D <= _MAX_D:
-        raise ValueError(f"head dim D must be in [{_MIN_D}, {_MAX_D}], got {D}")
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"q heads Hq={Hq} must be a multiple of cache heads Hkv={Hkv}")
-    if block_tables.shape[0] != B or context_lens.shape[0] != B:
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
-                         f"must have q's batch {B} rows")
-    if block_tables.shape[1] < 1:
-        raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
-    if B > _MAX_GRID_YZ:
-        raise ValueError(f"B={B} exceeds the grid limit {_MAX_GRID_YZ}")
-    if q.device.type == "cpu" and not _interpreting():
-        raise ValueError("inputs are CPU tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before importing")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if out.shape != q.shape:
-            raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"out dtype {out.dtype} must match q dtype {q.dtype}")
-        if out.device != q.device:
-            raise ValueError(f"out is on {out.device} but q is on {q.device}")
-
-
 def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scale=None, out=None):
     """Paged decode attention. q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> out [B, Hq, D].
 
@@ -297,15 +198,14 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
         out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    D_PAD = _pad_head_dim(D)
+    D_PAD = padded_head_dim(D)
     group = Hq // Hkv
     n_sub, rows, group_pad = _group_split(group)
     partition = config["PARTITION"]
     max_tokens = block_tables.shape[1] * block_size          # the longest context the table can address
     num_parts = triton.cdiv(max_tokens, partition) if partition else 1
-    if num_parts > _MAX_GRID_YZ:
-        raise ValueError(f"block_tables addresses {max_tokens} tokens: {num_parts} partitions of {partition} exceed "
-                         f"the grid limit {_MAX_GRID_YZ}; use a larger PARTITION")
+    check_grid(f"partitions (block_tables addresses {max_tokens} tokens, PARTITION={partition})", num_parts,
+               "; use a larger PARTITION")
     split = num_parts > 1
     if split:
         m_part = torch.empty(B, Hq, num_parts, dtype=torch.float32, device=q.device)
@@ -313,14 +213,13 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
         acc_part = torch.empty(B, Hq, num_parts, D, dtype=torch.float32, device=q.device)
     else:
         m_part = l_part = acc_part = out                       # unused: the kernel writes out directly
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     _paged_decode[(Hkv * n_sub, num_parts, B)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, scale * LOG2E, num_parts,
+        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, qk_scale(scale, D), num_parts,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         Hq, N_SUB=n_sub, GROUP=group, ROWS=rows, GROUP_PAD=group_pad,
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD,
         BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], PARTITION=partition if split else 0, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:
@@ -332,26 +231,63 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
     return out
 
 
-SPACE = {
-    "BLOCK_SIZE": [8, 16, 32, 64, 128],
-    "BLOCK_N": [16, 32, 64, 128],
-    "PARTITION": [0, 128, 256, 512, 1024, 2048],   # tokens per split-K partition; 0: one partition per sequence
-    "num_warps": [2, 4, 8],
-    "num_stages": [1, 2, 3, 4],
-}
+_MAX_ROWS = 64        # query heads per program; larger groups are split (the q tile and accumulator stay small)
+_REDUCE_BLOCK_P = 32  # partitions merged per step of the reduce
+_REDUCE_WARPS = 4
 
-_ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+def _group_split(group: int) -> tuple[int, int, int]:
+    """(programs per KV group, query heads per program, padded rows of the q tile)."""
+    n_sub = -(-group // _MAX_ROWS)
+    rows = -(-group // n_sub)
+    return n_sub, rows, max(16, triton.next_power_of_2(rows))
+
+
+def _check_config(config: dict) -> dict:
+    check_config(config, SPACE, BLOCK_SIZE=1, BLOCK_N=16)
+    part = config["PARTITION"]
+    if not isinstance(part, int) or part < 0 or (part and part % config["BLOCK_N"]):
+        raise ValueError(f"config['PARTITION'] must be 0 (no split) or a multiple of BLOCK_N="
+                         f"{config['BLOCK_N']}, got {part!r}")
+    return config
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
+    cache_layout = "[num_blocks, block_size, Hkv, D]"
+    for name, t, rank, layout in (("q", q, 3, "[B, Hq, D]"), ("k_cache", k_cache, 4, cache_layout),
+                                  ("v_cache", v_cache, 4, cache_layout),
+                                  ("block_tables", block_tables, 2, "[B, max_blocks]"),
+                                  ("context_lens", context_lens, 1, "[B]")):
+        check_tensor(name, t, rank, layout)
+        check_like(name, t, "q", q, dtype=False)
+    check_float_dtype("q", q)
+    check_like("k_cache", k_cache, "q", q)
+    check_like("v_cache", v_cache, "q", q)
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
+    B, Hq, D = q.shape
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache/v_cache head dim {k_cache.shape[3]} must equal q head dim {D}")
+    check_head_dim(D)
+    check_group(Hq, k_cache.shape[2], "cache")
+    if block_tables.shape[0] != B or context_lens.shape[0] != B:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
+                         f"must have q's batch {B} rows")
+    if block_tables.shape[1] < 1:
+        raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
+    check_grid("B", B)
+    check_runnable("q", q)
+    check_scale(scale)
+    check_out(out, "q", q)
+
+
 # Per-thread 32-bit registers the streamed tiles (K, V, scores, probabilities) may take before spilling is likely;
 # the accumulator and q tile are fixed by the problem, not chosen by the config, so they are not counted here.
 _TILE_REGISTERS = 192
 # Shared memory that the estimate below does not itemise: reduction scratch, barriers, layout-conversion slack.
 _SMEM_SLACK = 8 * 1024
-
-
-def _smem_limit() -> int:
-    if torch.cuda.is_available() and not _interpreting():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
-    return 227 * 1024  # the H100's opt-in limit per block
 
 
 def _smem_estimate(config, problem) -> int:
@@ -360,8 +296,8 @@ def _smem_estimate(config, problem) -> int:
     Triton 3.6 on sm_90 keeps num_stages - 1 K/V buffers for mma.sync (q tiles under 64 rows) and num_stages for
     wgmma (64-row q tiles in fp16/bf16, whose dots run asynchronously). Checked against sm_90 compiles of every
     kernel variant for several shapes (metadata.shared), which it bounds from above."""
-    elt = _ELEMENT_BYTES[problem.dtype]
-    d_pad, block_n = _pad_head_dim(problem.D), config["BLOCK_N"]
+    elt = ELEMENT_BYTES[problem.dtype]
+    d_pad, block_n = padded_head_dim(problem.D), config["BLOCK_N"]
     group_pad = _group_split(problem.group)[2]
     wgmma = group_pad >= 64 and problem.dtype != "float32"
     buffers = max(config["num_stages"] - (0 if wgmma else 1), 1)
@@ -370,18 +306,27 @@ def _smem_estimate(config, problem) -> int:
     return max(kv, epilogue) + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
 
 
+SPACE = {
+    "BLOCK_SIZE": [8, 16, 32, 64, 128],
+    "BLOCK_N": [16, 32, 64, 128],
+    "PARTITION": [0, 128, 256, 512, 1024, 2048],   # tokens per split-K partition; 0: one partition per sequence
+    "num_warps": [2, 4, 8],
+    "num_stages": [1, 2, 3, 4],
+}
+
+
 def keep(config, problem):
     """Why this config would not compile, run or fit for this problem (a string), or None."""
     block_n, part = config["BLOCK_N"], config["PARTITION"]
     if part and part % block_n:
         return f"PARTITION={part} is not a multiple of BLOCK_N={block_n}"
-    smem, limit = _smem_estimate(config, problem), _smem_limit()
+    smem, limit = _smem_estimate(config, problem), shared_memory_limit()
     if smem > limit:
         return f"shared memory ~{smem // 1024} KiB > device limit {limit // 1024} KiB"
-    elt = _ELEMENT_BYTES[problem.dtype]
+    elt = ELEMENT_BYTES[problem.dtype]
     threads = 32 * config["num_warps"]
     group_pad = _group_split(problem.group)[2]
-    tile_words = 2 * block_n * _pad_head_dim(problem.D) * elt // 4 + 2 * group_pad * block_n
+    tile_words = 2 * block_n * padded_head_dim(problem.D) * elt // 4 + 2 * group_pad * block_n
     if tile_words // threads > _TILE_REGISTERS:
         return f"register pressure: K/V/score tiles need ~{tile_words // threads} registers per thread"
     return None

@@ -38,7 +38,7 @@ def _bad_inputs():
         "integer q": (dict(q=q.to(torch.int32)), TypeError, "q dtype"),
         "k dtype differs": (dict(k=k.half()), TypeError, "k dtype"),
         "v on another device": (dict(v=v.to("meta")), ValueError, "v is on meta"),
-        "k, v shapes differ": (dict(v=v[:, :, :5]), ValueError, "k and v must have the same shape"),
+        "k, v shapes differ": (dict(v=v[:, :, :5]), ValueError, "k shape .* must equal v shape"),
         "batch differs": (dict(k=k.expand(2, -1, -1, -1), v=v.expand(2, -1, -1, -1)), ValueError, "batch size"),
         "head dims differ": (dict(k=k[..., :8], v=v[..., :8]), ValueError, "head dim"),
         "Hq not a multiple of Hkv": (dict(q=torch.cat([q, q[:, :1]], 1), k=torch.cat([k, k], 1), v=torch.cat([v, v], 1)),
@@ -46,15 +46,18 @@ def _bad_inputs():
         "head dim too small": (dict(q=q[..., :8], k=k[..., :8], v=v[..., :8]), ValueError, "head dim D"),
         "head dim too large": (dict(q=torch.randn(1, 1, 2, 264, device=DEVICE), k=torch.randn(1, 1, 2, 264, device=DEVICE),
                                     v=torch.randn(1, 1, 2, 264, device=DEVICE)), ValueError, "head dim D"),
-        "out shape": (dict(out=torch.empty(1, 2, 24, 8, device=DEVICE)), ValueError, "out must have"),
+        "out shape": (dict(out=torch.empty(1, 2, 24, 8, device=DEVICE)), ValueError, "out shape"),
         "out dtype": (dict(out=torch.empty(1, 2, 24, 16, dtype=torch.float16, device=DEVICE)), TypeError, "out dtype"),
-        "unknown config key": (dict(config={**SMALL, "BLOCK_K": 16}), ValueError, "config keys"),
-        "missing config key": (dict(config={"BLOCK_M": 16}), ValueError, "config keys"),
+        "unknown config key": (dict(config={**SMALL, "BLOCK_K": 16}), ValueError, "unknown keys"),
+        "missing config key": (dict(config={"BLOCK_M": 16}), ValueError, "missing keys"),
         "BLOCK_M below 16": (dict(config={**SMALL, "BLOCK_M": 8}), ValueError, "BLOCK_M"),
         "BLOCK_N not a power of two": (dict(config={**SMALL, "BLOCK_N": 48}), ValueError, "BLOCK_N"),
         "num_warps": (dict(config={**SMALL, "num_warps": 3}), ValueError, "num_warps"),
         "num_stages": (dict(config={**SMALL, "num_stages": 0}), ValueError, "num_stages"),
         "scale not a number": (dict(scale="0.1"), TypeError, "scale"),
+        # v1 shares v2's input check: before it, v1 ran a NaN scale and read causal="no" as True.
+        "scale NaN": (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        "causal not a bool": (dict(causal="no"), TypeError, "causal must be a bool"),
     }
     return {name: (dict(dict(q=q, k=k, v=v), **change), exc, match) for name, (change, exc, match) in cases.items()}
 

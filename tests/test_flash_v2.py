@@ -7,6 +7,7 @@ import torch
 
 from tunebench.correctness import close_enough, poison
 from tunebench.kernels import flash_v2
+from tunebench.kernels._launch import interpreting
 from tunebench.shapes import Problem
 import tunebench.reference as ref
 
@@ -91,11 +92,22 @@ def test_scale_is_used(device):
     assert verdict.ok, verdict.reason
 
 
-def test_keep_rejects_tma_off_hopper():
+def test_keep_admits_tma_only_on_hopper_outside_the_interpreter(monkeypatch):
+    """On Hopper (an H200: capability 9.0) keep admits TMA for 16-bit wgmma-sized tiles and nothing else; off Hopper,
+    and in the interpreter anywhere, it rejects TMA."""
     problem = Problem("flash_v2", 1, 2, 2, 128, 128, 64, "float16")
-    reason = flash_v2.keep(dict(flash_v2.DEFAULT, USE_TMA=True), problem)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        assert reason and "TMA" in reason
+    tma = dict(flash_v2.DEFAULT, USE_TMA=True)
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    if hopper and not interpreting():
+        assert flash_v2.keep(tma, problem) is None
+        assert flash_v2.keep(dict(tma, USE_TMA=False), problem) is None
+        assert "fp32" in flash_v2.keep(tma, Problem("flash_v2", 1, 2, 2, 128, 128, 64, "float32"))
+        assert "BLOCK_M < 64" in flash_v2.keep(dict(tma, BLOCK_M=32), problem)
+    else:
+        assert "compute capability >= 9" in flash_v2.keep(tma, problem)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "not the interpreter" in flash_v2.keep(tma, problem)
+    assert flash_v2.keep(dict(tma, USE_TMA=False), problem) is None
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

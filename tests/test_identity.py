@@ -5,15 +5,18 @@ import pathlib
 import pytest
 
 import conftest  # noqa: F401  (sets TRITON_INTERPRET before any kernel is imported)
-from tunebench import registry
+from tunebench import kernels, registry
 
 KERNEL_DIR = pathlib.Path(registry.__file__).parent.parent / "kernels"
 
 
 def identity_of(source: str, name: str, tmp_path, monkeypatch) -> str:
-    (tmp_path / f"{name}.py").write_text(source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(registry.KERNELS, name, name)
+    """The identity of `source` imported as a kernel module beside the real ones (so `from ._launch import ...`
+    resolves), under a name unique to this test (an imported module stays in sys.modules)."""
+    module = f"{name}_{tmp_path.name}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.setattr(kernels, "__path__", [*kernels.__path__, str(tmp_path)])
+    monkeypatch.setitem(registry.KERNELS, name, f"{kernels.__name__}.{module}")
     return registry.kernel_identity(name)
 
 

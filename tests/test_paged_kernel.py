@@ -157,6 +157,13 @@ def test_rejects_bad_inputs(device, mutate, error, match):
         pa.launch(**args)
 
 
+def test_partitions_past_the_grid_limit_are_rejected(device):
+    args = _inputs(device)
+    wide = torch.zeros(2, 65536 * 128 // 16, dtype=torch.int32, device=device)    # 65536 partitions of 128 tokens
+    with pytest.raises(ValueError, match="PARTITION=128.*65536 exceeds the grid limit 65535; use a larger PARTITION"):
+        pa.launch(**dict(args, block_tables=wide, config=_cfg(PARTITION=128)))
+
+
 def test_head_dim_mismatch_and_unsupported_head_dim(device):
     args = _inputs(device)
     with pytest.raises(ValueError, match="head dim"):

@@ -1,0 +1,180 @@
+"""What every kernel's launch and keep repeat: input and config checks, head-dim padding, the device's shared memory,
+the interpreter rule, the grid limit and log2(e).
+
+Each check raises TypeError for a value of the wrong kind and ValueError for a value of the right kind that is out of
+range, with a message that names the argument. Like the kernels, this module imports only torch and triton.
+"""
+import math
+from functools import lru_cache
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): scores are scaled into log2 units for exp2
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_GRID_YZ = 65535          # CUDA's limit on the second and third grid axes
+NUM_WARPS = (1, 2, 4, 8, 16)
+H100_SHARED_MEMORY = 227 * 1024  # the opt-in shared memory per block of an H100/H200, assumed without a GPU
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter. Asks Triton, so the rule is Triton's own reading of
+    TRITON_INTERPRET (triton 3.6: 1, true, on, yes or y in any case mean on; anything else, or unset, means off)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def padded_head_dim(d: int) -> int:
+    """The head dim the kernels' tiles use: the next power of two, at least 16 (tl.dot's smallest size)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots run exact ("ieee", no TF32) so fp32 is as accurate as naive fp32 torch; 16-bit inputs ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def qk_scale(scale, D: int) -> float:
+    """The softmax scale in log2 units (for exp2); scale None means 1/sqrt(D)."""
+    return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
+
+
+def shared_memory_limit() -> int:
+    """The opt-in shared memory per block of the current CUDA device; without one (or in the interpreter), an
+    H100/H200's 227 KiB."""
+    if torch.cuda.is_available() and not interpreting():
+        return _device_shared_memory(torch.cuda.current_device())
+    return H100_SHARED_MEMORY
+
+
+@lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def head_dim_unsupported(D: int) -> str | None:
+    """Why the kernels cannot run head dim D, or None."""
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        return f"head dim D must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}"
+    return None
+
+
+# -- input checks ----------------------------------------------------------------------------------------------------
+
+def check_tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-d {layout}, got shape {tuple(t.shape)}")
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} dtype must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    """t shares ref's device (and, if dtype, its dtype)."""
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} must match {ref_name} dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must share one device")
+
+
+def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} shape {tuple(t.shape)} must equal {ref_name} shape {tuple(ref.shape)}")
+
+
+def check_head_dim(D: int) -> None:
+    reason = head_dim_unsupported(D)
+    if reason:
+        raise ValueError(reason)
+
+
+def check_group(Hq: int, Hkv: int, kv_name: str) -> None:
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of {kv_name} heads Hkv={Hkv}")
+
+
+def check_grid(what: str, size: int, hint: str = "") -> None:
+    if size > MAX_GRID_YZ:
+        raise ValueError(f"{what} = {size} exceeds the grid limit {MAX_GRID_YZ}{hint}")
+
+
+def check_runnable(name: str, t: torch.Tensor) -> None:
+    """Triton runs CUDA tensors; CPU tensors only in its interpreter."""
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name} is on {t.device}: Triton needs CUDA tensors (CPU tensors only under "
+                         f"TRITON_INTERPRET=1, set before importing the kernel, for the CPU interpreter)")
+
+
+def check_scale(scale) -> None:
+    if isinstance(scale, bool) or not (scale is None or isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def check_causal(causal) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def check_out(out, ref_name: str, ref: torch.Tensor) -> None:
+    """out, when given, has ref's shape, dtype and device."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    check_same_shape("out", out, ref_name, ref)
+    check_like("out", out, ref_name, ref)
+
+
+def check_dense_inputs(q, k, v, out, causal, scale) -> None:
+    """The inputs of a dense attention forward: q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D], out None or like q."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, "[B, H, N, D]")
+        check_float_dtype(name, t)
+    check_like("k", k, "q", q)
+    check_like("v", v, "q", q)
+    check_same_shape("k", k, "v", v)
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k/v batch size {k.shape[0]} must equal q batch size {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k/v head dim {k.shape[3]} must equal q head dim {D}")
+    check_head_dim(D)
+    check_group(Hq, k.shape[1], "k/v")
+    check_runnable("q", q)
+    check_causal(causal)
+    check_scale(scale)
+    check_out(out, "q", q)
+
+
+# -- config checks ---------------------------------------------------------------------------------------------------
+
+def check_config(config, space: dict, **powers_of_two: int) -> dict:
+    """config has exactly SPACE's keys; each key named in powers_of_two is a power of two >= its value; num_warps and
+    (if the space has it) num_stages are valid. Returns config."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict with keys {sorted(space)}, got {type(config).__name__}")
+    unknown, missing = set(config) - set(space), set(space) - set(config)
+    if unknown:
+        raise ValueError(f"config has unknown keys {sorted(unknown)}; expected {sorted(space)}")
+    if missing:
+        raise ValueError(f"config is missing keys {sorted(missing)}; expected {sorted(space)}")
+    for name, low in powers_of_two.items():
+        value = config[name]
+        if not _is_int(value) or value < low or value & (value - 1):
+            raise ValueError(f"config[{name!r}] must be a power of two >= {low}, got {value!r}")
+    if not _is_int(config["num_warps"]) or config["num_warps"] not in NUM_WARPS:
+        raise ValueError(f"config['num_warps'] must be one of {NUM_WARPS}, got {config['num_warps']!r}")
+    if "num_stages" in space and (not _is_int(config["num_stages"]) or config["num_stages"] < 1):
+        raise ValueError(f"config['num_stages'] must be an int >= 1, got {config['num_stages']!r}")
+    return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
