@@ -12,6 +12,7 @@ from tunebench import bench
 from tunebench.bench import (FAILED, OK, SKIPPED, WRONG, Ceilings, Measurement, Provider, Runner, Skip, rows,
                              run_problem)
 from tunebench.cli import main
+from tunebench.inputs import Inputs, check_windows
 from tunebench.shapes import Problem
 
 PREFILL = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
@@ -154,13 +155,13 @@ def test_check_windows_slice_the_causal_problem_exactly():
     for nq, nk in ((200, 230), (200, 200), (150, 120), (150, 10)):    # Nq > Nk: the first rows see no key
         q, k, v = torch.randn(1, 2, nq, 16), torch.randn(1, 1, nk, 16), torch.randn(1, 1, nk, 16)
         full = ref.attention(q, k, v, causal=True)
-        windows = bench.check_windows(nq, rows=16)
+        windows = check_windows(nq, rows=16)
         assert len(windows) == 3 and windows[-1][1] == nq
         for s, e in windows:
             kv_end = max(0, min(nk, e + nk - nq))
             part = ref.attention(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
             torch.testing.assert_close(part, full[:, :, s:e], rtol=0, atol=1e-12)
-    assert bench.check_windows(40, rows=16) == [(0, 40)]
+    assert check_windows(40, rows=16) == [(0, 40)]
 
 
 # -- the harness, with fake providers: wrong and failing providers are reported and never timed
@@ -268,9 +269,9 @@ def test_real_prefill_providers_skip_what_they_cannot_do():
     assert got["sdpa-flash"].status == SKIPPED and "top-left" in got["sdpa-flash"].note
     big = Problem("flash_v2", 1, 1, 1, 16384, 16384, 16, "float32")
     with pytest.raises(Skip, match="N = 8192"):
-        bench.PROVIDERS[bench.PROVIDER_NAMES.index("tunebench-v1")].make(bench.Inputs(big, *(torch.empty(0),) * 3))
+        bench.PROVIDERS[bench.PROVIDER_NAMES.index("tunebench-v1")].make(Inputs(big, *(torch.empty(0),) * 3))
     with pytest.raises(Skip, match="score matrix"):
-        bench._naive(bench.Inputs(dataclasses_replace(big, B=2), *(torch.empty(0),) * 3))
+        bench._naive(Inputs(dataclasses_replace(big, B=2), *(torch.empty(0),) * 3))
 
 
 def test_real_decode_providers_agree_on_cpu():

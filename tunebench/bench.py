@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .inputs import DEFAULT_BLOCK_SIZE, Inputs, make_inputs, reference_for
 from .shapes import PAGED_KERNELS, Problem, preset_problems, suite
 
 DEFAULT_SUITE = "headline"
-DEFAULT_BLOCK_SIZE = 16                   # tokens per KV page: vLLM's default, and what the peers are given
 V1_MAX_N = 8192                           # FlashAttention-1 rewrites O, m, l in HBM per K/V step: slow beyond this
 NAIVE_MAX_SCORES = 1 << 28                # naive attention materialises B x Hq x Nq x Nk scores
-CHECK_ROWS = 32                           # query rows per checked window (prefill)
-CHECK_MAX_HEADS = 4096                    # decode: check every sequence while B x Hq stays under this
 COPY_BYTES = 1 << 30
 MATMUL_N = 8192
 OK, WRONG, SKIPPED, FAILED = "ok", "wrong", "skipped", "failed"
@@ -45,108 +43,6 @@ STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "de
 
 class Skip(Exception):
     """A provider that does not apply to this problem or this machine; the message says why."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs and the reference they are checked against
-
-@dataclass
-class Inputs:
-    """One problem's inputs, shared by every provider. Prefill: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. Decode:
-    q [B, Hq, D]; k/v the logical [B, Hkv, Nk, D]; the same K/V packed into pages in random order."""
-    problem: Problem
-    q: object
-    k: object
-    v: object
-    block_size: int = DEFAULT_BLOCK_SIZE
-    k_cache: object = None
-    v_cache: object = None
-    block_tables: object = None
-    context_lens: object = None
-    _expanded: Optional[tuple] = None
-
-    @property
-    def device(self):
-        return self.q.device
-
-    def expanded_kv(self):
-        """K/V with each KV head repeated for its query heads (for providers without GQA), built once."""
-        if self._expanded is None:
-            g = self.problem.group
-            self._expanded = (self.k, self.v) if g == 1 else tuple(t.repeat_interleave(g, dim=1)
-                                                                   for t in (self.k, self.v))
-        return self._expanded
-
-
-def make_inputs(problem: Problem, device, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE) -> Inputs:
-    import torch
-    from .inputs import pack_paged
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dt, p = problem.torch_dtype, problem
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
-
-    q = randn(p.B, p.Hq, p.D) if p.paged else randn(p.B, p.Hq, p.Nq, p.D)
-    k, v = randn(p.B, p.Hkv, p.Nk, p.D), randn(p.B, p.Hkv, p.Nk, p.D)
-    inputs = Inputs(problem, q, k, v, block_size)
-    if p.paged:
-        inputs.context_lens = torch.full((p.B,), p.Nk, dtype=torch.int32, device=device)
-        inputs.k_cache, inputs.v_cache, inputs.block_tables = pack_paged(
-            k, v, inputs.context_lens, block_size, torch.Generator().manual_seed(seed))
-    return inputs
-
-
-@dataclass
-class Reference:
-    """float64 reference and the same naive computation in the problem's dtype, on a subset of the output."""
-    ref64: object
-    lowp: object
-    pick: Callable          # output -> the same subset
-
-    def check(self, out):
-        from .correctness import close_enough
-        return close_enough(self.pick(out), self.ref64, self.lowp)
-
-
-def check_windows(nq: int, rows: int = CHECK_ROWS, seed: int = 0) -> list[tuple[int, int]]:
-    """Query-row windows to check: the first rows, a random middle window and the last rows (all rows if few).
-
-    A window [s, e) of a bottom-right causal problem equals the causal problem of q[s:e] against k[:e + (nk - nq)]
-    (at least 0 keys): the reference runs on that slice unchanged, rows that see no key included (they are zeros).
-    """
-    if nq <= 3 * rows:
-        return [(0, nq)]
-    import random
-    mid = random.Random(seed).randrange(rows, nq - 2 * rows)
-    return [(0, rows), (mid, mid + rows), (nq - rows, nq)]
-
-
-def reference_for(inputs: Inputs, seed: int = 0) -> Reference:
-    import torch
-    from . import reference as ref
-    p, dt = inputs.problem, inputs.problem.torch_dtype
-    if p.paged:
-        # Decode: every sequence while that is cheap, else the first, last and a random few.
-        if p.B * p.Hq <= CHECK_MAX_HEADS:
-            idx = torch.arange(p.B, device=inputs.device)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            n = max(2, CHECK_MAX_HEADS // p.Hq)
-            idx = torch.cat([torch.tensor([0, p.B - 1]), torch.randperm(p.B - 2, generator=g)[:n - 2] + 1])
-            idx = idx.sort().values.to(inputs.device)
-        q4 = inputs.q[idx][:, :, None, :]
-        refs = [ref.attention(q4, inputs.k[idx], inputs.v[idx], dtype=d)[:, :, 0, :] for d in (torch.float64, dt)]
-        return Reference(refs[0], refs[1], lambda out: out[idx])
-    windows = check_windows(p.Nq, seed=seed)
-    parts = {torch.float64: [], dt: []}
-    for s, e in windows:
-        kv_end = max(0, min(p.Nk, e + p.Nk - p.Nq)) if p.causal else p.Nk
-        for d in parts:
-            parts[d].append(ref.attention(inputs.q[:, :, s:e], inputs.k[:, :, :kv_end], inputs.v[:, :, :kv_end],
-                                          causal=p.causal, dtype=d))
-    return Reference(torch.cat(parts[torch.float64], dim=2), torch.cat(parts[dt], dim=2),
-                     lambda out: torch.cat([out[:, :, s:e] for s, e in windows], dim=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------

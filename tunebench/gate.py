@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .correctness import Verdict, close_enough, poison
+from .inputs import draw_qkv, paged_inputs, paged_references, references
 from .registry import kernel_module
 from .shapes import Problem
-from . import reference as ref
 
 
 def use_interpreter_without_gpu() -> str:
@@ -28,21 +28,18 @@ def use_interpreter_without_gpu() -> str:
 
 def check_dense_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
     """One flash_v1/flash_v2 case: fresh random inputs, a NaN-poisoned output, the float64 and naive references."""
-    from .strategies import dense_inputs
-    q, k, v = dense_inputs(problem, device, seed, layout)
+    q, k, v = draw_qkv(problem, device, seed, layout)
     out = poison(torch.empty(problem.B, problem.Hq, problem.Nq, problem.D, dtype=q.dtype, device=device))
     kernel_module(problem.kernel).launch(q, k, v, config=config, causal=problem.causal, out=out)
-    return close_enough(out, ref.attention(q, k, v, problem.causal), ref.attention(q, k, v, problem.causal, dtype=q.dtype))
+    return close_enough(out, *references(q, k, v, problem.causal))
 
 
 def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
     """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk."""
-    from .strategies import paged_inputs
-    q, k_cache, v_cache, tables, lens = paged_inputs(problem, config["BLOCK_SIZE"], device, seed)
-    out = poison(torch.empty_like(q))
-    kernel_module(problem.kernel).launch(q, k_cache, v_cache, tables, lens, config=config, out=out)
-    args = (q, k_cache, v_cache, tables, lens)
-    return close_enough(out, ref.paged_attention(*args), ref.paged_attention(*args, dtype=q.dtype))
+    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed)
+    out = poison(torch.empty_like(args[0]))
+    kernel_module(problem.kernel).launch(*args, config=config, out=out)
+    return close_enough(out, *paged_references(*args))
 
 
 def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
