@@ -1,6 +1,11 @@
 """The correctness gate behind `tunebench check` and the test suite: Hypothesis draws shapes *and* configs, and every
 case must pass tunebench.correctness.close_enough against the float64 reference.
 
+A case is (problem, config, seed, layout), and a failing one is printed as the `tunebench check` line that replays
+it. The layout is 'bhnd' (contiguous) or 'bnhd' (strided views): for a dense case, [B, N, H, D] storage viewed
+through .transpose(1, 2); for a paged case, q sliced from a fused QKV tensor and K/V the halves of one
+[num_blocks, 2, ...] cache, as a serving engine lays them out.
+
 Uses the GPU when there is one, else the Triton interpreter (which must be switched on before a kernel is imported).
 """
 from __future__ import annotations
@@ -16,6 +21,8 @@ from .correctness import Verdict, close_enough, poison
 from .inputs import draw_qkv, paged_inputs, paged_references, references
 from .registry import kernel_module
 from .shapes import Problem
+
+LAYOUTS = ("bhnd", "bnhd")
 
 
 def use_interpreter_without_gpu() -> str:
@@ -35,14 +42,17 @@ def check_dense_case(problem: Problem, config: dict, device, seed: int = 0, layo
 
 
 def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
-    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk."""
-    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed)
+    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk; layout 'bnhd' gives
+    strided views."""
+    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed, strided=layout == "bnhd")
     out = poison(torch.empty_like(args[0]))
     kernel_module(problem.kernel).launch(*args, config=config, out=out)
     return close_enough(out, *paged_references(*args))
 
 
 def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check = check_paged_case if problem.paged else check_dense_case
     return check(problem, config, device, seed, layout)
 
@@ -77,7 +87,7 @@ def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
         problem = data.draw(problems(kernel), label="problem")
         config = data.draw(configs(mod, problem), label="config")
         seed = data.draw(st.integers(0, 2**16), label="seed")
-        layout = data.draw(st.sampled_from(("bhnd", "bnhd")), label="layout")
+        layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
         verdict = check_case(problem, config, device, seed, layout)
         stats.examples += 1
         stats.configs.add(json.dumps(config, sort_keys=True))
@@ -95,37 +105,13 @@ def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
     return stats
 
 
-def print_table(all_stats: list[GateStats]) -> None:
-    print(f"{'kernel':<18}{'examples':>9}{'configs':>9}{'worst err/tol':>15}{'failures':>10}")
+def format_table(all_stats: list[GateStats]) -> str:
+    """One line per kernel, then each failing kernel's shrunk case and the command that replays it."""
+    lines = [f"{'kernel':<18}{'examples':>9}{'configs':>9}{'worst err/tol':>15}{'failures':>10}"]
     for s in all_stats:
-        print(f"{s.kernel:<18}{s.examples:>9}{len(s.configs):>9}{s.worst_ratio:>15.3f}{len(s.failures):>10}")
+        lines.append(f"{s.kernel:<18}{s.examples:>9}{len(s.configs):>9}{s.worst_ratio:>15.3f}{len(s.failures):>10}")
     for s in all_stats:
         if s.failures:
             cmd, reason = s.failures[-1]          # Hypothesis replays the shrunk case last
-            print(f"\nFAIL {s.kernel}: {reason}\n  reproduce: {cmd}")
-
-
-def run_gate(kernels: list[str], profile: str | None = None, examples: int | None = None) -> int:
-    if profile:
-        os.environ["TUNEBENCH_PROFILE"] = profile
-    device = use_interpreter_without_gpu()
-    print(f"tunebench check: device={device}"
-          f"{' (Triton interpreter)' if device == 'cpu' else ''}, profile={os.environ.get('TUNEBENCH_PROFILE') or ('gpu' if device == 'cuda' else 'cpu')}")
-    all_stats = [run_kernel_gate(k, device, examples) for k in kernels]
-    print_table(all_stats)
-    return 1 if any(s.failures for s in all_stats) else 0
-
-
-def run_one(kernel: str, shape_json: str, config_json: str, seed: int, layout: str) -> int:
-    """Replays one case, as printed by a failing gate."""
-    device = use_interpreter_without_gpu()
-    problem = Problem(kernel=kernel, **json.loads(shape_json))
-    config = json.loads(config_json)
-    reason = kernel_module(kernel).keep(config, problem)
-    if reason:
-        print(f"config not admitted by keep(): {reason}")
-        return 2
-    verdict = check_case(problem, config, device, seed, layout)
-    print(f"{problem.label()} {config}: {'ok' if verdict.ok else 'FAIL'} err={verdict.err:.3g} "
-          f"allowed={verdict.allowed:.3g} {verdict.reason}")
-    return 0 if verdict.ok else 1
+            lines.append(f"\nFAIL {s.kernel}: {reason}\n  reproduce: {cmd}")
+    return "\n".join(lines)
