@@ -35,7 +35,7 @@ def _roofline(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_command
+    from .commands.bench import bench_command
     return bench_command(args)
 
 
