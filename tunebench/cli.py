@@ -30,7 +30,7 @@ def _kv_size(args) -> int:
 
 
 def _roofline(args) -> int:
-    from .roofline import roofline_command
+    from .commands.roofline import roofline_command
     return roofline_command(args)
 
 
