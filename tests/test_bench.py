@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
+from hypothesis import example, given, settings, strategies as st
 
 from tunebench.bench import measure, plots, providers, tables
 from tunebench.bench.measure import FAILED, OK, SKIPPED, WRONG, Ceilings, Measurement, run_problem
@@ -151,18 +152,27 @@ def test_problem_selection_filters_and_merges_v1_into_prefill():
         command.select_problems("headline", None, ["paged_attention"], ["float16"])
 
 
-def test_check_windows_slice_the_causal_problem_exactly():
+@settings(max_examples=15, deadline=None)
+@given(nq=st.integers(49, 260), nk=st.integers(1, 260), seed=st.integers(0, 2**16))
+@example(nq=200, nk=230, seed=0)
+@example(nq=200, nk=200, seed=0)
+@example(nq=150, nk=120, seed=0)
+@example(nq=150, nk=10, seed=0)                                   # Nq > Nk: the first rows see no key
+def test_check_windows_slice_the_causal_problem_exactly(nq, nk, seed):
     from tunebench import reference as ref
-    torch.manual_seed(0)
-    for nq, nk in ((200, 230), (200, 200), (150, 120), (150, 10)):    # Nq > Nk: the first rows see no key
-        q, k, v = torch.randn(1, 2, nq, 16), torch.randn(1, 1, nk, 16), torch.randn(1, 1, nk, 16)
-        full = ref.attention(q, k, v, causal=True)
-        windows = check_windows(nq, rows=16)
-        assert len(windows) == 3 and windows[-1][1] == nq
-        for s, e in windows:
-            kv_end = max(0, min(nk, e + nk - nq))
-            part = ref.attention(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
-            torch.testing.assert_close(part, full[:, :, s:e], rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(1, 2, nq, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g), \
+        torch.randn(1, 1, nk, 16, generator=g)
+    full = ref.attention(q, k, v, causal=True)
+    windows = check_windows(nq, rows=16, seed=seed)
+    assert len(windows) == 3 and windows[0][0] == 0 and windows[-1][1] == nq
+    for s, e in windows:
+        kv_end = max(0, min(nk, e + nk - nq))
+        part = ref.attention(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
+        torch.testing.assert_close(part, full[:, :, s:e], rtol=0, atol=1e-12)
+
+
+def test_few_rows_are_checked_in_one_window():
     assert check_windows(40, rows=16) == [(0, 40)]
 
 
