@@ -45,38 +45,50 @@ def bench_command(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = environment()
     timer = do_bench_timer(args.warmup_ms, args.rep_ms)
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    log(f"tunebench bench on {meta.get('device')} (torch {meta.get('torch')}, triton {meta.get('triton')}): "
-        f"{len(problems)} problems, writing to {out_dir}")
+    _log(f"tunebench bench on {meta.get('device')} (torch {meta.get('torch')}, triton {meta.get('triton')}): "
+         f"{len(problems)} problems, writing to {out_dir}")
     ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer)
     print(format_ceilings(ceilings), flush=True)
-    measurements, sticky, started = [], None, time.perf_counter()
-    for i, problem in enumerate(problems, 1):
-        t0 = time.perf_counter()
-        log(f"[{i}/{len(problems)}] {problem.label()}")
-        measured = run_problem(problem, providers, timer=timer, log=log)
-        measurements += measured
-        log(f"  ({time.perf_counter() - t0:.0f} s)")
-        print("\n" + format_table(rows(measured, ceilings)), flush=True)
-        write_outputs(measurements, ceilings, meta, out_dir)     # after every problem: a cut-off run keeps them
-        sticky = next((m for m in measured if m.status == FAILED and any(
-            s in m.note for s in STICKY_CUDA_ERRORS)), None)
-        if sticky is not None:
-            break
-    all_rows = rows(measurements, ceilings)
-    plots = plot_throughput(all_rows, out_dir)
-    roof = plot_roofline(all_rows, ceilings, out_dir)
-    if roof is not None:
-        plots.append(roof)
-    log(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
-    print(f"\nwrote {out_dir / 'bench.csv'}, {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
-          + (f" and {len(plots)} plots" if plots else "; no plots (matplotlib is not installed)"))
-    print("\n".join(["", "summary:"] + summary(all_rows)))
+    started = time.perf_counter()
+    measurements, sticky = _measure_all(problems, providers, timer, ceilings, meta, out_dir)
+    _log(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
+    _finish(rows(measurements, ceilings), ceilings, out_dir)
     if sticky is not None:
         print(f"\nstopped early: {sticky.provider} left the CUDA context unusable ({sticky.note}); every later "
               f"launch in this process would fail. Rerun leaving it out (--provider ...).", file=sys.stderr)
         return 1
     return 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _measure_all(problems, providers, timer, ceilings, meta, out_dir: Path):
+    """(measurements, the measurement that left the CUDA context unusable or None): problems in turn, each one's
+    table printed and every output rewritten after it, stopping at a sticky CUDA error."""
+    measurements = []
+    for i, problem in enumerate(problems, 1):
+        t0 = time.perf_counter()
+        _log(f"[{i}/{len(problems)}] {problem.label()}")
+        measured = run_problem(problem, providers, timer=timer, log=_log)
+        measurements += measured
+        _log(f"  ({time.perf_counter() - t0:.0f} s)")
+        print("\n" + format_table(rows(measured, ceilings)), flush=True)
+        write_outputs(measurements, ceilings, meta, out_dir)     # after every problem: a cut-off run keeps them
+        sticky = next((m for m in measured if m.status == FAILED and any(
+            s in m.note for s in STICKY_CUDA_ERRORS)), None)
+        if sticky is not None:
+            return measurements, sticky
+    return measurements, None
+
+
+def _finish(all_rows: list[dict], ceilings, out_dir: Path) -> None:
+    """The plots, the list of what was written, and the summary of the goal ratios."""
+    plots = plot_throughput(all_rows, out_dir)
+    roof = plot_roofline(all_rows, ceilings, out_dir)
+    if roof is not None:
+        plots.append(roof)
+    print(f"\nwrote {out_dir / 'bench.csv'}, {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
+          + (f" and {len(plots)} plots" if plots else "; no plots (matplotlib is not installed)"))
+    print("\n".join(["", "summary:"] + summary(all_rows)))
