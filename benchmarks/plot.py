@@ -4,7 +4,8 @@ import csv
 import sys
 from pathlib import Path
 
-from tunebench.bench import Ceilings, plot_roofline, plot_throughput
+from tunebench.bench.measure import Ceilings
+from tunebench.bench.plots import plot_roofline, plot_throughput
 
 INTS = ("B", "Hq", "Hkv", "Nq", "Nk", "D")
 NUMERIC = INTS + ("median_ms", "throughput", "tflops", "intensity")

@@ -7,11 +7,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
+from hypothesis import example, given, settings, strategies as st
 
-from tunebench import bench
-from tunebench.bench import (FAILED, OK, SKIPPED, WRONG, Ceilings, Measurement, Provider, Runner, Skip, rows,
-                             run_problem)
+from tunebench.bench import measure, plots, providers, tables
+from tunebench.bench.measure import FAILED, OK, SKIPPED, WRONG, Ceilings, Measurement, run_problem
+from tunebench.bench.providers import Provider, Runner, Skip
+from tunebench.bench.tables import rows
+from tunebench.commands import bench as command
 from tunebench.cli import main
+from tunebench.inputs import Inputs, check_windows
 from tunebench.shapes import Problem
 
 PREFILL = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
@@ -60,14 +64,14 @@ def test_rows_compute_throughput_ratio_to_best_peer_and_percent_of_ceiling():
 
 def test_best_peer_ignores_tunebench_and_untimed_rows():
     ms = _synthetic()
-    assert bench.best_peer([m for m in ms if m.problem == PREFILL]).provider == "sdpa-cudnn"
-    assert bench.best_peer([m for m in ms if m.provider.startswith("tunebench")]) is None
+    assert tables.best_peer([m for m in ms if m.problem == PREFILL]).provider == "sdpa-cudnn"
+    assert tables.best_peer([m for m in ms if m.provider.startswith("tunebench")]) is None
     rs = rows([m for m in ms if m.provider in ("tunebench-v2", "flex")], CEILINGS)
     assert all(r["vs_best_peer"] is None and r["best_peer"] is None for r in rs)
 
 
 def test_table_orders_by_throughput_and_shows_why_a_provider_was_not_timed():
-    table = bench.format_table([r for r in rows(_synthetic(), CEILINGS) if r["phase"] == "prefill"])
+    table = tables.format_table([r for r in rows(_synthetic(), CEILINGS) if r["phase"] == "prefill"])
     lines = table.splitlines()
     assert PREFILL.label() in lines[0] and "700 float16 matmul TFLOP/s" in lines[0]
     order = [line.split()[0] for line in lines[2:8]]
@@ -77,7 +81,7 @@ def test_table_orders_by_throughput_and_shows_why_a_provider_was_not_timed():
 
 
 def test_summary_states_the_goal_ratios():
-    text = "\n".join(bench.summary(rows(_synthetic(), CEILINGS)))
+    text = "\n".join(tables.summary(rows(_synthetic(), CEILINGS)))
     assert "0.75x cuDNN (goal >= 1.0)" in text and "1.50x FlashAttention-2 (goal >= 1.5)" in text
     assert "v2/v1" in text and "5.00x" in text
     assert "90% of copy bandwidth (goal >= 85%" in text and "1.12x dense SDPA flash" in text
@@ -86,8 +90,8 @@ def test_summary_states_the_goal_ratios():
 def test_csv_and_json_hold_every_row_with_missing_values_empty(tmp_path):
     rs = rows(_synthetic(), CEILINGS)
     rs[0]["err_ratio"] = math.nan
-    bench.write_csv(rs, tmp_path / "b.csv")
-    bench.write_json(rs, CEILINGS, {"device": "test"}, tmp_path / "b.json")
+    tables.write_csv(rs, tmp_path / "b.csv")
+    tables.write_json(rs, CEILINGS, {"device": "test"}, tmp_path / "b.json")
     with open(tmp_path / "b.csv") as f:
         read = list(csv.DictReader(f))
     assert len(read) == len(rs) and read[0]["provider"] == "tunebench-v2"
@@ -109,9 +113,9 @@ def test_command_flow_writes_after_every_problem_and_stops_on_a_sticky_cuda_erro
                 Measurement(problem, "sdpa-dense-flash", True, FAILED if note else OK, None if note else 0.6, note=note)]
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "measure_ceilings", lambda dtypes, timer=None: CEILINGS)
-    monkeypatch.setattr(bench, "environment", lambda: {"device": "fake H100", "command": "tunebench bench"})
-    monkeypatch.setattr(bench, "run_problem", fake_run)
+    monkeypatch.setattr(command, "measure_ceilings", lambda dtypes, timer=None: CEILINGS)
+    monkeypatch.setattr(command, "environment", lambda: {"device": "fake H100", "command": "tunebench bench"})
+    monkeypatch.setattr(command, "run_problem", fake_run)
     assert main(["bench", "--kernel", "paged_attention", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert len(calls) == 2 and "stopped early: sdpa-dense-flash" in captured.err
@@ -124,43 +128,52 @@ def test_command_flow_writes_after_every_problem_and_stops_on_a_sticky_cuda_erro
 
 def test_plots_are_written_or_skipped_when_matplotlib_is_missing(tmp_path):
     rs = rows(_synthetic(), CEILINGS)
-    paths = bench.plot_throughput(rs, tmp_path)
-    roof = bench.plot_roofline(rs, CEILINGS, tmp_path)
-    if bench._pyplot() is None:
+    paths = plots.plot_throughput(rs, tmp_path)
+    roof = plots.plot_roofline(rs, CEILINGS, tmp_path)
+    if plots._pyplot() is None:
         assert paths == [] and roof is None
         return
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths) and roof.stat().st_size > 0
 
 
 def test_problem_selection_filters_and_merges_v1_into_prefill():
-    headline = bench.select_problems(None, None, None)
+    headline = command.select_problems(None, None, None)
     assert len(headline) == len(set(headline)) and all(p.kernel in ("flash_v2", "paged_attention") for p in headline)
     assert sum(p.paged for p in headline) == 4
-    decode = bench.select_problems("headline", None, ["paged_attention"])
+    decode = command.select_problems("headline", None, ["paged_attention"])
     assert decode and all(p.paged for p in decode)
-    assert all(p.dtype == "float16" for p in bench.select_problems("headline", None, None, ["float16"]))
-    assert any(p.paged for p in bench.select_problems(None, "llama-3-8b", None))
+    assert all(p.dtype == "float16" for p in command.select_problems("headline", None, None, ["float16"]))
+    assert any(p.paged for p in command.select_problems(None, "llama-3-8b", None))
     with pytest.raises(ValueError, match="not both"):
-        bench.select_problems("headline", "llama-3-8b", None)
+        command.select_problems("headline", "llama-3-8b", None)
     with pytest.raises(KeyError, match="unknown suite"):
-        bench.select_problems("nope", None, None)
+        command.select_problems("nope", None, None)
     with pytest.raises(ValueError, match="no problems left"):
-        bench.select_problems("headline", None, ["paged_attention"], ["float16"])
+        command.select_problems("headline", None, ["paged_attention"], ["float16"])
 
 
-def test_check_windows_slice_the_causal_problem_exactly():
+@settings(max_examples=15, deadline=None)
+@given(nq=st.integers(49, 260), nk=st.integers(1, 260), seed=st.integers(0, 2**16))
+@example(nq=200, nk=230, seed=0)
+@example(nq=200, nk=200, seed=0)
+@example(nq=150, nk=120, seed=0)
+@example(nq=150, nk=10, seed=0)                                   # Nq > Nk: the first rows see no key
+def test_check_windows_slice_the_causal_problem_exactly(nq, nk, seed):
     from tunebench import reference as ref
-    torch.manual_seed(0)
-    for nq, nk in ((200, 230), (200, 200), (150, 120), (150, 10)):    # Nq > Nk: the first rows see no key
-        q, k, v = torch.randn(1, 2, nq, 16), torch.randn(1, 1, nk, 16), torch.randn(1, 1, nk, 16)
-        full = ref.attention(q, k, v, causal=True)
-        windows = bench.check_windows(nq, rows=16)
-        assert len(windows) == 3 and windows[-1][1] == nq
-        for s, e in windows:
-            kv_end = max(0, min(nk, e + nk - nq))
-            part = ref.attention(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
-            torch.testing.assert_close(part, full[:, :, s:e], rtol=0, atol=1e-12)
-    assert bench.check_windows(40, rows=16) == [(0, 40)]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(1, 2, nq, 16, generator=g), torch.randn(1, 1, nk, 16, generator=g), \
+        torch.randn(1, 1, nk, 16, generator=g)
+    full = ref.attention(q, k, v, causal=True)
+    windows = check_windows(nq, rows=16, seed=seed)
+    assert len(windows) == 3 and windows[0][0] == 0 and windows[-1][1] == nq
+    for s, e in windows:
+        kv_end = max(0, min(nk, e + nk - nq))
+        part = ref.attention(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
+        torch.testing.assert_close(part, full[:, :, s:e], rtol=0, atol=1e-12)
+
+
+def test_few_rows_are_checked_in_one_window():
+    assert check_windows(40, rows=16) == [(0, 40)]
 
 
 # -- the harness, with fake providers: wrong and failing providers are reported and never timed
@@ -219,7 +232,7 @@ def test_a_problem_whose_inputs_cannot_be_built_is_reported_for_every_provider(m
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
-    monkeypatch.setattr(bench, "make_inputs", oom)
+    monkeypatch.setattr(measure, "make_inputs", oom)
     p = Problem("flash_v2", 1, 2, 2, 32, 32, 16, "float32")
     got = run_problem(p, [_fake("a", _sdpa_runner), _fake("b", _raises)], device="cpu", timer=_wall_timer)
     assert [m.status for m in got] == [FAILED, FAILED]
@@ -227,7 +240,7 @@ def test_a_problem_whose_inputs_cannot_be_built_is_reported_for_every_provider(m
 
 
 def test_ceilings_count_bytes_read_and_written():
-    c = bench.measure_ceilings(["float16"], device="cpu", timer=lambda fn: (fn(), 2.0)[1:] * 3,
+    c = measure.measure_ceilings(["float16"], device="cpu", timer=lambda fn: (fn(), 2.0)[1:] * 3,
                                copy_bytes=1 << 20, matmul_n=64)
     assert c.copy_bytes_per_s == pytest.approx(2 * (1 << 20) / 2e-3)
     assert set(c.matmul_flops_per_s) == {"float16", "bfloat16"}
@@ -254,7 +267,7 @@ def _wall_timer(fn):
 def test_real_prefill_providers_agree(device):
     names = ["tunebench-v2-default", "sdpa-flash", "sdpa-cudnn", "naive"]
     p = Problem("flash_v2", 1, 4, 2, 48, 48, 32, "float16", causal=True)
-    got = {m.provider: m for m in run_problem(p, bench.select_providers(names), device=device, timer=_wall_timer)}
+    got = {m.provider: m for m in run_problem(p, providers.select_providers(names), device=device, timer=_wall_timer)}
     assert got["sdpa-flash"].status == OK and got["naive"].status == OK
     assert got["tunebench-v2-default"].status == OK, got["tunebench-v2-default"].note
     assert got["sdpa-cudnn"].status in (OK, SKIPPED)               # no cuDNN on a CPU: skipped, with its reason
@@ -263,20 +276,20 @@ def test_real_prefill_providers_agree(device):
 
 def test_real_prefill_providers_skip_what_they_cannot_do():
     p = Problem("flash_v2", 1, 2, 2, 40, 56, 16, "float32", causal=True)      # Nq != Nk causal: SDPA is top-left
-    providers = bench.select_providers(["sdpa-flash", "tunebench-v1"])
-    got = {m.provider: m for m in run_problem(p, providers, device="cpu", timer=_wall_timer)}
+    chosen = providers.select_providers(["sdpa-flash", "tunebench-v1"])
+    got = {m.provider: m for m in run_problem(p, chosen, device="cpu", timer=_wall_timer)}
     assert got["sdpa-flash"].status == SKIPPED and "top-left" in got["sdpa-flash"].note
     big = Problem("flash_v2", 1, 1, 1, 16384, 16384, 16, "float32")
     with pytest.raises(Skip, match="N = 8192"):
-        bench.PROVIDERS[bench.PROVIDER_NAMES.index("tunebench-v1")].make(bench.Inputs(big, *(torch.empty(0),) * 3))
+        providers.PROVIDERS[providers.PROVIDER_NAMES.index("tunebench-v1")].make(Inputs(big, *(torch.empty(0),) * 3))
     with pytest.raises(Skip, match="score matrix"):
-        bench._naive(bench.Inputs(dataclasses_replace(big, B=2), *(torch.empty(0),) * 3))
+        providers._naive(Inputs(dataclasses_replace(big, B=2), *(torch.empty(0),) * 3))
 
 
 def test_real_decode_providers_agree_on_cpu():
     names = ["sdpa-dense-flash", "gather-sdpa", "flashinfer"]
     p = Problem("paged_attention", 3, 4, 2, 1, 70, 32, "float32")
-    got = {m.provider: m for m in run_problem(p, bench.select_providers(names), device="cpu", timer=_wall_timer)}
+    got = {m.provider: m for m in run_problem(p, providers.select_providers(names), device="cpu", timer=_wall_timer)}
     assert got["sdpa-dense-flash"].status == OK and got["gather-sdpa"].status == OK, got
     assert got["flashinfer"].status in (SKIPPED, FAILED)
 

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from conftest import SHARDS
-from strategies import all_configs, configs, paged_inputs, paged_layouts, paged_problems
+from strategies import all_configs, configs, paged_layouts, paged_problems
+from tunebench.inputs import paged_inputs
 from tunebench.correctness import close_enough, poison
 from tunebench.shapes import Problem, suite
 import tunebench.reference as ref

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
@@ -12,34 +10,8 @@ from .roofline import GPUS as ROOFLINE_GPUS
 
 
 def _check(args) -> int:
-    if args.examples is not None and args.examples < 1:
-        raise ValueError(f"--examples must be >= 1, got {args.examples}")
-    if args.shape or args.config:
-        if not (args.shape and args.config and args.kernel and len(args.kernel) == 1):
-            raise ValueError("--shape and --config replay one case: give both, with exactly one --kernel")
-        from .shapes import Problem
-        fields = [f for f in dataclasses.fields(Problem) if f.name != "kernel"]
-        given = set(_json_object("--shape", args.shape))
-        unknown = given - {f.name for f in fields}
-        missing = {f.name for f in fields if f.default is dataclasses.MISSING} - given
-        if unknown or missing:
-            raise ValueError(f"--shape has unknown fields {sorted(unknown)} and lacks {sorted(missing)}; a shape has "
-                             f"{[f.name for f in fields]}")
-        _json_object("--config", args.config)
-        from .gate import run_one
-        return run_one(args.kernel[0], args.shape, args.config, args.seed, args.layout)
-    from .gate import run_gate
-    return run_gate(args.kernel or list(KERNELS), profile=args.profile, examples=args.examples)
-
-
-def _json_object(flag: str, text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} is not JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
-    return value
+    from .commands.check import check_command
+    return check_command(args)
 
 
 def _tune(args) -> int:
@@ -58,12 +30,12 @@ def _kv_size(args) -> int:
 
 
 def _roofline(args) -> int:
-    from .roofline import roofline_command
+    from .commands.roofline import roofline_command
     return roofline_command(args)
 
 
 def _bench(args) -> int:
-    from .bench import bench_command
+    from .commands.bench import bench_command
     return bench_command(args)
 
 

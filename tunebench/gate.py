@@ -1,6 +1,11 @@
 """The correctness gate behind `tunebench check` and the test suite: Hypothesis draws shapes *and* configs, and every
 case must pass tunebench.correctness.close_enough against the float64 reference.
 
+A case is (problem, config, seed, layout), and a failing one is printed as the `tunebench check` line that replays
+it. The layout is 'bhnd' (contiguous) or 'bnhd' (strided views): for a dense case, [B, N, H, D] storage viewed
+through .transpose(1, 2); for a paged case, q sliced from a fused QKV tensor and K/V the halves of one
+[num_blocks, 2, ...] cache, as a serving engine lays them out.
+
 Uses the GPU when there is one, else the Triton interpreter (which must be switched on before a kernel is imported).
 """
 from __future__ import annotations
@@ -13,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .correctness import Verdict, close_enough, poison
+from .inputs import draw_qkv, paged_inputs, paged_references, references
 from .registry import kernel_module
 from .shapes import Problem
-from . import reference as ref
+
+LAYOUTS = ("bhnd", "bnhd")
 
 
 def use_interpreter_without_gpu() -> str:
@@ -28,24 +35,24 @@ def use_interpreter_without_gpu() -> str:
 
 def check_dense_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
     """One flash_v1/flash_v2 case: fresh random inputs, a NaN-poisoned output, the float64 and naive references."""
-    from .strategies import dense_inputs
-    q, k, v = dense_inputs(problem, device, seed, layout)
+    q, k, v = draw_qkv(problem, device, seed, layout)
     out = poison(torch.empty(problem.B, problem.Hq, problem.Nq, problem.D, dtype=q.dtype, device=device))
     kernel_module(problem.kernel).launch(q, k, v, config=config, causal=problem.causal, out=out)
-    return close_enough(out, ref.attention(q, k, v, problem.causal), ref.attention(q, k, v, problem.causal, dtype=q.dtype))
+    return close_enough(out, *references(q, k, v, problem.causal))
 
 
 def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
-    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk."""
-    from .strategies import paged_inputs
-    q, k_cache, v_cache, tables, lens = paged_inputs(problem, config["BLOCK_SIZE"], device, seed)
-    out = poison(torch.empty_like(q))
-    kernel_module(problem.kernel).launch(q, k_cache, v_cache, tables, lens, config=config, out=out)
-    args = (q, k_cache, v_cache, tables, lens)
-    return close_enough(out, ref.paged_attention(*args), ref.paged_attention(*args, dtype=q.dtype))
+    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk; layout 'bnhd' gives
+    strided views."""
+    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed, strided=layout == "bnhd")
+    out = poison(torch.empty_like(args[0]))
+    kernel_module(problem.kernel).launch(*args, config=config, out=out)
+    return close_enough(out, *paged_references(*args))
 
 
 def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check = check_paged_case if problem.paged else check_dense_case
     return check(problem, config, device, seed, layout)
 
@@ -80,7 +87,7 @@ def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
         problem = data.draw(problems(kernel), label="problem")
         config = data.draw(configs(mod, problem), label="config")
         seed = data.draw(st.integers(0, 2**16), label="seed")
-        layout = data.draw(st.sampled_from(("bhnd", "bnhd")), label="layout")
+        layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
         verdict = check_case(problem, config, device, seed, layout)
         stats.examples += 1
         stats.configs.add(json.dumps(config, sort_keys=True))
@@ -98,37 +105,13 @@ def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
     return stats
 
 
-def print_table(all_stats: list[GateStats]) -> None:
-    print(f"{'kernel':<18}{'examples':>9}{'configs':>9}{'worst err/tol':>15}{'failures':>10}")
+def format_table(all_stats: list[GateStats]) -> str:
+    """One line per kernel, then each failing kernel's shrunk case and the command that replays it."""
+    lines = [f"{'kernel':<18}{'examples':>9}{'configs':>9}{'worst err/tol':>15}{'failures':>10}"]
     for s in all_stats:
-        print(f"{s.kernel:<18}{s.examples:>9}{len(s.configs):>9}{s.worst_ratio:>15.3f}{len(s.failures):>10}")
+        lines.append(f"{s.kernel:<18}{s.examples:>9}{len(s.configs):>9}{s.worst_ratio:>15.3f}{len(s.failures):>10}")
     for s in all_stats:
         if s.failures:
             cmd, reason = s.failures[-1]          # Hypothesis replays the shrunk case last
-            print(f"\nFAIL {s.kernel}: {reason}\n  reproduce: {cmd}")
-
-
-def run_gate(kernels: list[str], profile: str | None = None, examples: int | None = None) -> int:
-    if profile:
-        os.environ["TUNEBENCH_PROFILE"] = profile
-    device = use_interpreter_without_gpu()
-    print(f"tunebench check: device={device}"
-          f"{' (Triton interpreter)' if device == 'cpu' else ''}, profile={os.environ.get('TUNEBENCH_PROFILE') or ('gpu' if device == 'cuda' else 'cpu')}")
-    all_stats = [run_kernel_gate(k, device, examples) for k in kernels]
-    print_table(all_stats)
-    return 1 if any(s.failures for s in all_stats) else 0
-
-
-def run_one(kernel: str, shape_json: str, config_json: str, seed: int, layout: str) -> int:
-    """Replays one case, as printed by a failing gate."""
-    device = use_interpreter_without_gpu()
-    problem = Problem(kernel=kernel, **json.loads(shape_json))
-    config = json.loads(config_json)
-    reason = kernel_module(kernel).keep(config, problem)
-    if reason:
-        print(f"config not admitted by keep(): {reason}")
-        return 2
-    verdict = check_case(problem, config, device, seed, layout)
-    print(f"{problem.label()} {config}: {'ok' if verdict.ok else 'FAIL'} err={verdict.err:.3g} "
-          f"allowed={verdict.allowed:.3g} {verdict.reason}")
-    return 0 if verdict.ok else 1
+            lines.append(f"\nFAIL {s.kernel}: {reason}\n  reproduce: {cmd}")
+    return "\n".join(lines)

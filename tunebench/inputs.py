@@ -1,10 +1,19 @@
-"""Inputs and references for a Problem, built once and reused by every config that is checked or timed on it.
+"""The one builder of a problem's tensors and its float64 reference: the tuner (Workload), the gate and its tests
+(dense and paged cases) and `tunebench bench` (Inputs, reference_for) all draw here.
 
-Dense kernels take q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache whose
-layout depends on the config's BLOCK_SIZE, so the logical K/V are drawn once and packed per block size, into blocks
-in random order.
+Values are standard normal, drawn in float32 on the device the tensors live on by a generator seeded there, then cast
+to the problem's dtype: fresh random inputs, never zeros (a kernel can look right on zeros). Dense kernels take
+q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache whose layout depends on the
+block size, so the logical K/V are drawn once and packed per block size, into blocks in random order.
+
+A reference is a pair: the float64 result and the same naive computation in the problem's dtype, whose error is the
+yardstick of tunebench.correctness.close_enough.
 """
 from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -12,6 +21,50 @@ from .correctness import Verdict, close_enough, poison
 from .shapes import Problem
 from . import reference as ref
 
+DEFAULT_BLOCK_SIZE = 16                   # tokens per KV page: vLLM's default, and what the bench's peers are given
+CHECK_ROWS = 32                           # query rows per checked window (prefill)
+CHECK_MAX_HEADS = 4096                    # decode: check every sequence while B x Hq stays under this
+
+
+def draw_qkv(problem: Problem, device, seed: int = 0, layout: str = "bhnd", fill: bool = True):
+    """q, k, v for a problem, viewed as [B, H, N, D] (decode: q [B, Hq, D]).
+
+    layout 'bnhd' gives dense tensors [B, N, H, D] storage viewed through .transpose(1, 2), as a user's projection
+    output would be. fill=False leaves them uninitialised, for a compile worker, which needs only their shapes, dtypes
+    and alignment."""
+    if layout not in ("bhnd", "bnhd"):
+        raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
+    p, device = problem, torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        if not fill:
+            return torch.empty(*shape, dtype=p.torch_dtype, device=device)
+        return torch.randn(*shape, generator=gen, dtype=torch.float32, device=device).to(p.torch_dtype)
+
+    def dense(h, n):
+        if layout == "bhnd":
+            return randn(p.B, h, n, p.D)
+        return randn(p.B, n, h, p.D).transpose(1, 2)
+
+    q = randn(p.B, p.Hq, p.D) if p.paged else dense(p.Hq, p.Nq)
+    return q, dense(p.Hkv, p.Nk), dense(p.Hkv, p.Nk)
+
+
+def references(q, k, v, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 reference, the same naive computation in q's dtype). A decode q [B, Hq, D] is one query row."""
+    if q.dim() == 3:
+        return tuple(ref.attention(q[:, :, None, :], k, v, dtype=d)[:, :, 0, :] for d in (torch.float64, q.dtype))
+    return tuple(ref.attention(q, k, v, causal, dtype=d) for d in (torch.float64, q.dtype))
+
+
+def paged_references(q, k_cache, v_cache, block_tables, context_lens, scale=None):
+    """(float64 reference, naive in q's dtype) of a paged decode, gathered through the block table."""
+    args = (q, k_cache, v_cache, block_tables, context_lens)
+    return tuple(ref.paged_attention(*args, scale=scale, dtype=d) for d in (torch.float64, q.dtype))
+
+
+# --- paged caches -------------------------------------------------------------------------------------------------
 
 def pack_paged(k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                generator: torch.Generator | None = None, spare_blocks: int = 3):
@@ -43,32 +96,86 @@ def pack_paged(k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, blo
     return k_cache, v_cache, tables
 
 
-class Workload:
-    """Random inputs for one problem (fixed seed) plus its float64 and naive low-precision references.
+def _shared_tables(context_lens, block_size: int, shared: int, extra_columns: int, perm):
+    """Block tables (-1 past a sequence's blocks) taking physical blocks from perm in order, the first ``shared``
+    blocks of sequence 0 reused by every later sequence; and the rows of each block that some sequence reads."""
+    per_seq = [-(-n // block_size) for n in context_lens]
+    tables = torch.full((len(context_lens), max(per_seq) + extra_columns), -1, dtype=torch.int32)
+    reach = torch.zeros(len(perm), dtype=torch.long)
+    nxt = 0
+    for b, (n, nb) in enumerate(zip(context_lens, per_seq)):
+        k_sh = 0 if b == 0 else min(shared, nb)
+        ids = torch.cat([tables[0, :k_sh].long(), perm[nxt:nxt + nb - k_sh]])
+        nxt += nb - k_sh
+        tables[b, :nb] = ids.to(torch.int32)
+        rows = torch.full((nb,), block_size, dtype=torch.long)
+        rows[-1] = n - (nb - 1) * block_size
+        reach.scatter_reduce_(0, ids, rows, reduce="amax")
+    return tables, reach
 
-    The values are drawn on the device the workload lives on, by a generator seeded there (drawn on the host, 67-100M
-    values per llama-3-8b prefill problem made a runner's setup 1.1 s on an H200; drawn on the GPU, 0.36 s with the
-    references). fill=False leaves them uninitialised, for a compile worker, which needs only their shapes, dtypes and
-    alignment."""
+
+def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, context_lens=None, shared_blocks=None,
+                 extra_columns=None, strided=None):
+    """(q, k_cache, v_cache, block_tables, context_lens) for a paged case of the gate, fresh random values.
+
+    Physical blocks are a random permutation of the pool. Sequences after the first share its first
+    ``shared_blocks`` blocks (as forked samples share a prompt). Cache rows that no sequence reaches, and the spare
+    blocks, hold NaN, so a kernel that reads past a context fails. Table entries past a sequence's blocks are -1.
+    Half the time (by seed) block 0 is a spare.
+    With ``strided``, q is a slice of a fused QKV tensor and K/V are the halves of one [num_blocks, 2, ...] tensor.
+    Arguments left as None are drawn from ``seed`` (lengths up to problem.Nk, the first exactly Nk).
+    """
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    p, bs = problem, block_size
+    if context_lens is None:
+        context_lens = [p.Nk] + [rng.choice((1, p.Nk, rng.randint(1, p.Nk), max(1, p.Nk // bs) * bs))
+                                 for _ in range(p.B - 1)]
+    if shared_blocks is None:
+        shared_blocks = rng.choice((0, rng.randint(0, -(-p.Nk // bs))))
+    extra_columns = rng.randint(0, 2) if extra_columns is None else extra_columns
+    strided = rng.random() < 0.5 if strided is None else strided
+
+    per_seq = [-(-n // bs) for n in context_lens]
+    shared = min(shared_blocks, per_seq[0])
+    num_blocks = per_seq[0] + sum(max(0, nb - shared) for nb in per_seq[1:]) + 2
+    perm = torch.randperm(num_blocks, generator=g)                 # its last two entries are the spare blocks
+    if rng.random() < 0.5:
+        # Make block 0 a spare (all NaN) half the time: a kernel that turns masked table entries into block 0 and
+        # then reads those rows unmasked fails.
+        zero = int((perm == 0).nonzero())
+        perm[zero], perm[-1] = perm[-1].clone(), 0
+    tables, reach = _shared_tables(context_lens, bs, shared, extra_columns, perm)
+
+    dt, Hkv, D = p.torch_dtype, p.Hkv, p.D
+    qkv = torch.randn(p.B, p.Hq + 2 * Hkv if strided else p.Hq, D, generator=g).to(dt)
+    q = qkv[:, :p.Hq]
+    # The cache is drawn where it lives: long GPU contexts hold hundreds of MB.
+    g_dev = torch.Generator(device=device).manual_seed(seed)
+    kv = torch.randn(num_blocks, 2, bs, Hkv, D, generator=g_dev, device=device).to(dt)
+    unread = torch.arange(bs)[None, :] >= reach[:, None]           # [num_blocks, bs]
+    kv.masked_fill_(unread.to(device)[:, None, :, None, None], float("nan"))
+    k_cache, v_cache = kv[:, 0], kv[:, 1]
+    if not strided:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    return q.to(device), k_cache, v_cache, tables.to(device), lens
+
+
+# --- the tuner's workload -----------------------------------------------------------------------------------------
+
+class Workload:
+    """Random inputs for one problem (fixed seed) plus its float64 and naive low-precision references, for the tuner.
+
+    Drawn on the device the workload lives on (drawing on the host made a worker's setup several times slower).
+    fill=False leaves them uninitialised, for a compile worker, which needs only their shapes, dtypes and alignment."""
 
     def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda", fill: bool = True):
         self.problem, self.device = problem, torch.device(device)
         self._gen = torch.Generator(device="cpu").manual_seed(seed)    # the paged blocks' order
-        values = torch.Generator(device=self.device).manual_seed(seed)
-        p, dt = problem, problem.torch_dtype
-
-        def randn(*shape):
-            if not fill:
-                return torch.empty(*shape, dtype=dt, device=self.device)
-            return torch.randn(*shape, generator=values, dtype=torch.float32, device=self.device).to(dt)
-
-        if p.paged:
-            self.q = randn(p.B, p.Hq, p.D)
-            self.k, self.v = randn(p.B, p.Hkv, p.Nk, p.D), randn(p.B, p.Hkv, p.Nk, p.D)
-            self.context_lens = torch.full((p.B,), p.Nk, dtype=torch.int32, device=self.device)
-        else:
-            self.q = randn(p.B, p.Hq, p.Nq, p.D)
-            self.k, self.v = randn(p.B, p.Hkv, p.Nk, p.D), randn(p.B, p.Hkv, p.Nk, p.D)
+        self.q, self.k, self.v = draw_qkv(problem, self.device, seed, fill=fill)
+        if problem.paged:
+            self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
         self.out = torch.empty_like(self.q)
         self._refs = None
         self._packed: dict[int, tuple] = {}
@@ -92,16 +199,10 @@ class Workload:
         return module.launch(*self.args(config), config=config, out=self.out, **self.kwargs())
 
     def references(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float64 reference, the same naive computation in the problem's dtype), computed once."""
+        """(float64 reference, the same naive computation in the problem's dtype), computed once. A paged problem's
+        reference is that of its logical (dense) K/V, whatever the block layout."""
         if self._refs is None:
-            dt = self.problem.torch_dtype
-            if self.problem.paged:
-                # The logical (dense) K/V are what the paged kernel must reproduce, whatever the block layout.
-                q4 = self.q[:, :, None, :]
-                self._refs = tuple(ref.attention(q4, self.k, self.v, dtype=d)[:, :, 0, :] for d in (torch.float64, dt))
-            else:
-                self._refs = tuple(ref.attention(self.q, self.k, self.v, self.problem.causal, dtype=d)
-                                   for d in (torch.float64, dt))
+            self._refs = references(self.q, self.k, self.v, self.problem.causal)
         return self._refs
 
     def check(self, module, config: dict) -> Verdict:
@@ -110,3 +211,91 @@ class Workload:
             torch.cuda.synchronize()
         ref64, lowp = self.references()
         return close_enough(out, ref64, lowp)
+
+
+# --- the bench's inputs and its reference on a subset of the output ----------------------------------------------
+
+@dataclass
+class Inputs:
+    """One problem's inputs, shared by every provider of `tunebench bench`. Prefill: q [B, Hq, Nq, D],
+    k/v [B, Hkv, Nk, D]. Decode: q [B, Hq, D]; k/v the logical [B, Hkv, Nk, D]; the same K/V packed into pages of
+    ``block_size`` tokens in random order."""
+    problem: Problem
+    q: object
+    k: object
+    v: object
+    block_size: int = DEFAULT_BLOCK_SIZE
+    k_cache: object = None
+    v_cache: object = None
+    block_tables: object = None
+    context_lens: object = None
+    _expanded: Optional[tuple] = None
+
+    @property
+    def device(self):
+        return self.q.device
+
+    def expanded_kv(self):
+        """K/V with each KV head repeated for its query heads (for providers without GQA), built once."""
+        if self._expanded is None:
+            g = self.problem.group
+            self._expanded = (self.k, self.v) if g == 1 else tuple(t.repeat_interleave(g, dim=1)
+                                                                   for t in (self.k, self.v))
+        return self._expanded
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE) -> Inputs:
+    inputs = Inputs(problem, *draw_qkv(problem, device, seed), block_size)
+    if problem.paged:
+        inputs.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=device)
+        inputs.k_cache, inputs.v_cache, inputs.block_tables = pack_paged(
+            inputs.k, inputs.v, inputs.context_lens, block_size, torch.Generator().manual_seed(seed))
+    return inputs
+
+
+@dataclass
+class Reference:
+    """float64 reference and the same naive computation in the problem's dtype, on a subset of the output."""
+    ref64: object
+    lowp: object
+    pick: Callable          # output -> the same subset
+
+    def check(self, out) -> Verdict:
+        return close_enough(self.pick(out), self.ref64, self.lowp)
+
+
+def check_windows(nq: int, rows: int = CHECK_ROWS, seed: int = 0) -> list[tuple[int, int]]:
+    """Query-row windows to check: the first rows, a random middle window and the last rows (all rows if few).
+
+    A window [s, e) of a bottom-right causal problem equals the causal problem of q[s:e] against k[:e + (nk - nq)]
+    (at least 0 keys): the reference runs on that slice unchanged, rows that see no key included (they are zeros).
+    """
+    if nq <= 3 * rows:
+        return [(0, nq)]
+    mid = random.Random(seed).randrange(rows, nq - 2 * rows)
+    return [(0, rows), (mid, mid + rows), (nq - rows, nq)]
+
+
+def _decode_rows(p: Problem, device, seed: int) -> torch.Tensor:
+    """The sequences a decode reference covers: every one while that is cheap, else the first, last and a few."""
+    if p.B * p.Hq <= CHECK_MAX_HEADS:
+        return torch.arange(p.B, device=device)
+    g = torch.Generator().manual_seed(seed)
+    n = max(2, CHECK_MAX_HEADS // p.Hq)
+    idx = torch.cat([torch.tensor([0, p.B - 1]), torch.randperm(p.B - 2, generator=g)[:n - 2] + 1])
+    return idx.sort().values.to(device)
+
+
+def reference_for(inputs: Inputs, seed: int = 0) -> Reference:
+    """The reference of the rows the bench checks: large problems are checked on a sample, not in full."""
+    p = inputs.problem
+    if p.paged:
+        idx = _decode_rows(p, inputs.device, seed)
+        return Reference(*references(inputs.q[idx], inputs.k[idx], inputs.v[idx]), lambda out: out[idx])
+    windows = check_windows(p.Nq, seed=seed)
+    parts = []
+    for s, e in windows:
+        kv_end = max(0, min(p.Nk, e + p.Nk - p.Nq)) if p.causal else p.Nk
+        parts.append(references(inputs.q[:, :, s:e], inputs.k[:, :, :kv_end], inputs.v[:, :, :kv_end], p.causal))
+    return Reference(torch.cat([r for r, _ in parts], dim=2), torch.cat([lo for _, lo in parts], dim=2),
+                     lambda out: torch.cat([out[:, :, s:e] for s, e in windows], dim=2))

@@ -1,9 +1,10 @@
 """Hypothesis strategies for shapes *and* configs, shared by the tests (tests/strategies.py) and `tunebench check`.
+Only draws live here: the tensors of a drawn case are built by tunebench.inputs.
 
 Imported only by the gate and the tests: `import tunebench` never pulls in hypothesis.
 
-Two profiles (TUNEBENCH_PROFILE, else `gpu` when CUDA is available): `cpu` draws small fp16/fp32 shapes that the Triton interpreter can run
-in CI; `gpu` draws fp16/bf16/fp32 up to 16k tokens and head dim 256.
+Two profiles (TUNEBENCH_PROFILE, else `gpu` when CUDA is available): `cpu` draws small fp16/fp32 shapes that the
+Triton interpreter can run in CI; `gpu` draws fp16/bf16/fp32 up to 16k tokens and head dim 256.
 """
 from __future__ import annotations
 
@@ -68,20 +69,6 @@ def dense_problems(draw, kernel: str, head_dims=None, gqa=True):
                    causal=draw(st.booleans()))
 
 
-def dense_inputs(problem: Problem, device, seed: int, layout: str = "bhnd"):
-    """q, k, v for a dense problem, fresh random values. layout 'bnhd' gives [B, N, H, D] storage viewed as
-    [B, H, N, D] through .transpose(1, 2), as a user's projection output would be."""
-    g = torch.Generator().manual_seed(seed)
-    p = problem
-
-    def make(h, n):
-        shape = (p.B, h, n, p.D) if layout == "bhnd" else (p.B, n, h, p.D)
-        t = torch.randn(*shape, generator=g).to(dtype=p.torch_dtype, device=device)
-        return t if layout == "bhnd" else t.transpose(1, 2)
-
-    return make(p.Hq, p.Nq), make(p.Hkv, p.Nk), make(p.Hkv, p.Nk)
-
-
 # --- paged decode -------------------------------------------------------------------------------------------------
 # Context lengths: 1, multiples of every block size, awkward values, and (GPU) lengths past 16k.
 PAGED_CTX_CPU = (1, 8, 16, 33, 64, 100, 128, 256, 300)
@@ -105,72 +92,12 @@ def paged_problems(draw, kernel: str = "paged_attention", head_dims=None, contex
 
 @st.composite
 def paged_layouts(draw, problem: Problem, block_size: int):
-    """Keyword arguments for paged_inputs: per-sequence lengths (the first is Nk; the others include 1 and exact
-    multiples of the block size), how many leading blocks the other sequences share with the first, extra unused
-    table columns, and whether the inputs are strided views."""
+    """Keyword arguments for tunebench.inputs.paged_inputs: per-sequence lengths (the first is Nk; the others include
+    1 and exact multiples of the block size), how many leading blocks the other sequences share with the first,
+    extra unused table columns, and whether the inputs are strided views."""
     n = problem.Nk
     multiples = [m for m in range(block_size, n + 1, block_size)] or [n]
     other = st.one_of(st.just(1), st.just(n), st.sampled_from(multiples), st.integers(1, n))
     lens = [n] + [draw(other) for _ in range(problem.B - 1)]
     return dict(context_lens=lens, shared_blocks=draw(st.integers(0, -(-n // block_size))),
                 extra_columns=draw(st.integers(0, 2)), strided=draw(st.booleans()))
-
-
-def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, context_lens=None, shared_blocks=None,
-                 extra_columns=None, strided=None):
-    """(q, k_cache, v_cache, block_tables, context_lens) for a paged problem, fresh random values.
-
-    Physical blocks are a random permutation of the pool. Sequences after the first share its first
-    ``shared_blocks`` blocks (as forked samples share a prompt). Cache rows that no sequence reaches, and the spare
-    blocks, hold NaN, so a kernel that reads past a context fails. Table entries past a sequence's blocks are -1.
-    Half the time (by seed) block 0 is a spare.
-    With ``strided``, q is a slice of a fused QKV tensor and K/V are the halves of one [num_blocks, 2, ...] tensor.
-    Arguments left as None are drawn from ``seed`` (lengths up to problem.Nk, the first exactly Nk).
-    """
-    import random
-    rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-    p, bs = problem, block_size
-    if context_lens is None:
-        context_lens = [p.Nk] + [rng.choice((1, p.Nk, rng.randint(1, p.Nk), max(1, p.Nk // bs) * bs))
-                                 for _ in range(p.B - 1)]
-    if shared_blocks is None:
-        shared_blocks = rng.choice((0, rng.randint(0, -(-p.Nk // bs))))
-    extra_columns = rng.randint(0, 2) if extra_columns is None else extra_columns
-    strided = rng.random() < 0.5 if strided is None else strided
-
-    per_seq = [-(-n // bs) for n in context_lens]
-    shared = min(shared_blocks, per_seq[0])
-    own = [per_seq[0]] + [max(0, nb - shared) for nb in per_seq[1:]]
-    num_blocks = sum(own) + 2
-    perm = torch.randperm(num_blocks, generator=g)                 # its last two entries are the spare blocks
-    if rng.random() < 0.5:
-        # Make block 0 a spare (all NaN) half the time: a kernel that turns masked table entries into block 0 and
-        # then reads those rows unmasked fails.
-        zero = int((perm == 0).nonzero())
-        perm[zero], perm[-1] = perm[-1].clone(), 0
-    tables = torch.full((p.B, max(per_seq) + extra_columns), -1, dtype=torch.int32)
-    reach = torch.zeros(num_blocks, dtype=torch.long)              # rows of each block some sequence reads
-    nxt = 0
-    for b, (n, nb) in enumerate(zip(context_lens, per_seq)):
-        k_sh = 0 if b == 0 else min(shared, nb)
-        ids = torch.cat([tables[0, :k_sh].long(), perm[nxt:nxt + nb - k_sh]])
-        nxt += nb - k_sh
-        tables[b, :nb] = ids.to(torch.int32)
-        rows = torch.full((nb,), bs, dtype=torch.long)
-        rows[-1] = n - (nb - 1) * bs
-        reach.scatter_reduce_(0, ids, rows, reduce="amax")
-
-    dt, Hkv, D = p.torch_dtype, p.Hkv, p.D
-    qkv = torch.randn(p.B, p.Hq + 2 * Hkv if strided else p.Hq, D, generator=g).to(dt)
-    q = qkv[:, :p.Hq]
-    # The cache is drawn where it lives: long GPU contexts hold hundreds of MB.
-    g_dev = torch.Generator(device=device).manual_seed(seed)
-    kv = torch.randn(num_blocks, 2, bs, Hkv, D, generator=g_dev, device=device).to(dt)
-    unread = torch.arange(bs)[None, :] >= reach[:, None]           # [num_blocks, bs]
-    kv.masked_fill_(unread.to(device)[:, None, :, None, None], float("nan"))
-    k_cache, v_cache = kv[:, 0], kv[:, 1]
-    if not strided:
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
-    return q.to(device), k_cache, v_cache, tables.to(device), lens

@@ -1,0 +1,41 @@
+"""The gate's own plumbing: a printed repro reproduces the case it names, layout included."""
+import shlex
+
+import pytest
+
+import tunebench.reference as ref
+from tunebench import gate
+from tunebench.shapes import Problem
+
+PAGED = Problem("paged_attention", 2, 4, 2, 1, 40, 16, "float32")
+
+
+class _RecordingPaged:
+    """A stand-in paged kernel: records whether it was given strided views, and writes the right answer."""
+    strided: list = []
+
+    @classmethod
+    def launch(cls, q, k_cache, v_cache, tables, lens, config, out):
+        cls.strided.append(not (q.is_contiguous() and k_cache.is_contiguous()))
+        return out.copy_(ref.paged_attention(q, k_cache, v_cache, tables, lens, dtype=q.dtype))
+
+
+def test_the_layout_a_paged_repro_prints_is_the_layout_it_runs(monkeypatch):
+    monkeypatch.setattr(gate, "kernel_module", lambda name: _RecordingPaged)
+    _RecordingPaged.strided = []
+    for seed in range(6):
+        for layout in ("bhnd", "bnhd"):
+            assert gate.check_case(PAGED, {"BLOCK_SIZE": 16}, "cpu", seed, layout).ok
+    assert _RecordingPaged.strided == [False, True] * 6
+
+
+def test_repro_command_round_trips_through_the_cli_parser():
+    from tunebench.cli import build_parser
+    cmd = gate.repro_command(PAGED, {"BLOCK_SIZE": 16}, 7, "bnhd")
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert (args.kernel, args.seed, args.layout) == (["paged_attention"], 7, "bnhd")
+
+
+def test_an_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="layout"):
+        gate.check_case(Problem("flash_v2", 1, 2, 2, 8, 8, 16, "float32"), {}, "cpu", 0, "nhbd")

@@ -1,0 +1,373 @@
+"""The providers `tunebench bench` compares: tunebench's own kernels and the peers.
+
+Each provider prepares everything outside the timed region from the problem's shared Inputs and returns a Runner
+whose fn() is what is timed, or raises Skip with the reason it does not apply.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from ..inputs import Inputs, pack_paged
+
+V1_MAX_N = 8192                           # FlashAttention-1 rewrites O, m, l in HBM per K/V step: slow beyond this
+NAIVE_MAX_SCORES = 1 << 28                # naive attention materialises B x Hq x Nq x Nk scores
+
+
+class Skip(Exception):
+    """A provider that does not apply to this problem or this machine; the message says why."""
+
+
+@dataclass
+class Runner:
+    fn: Callable            # () -> output tensor; the timed region
+    out: object = None      # a preallocated output the harness poisons (NaN) before the checked run
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    phase: str              # "prefill" or "decode"
+    peer: bool              # False for tunebench's own kernels: the best peer is the best of the others
+    make: Callable          # Inputs -> Runner; raises Skip(reason)
+    about: str
+
+
+def _tuned_flash(variant: str):
+    def make(inp: Inputs) -> Runner:
+        import tunebench
+        p = inp.problem
+        if variant == "v1" and max(p.Nq, p.Nk) > V1_MAX_N:
+            raise Skip(f"the FlashAttention-1 schedule rewrites O, m and l in HBM on every K/V step; "
+                       f"not timed above N = {V1_MAX_N}")
+        q, k, v, causal = inp.q, inp.k, inp.v, p.causal
+        note = tunebench.explain(q, k, causal=causal, variant=variant).split(" -> ", 1)[-1]
+        return Runner(lambda: tunebench.flash_attention(q, k, v, causal=causal, variant=variant), note=note)
+    return make
+
+
+def _flash_v2_default(inp: Inputs) -> Runner:
+    import torch
+    from ..registry import kernel_module
+    module = kernel_module("flash_v2")
+    config = dict(module.DEFAULT)
+    why = module.keep(config, dataclasses.replace(inp.problem, kernel="flash_v2"))
+    if why:
+        raise Skip(f"keep() rejects DEFAULT here: {why}")
+    q, k, v, causal = inp.q, inp.k, inp.v, inp.problem.causal
+    out = torch.empty_like(q)
+    return Runner(lambda: module.launch(q, k, v, config=config, causal=causal, out=out), out=out, note=str(config))
+
+
+def first_line(e: BaseException | str) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _sdpa_call(backend, q, k, v, causal: bool, gqa: bool):
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def fn():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return fn
+
+
+def _try_sdpa(backend, q, k, v, causal: bool, gqa: bool):
+    """Runs one SDPA call to see whether the backend takes these inputs; returns the reason it does not, or None."""
+    fn = _sdpa_call(backend, q, k, v, causal, gqa)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+            return None
+        except RuntimeError as e:
+            why = [first_line(w.message) for w in caught] + [first_line(e)]
+            return "; ".join(why)
+
+
+def _sdpa(backend_name: str):
+    def make(inp: Inputs) -> Runner:
+        from torch.nn.attention import SDPBackend
+        backend = getattr(SDPBackend, backend_name)
+        p = inp.problem
+        if p.causal and p.Nq != p.Nk:
+            raise Skip("SDPA's is_causal is top-left aligned; it matches bottom-right causal only when Nq == Nk")
+        q, k, v = inp.q, inp.k, inp.v
+        if p.group == 1:
+            why = _try_sdpa(backend, q, k, v, p.causal, False)
+            if why:
+                raise Skip(f"backend unavailable for these inputs: {why}")
+            return Runner(_sdpa_call(backend, q, k, v, p.causal, False))
+        if _try_sdpa(backend, q, k, v, p.causal, True) is None:
+            return Runner(_sdpa_call(backend, q, k, v, p.causal, True), note="enable_gqa=True")
+        k, v = inp.expanded_kv()
+        why = _try_sdpa(backend, q, k, v, p.causal, False)
+        if why:
+            raise Skip(f"backend unavailable for these inputs: {why}")
+        return Runner(_sdpa_call(backend, q, k, v, p.causal, False), note="K/V pre-expanded to Hq heads (untimed)")
+    return make
+
+
+_COMPILED = {}
+
+
+def _compiled(name: str, fn):
+    """torch.compile'd once per process; each new shape recompiles (static shapes), so the recompile limit is raised
+    above the number of shapes a suite holds (past it, dynamo would silently fall back to eager)."""
+    import torch
+    import torch._dynamo.config as dynamo_config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 1024))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
+
+
+def _flex(inp: Inputs) -> Runner:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Skip(f"FlexAttention is not in this torch: {first_line(e)}")
+    p = inp.problem
+    q, k, v = inp.q, inp.k, inp.v
+    block_mask = None
+    if p.causal:
+        offset = p.Nk - p.Nq
+
+        def bottom_right(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+        block_mask = create_block_mask(bottom_right, None, None, p.Nq, p.Nk, device=inp.device)
+    flex = _compiled("flex_attention", flex_attention)
+    gqa = p.group > 1
+
+    def fn():
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    try:
+        fn()
+    except Exception as e:   # compile errors come in many types; FlexAttention is skipped, not the run
+        raise Skip(f"FlexAttention (compiled) failed on this torch/GPU: {type(e).__name__}: {first_line(e)}")
+    return Runner(fn, note="torch.compile(flex_attention, dynamic=False)")
+
+
+def _naive(inp: Inputs) -> Runner:
+    import torch
+    p = inp.problem
+    scores = p.B * p.Hq * p.Nq * p.Nk
+    if scores > NAIVE_MAX_SCORES:
+        gb = scores * inp.q.element_size() / 1e9
+        raise Skip(f"naive attention materialises the {gb:.1f} GB score matrix; run only up to "
+                   f"{NAIVE_MAX_SCORES:.3g} scores")
+    if p.causal and p.Nq > p.Nk:
+        raise Skip("rows that see no key give NaN in a plain softmax (Nq > Nk, causal)")
+    q = inp.q
+    k, v = inp.expanded_kv()
+    scale = 1.0 / math.sqrt(p.D)
+    mask = None
+    if p.causal:
+        i = torch.arange(p.Nq, device=inp.device)[:, None]
+        mask = torch.arange(p.Nk, device=inp.device)[None, :] > i + (p.Nk - p.Nq)
+
+    def fn():
+        s = (q @ k.transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s.masked_fill(mask, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+    return Runner(fn, note="softmax(QK^T * scale) V in the input dtype")
+
+
+def _tuned_paged(inp: Inputs) -> Runner:
+    import tunebench
+    q, kc, vc, bt, cl = inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
+    note = tunebench.explain(q, kc, block_tables=bt).split(" -> ", 1)[-1]
+    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"block size {inp.block_size}; {note}")
+
+
+def _tuned_paged_own_block(inp: Inputs) -> Runner:
+    """The tuned kernel on a cache laid out in the block size it was tuned to on this GPU (when that differs)."""
+    import torch
+    import tunebench
+    p = inp.problem
+    bs = tunebench.tuned_paged_block_size(p.Hkv, p.D, p.dtype)
+    if bs is None or bs == inp.block_size:
+        raise Skip("no tuned block size on this GPU" if bs is None else f"the tuned block size is {bs} already")
+    kc, vc, bt = pack_paged(inp.k, inp.v, inp.context_lens, bs, torch.Generator().manual_seed(1))
+    q, cl = inp.q, inp.context_lens
+    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"cache in the tuned block size {bs}")
+
+
+def _paged_default(inp: Inputs) -> Runner:
+    import torch
+    from ..registry import kernel_module
+    module = kernel_module("paged_attention")
+    config = dict(module.DEFAULT, BLOCK_SIZE=inp.block_size)
+    why = module.keep(config, inp.problem)
+    if why:
+        raise Skip(f"keep() rejects DEFAULT with BLOCK_SIZE={inp.block_size}: {why}")
+    q, kc, vc, bt, cl = inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
+    out = torch.empty_like(q)
+    return Runner(lambda: module.launch(q, kc, vc, bt, cl, config=config, out=out), out=out, note=str(config))
+
+
+def _grouped_q(inp: Inputs):
+    """Decode q [B, Hq, D] seen as [B, Hkv, G, D]: a KV head's G query heads become its query rows, which is the
+    same computation without repeating K/V (non-causal, one token per query head)."""
+    p = inp.problem
+    return inp.q.reshape(p.B, p.Hkv, p.group, p.D)
+
+
+def _dense_decode(backend_name: str):
+    def make(inp: Inputs) -> Runner:
+        from torch.nn.attention import SDPBackend
+        backend = getattr(SDPBackend, backend_name)
+        p = inp.problem
+        q4, k, v = _grouped_q(inp), inp.k, inp.v
+        why = _try_sdpa(backend, q4, k, v, False, False)
+        if why:
+            raise Skip(f"backend unavailable for these inputs: {why}")
+        call = _sdpa_call(backend, q4, k, v, False, False)
+        return Runner(lambda: call().reshape(p.B, p.Hq, p.D), note="contiguous K/V; GQA folded into query rows")
+    return make
+
+
+def _gather_then_sdpa(inp: Inputs) -> Runner:
+    from torch.nn.attention import SDPBackend
+    p = inp.problem
+    q4, kc, vc = _grouped_q(inp), inp.k_cache, inp.v_cache
+    tables = inp.block_tables.long()
+    nb, bs = tables.shape[1], inp.block_size
+
+    def gather(cache):                       # [num_blocks, bs, Hkv, D] -> [B, Hkv, Nk, D]
+        return cache[tables].reshape(p.B, nb * bs, p.Hkv, p.D)[:, :p.Nk].transpose(1, 2)
+
+    backend = SDPBackend.FLASH_ATTENTION
+    if _try_sdpa(backend, q4, gather(kc), gather(vc), False, False) is not None:
+        backend = None
+
+    def fn():
+        k, v = gather(kc), gather(vc)
+        if backend is None:
+            import torch.nn.functional as F
+            return F.scaled_dot_product_attention(q4, k, v).reshape(p.B, p.Hq, p.D)
+        return _sdpa_call(backend, q4, k, v, False, False)().reshape(p.B, p.Hq, p.D)
+    note = "gather timed with SDPA " + ("flash" if backend is not None else "(PyTorch's choice of backend)")
+    return Runner(fn, note=note)
+
+
+def _flex_paged(inp: Inputs) -> Runner:
+    import torch
+    try:
+        from torch.nn.attention.experimental._paged_attention import PagedAttention
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention, noop_mask
+    except ImportError as e:
+        raise Skip(f"FlexAttention's paged attention is not in this torch: {first_line(e)}")
+    p, bs = inp.problem, inp.block_size
+    num_blocks, nb = inp.k_cache.shape[0], inp.block_tables.shape[1]
+    tables = inp.block_tables.long()
+    try:
+        paged = PagedAttention(num_blocks, bs, p.B, device=inp.device)
+        paged.page_table[:, :nb] = tables
+        logical = torch.arange(nb, device=inp.device).expand(p.B, nb)
+        paged.physical_to_logical.scatter_(1, tables, logical)
+        paged.capacity[:] = nb * bs
+        logical_mask = create_block_mask(noop_mask, p.B, None, 1, nb * bs, device=inp.device, BLOCK_SIZE=(128, bs))
+        block_mask = paged.convert_logical_block_mask(logical_mask, kv_len=inp.context_lens)
+        # [num_blocks, bs, Hkv, D] seen as one sequence of physical slots [1, Hkv, num_blocks * bs, D]: no copy.
+        k = inp.k_cache.view(1, num_blocks * bs, p.Hkv, p.D).transpose(1, 2)
+        v = inp.v_cache.view(1, num_blocks * bs, p.Hkv, p.D).transpose(1, 2)
+        q4 = inp.q[:, :, None, :]
+        flex = _compiled("flex_attention", flex_attention)
+
+        def fn():
+            return flex(q4, k, v, block_mask=block_mask, enable_gqa=p.group > 1)[:, :, 0, :]
+        fn()
+    except Exception as e:   # an experimental API: any failure skips this provider, not the run
+        raise Skip(f"FlexAttention paged attention failed on this torch/GPU: {type(e).__name__}: {first_line(e)}")
+    return Runner(fn, note=f"torch.nn.attention.experimental PagedAttention, page {bs}, compiled")
+
+
+def _flashinfer(inp: Inputs) -> Runner:
+    import inspect
+    import torch
+    try:
+        import flashinfer
+    except ImportError:
+        raise Skip("flashinfer is not installed (optional peer)")
+    p, bs = inp.problem, inp.block_size
+    nb = inp.block_tables.shape[1]
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=inp.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+    indptr = torch.arange(p.B + 1, dtype=torch.int32, device=inp.device) * nb
+    indices = inp.block_tables.reshape(-1).contiguous()
+    last_len = torch.full((p.B,), p.Nk - (nb - 1) * bs, dtype=torch.int32, device=inp.device)
+    plan = getattr(wrapper, "plan", None) or wrapper.begin_forward
+    params = inspect.signature(plan).parameters
+    dtype_kw = ({"q_data_type": inp.q.dtype, "kv_data_type": inp.q.dtype} if "q_data_type" in params
+                else {"data_type": inp.q.dtype})
+    plan(indptr, indices, last_len, p.Hq, p.Hkv, p.D, bs, **dtype_kw)
+    run = getattr(wrapper, "run", None) or wrapper.forward
+    q, kc, vc = inp.q, inp.k_cache, inp.v_cache
+    return Runner(lambda: run(q, (kc, vc)), note=f"flashinfer {getattr(flashinfer, '__version__', '?')}, NHD pages")
+
+
+def _fa_kvcache(module_name: str):
+    """flash_attn_with_kvcache from vLLM's FlashAttention fork or the flash-attn package: same page layout as ours."""
+    def make(inp: Inputs) -> Runner:
+        import importlib
+        try:
+            fa = importlib.import_module(module_name)
+        except ImportError:
+            raise Skip(f"{module_name} is not installed (optional peer)")
+        p = inp.problem
+        q = inp.q[:, None]                                    # [B, 1, Hq, D]: its layout is [B, N, H, D]
+        kc, vc, bt, cl = inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
+
+        def fn():
+            return fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=cl, block_table=bt).reshape(p.B, p.Hq, p.D)
+        return Runner(fn, note=f"{module_name}.flash_attn_with_kvcache, page {inp.block_size}")
+    return make
+
+
+PROVIDERS = [
+    Provider("tunebench-v2", "prefill", False, _tuned_flash("v2"), "tunebench.flash_attention (tuned flash_v2)"),
+    Provider("tunebench-v2-default", "prefill", False, _flash_v2_default, "flash_v2 with its DEFAULT config"),
+    Provider("tunebench-v1", "prefill", False, _tuned_flash("v1"), "tunebench.flash_attention(variant='v1')"),
+    Provider("sdpa-flash", "prefill", True, _sdpa("FLASH_ATTENTION"), "SDPA, FlashAttention-2 backend"),
+    Provider("sdpa-cudnn", "prefill", True, _sdpa("CUDNN_ATTENTION"), "SDPA, cuDNN backend"),
+    Provider("sdpa-efficient", "prefill", True, _sdpa("EFFICIENT_ATTENTION"), "SDPA, memory-efficient backend"),
+    Provider("flex", "prefill", True, _flex, "FlexAttention, torch.compile'd"),
+    Provider("naive", "prefill", True, _naive, "naive PyTorch (small sizes only)"),
+    Provider("tunebench-paged", "decode", False, _tuned_paged, "tunebench.paged_attention (tuned)"),
+    Provider("tunebench-paged-own-block", "decode", False, _tuned_paged_own_block,
+             "tunebench.paged_attention on a cache in its tuned block size"),
+    Provider("tunebench-paged-default", "decode", False, _paged_default, "paged_attention with its DEFAULT config"),
+    Provider("sdpa-dense-flash", "decode", True, _dense_decode("FLASH_ATTENTION"), "SDPA flash on contiguous K/V"),
+    Provider("sdpa-dense-efficient", "decode", True, _dense_decode("EFFICIENT_ATTENTION"),
+             "SDPA memory-efficient on contiguous K/V"),
+    Provider("sdpa-dense-cudnn", "decode", True, _dense_decode("CUDNN_ATTENTION"), "SDPA cuDNN on contiguous K/V"),
+    Provider("gather-sdpa", "decode", True, _gather_then_sdpa, "gather pages via the block table, then SDPA"),
+    Provider("flex-paged", "decode", True, _flex_paged, "FlexAttention's experimental PagedAttention"),
+    Provider("flashinfer", "decode", True, _flashinfer, "FlashInfer batch decode (if installed)"),
+    Provider("vllm-flash-attn", "decode", True, _fa_kvcache("vllm.vllm_flash_attn"),
+             "vLLM's flash_attn_with_kvcache (if installed)"),
+    Provider("flash-attn", "decode", True, _fa_kvcache("flash_attn"), "flash-attn's flash_attn_with_kvcache"),
+]
+PROVIDER_NAMES = [pr.name for pr in PROVIDERS]
+
+
+def select_providers(names: list[str] | None) -> list[Provider]:
+    if not names:
+        return list(PROVIDERS)
+    unknown = [n for n in names if n not in PROVIDER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown provider {', '.join(unknown)}; known: {', '.join(PROVIDER_NAMES)}")
+    return [pr for pr in PROVIDERS if pr.name in names]
+

@@ -1,0 +1,158 @@
+"""Formatting `tunebench bench`'s measurements: pure functions, so they can be tested on synthetic numbers.
+
+Throughput: prefill in TFLOP/s (Problem.flops: QK^T and PV, halved when causal); decode in GB/s of effective KV
+bandwidth (the K and V bytes a decode step must read, over its time), as paged-attention papers count it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from ..shapes import Problem
+from .measure import OK, Ceilings, Measurement
+
+
+def best_peer(measurements: list[Measurement]) -> Measurement | None:
+    timed = [m for m in measurements if m.peer and m.status == OK and m.median_ms]
+    return min(timed, key=lambda m: m.median_ms) if timed else None
+
+
+def rows(measurements: list[Measurement], ceilings: Ceilings | None) -> list[dict]:
+    """One flat row per measurement (CSV/JSON), with throughput, ratio against the best peer of the same problem,
+    and percent of the relevant measured ceiling."""
+    by_problem: dict[Problem, list[Measurement]] = {}
+    for m in measurements:
+        by_problem.setdefault(m.problem, []).append(m)
+    out = []
+    for problem, ms in by_problem.items():
+        peer = best_peer(ms)
+        peer_tp = problem.throughput(peer.median_ms) if peer else None
+        ceiling, ceiling_name = ceilings.for_problem(problem) if ceilings else (None, "")
+        for m in ms:
+            tp = problem.throughput(m.median_ms) if m.status == OK else None
+            out.append({
+                "problem": problem.label(), "phase": "decode" if problem.paged else "prefill",
+                "dtype": problem.dtype, "B": problem.B, "Hq": problem.Hq, "Hkv": problem.Hkv, "Nq": problem.Nq,
+                "Nk": problem.Nk, "D": problem.D, "causal": problem.causal,
+                "provider": m.provider, "peer": m.peer, "status": m.status,
+                "median_ms": m.median_ms, "p20_ms": m.p20_ms, "p80_ms": m.p80_ms,
+                "throughput": tp, "unit": problem.unit,
+                "tflops": problem.flops / (m.median_ms * 1e-3) / 1e12 if tp else None,
+                "intensity": problem.flops / problem.min_bytes,
+                "best_peer": peer.provider if peer else None,
+                "vs_best_peer": tp / peer_tp if tp and peer_tp else None,
+                "ceiling": ceiling, "ceiling_name": ceiling_name,
+                "pct_of_ceiling": 100.0 * tp / ceiling if tp and ceiling else None,
+                "err_ratio": m.err_ratio, "note": m.note,
+            })
+    return out
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def format_table(problem_rows: list[dict]) -> str:
+    """A table for one problem's rows (fastest first, then the untimed)."""
+    first = problem_rows[0]
+    ceiling = (f"ceiling {first['ceiling']:.0f} {first['ceiling_name']} (measured in this run)"
+               if first["ceiling"] else "no ceiling measured")
+    head = f"{first['problem']}  [{first['intensity']:.0f} FLOPs/byte; {ceiling}]"
+    cols = f"  {'provider':<26} {'status':<8} {'median ms':>10} {first['unit']:>8} {'vs best peer':>13} " \
+           f"{'% ceiling':>9}  note"
+    ordered = sorted(problem_rows, key=lambda r: (r["throughput"] is None, -(r["throughput"] or 0)))
+    lines = [head, cols]
+    for r in ordered:
+        ratio = f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else "-"
+        lines.append(f"  {r['provider']:<26} {r['status']:<8} {_fmt(r['median_ms'], '.4f'):>10} "
+                     f"{_fmt(r['throughput'], '.1f'):>8} {ratio:>13} {_fmt(r['pct_of_ceiling'], '.0f'):>9}  "
+                     f"{r['note'][:110]}")
+    peer = first["best_peer"]
+    lines.append(f"  best peer: {peer}" if peer else "  best peer: none timed")
+    return "\n".join(lines)
+
+
+def _throughput_of(rows_: list[dict], problem: str, provider: str) -> float | None:
+    return next((r["throughput"] for r in rows_ if r["problem"] == problem and r["provider"] == provider), None)
+
+
+def summary(rows_: list[dict]) -> list[str]:
+    """The issue's goal ratios, one line per problem they apply to; a missing side says so."""
+    lines = []
+    problems = list(dict.fromkeys(r["problem"] for r in rows_))
+    first = {r["problem"]: r for r in rows_}
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "n/a"
+
+    for label in problems:
+        r = first[label]
+        if r["phase"] == "prefill":
+            v2 = _throughput_of(rows_, label, "tunebench-v2")
+            if r["D"] == 128 and r["Nk"] >= 4096 and r["dtype"] in ("float16", "bfloat16"):
+                lines.append(f"prefill {label}: tunebench-v2 {_fmt(v2, '.0f')} TFLOP/s = "
+                             f"{ratio(v2, _throughput_of(rows_, label, 'sdpa-cudnn'))} cuDNN (goal >= 1.0), "
+                             f"{ratio(v2, _throughput_of(rows_, label, 'sdpa-flash'))} FlashAttention-2 (goal >= 1.5)")
+            v1 = _throughput_of(rows_, label, "tunebench-v1")
+            if v1:
+                lines.append(f"v2/v1 {label}: {ratio(v2, v1)}")
+        else:
+            paged = next((x for x in rows_ if x["problem"] == label and x["provider"] == "tunebench-paged"), None)
+            if paged is None:
+                continue
+            pct = paged["pct_of_ceiling"]
+            goal = " (goal >= 85%: B x context >= 64k)" if r["B"] * r["Nk"] >= 65536 else ""
+            lines.append(f"decode {label}: tunebench-paged {_fmt(paged['throughput'], '.0f')} GB/s = "
+                         f"{_fmt(pct, '.0f')}% of copy bandwidth{goal}, "
+                         f"{ratio(paged['throughput'], _throughput_of(rows_, label, 'sdpa-dense-flash'))} "
+                         f"dense SDPA flash (goal >= 1.0)")
+    return lines
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_csv(rows_: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows_[0]) if rows_ else ["problem"])
+        writer.writeheader()
+        for r in rows_:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+
+def write_json(rows_: list[dict], ceilings: Ceilings | None, meta: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta,
+           "ceilings": None if ceilings is None else {
+               "copy_bytes_per_s": ceilings.copy_bytes_per_s, "matmul_flops_per_s": ceilings.matmul_flops_per_s,
+               "notes": ceilings.notes},
+           "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows_]}
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+
+
+def write_outputs(measurements: list[Measurement], ceilings: Ceilings | None, meta: dict, out_dir: Path) -> None:
+    """bench.csv, bench.json and bench.md (the tables and the summary, for BENCHMARKS.md) in out_dir."""
+    all_rows = rows(measurements, ceilings)
+    write_csv(all_rows, out_dir / "bench.csv")
+    write_json(all_rows, ceilings, meta, out_dir / "bench.json")
+    tables = [format_table([r for r in all_rows if r["problem"] == label])
+              for label in dict.fromkeys(r["problem"] for r in all_rows)]
+    header = [f"device: {meta.get('device')} (capability {meta.get('capability')}, driver {meta.get('driver')}); "
+              f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}; {meta.get('date')}",
+              f"command: {meta.get('command')}"]
+    if ceilings is not None:
+        header.append(format_ceilings(ceilings))
+    body = "\n".join(header) + "\n\n" + "\n\n".join(tables) + "\n\nsummary:\n" + "\n".join(summary(all_rows))
+    (out_dir / "bench.md").write_text("```\n" + body + "\n```\n")
+
+
+def format_ceilings(c: Ceilings) -> str:
+    parts = [f"copy {c.copy_bytes_per_s / 1e12:.2f} TB/s"]
+    parts += [f"{dtype} matmul {rate / 1e12:.0f} TFLOP/s" for dtype, rate in sorted(c.matmul_flops_per_s.items())]
+    return "ceilings measured in this run: " + ", ".join(parts)
