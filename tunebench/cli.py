@@ -43,7 +43,7 @@ def _json_object(flag: str, text: str) -> dict:
 
 
 def _tune(args) -> int:
-    from .tuner import tune_command
+    from .commands.tune import tune_command
     return tune_command(args)
 
 
