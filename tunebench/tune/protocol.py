@@ -36,11 +36,16 @@ class Setup:
 
 
 @dataclass(frozen=True)
-class _OneConfig:
-    """A request about one config of one problem; the worker tells the kinds apart by their class."""
+class _Kernel:
+    """A request about one kernel on one problem: the worker imports the kernel module by its registry path."""
     module: str
     problem: Problem
     seed: int
+
+
+@dataclass(frozen=True)
+class _OneConfig(_Kernel):
+    """A request about one config; the worker tells the kinds apart by their class."""
     config: dict = field(hash=False)
 
 
@@ -55,11 +60,8 @@ class Compile(_OneConfig):
 
 
 @dataclass(frozen=True)
-class Retime:
+class Retime(_Kernel):
     """Time the finalists against each other in interleaved rounds."""
-    module: str
-    problem: Problem
-    seed: int
     configs: list = field(hash=False)
     rounds: int = 3
     first: int = 0      # the number of the first round (rounds shared among runners)

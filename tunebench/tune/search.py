@@ -72,20 +72,21 @@ class Search:
                     self.prepare(worker)
         self.asks = 0
         self.late_failures: list[str] = []      # handed-off trials that could not run (late_reply)
+        self.then: Callable[[], None] | None = None     # after a hand-off: the re-timing, once the last trial is in
         self.last_beat = time.monotonic()
         self.wide = len(fleet.runners) + len(fleet.compilers)
         self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
-        order = grid_order(self.space, self.module.DEFAULT, options.seed) if options.sampler == "grid" else [
-            self.module.DEFAULT]
+        grid = options.sampler == "grid"
+        order = grid_order(self.space, self.module.DEFAULT, options.seed) if grid else [self.module.DEFAULT]
         with trace.span("enqueue"):
-            self.ask_limit = self.queue.fill(order, tpe=options.sampler != "grid")
+            self.ask_limit = self.queue.fill(order, tpe=not grid)
         self.retries_counted = len(self.shared.retries)
 
     @property
     def max_asks(self) -> int:
-        """How many asks this run may make: StudyQueue.fill's count, plus one for each retry queued since (retry_once: a
-        process sharing the study died meanwhile; a grid search asks only for what is queued)."""
+        """How many asks this run may make: StudyQueue.fill's count, plus one for each retry queued since
+        (retry_once: a process sharing the study died meanwhile; a grid search asks only for what is queued)."""
         return self.ask_limit + len(self.shared.retries) - self.retries_counted
 
     def reject_reason(self, config: dict) -> str | None:

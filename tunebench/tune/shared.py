@@ -265,7 +265,8 @@ class SharedStudy:
     def tell_running_elsewhere(self, trial, number: int) -> None:
         """Another process is running this config: this trial is failed as its duplicate (no status, so it counts
         for nothing), and the other's result arrives with a later sync."""
-        self.tell_failed(trial, {"duplicate_of": number, "message": f"the config is running elsewhere (trial {number})"})
+        self.tell_failed(trial, {"duplicate_of": number,
+                                 "message": f"the config is running elsewhere (trial {number})"})
 
     def tell_over_budget(self, trial) -> None:
         self.tell_failed(trial, {"message": "not run: earlier trials (here or in other processes) took the budget"})
