@@ -15,7 +15,7 @@ def _check(args) -> int:
 
 
 def _tune(args) -> int:
-    from .tuner import tune_command
+    from .commands.tune import tune_command
     return tune_command(args)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -213,3 +214,33 @@ def suite(name: str) -> list[Problem]:
     if name not in SUITES:
         raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return SUITES[name]()
+
+
+def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None,
+                    interpret: bool) -> list[Problem]:
+    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret) or a model preset, filtered by
+    kernel, one per bucket (the store keeps one winner per bucket)."""
+    if suite_name and preset:
+        raise ValueError("give --suite or --preset, not both")
+    if preset:
+        problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
+    else:
+        problems = suite(suite_name or ("tiny" if interpret else "default"))
+    if kernels:
+        problems = [p for p in problems if p.kernel in kernels]
+    if interpret:
+        dropped = [p for p in problems if p.dtype == "bfloat16"]
+        if dropped:
+            print(f"tunebench tune: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes "
+                  f"bf16 wrongly (tune them on a GPU)", file=sys.stderr)
+        problems = [p for p in problems if p.dtype != "bfloat16"]
+    if not problems:
+        raise ValueError("no problems selected: check --kernel against the suite or preset")
+    by_bucket: dict[str, Problem] = {}
+    for p in problems:
+        by_bucket.setdefault(bucket_key(p), p)
+    if len(by_bucket) < len(problems):
+        print(f"tunebench tune: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
+              f"skipped (one winner is stored per bucket)", file=sys.stderr)
+    return list(by_bucket.values())
+
