@@ -130,7 +130,7 @@ def _upsert_process(url: str, shash: str, plan: list, barrier, results) -> None:
 def _reader_process(url: str, pairs: set, stop, barrier, results) -> None:
     """Loops what the dispatcher does on its first call, plus Store.winners, until the writers are done."""
     try:
-        from tunebench.runtime.dispatch import Winners
+        from tunebench.runtime.winners import Winners
         configs = configs_for(PROBLEM)
         pairs = {(tuple(sorted(configs[i].items())), ms) for i, ms in pairs}
         barrier.wait(120)

@@ -60,7 +60,7 @@ def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
 
 @pytest.mark.interpreter
 def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
-    from tunebench.runtime.dispatch import Winners
+    from tunebench.runtime.winners import Winners
     db = tmp_path / "results.db"
     # A compile worker too: the scheduling the GPU path uses (under the interpreter its warmup launches nothing).
     assert main(["tune", "--interpret", "--suite", "tiny", "--trials", "2", "--compile-workers", "1",

@@ -217,12 +217,15 @@ def suite(name: str) -> list[Problem]:
 
 
 def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None,
-                    interpret: bool) -> list[Problem]:
-    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret) or a model preset, filtered by
-    kernel, one per bucket (the store keeps one winner per bucket)."""
-    if suite_name and preset:
-        raise ValueError("give --suite or --preset, not both")
-    if preset:
+                    interpret: bool, record: list[Problem] | None = None) -> list[Problem]:
+    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret), a model preset, or the buckets
+    of a recording (runtime/record.py, most-called first), filtered by kernel, one per bucket (the store keeps one
+    winner per bucket)."""
+    if sum(x is not None for x in (suite_name, preset, record)) > 1:
+        raise ValueError("give one of --suite, --preset and --from-record")
+    if record is not None:
+        problems = list(record)
+    elif preset:
         problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
     else:
         problems = suite(suite_name or ("tiny" if interpret else "default"))

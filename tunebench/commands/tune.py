@@ -13,7 +13,12 @@ from ..tune.run import tune
 
 def tune_command(args) -> int:
     options = TuneOptions.from_args(args)
-    problems = select_problems(args.kernel, args.suite, args.preset, args.interpret)
+    recorded = None
+    if args.from_record:
+        from ..registry import KERNELS
+        from ..runtime.record import load
+        recorded = [problem for problem, _ in load(args.from_record, KERNELS)]   # RecordError: nothing is tuned
+    problems = select_problems(args.kernel, args.suite, args.preset, args.interpret, recorded)
     results: list[ProblemResult] = []
     start = time.monotonic()
     try:
