@@ -15,13 +15,13 @@ from conftest import HAS_GPU  # noqa: E402
 from fake_kernels import launched, launching_processes  # noqa: E402
 from tunebench import registry  # noqa: E402
 from tunebench.cli import main  # noqa: E402
-from tunebench.registry import config_in_space, kernel_module  # noqa: E402
+from tunebench.registry import config_in_space, kernel_identity, kernel_module  # noqa: E402
 from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
 from tunebench.shapes import select_problems  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import interpreting, tune  # noqa: E402
-from tunebench.tune.study import config_key, open_storage  # noqa: E402
+from tunebench.tune.study import all_configs, config_key, open_storage  # noqa: E402
 from tunebench.inputs import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
@@ -401,3 +401,26 @@ def test_a_re_timing_that_the_next_search_overlaps_goes_to_one_runner(tmp_path, 
     idle = {"run0", "run1"} if first_done < second else {"run0", "run1"} - {first}
     assert sorted(w for i, w in retimes if i > second) == sorted(idle)
     assert all(r.config is not None and r.written and not r.note for r in results)
+
+
+@pytest.mark.interpreter
+def test_tpe_times_the_neighbouring_winners_of_the_family_so_transfer_has_evidence(tmp_path, device):
+    from tunebench.device import DeviceIdentity
+    from tunebench.tune.enqueue import neighbour_winners
+    module = kernel_module("flash_v2")
+    near, far, target = (Problem("flash_v2", 1, 2, 1, n, n, 32, "float16", causal=True) for n in (64, 512, 128))
+    other_family = Problem("flash_v2", 1, 2, 1, 128, 128, 32, "float16", causal=False)
+    admitted = [c for c in all_configs(module.SPACE) if c != module.DEFAULT and module.keep(c, target) is None]
+    x, y, z = admitted[0], admitted[1], admitted[2]
+    device, identity = DeviceIdentity.current(interpret=True), kernel_identity("flash_v2")
+    with Store(str(tmp_path / "results.db")) as store:
+        store.upsert_winner(device, "flash_v2", identity, near, x, 1.0, 1.1)
+        store.upsert_winner(device, "flash_v2", identity, far, y, 1.0, 1.1)
+        store.upsert_winner(device, "flash_v2", identity, other_family, z, 1.0, 1.1)     # another family
+        store.upsert_winner(device, "flash_v2", "stale", Problem("flash_v2", 1, 2, 1, 256, 256, 32, "float16",
+                                                                   causal=True), z, 1.0, 1.1)
+        assert neighbour_winners(store, device.name, target, identity, module.DEFAULT) == [x, y]
+    tune([target], options(tmp_path, trials=3, compile_workers=0))
+    with Store(str(tmp_path / "results.db"), readonly=True) as store:
+        timed = [t.config for t in store.trials(kernel="flash_v2", problem=target)]
+    assert timed[:3] == [module.DEFAULT, x, y]

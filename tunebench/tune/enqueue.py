@@ -1,10 +1,15 @@
 """StudyQueue: the configs this run puts into Optuna's queue, which processes sharing the study pop without overlap.
 
-DEFAULT always goes first, so every problem has a baseline and TPE a known-good start; --sampler grid queues every
-config of SPACE not yet in the study (study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones
-too (they are told pruned when asked), up to the budget of admitted ones.
+DEFAULT always goes first, so every problem has a baseline and TPE a known-good start. With TPE the winners of the
+nearest buckets already tuned in the same family come next (neighbour_winners): the dispatcher transfers a config to an
+untuned bucket only where trials show it beat DEFAULT in each neighbouring bucket (runtime/transfer.py), and buckets
+tuned by TPE alone rarely time the same configs. --sampler grid queues every config of SPACE not yet in the study
+(study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones too (they are told pruned when
+asked), up to the budget of admitted ones.
 """
 from __future__ import annotations
+
+import math
 
 from typing import Callable
 
@@ -12,6 +17,26 @@ from .shared import SharedStudy
 from .study import config_key
 
 ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
+NEIGHBOUR_WINNERS = 3           # winners of the nearest tuned buckets of the family queued after DEFAULT
+
+
+def neighbour_winners(store, device_name: str, problem, identity: str, default: dict) -> list[dict]:
+    """The distinct winners of the nearest other buckets of the problem's family on this device (current kernel
+    identity), nearest first, DEFAULT left out."""
+    from ..registry import checked_config
+    from ..runtime.transfer import distance
+    from ..shapes import bucket_key
+    own = bucket_key(problem)
+    stored = store.winners(device_name=device_name, kernel=problem.kernel, check_config=checked_config)
+    found = [w for w in stored if w.source_hash == identity and bucket_key(w.problem) != own
+             and math.isfinite(distance(problem, w.problem))]
+    found.sort(key=lambda w: (distance(problem, w.problem), bucket_key(w.problem)))
+    out, keys = [], {config_key(default)}
+    for w in found:
+        if config_key(w.config) not in keys and len(out) < NEIGHBOUR_WINNERS:
+            keys.add(config_key(w.config))
+            out.append(w.config)
+    return out
 
 
 class StudyQueue:

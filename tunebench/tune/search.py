@@ -25,7 +25,7 @@ from .pool import CHOOSING_POLL_S, Fleet, Worker
 from .progress import Progress
 from .protocol import Compile, Event, Outcome, Run, Setup
 from .shared import Candidate, SharedStudy
-from .enqueue import StudyQueue
+from .enqueue import StudyQueue, neighbour_winners
 from .study import all_configs, config_key, grid_order, make_sampler, suggest_config, tpe_startup
 from . import trace
 
@@ -78,7 +78,11 @@ class Search:
         self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
         grid = options.sampler == "grid"
-        order = grid_order(self.space, self.module.DEFAULT, options.seed) if grid else [self.module.DEFAULT]
+        if grid:
+            order = grid_order(self.space, self.module.DEFAULT, options.seed)
+        else:
+            order = [self.module.DEFAULT] + neighbour_winners(store, device.name, problem, self.shared.hash,
+                                                              self.module.DEFAULT)
         with trace.span("enqueue"):
             self.ask_limit = self.queue.fill(order, tpe=not grid)
         self.retries_counted = len(self.shared.retries)
