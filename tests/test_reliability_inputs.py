@@ -204,7 +204,7 @@ BAD_ARGUMENTS = [
     (["tune", "--interpret", "--timeout", "inf"], "--timeout must be"),
     (["tune", "--interpret", "--suite", "nope"], "unknown suite 'nope'"),
     (["tune", "--interpret", "--preset", "nope"], "unknown preset 'nope'"),
-    (["tune", "--interpret", "--suite", "tiny", "--preset", "llama-3-8b"], "not both"),
+    (["tune", "--interpret", "--suite", "tiny", "--preset", "llama-3-8b"], "give one of --suite, --preset"),
     (["tune", "--interpret", "--sampler", "foo"], "invalid choice: 'foo'"),
     (["tune", "--interpret", "--kernel", "foo"], "invalid choice: 'foo'"),
     (["tune", "--interpret", "--workers", "0"], "--workers must be >= 1"),

@@ -153,7 +153,7 @@ def test_problem_selection():
     # bf16 is garbage under the interpreter: presets are tuned in fp16 there
     preset = select_problems(["paged_attention"], None, "llama-3-8b", interpret=True)
     assert preset and all(p.kernel == "paged_attention" and p.dtype == "float16" for p in preset)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of --suite, --preset and --from-record"):
         select_problems(None, "tiny", "llama-3-8b", interpret=True)
 
 
