@@ -3,12 +3,12 @@ table `tunebench pages` prints, and the allocator reading its pick."""
 import pytest
 
 from tunebench import cli
-from tunebench.runtime import dispatch, record, winners
+from tunebench.runtime import record
 from tunebench.runtime.allocator import BlockAllocator
 from tunebench.runtime.pages import recommend
 from tunebench.runtime.winners import Winners
 from tunebench.shapes import Problem
-from tunebench.store import Store
+from test_dispatch import _device, db  # noqa: F401  (db: a user database the dispatcher reads)
 
 CONFIG = {"BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3}
 SHAPES = ((64, 4096), (16, 16384))
@@ -44,19 +44,8 @@ def test_untuned_shapes_take_the_nearest_buckets_bandwidth_and_other_geometries_
     assert "<- pick" in report.table()
 
 
-@pytest.fixture
-def db(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'user.db'}"
-    monkeypatch.setenv("TUNEBENCH_DB", url)
-    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
-    dispatch.reload()
-    yield Store(url)
-    dispatch.reload()
-
-
 def test_the_allocator_and_the_command_read_the_pick_from_the_stored_winners(db, tmp_path, capsys):
     from tunebench.registry import kernel_identity
-    from test_dispatch import _device
     for page, ms in ((16, 1.0), (64, 0.5)):
         for b, n in SHAPES:
             db.upsert_winner(_device(), "paged_attention", kernel_identity("paged_attention"), decode(b, n, page),
