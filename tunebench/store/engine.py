@@ -230,7 +230,10 @@ def _open(engine: Engine, where: str, readonly: bool) -> None:
     with engine.execution_options(tunebench_read=True).begin() as connection:
         version = _schema_version(connection, where)
         old = version is not None and version < SCHEMA_VERSION
-        complete = version is not None and not old and _check_tables(connection, where)
+        complete = version is not None and _check_tables(connection, where, migrate.ADDED if old else frozenset())
+    if old and not complete:
+        raise StoreError(f"{where} is not a tunebench results database (schema version {version} without its "
+                         f"tables)")
     if old:
         if readonly:
             raise _ReadOnlyOldSchema()
@@ -276,15 +279,16 @@ def _migrate(engine: Engine) -> None:
             migrate.migrate_postgresql(connection, SCHEMA_VERSION)
 
 
-def _check_tables(connection, where: str) -> bool:
+def _check_tables(connection, where: str, added: frozenset = frozenset()) -> bool:
     """Whether all our tables exist. A table of ours with other columns (e.g. Optuna's own `trials` in the same
-    file) is refused by name."""
+    file) is refused by name. ``added``: (table, column) pairs a migration will add, not required yet."""
     inspector = inspect(connection)
     names = set(inspector.get_table_names())
     for table in Base.metadata.sorted_tables:
         if table.name not in names:
             return False
-        missing = {c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)}
+        missing = ({c.name for c in table.columns if (table.name, c.name) not in added}
+                   - {c["name"] for c in inspector.get_columns(table.name)})
         if missing:
             raise StoreError(f"{where} has a table {table.name!r} without columns {sorted(missing)}: it is "
                              f"not tunebench's (an Optuna storage? give Optuna its own database)")

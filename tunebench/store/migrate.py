@@ -19,6 +19,7 @@ from sqlalchemy.pool import StaticPool
 from ..shapes import PAGED_KERNELS
 from .models import NO_PAGE, ProblemModel, SchemaVersionModel
 
+ADDED = frozenset({("problems", "page")})      # columns version 2 adds: a version-1 file lacks them
 _PAGED = ", ".join(f"'{k}'" for k in PAGED_KERNELS)
 _UNIQUE_V1 = '"kernel", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal"'
 _COLUMNS = f'"id", {_UNIQUE_V1}'
