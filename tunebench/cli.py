@@ -29,6 +29,11 @@ def _kv_size(args) -> int:
     return kv_size_command(args)
 
 
+def _pages(args) -> int:
+    from .commands.pages import pages_command
+    return pages_command(args)
+
+
 def _roofline(args) -> int:
     from .commands.roofline import roofline_command
     return roofline_command(args)
@@ -107,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--memory", type=float, default=None, help="memory budget in GiB: how many blocks fit")
     k.add_argument("--block-size", type=int, default=16, help="tokens per block for the blocks-that-fit count")
     k.set_defaults(func=_kv_size)
+
+    pg = sub.add_parser("pages", help="which KV page size: predicted decode time and waste per page size",
+                        description="For a preset's decode grid or a recorded workload, prints per page size with "
+                                    "tuned winners: the predicted decode time, the expected waste of last blocks, "
+                                    "the blocks for a token budget, and the page that minimises time / (1 - waste), "
+                                    "which BlockAllocator uses. Tune the page sizes first: tunebench tune --suite "
+                                    "pages.")
+    pg.add_argument("--preset", default=None, help="model preset whose decode grid is the workload, e.g. llama-3-8b")
+    pg.add_argument("--from-record", default=None, metavar="FILE",
+                    help="a file written by tunebench.record / TUNEBENCH_RECORD: its paged buckets are the workload")
+    pg.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="bfloat16",
+                    help="cache dtype of a preset (a record names its own)")
+    pg.add_argument("--db", default=None, help="results database (default: those the dispatcher reads)")
+    pg.add_argument("--device", default=None, help="whose winners (default: this GPU), e.g. 'NVIDIA H200'")
+    pg.add_argument("--tokens", type=int, default=1 << 20, help="token budget the blocks column counts pages for")
+    pg.set_defaults(func=_pages)
 
     r = sub.add_parser("roofline", help="FLOPs, minimum bytes, arithmetic intensity and the bound of a shape",
                        description="Prints a shape's FLOPs, minimum bytes, FLOPs/byte, the GPU's ridge point, whether "

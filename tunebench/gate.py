@@ -42,9 +42,9 @@ def check_dense_case(problem: Problem, config: dict, device, seed: int = 0, layo
 
 
 def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
-    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk; layout 'bnhd' gives
-    strided views."""
-    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed, strided=layout == "bnhd")
+    """One paged-decode case: pages of problem.page tokens in random order, per-sequence lengths up to problem.Nk;
+    layout 'bnhd' gives strided views."""
+    args = paged_inputs(problem, device, seed, strided=layout == "bnhd")
     out = poison(torch.empty_like(args[0]))
     kernel_module(problem.kernel).launch(*args, config=config, out=out)
     return close_enough(out, *paged_references(*args))

@@ -3,8 +3,8 @@
 
 Values are standard normal, drawn in float32 on the device the tensors live on by a generator seeded there, then cast
 to the problem's dtype: fresh random inputs, never zeros (a kernel can look right on zeros). Dense kernels take
-q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache whose layout depends on the
-block size, so the logical K/V are drawn once and packed per block size, into blocks in random order.
+q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache of pages of problem.page
+tokens: the logical K/V are drawn once and packed into pages in random order.
 
 A reference is a pair: the float64 result and the same naive computation in the problem's dtype, whose error is the
 yardstick of tunebench.correctness.close_enough.
@@ -21,7 +21,6 @@ from .correctness import Verdict, close_enough, poison
 from .shapes import Problem
 from . import reference as ref
 
-DEFAULT_BLOCK_SIZE = 16                   # tokens per KV page: vLLM's default, and what the bench's peers are given
 CHECK_ROWS = 32                           # query rows per checked window (prefill)
 CHECK_MAX_HEADS = 4096                    # decode: check every sequence while B x Hq stays under this
 
@@ -114,9 +113,10 @@ def _shared_tables(context_lens, block_size: int, shared: int, extra_columns: in
     return tables, reach
 
 
-def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, context_lens=None, shared_blocks=None,
+def paged_inputs(problem: Problem, device, seed: int, *, context_lens=None, shared_blocks=None,
                  extra_columns=None, strided=None):
-    """(q, k_cache, v_cache, block_tables, context_lens) for a paged case of the gate, fresh random values.
+    """(q, k_cache, v_cache, block_tables, context_lens) for a paged case of the gate, fresh random values, in pages
+    of problem.page tokens.
 
     Physical blocks are a random permutation of the pool. Sequences after the first share its first
     ``shared_blocks`` blocks (as forked samples share a prompt). Cache rows that no sequence reaches, and the spare
@@ -127,7 +127,7 @@ def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, contex
     """
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    p, bs = problem, block_size
+    p, bs = problem, problem.page
     if context_lens is None:
         context_lens = [p.Nk] + [rng.choice((1, p.Nk, rng.randint(1, p.Nk), max(1, p.Nk // bs) * bs))
                                  for _ in range(p.B - 1)]
@@ -178,16 +178,16 @@ class Workload:
             self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
         self.out = torch.empty_like(self.q)
         self._refs = None
-        self._packed: dict[int, tuple] = {}
+        self._packed: tuple | None = None
 
     def args(self, config: dict) -> tuple:
-        """Positional arguments for the kernel module's ``launch``."""
+        """Positional arguments for the kernel module's ``launch``. A paged cache (pages of problem.page tokens) is
+        packed once, on first use: every config of the problem runs on the same layout."""
         if not self.problem.paged:
             return (self.q, self.k, self.v)
-        bs = config["BLOCK_SIZE"]
-        if bs not in self._packed:
-            self._packed[bs] = pack_paged(self.k, self.v, self.context_lens, bs, self._gen)
-        k_cache, v_cache, tables = self._packed[bs]
+        if self._packed is None:
+            self._packed = pack_paged(self.k, self.v, self.context_lens, self.problem.page, self._gen)
+        k_cache, v_cache, tables = self._packed
         return (self.q, k_cache, v_cache, tables, self.context_lens)
 
     def kwargs(self) -> dict:
@@ -219,12 +219,11 @@ class Workload:
 class Inputs:
     """One problem's inputs, shared by every provider of `tunebench bench`. Prefill: q [B, Hq, Nq, D],
     k/v [B, Hkv, Nk, D]. Decode: q [B, Hq, D]; k/v the logical [B, Hkv, Nk, D]; the same K/V packed into pages of
-    ``block_size`` tokens in random order."""
+    problem.page tokens in random order."""
     problem: Problem
     q: object
     k: object
     v: object
-    block_size: int = DEFAULT_BLOCK_SIZE
     k_cache: object = None
     v_cache: object = None
     block_tables: object = None
@@ -235,6 +234,11 @@ class Inputs:
     def device(self):
         return self.q.device
 
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per page of the paged cache (problem.page); None for a dense problem."""
+        return self.problem.page
+
     def expanded_kv(self):
         """K/V with each KV head repeated for its query heads (for providers without GQA), built once."""
         if self._expanded is None:
@@ -244,12 +248,12 @@ class Inputs:
         return self._expanded
 
 
-def make_inputs(problem: Problem, device, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE) -> Inputs:
-    inputs = Inputs(problem, *draw_qkv(problem, device, seed), block_size)
+def make_inputs(problem: Problem, device, seed: int = 0) -> Inputs:
+    inputs = Inputs(problem, *draw_qkv(problem, device, seed))
     if problem.paged:
         inputs.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=device)
         inputs.k_cache, inputs.v_cache, inputs.block_tables = pack_paged(
-            inputs.k, inputs.v, inputs.context_lens, block_size, torch.Generator().manual_seed(seed))
+            inputs.k, inputs.v, inputs.context_lens, problem.page, torch.Generator().manual_seed(seed))
     return inputs
 
 

@@ -181,7 +181,7 @@ class Store:
                  .join(DeviceModel, TrialModel.device_id == DeviceModel.id)
                  .join(KernelModel, TrialModel.kernel_id == KernelModel.id)
                  .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
-                 .where(DeviceModel.name == device_name, TrialModel.status == "ok"))
+                 .where(DeviceModel.name == device_name, TrialModel.status == "ok", ProblemModel.known_page()))
         with self.session(read_only=True) as session:
             rows = _readable(self, "trials", lambda: session.execute(query).all())
         out = []
@@ -197,14 +197,16 @@ class Store:
 
     def winners(self, *, device_name: str | None = None, kernel: str | None = None,
                 check_config: Callable[[str, dict], dict] | None = None) -> list[Winner]:
-        """Stored winners, newest first. A row that cannot be trusted is skipped with a StoreWarning naming it: an
-        unknown kernel, malformed JSON or values of the wrong type, and, when ``check_config(kernel, config)`` is given
-        and raises ValueError, a config that check refuses (registry.checked_config: outside the kernel's SPACE).
+        """Stored winners, newest first; schema-1 paged rows (page unknown) are left out. A row that cannot be trusted
+        is skipped with a StoreWarning naming it: an unknown kernel, malformed JSON or values of the wrong type, and,
+        when ``check_config(kernel, config)`` is given and raises ValueError, a config that check refuses
+        (registry.checked_config: outside the kernel's SPACE).
         The config a winner carries is the one check_config returns, else the stored JSON object."""
         query = (select(WinnerModel, DeviceModel, KernelModel, ProblemModel)
                  .join(DeviceModel, WinnerModel.device_id == DeviceModel.id)
                  .join(KernelModel, WinnerModel.kernel_id == KernelModel.id)
                  .join(ProblemModel, WinnerModel.problem_id == ProblemModel.id)
+                 .where(ProblemModel.known_page())
                  .order_by(WinnerModel.updated_at.desc(), WinnerModel.id.desc()))
         if device_name is not None:
             query = query.where(DeviceModel.name == device_name)
