@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .correctness import Verdict, close_enough, poison
-from .inputs import draw_qkv, paged_inputs, paged_references, references
+from .inputs import DomainWorkload, draw_qkv, paged_inputs, paged_references, references
+from .kernel_protocol import is_domain_kernel
 from .registry import kernel_module
 from .shapes import Problem
 
@@ -51,8 +52,13 @@ def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layo
 
 
 def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    """One case of any registered kernel. A kernel of another domain builds its own inputs and reference
+    (tunebench.kernel_protocol; the layout is attention's and does not apply to it)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    module = kernel_module(problem.kernel)
+    if is_domain_kernel(module):
+        return DomainWorkload(problem, module, seed, device).check(module, config)
     check = check_paged_case if problem.paged else check_dense_case
     return check(problem, config, device, seed, layout)
 

@@ -106,6 +106,13 @@ def _paged_config(config: dict, block_size: int, problem: Problem) -> dict:
     return dict(module.DEFAULT, BLOCK_SIZE=block_size)
 
 
+def tuned_config(problem: Problem) -> dict:
+    """The config the dispatcher runs for a problem of any registered kernel, a user's own included
+    (tunebench.kernel_protocol): the exact winner of its bucket, a safe transfer, or DEFAULT. Cached per problem,
+    so a kernel's own wrapper pays one dict lookup per call: ``launch(..., config=tunebench.tuned_config(p))``."""
+    return _DISPATCHER.config_for(("config", problem), lambda: _DISPATCHER.choose(problem).config)
+
+
 _LAUNCH: dict[str, object] = {}
 
 
