@@ -4,6 +4,7 @@ no change to tunebench. The RMSNorm example (examples/custom_kernel) is installe
 planted bug (tests/fake_kernels/domain.py) is registered with --kernel-module."""
 import json
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 TESTS = pathlib.Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # fake_kernels, here and (through spawn's copy of sys.path) in the workers
 
+from conftest import HAS_GPU  # noqa: E402
 from tunebench import registry  # noqa: E402
 from tunebench.cli import main  # noqa: E402
 from tunebench.correctness import close_enough  # noqa: E402
@@ -52,13 +54,15 @@ def test_the_entry_point_registers_the_example_and_its_module_follows_the_conven
     assert len(registry.kernel_identity("rmsnorm")) == 16
 
 
-@pytest.mark.interpreter
-def test_the_example_is_tuned_stored_and_dispatched(registered, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("on_gpu", [
+    pytest.param(False, marks=[pytest.mark.interpreter, pytest.mark.skipif(HAS_GPU, reason="the GPU case runs")]),
+    pytest.param(True, marks=pytest.mark.gpu)], ids=["interpret", "gpu"])
+def test_the_example_is_tuned_stored_and_dispatched(registered, tmp_path, monkeypatch, capsys, device, on_gpu):
     import tunebench
     from tunebench.runtime import dispatch
     db = tmp_path / "results.db"
-    assert main(["tune", "--interpret", "--kernel", "rmsnorm", "--trials", "3", "--db", str(db)]) == 0, \
-        capsys.readouterr().err
+    how = ["--suite", "tiny", "--trials", "6"] if on_gpu else ["--interpret", "--trials", "3"]
+    assert main(["tune", "--kernel", "rmsnorm", *how, "--db", str(db)]) == 0, capsys.readouterr().err
     module = registry.kernel_module("rmsnorm")
     problems = registry.declared_problems(["rmsnorm"], "tiny")
     with Store(str(db), readonly=True) as store:
@@ -75,7 +79,7 @@ def test_the_example_is_tuned_stored_and_dispatched(registered, tmp_path, monkey
         w = winners[bucket_key(problem)]
         assert tunebench.tuned_config(problem) == w.config and module.keep(w.config, problem) is None
         assert dispatch._DISPATCHER.choose(problem).why.startswith("exact winner")
-        (x, weight), kwargs, _ = module.make_inputs(problem, "cpu", seed=7)
+        (x, weight), kwargs, _ = module.make_inputs(problem, device, seed=7)
         refs = [module.reference(x, weight, dtype=d, **kwargs) for d in (torch.float64, x.dtype)]
         assert close_enough(rms_norm(x, weight, **kwargs), *refs).ok
     dispatch.reload()
@@ -95,7 +99,10 @@ def test_a_kernel_module_flag_registers_a_kernel_and_the_gate_catches_its_bug(mo
     out = capsys.readouterr().out
     assert "FAIL softmax: max error" in out
     repro = out.split("reproduce: ")[1].strip()
-    assert '"MODE": "wrong"' in repro and "--kernel softmax" in repro
+    assert '"MODE": "wrong"' in repro and "--kernel-module softmax=fake_kernels.domain" in repro
+    monkeypatch.setattr(registry, "KERNELS", {k: registry.KERNELS[k] for k in registry.BUILT_IN})  # a new process's
+    assert main(shlex.split(repro)[1:]) == 1                                          # the printed line replays it
+    assert "FAIL" in capsys.readouterr().out
 
 
 def test_a_domain_kernel_goes_through_the_workers_and_the_store(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ import torch
 from .correctness import Verdict, close_enough, poison
 from .inputs import DomainWorkload, draw_qkv, paged_inputs, paged_references, references
 from .kernel_protocol import is_domain_kernel
-from .registry import kernel_module
+from .registry import BUILT_IN, kernel_module, module_path
 from .shapes import Problem
 
 LAYOUTS = ("bhnd", "bnhd")
@@ -64,8 +64,11 @@ def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: st
 
 
 def repro_command(problem: Problem, config: dict, seed: int, layout: str) -> str:
+    """The `tunebench check` line that replays a case; a user's kernel is named with its module, so that the line
+    works where the kernel is not installed as an entry point."""
     shape = {k: v for k, v in asdict(problem).items() if k != "kernel"}
-    return " ".join(["tunebench", "check", "--kernel", problem.kernel, "--shape", shlex.quote(json.dumps(shape)),
+    own = [] if problem.kernel in BUILT_IN else ["--kernel-module", f"{problem.kernel}={module_path(problem.kernel)}"]
+    return " ".join(["tunebench", "check", *own, "--kernel", problem.kernel, "--shape", shlex.quote(json.dumps(shape)),
                      "--config", shlex.quote(json.dumps(config)), "--seed", str(seed), "--layout", layout])
 
 

@@ -133,13 +133,13 @@ def kernel_module(name: str) -> ModuleType:
     return _import(name, KERNELS[name])
 
 
-def _import(name: str, path: str) -> ModuleType:
+def _import(name: str, path: str, check: bool = True) -> ModuleType:
     from .kernel_protocol import check_module
     try:
         module = importlib.import_module(path)
     except ImportError as e:
         raise ValueError(f"kernel {name!r}: cannot import its module {path!r}: {e}") from e
-    if path not in _state["checked"]:
+    if check and path not in _state["checked"]:
         check_module(module, name)
         _state["checked"].add(path)
     return module
@@ -147,7 +147,9 @@ def _import(name: str, path: str) -> ModuleType:
 
 def kernel_identity(name: str) -> str:
     """A short hash of the kernel's jit code and SPACE (see the module docstring); stored as `source_hash`."""
-    module = kernel_module(name)
+    if name not in KERNELS:
+        require_kernels([name])
+    module = _import(name, KERNELS[name], check=False)   # only its code and SPACE count here
     jitted = {}
     for value in vars(module).values():
         if _is_jit(value) and value.fn.__module__ == module.__name__:
