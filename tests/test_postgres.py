@@ -140,7 +140,7 @@ def finish(hosts: list[subprocess.Popen], logs: list[pathlib.Path]) -> None:
 def the_study(url: str):
     import optuna
     [summary] = optuna.get_all_study_summaries(url)
-    assert summary.study_name.endswith(bucket_key(PROBLEM)), summary.study_name
+    assert summary.user_attrs["bucket"] == bucket_key(PROBLEM), (summary.study_name, summary.user_attrs)
     return optuna.load_study(study_name=summary.study_name, storage=url)
 
 

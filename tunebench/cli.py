@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .registry import KERNELS
+from .registry import known_kernels
 from .roofline import GPUS as ROOFLINE_GPUS
 
 
@@ -54,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunebench",
         description="Tune, check and run Triton attention kernels (FlashAttention V1/V2, paged decode).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    kernels = sorted(KERNELS)
+    kernels = sorted(known_kernels())
+    kernel_module_help = ("register a kernel module of your own, [NAME=]pkg.mod (NAME defaults to its last part), "
+                          "importable from here; it must follow the convention of tunebench.kernel_protocol "
+                          "(repeatable)")
 
     c = sub.add_parser("check", help="run the correctness gate (Hypothesis shapes and configs vs float64 reference)",
                        description="Draws shapes and configs with Hypothesis and checks every kernel against the "
                                    "float64 reference. Uses the GPU when there is one, else the Triton interpreter.")
-    c.add_argument("--kernel", action="append", choices=kernels, help="kernel to check (repeatable; default all)")
+    c.add_argument("--kernel", action="append", metavar="KERNEL",
+                   help=f"kernel to check (repeatable; default all): {', '.join(kernels)}, or one of --kernel-module")
+    c.add_argument("--kernel-module", action="append", metavar="[NAME=]MODULE", help=kernel_module_help)
     c.add_argument("--profile", choices=("cpu", "gpu"), default=None,
                    help="cpu: small fp16/fp32 shapes for the interpreter; gpu: up to 16k tokens, D 256, bf16 too "
                         "(default: gpu when CUDA is available)")
@@ -74,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="search tile sizes, warps and stages with Optuna; store the winners",
                        description="Tunes every problem of a suite (or preset) on this GPU: each candidate config is "
                                    "compiled, checked against the reference and timed in an isolated worker process.")
-    t.add_argument("--kernel", action="append", choices=kernels, help="only these kernels (repeatable)")
+    t.add_argument("--kernel", action="append", metavar="KERNEL",
+                   help=f"only these kernels (repeatable): {', '.join(kernels)}, or one of --kernel-module; a "
+                        f"kernel of your own tunes the problems its SHAPES declares for the suite")
+    t.add_argument("--kernel-module", action="append", metavar="[NAME=]MODULE", help=kernel_module_help)
     t.add_argument("--suite", default=None, help="named suite of problems (default: 'default'; 'tiny' for the CPU)")
     t.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
     t.add_argument("--from-record", default=None, metavar="FILE",

@@ -1,5 +1,6 @@
 """The one builder of a problem's tensors and its float64 reference: the tuner (Workload), the gate and its tests
-(dense and paged cases) and `tunebench bench` (Inputs, reference_for) all draw here.
+(dense and paged cases) and `tunebench bench` (Inputs, reference_for) all draw here. A kernel of another domain
+brings its own inputs and reference (tunebench.kernel_protocol): DomainWorkload calls them.
 
 Values are standard normal, drawn in float32 on the device the tensors live on by a generator seeded there, then cast
 to the problem's dtype: fresh random inputs, never zeros (a kernel can look right on zeros). Dense kernels take
@@ -211,6 +212,47 @@ class Workload:
             torch.cuda.synchronize()
         ref64, lowp = self.references()
         return close_enough(out, ref64, lowp)
+
+    def throughput(self, ms: float | None) -> float | None:
+        return self.problem.throughput(ms)
+
+
+class DomainWorkload(Workload):
+    """The tuner's and the gate's inputs for a kernel of another domain (RMSNorm, softmax, ...): its own
+    make_inputs(problem, device, seed) -> (args, kwargs, out) and reference(*args, dtype, **kwargs) hooks
+    (tunebench.kernel_protocol), called once per problem."""
+
+    def __init__(self, problem: Problem, module, seed: int = 0, device: str | torch.device = "cuda"):
+        self.problem, self.device, self.module = problem, torch.device(device), module
+        args, kwargs, self.out = module.make_inputs(problem, self.device, seed)
+        self._args, self._kwargs = tuple(args), dict(kwargs)
+        self._refs = None
+
+    def args(self, config: dict) -> tuple:
+        return self._args
+
+    def kwargs(self) -> dict:
+        return self._kwargs
+
+    def references(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._refs is None:
+            self._refs = tuple(self.module.reference(*self._args, dtype=d, **self._kwargs)
+                               for d in (torch.float64, self.problem.torch_dtype))
+        return self._refs
+
+    def throughput(self, ms: float | None) -> float | None:
+        hook = getattr(self.module, "throughput", None)
+        return hook(self.problem, ms) if hook is not None and ms else None
+
+
+def workload_for(problem: Problem, module, seed: int = 0, device: str | torch.device = "cuda",
+                 fill: bool = True) -> Workload:
+    """The tuner's inputs for a problem of this kernel module: its own hooks' for a kernel of another domain, else
+    attention's."""
+    from .kernel_protocol import is_domain_kernel
+    if module is not None and is_domain_kernel(module):
+        return DomainWorkload(problem, module, seed, device)
+    return Workload(problem, seed, device, fill=fill)
 
 
 # --- the bench's inputs and its reference on a subset of the output ----------------------------------------------

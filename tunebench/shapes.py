@@ -258,7 +258,10 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
     elif preset:
         problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
     else:
-        problems = suite(suite_name or ("tiny" if interpret else "default"))
+        from .registry import declared_problems         # a user's kernel declares its own (kernel_protocol SHAPES)
+        name = suite_name or ("tiny" if interpret else "default")
+        declared = declared_problems(kernels, name)
+        problems = (suite(name) if name in SUITES or not declared else []) + declared
     if kernels:
         problems = [p for p in problems if p.kernel in kernels]
     if interpret:

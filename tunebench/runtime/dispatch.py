@@ -95,6 +95,13 @@ def _paged_problem(q, k_cache, block_tables) -> Problem:
     return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q), page=k_cache.shape[1])
 
 
+def tuned_config(problem: Problem) -> dict:
+    """The config the dispatcher runs for a problem of any registered kernel, a user's own included
+    (tunebench.kernel_protocol): the exact winner of its bucket, a safe transfer, or DEFAULT. Cached per problem,
+    so a kernel's own wrapper pays one dict lookup per call: ``launch(..., config=tunebench.tuned_config(p))``."""
+    return _DISPATCHER.config_for(("config", problem), lambda: _DISPATCHER.choose(problem).config)
+
+
 _LAUNCH: dict[str, object] = {}
 
 
