@@ -24,7 +24,8 @@ HASH = "0123456789abcdef"
 @pytest.mark.parametrize("problem, shape", [
     (Problem("flash_v2", 3, 32, 8, 4000, 4000, 128, "bfloat16", causal=True), "causal/B4-H32x8-N4096"),
     (Problem("flash_v1", 1, 2, 2, 48, 80, 16, "float32"), "full/B1-H2x2-Nq64-Nk128"),
-    (Problem("paged_attention", 16, 32, 8, 1, 4096, 128, "bfloat16"), "full/B16-H32x8-Nq1-Nk4096"),
+    (Problem("paged_attention", 16, 32, 8, 1, 4096, 128, "bfloat16"), "full/B16-H32x8-Nq1-Nk4096-page16"),
+    (Problem("paged_attention", 16, 32, 8, 1, 4096, 128, "bfloat16", page=64), "full/B16-H32x8-Nq1-Nk4096-page64"),
 ])
 def test_study_names_read_as_kernel_dtype_d_causal_bucket_at_device(problem, shape):
     name = study_name(H200, problem.kernel, HASH, problem)
