@@ -139,8 +139,9 @@ def test_importing_tunebench_never_imports_transformers():
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", CONFIGS)
 def test_bf16_generation_on_a_gpu_matches_sdpa(arch, device):
-    """Larger: 4 layers, 8/2 heads of 64, a few hundred prompt tokens, bf16. Prefill logits pass the tolerance rule;
-    tokens agree with sdpa's except where sdpa's own top two logits are closer than that tolerance (a bf16 tie)."""
+    """Larger: 4 layers, 8/2 heads of 64, 300 prompt tokens, bf16. Prefill logits pass the tolerance rule. Greedy
+    tokens agree with sdpa's up to the first step where sdpa's own top two logits are within 2 bf16 ulps (a tie that
+    bf16 rounding decides: on an H200 every row met one within 32 steps, at margins of 0 and 0.0625)."""
     config = CONFIGS[arch](hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024)
     tb, sdpa, ref = models(config, device, [("tunebench", torch.bfloat16), ("sdpa", torch.bfloat16),
@@ -156,4 +157,5 @@ def test_bf16_generation_on_a_gpu_matches_sdpa(arch, device):
         if len(differ):
             step = differ[0].item() - ids.shape[1]
             top2 = sdpa_logits[row, step].float().topk(2).values
-            assert top2[0] - top2[1] <= verdict.allowed, f"row {row} diverges at step {step}"
+            ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(top2[0].abs())).item()
+            assert top2[0] - top2[1] <= 2 * ulp, f"row {row} diverges at step {step}, not at a bf16 tie"
