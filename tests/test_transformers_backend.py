@@ -4,6 +4,7 @@ are tiny and fp32; the gpu test is larger and bf16."""
 import copy
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[test]' (or "
                     "'.[transformers]') to test the Hugging Face backend")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 import tunebench.integrations.transformers as backend  # noqa: E402
 from tunebench.correctness import close_enough  # noqa: E402
@@ -128,6 +130,51 @@ def test_a_sliding_window_shorter_than_the_context_falls_back(device):
     with pytest.warns(backend.FallbackWarning, match="sliding window"):
         tokens, _ = generate(tb, ids, 4)
     assert torch.equal(tokens, generate(sdpa, ids, 4)[0])
+
+
+def causal_mask(nq, nk, dtype=torch.bool):
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)[None, None]
+    return keep if dtype == torch.bool else torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+SERVED = {   # name: (Nq, Nk, mask), each as transformers hands it over
+    "prefill, no mask": (8, 8, None),
+    "decode, no mask": (1, 9, None),
+    "static-cache prefill: no mask, empty slots past Nq (top-left)": (4, 8, None),
+    "prefill continuing a cache: bool causal mask": (4, 8, causal_mask(4, 8)),
+    "additive float causal mask": (4, 8, causal_mask(4, 8, torch.float32)),
+    "all-visible mask": (4, 8, torch.ones(1, 1, 4, 8, dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("case", SERVED)
+def test_each_mask_the_kernel_serves_gives_sdpa_result_without_fallback(case, monkeypatch):
+    nq, nk, mask = SERVED[case]
+    calls = kernel_calls(monkeypatch)
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=2)
+    q, k, v = (torch.randn(2, h, n, 16) for h, n in ((4, nq), (2, nk), (2, nk)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", backend.FallbackWarning)
+        out, _ = backend.attention_forward(module, q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0])
+    assert calls == [nq]
+
+
+@pytest.mark.parametrize("case", ["dropout", "padding"])
+def test_what_the_kernel_cannot_serve_falls_back_to_sdpa(case, monkeypatch):
+    calls = kernel_calls(monkeypatch)
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=1)
+    q, k, v = (torch.randn(2, 2, 6, 16) for _ in range(3))
+    mask = causal_mask(6, 6).repeat(2, 1, 1, 1)
+    if case == "padding":
+        mask[1, ..., :2] = False        # the second sequence is left-padded by 2
+    dropout = 0.5 if case == "dropout" else 0.0
+    with pytest.warns(backend.FallbackWarning, match="dropout" if case == "dropout" else "plain causal"):
+        torch.manual_seed(0)
+        out, _ = backend.attention_forward(module, q, k, v, mask, dropout=dropout)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, mask, dropout=dropout)[0])
+    assert calls == []
 
 
 def test_importing_tunebench_never_imports_transformers():
