@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[test]' (or "
                     "'.[transformers]') to test the Hugging Face backend")
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 import tunebench.integrations.transformers as backend  # noqa: E402
@@ -130,6 +130,18 @@ def test_a_sliding_window_shorter_than_the_context_falls_back(device):
     with pytest.warns(backend.FallbackWarning, match="sliding window"):
         tokens, _ = generate(tb, ids, 4)
     assert torch.equal(tokens, generate(sdpa, ids, 4)[0])
+
+
+def test_soft_capping_falls_back_to_the_models_eager_attention(device):
+    """SDPA refuses Gemma-2's logit soft-capping, so the fallback is the model's eager attention, which needs the
+    SDPA-style masks (None for causal, bool) turned additive: its tokens must equal an eager model's."""
+    # initializer_range 0.02 here: at 0.2 Gemma-2's scaled embeddings drown attention, and unmasked attention passed.
+    config = Gemma2Config(**dict(TINY, head_dim=16, sliding_window=6, initializer_range=0.02))
+    tb, eager = models(config, device, [("tunebench", torch.float32), ("eager", torch.float32)])
+    ids = prompt(2, 10, device)
+    with pytest.warns(backend.FallbackWarning, match="soft-capping"):
+        tokens, _ = generate(tb, ids, 4)
+    assert torch.equal(tokens, generate(eager, ids, 4)[0])
 
 
 def causal_mask(nq, nk, dtype=torch.bool):

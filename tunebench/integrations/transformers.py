@@ -61,9 +61,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             if causal is None else None
     if reason is not None:
         _warn_once(reason, "the model's eager attention" if eager else "SDPA")
-        fallback = _eager_attention(module) if eager else sdpa_attention_forward
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                        is_causal=is_causal, **kwargs)
+        if eager:
+            mask = _additive_mask(attention_mask, is_causal, query, key)
+            return _eager_attention(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout,
+                                            **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      is_causal=is_causal, **kwargs)
     nq = query.shape[2]
     if causal and attention_mask is None and key.shape[2] > nq:
         # No mask with Nk > Nq > 1 is a static cache's first prefill: the keys past Nq are empty slots (SDPA slices
@@ -150,6 +153,20 @@ def _eager_attention(module):
         raise NotImplementedError(f"tunebench cannot serve {type(module).__name__}'s attention and found no eager "
                                   f"attention to fall back to: use attn_implementation='eager'")
     return eager
+
+
+def _additive_mask(mask, is_causal: bool, query, key):
+    """The masks are built for SDPA (bool, or None where SDPA's top-left `is_causal` is right); eager attention adds
+    its mask to the scores, so it needs them as 0 / dtype minimum, with the causal part written out."""
+    if mask is None:
+        nq = query.shape[2]
+        if not (is_causal and nq > 1):
+            return None
+        mask = torch.ones(nq, key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask,
+                                                                                       torch.finfo(query.dtype).min)
 
 
 def _warn_once(reason: str, target: str) -> None:
