@@ -22,7 +22,7 @@ Falls back to transformers' own SDPA (`sdpa_attention_forward`), with one Fallba
 Falls back to the model's own eager attention (SDPA refuses these): attention-logit soft-capping (Gemma-2 style) and
 attention sinks (`s_aux`).
 
-Never returns attention weights (as SDPA; `output_attentions=True` needs `attn_implementation="eager"`).
+The kernel returns no attention weights (as SDPA; `output_attentions=True` needs `attn_implementation="eager"`).
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class FallbackWarning(UserWarning):
     """A call that tunebench's kernel cannot serve ran through transformers' own attention instead."""
 
 
+MASK_REASON = "a mask that is neither plain causal nor all-visible (padding, packing, a window, or custom)"
 _warned: set[str] = set()
 
 
@@ -55,18 +56,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     is_causal = kwargs.pop("is_causal", None)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     reason, eager = _unserved(query, key, value, attention_mask, dropout, kwargs)
-    if reason is None:
-        causal = _causal(attention_mask, is_causal, query.shape[2], key.shape[2])
-        reason = "a mask that is neither plain causal nor all-visible (padding, packing, a window, or custom)" \
-            if causal is None else None
-    if reason is not None:
-        _warn_once(reason, "the model's eager attention" if eager else "SDPA")
-        if eager:
-            mask = _additive_mask(attention_mask, is_causal, query, key)
-            return _eager_attention(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout,
-                                            **kwargs)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      is_causal=is_causal, **kwargs)
+    causal = None if reason else _causal(attention_mask, is_causal, query.shape[2], key.shape[2])
+    if causal is None:
+        return _fallback(reason or MASK_REASON, eager, module, query, key, value, attention_mask, is_causal,
+                         scaling=scaling, dropout=dropout, **kwargs)
     nq = query.shape[2]
     if causal and attention_mask is None and key.shape[2] > nq:
         # No mask with Nk > Nq > 1 is a static cache's first prefill: the keys past Nq are empty slots (SDPA slices
@@ -74,6 +67,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         key, value = key[:, :, :nq], value[:, :, :nq]
     out = flash_attention(query, key, value, causal=causal, scale=scaling)    # [B, Hq, Nq, D], q's strides
     return out.transpose(1, 2).contiguous(), None
+
+
+def _fallback(reason: str, eager: bool, module, query, key, value, mask, is_causal: bool, **kwargs):
+    _warn_once(reason, "the model's eager attention" if eager else "SDPA")
+    if eager:
+        eager_mask = _additive_mask(mask, is_causal, query, key)
+        return _eager_attention(module)(module, query, key, value, eager_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=is_causal, **kwargs)
 
 
 def _unserved(query, key, value, mask, dropout, kwargs) -> tuple[str | None, bool]:
