@@ -74,7 +74,7 @@ tune_with() {  # $1: number of workers
 }
 
 # Read the libraries from disk once before either run, so that the first run does not pay alone for a cold page cache.
-python3 -c "import torch, triton, optuna, sqlalchemy, tunebench.tuner" || exit 1
+python3 -c "import torch, triton, optuna, sqlalchemy, tunebench.tune.run" || exit 1
 tune_with 1 || exit 1
 tune_with 2 || exit 1
 
@@ -87,11 +87,13 @@ import warnings
 
 import optuna
 
-from tunebench import registry, timing
+from tunebench import registry
+from tunebench.tune import timing
 from tunebench.shapes import bucket_key
 from tunebench.store import Store
-from tunebench.tuner import format_config, interpreting
-from tunebench.trial import retime
+from tunebench.tune.progress import format_config
+from tunebench.tune.run import interpreting
+from tunebench.tune.worker import retime
 from tunebench.inputs import Workload
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -4,7 +4,7 @@ grid's winner.
 For each problem: one `--sampler grid` run (every config that keep admits), then `--sampler tpe` runs with
 ceil(FRACTION x the grid's size) trials, one per seed, each into its own results database and Optuna storage (studies
 are keyed by device, kernel, hash and bucket, not by sampler or seed, so sharing one would resume, not repeat). All
-runs go through `tuner.tune` with one fleet of worker processes, started once. Then the grid's winner and every TPE
+runs go through `tunebench.tune.run.tune` with one fleet of worker processes, started once. Then the grid's winner and every TPE
 winner are re-timed head to head in one worker (interleaved rounds, as the tuner confirms winners): a (problem, seed)
 is a hit when its winner is within TOLERANCE of the grid's. The gap is also reported as the grid run's own timing
 of the TPE winner's config over the grid's best trial (no extra GPU time; noisier, since single trials).
@@ -56,11 +56,16 @@ def main() -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
-    from tunebench import registry, timing
+    from tunebench import registry
+    from tunebench.tune import timing
     from tunebench.shapes import Problem, bucket_key
     from tunebench.store import Store
-    from tunebench.workers import Retime
-    from tunebench.tuner import Fleet, TuneOptions, all_configs, format_config, interpreting, tune
+    from tunebench.tune.options import TuneOptions
+    from tunebench.tune.pool import Fleet
+    from tunebench.tune.progress import format_config
+    from tunebench.tune.protocol import Retime
+    from tunebench.tune.run import interpreting, tune
+    from tunebench.tune.study import all_configs
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

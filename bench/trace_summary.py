@@ -1,4 +1,4 @@
-"""Where a tuning run's wall time went, from the timeline it wrote with $TUNEBENCH_TRACE=FILE (tunebench/trace.py).
+"""Where a tuning run's wall time went, from the timeline it wrote with $TUNEBENCH_TRACE=FILE (tunebench/tune/trace.py).
 
     python3 bench/trace_summary.py FILE
 

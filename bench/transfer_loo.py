@@ -52,7 +52,7 @@ def nearest_winner(problem, evidence: dict, default: dict) -> dict:
 
 def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> list[float]:
     import torch
-    from tunebench import timing
+    from tunebench.tune import timing
     from tunebench.registry import kernel_module
     device = "cpu" if interpret else "cuda"
     g = torch.Generator(device=device).manual_seed(0)

@@ -11,10 +11,12 @@ A dense reference (plain PyTorch SDPA over a contiguous per-sample cache) genera
 
     python examples/generate.py                # GPU: float32 token-for-token check, plus tokens/s
     TRITON_INTERPRET=1 python examples/generate.py --small    # CPU, under the Triton interpreter
+    python examples/generate.py --record shapes.json            # then: tunebench tune --from-record shapes.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -161,7 +163,10 @@ def generate(runner, prompt: torch.Tensor, n: int, steps: int, fork) -> list[lis
 
 
 def run(cfg: ModelConfig = ModelConfig(), prompt_len: int = 100, n: int = 4, steps: int = 32, device=None,
-        dtype=torch.float32, num_blocks: int = 256, block_size: int | None = None, seed: int = 0) -> dict:
+        dtype=torch.float32, num_blocks: int = 256, block_size: int | None = None, seed: int = 0,
+        record: str | None = None) -> dict:
+    """Generates with tunebench and with the dense reference. ``record``: a file that tunebench.record() writes the
+    tunebench calls' buckets to (the reference makes none)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = TinyLM(cfg, device, dtype, seed)
     prompt = torch.randint(0, cfg.vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -169,7 +174,8 @@ def run(cfg: ModelConfig = ModelConfig(), prompt_len: int = 100, n: int = 4, ste
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    tokens = generate(paged, prompt, n, steps, paged.alloc.fork)
+    with tunebench.record(record) if record else contextlib.nullcontext():
+        tokens = generate(paged, prompt, n, steps, paged.alloc.fork)
     sync()
     seconds = time.perf_counter() - t0
     stats = paged.alloc.stats()
@@ -187,10 +193,12 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=4, help="parallel samples sharing the prompt")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="float32 makes the token-for-token comparison with the dense reference meaningful")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="write the buckets of every tunebench call to FILE (tune them: tunebench tune --from-record)")
     args = p.parse_args(argv)
     cfg = SMALL if args.small else ModelConfig()
     r = run(cfg, args.prompt or (40 if args.small else 200), args.n, args.steps or (8 if args.small else 64),
-            dtype=getattr(torch, args.dtype))
+            dtype=getattr(torch, args.dtype), record=args.record)
     s = r["stats"]
     print(f"block size {r['block_size']} ({r['block_size_source']})")
     print(f"{args.n} samples x {len(r['tokens'][0])} tokens in {r['seconds']:.3f} s: {r['tokens_per_s']:.1f} tokens/s "

@@ -351,12 +351,30 @@ def test_report_lists_winners_speedups_trials_and_tuning_time(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert text in capsys.readouterr().out
     line = next(x for x in text.splitlines() if problem.label() in x)
-    assert "| 1.50x | 0.90x |" in line and "ok 2, compile_error 1, incorrect 1" in line
+    assert "| 1.50x | - | 0.90x |" in line and "ok 2, compile_error 1, incorrect 1" in line   # one config: no runner-up
     assert "| 100 s (trials 40 s) |" in line                      # first start -> last end; sum of durations
     stale = next(x for x in text.splitlines() if "Nq1024" in x)
     assert "stale" in stale and "2.00x" in stale and "no trials" in stale
     assert "4 trials: ok 2, compile_error 1, incorrect 1" in text
     assert "NVIDIA H100 80GB HBM3 (capability 9.0, torch 2.11.0, triton 3.6.0)" in text
+
+
+def test_report_gives_the_margin_over_the_runner_up_and_says_when_the_space_has_little_left():
+    from tunebench.registry import kernel_module
+    from tunebench.report import WinnerLine, headroom, margin
+    from tunebench.store import TrialResult, Winner
+    default = dict(kernel_module("flash_v2").DEFAULT)
+    other = dict(default, BLOCK_N=32)
+    trials = [TrialResult(0, default, "ok", median_ms=1.0), TrialResult(1, other, "ok", median_ms=1.1),
+              TrialResult(2, other, "ok", median_ms=1.05), TrialResult(3, dict(default, BLOCK_M=16), "incorrect")]
+    problem = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16")
+    winner = Winner("H", "9.0", "flash_v2", "h", problem, default, 1.0, 1.0, None, "", "", datetime.now(timezone.utc))
+    assert margin(winner, trials) == pytest.approx(1.05)           # the runner-up's best trial, over the winner's
+    assert margin(winner, trials[:1]) is None
+    [line] = headroom([WinnerLine(winner, {}, None, None, False, 1.05)])
+    assert "median 1.00x" in line and "runner-up config median 1.05x" in line and "little left" in line
+    winner = Winner("H", "9.0", "flash_v2", "h", problem, other, 1.0, 1.3, None, "", "", datetime.now(timezone.utc))
+    assert "little left" not in headroom([WinnerLine(winner, {}, None, None, False, 1.05)])[0]
 
 
 def test_report_on_an_empty_or_missing_database(tmp_path, capsys):

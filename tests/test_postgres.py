@@ -21,7 +21,8 @@ import pytest
 from tunebench.registry import config_in_space, kernel_module
 from tunebench.shapes import Problem, bucket_key
 from tunebench.store import Store
-from tunebench.tuner import config_key, interpreting, open_storage
+from tunebench.tune.run import interpreting
+from tunebench.tune.study import config_key, open_storage
 from tunebench.inputs import Workload
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,9 +31,9 @@ BUDGET = 8
 HEARTBEAT_S, GRACE_S = 1, 8
 # A `tunebench tune` process tuning PROBLEM alone: a suite of one problem is registered before the CLI parses. With
 # $PG_TEST_HOSTNAME it names itself as a process of that host in the trials it holds, as one on another host would.
-LAUNCH = ("import os, sys; from tunebench import shapes, tuner; "
+LAUNCH = ("import os, sys; from tunebench import shapes; from tunebench.tune import shared; "
           f"shapes.SUITES['pg-test'] = lambda: [shapes.{PROBLEM!r}]; "
-          "tuner.HOST = os.environ.get('PG_TEST_HOSTNAME', tuner.HOST.rpartition(':')[0]) + ':' + str(os.getpid()); "
+          "shared.HOST = os.environ.get('PG_TEST_HOSTNAME', shared.HOST.rpartition(':')[0]) + ':' + str(os.getpid()); "
           "from tunebench.cli import main; sys.exit(main(sys.argv[1:]))")
 RUN_TIMEOUT_S = 300
 
@@ -217,7 +218,8 @@ def test_the_same_sqlite_file_for_results_and_studies_is_refused(tmp_path):
 
 
 def test_workers_of_one_process_share_its_study(pg_url, device):
-    from tunebench.tuner import TuneOptions, tune
+    from tunebench.tune.options import TuneOptions
+    from tunebench.tune.run import tune
     [result] = tune([PROBLEM], TuneOptions(interpret=True, workers=2, trials=6, storage=pg_url, db=pg_url,
                                            timeout=120.0))
     done = check_study_and_store(pg_url, device, budget=6)

@@ -21,7 +21,9 @@ from fake_kernels import admitted_grid_order, every_fault  # noqa: E402
 from tunebench import registry  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import TuneOptions, config_key, open_storage, study_name, tune  # noqa: E402
+from tunebench.tune.options import TuneOptions  # noqa: E402
+from tunebench.tune.run import tune  # noqa: E402
+from tunebench.tune.study import config_key, open_storage, study_name  # noqa: E402
 
 EXPECTED = {"ok": "ok", "out_of_resources": "out_of_resources", "compile_error": "compile_error",
             "hang": "timeout", "illegal_access": "crashed", "wrong": "incorrect", "unwritten": "incorrect",
@@ -119,7 +121,8 @@ import json, sys
 import torch
 from tunebench import registry
 from tunebench.shapes import Problem
-from tunebench.tuner import TuneOptions, tune
+from tunebench.tune.options import TuneOptions
+from tunebench.tune.run import tune
 registry.KERNELS["fake_gpu_fault"] = "fake_kernels.gpu_fault"
 problem = Problem("fake_gpu_fault", 1, 2, 1, 24, 40, 16, "float32", causal=True)
 [r] = tune([problem], TuneOptions(sampler="grid", seed=int(sys.argv[2]), db=sys.argv[1], timeout=60.0))

@@ -19,7 +19,7 @@ from tunebench.runtime import dispatch, winners
 from tunebench.device import DeviceIdentity
 from tunebench.shapes import Problem
 from tunebench.store import Store
-from tunebench.tuner import all_configs
+from tunebench.tune.study import all_configs
 
 DEVICE = DeviceIdentity.current(interpret=not torch.cuda.is_available())
 QUERIED = (64, 100, 300, 5000, 40_000)

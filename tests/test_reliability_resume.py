@@ -24,8 +24,10 @@ sys.path.insert(0, str(TESTS))  # fake_kernels, here and in spawned workers
 from tunebench import registry  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import (TuneOptions, config_key, open_storage, select_problems,  # noqa: E402
-                             study_name, tune)
+from tunebench.shapes import select_problems  # noqa: E402
+from tunebench.tune.options import TuneOptions  # noqa: E402
+from tunebench.tune.run import tune  # noqa: E402
+from tunebench.tune.study import config_key, open_storage, study_name  # noqa: E402
 
 GRACE_S = "3600"
 
@@ -161,7 +163,8 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from tunebench import registry
 from tunebench.shapes import Problem
-from tunebench.tuner import TuneOptions, tune
+from tunebench.tune.options import TuneOptions
+from tunebench.tune.run import tune
 registry.KERNELS["fake_deadly"] = "fake_kernels.deadly"
 problem = Problem("fake_deadly", 1, 2, 1, 24, 40, 16, "float32", causal=True)
 tune([problem], TuneOptions(interpret=True, sampler="grid", seed=int(sys.argv[3]), trials=4, db=sys.argv[2],
@@ -211,7 +214,7 @@ def test_a_config_that_kills_its_run_is_retried_once_then_crashed(tmp_path, monk
 def test_a_result_stored_before_its_run_died_is_kept_not_rerun(tmp_path, monkeypatch):
     import optuna
     from tunebench.store import TrialResult
-    from tunebench.tuner import suggest_config
+    from tunebench.tune.study import suggest_config
     monkeypatch.setitem(registry.KERNELS, "fake_plain", "fake_kernels.plain")
     problem = Problem("fake_plain", 1, 2, 1, 24, 40, 16, "float32", causal=True)
     db, device, shash = tmp_path / "results.db", cpu_device(), registry.kernel_identity("fake_plain")

@@ -18,7 +18,7 @@ from tunebench.store import Store, resolve_url
 
 H100 = DeviceIdentity("NVIDIA H100 80GB HBM3", "9.0", 132, 85_000_000_000, "550.54.15", "2.13.0", "3.6.0", True)
 PROBLEM = Problem("flash_v2", 1, 2, 1, 64, 64, 32, "float16", causal=True)
-PRELOAD = ["tunebench.tuner", "tunebench.store", "tunebench.runtime.dispatch", "optuna",
+PRELOAD = ["tunebench.tune.run", "tunebench.store", "tunebench.runtime.dispatch", "optuna",
            "optuna.storages._rdb.storage", "alembic.migration", "pytest"]
 
 
@@ -54,8 +54,8 @@ SPACE = {"BLOCK": [16, 32, 64, 128], "WARPS": [1, 2, 4, 8], "STAGES": [1, 2, 3]}
 def _optuna_process(storage_url: str, n: int, barrier, results) -> None:
     try:
         import optuna
-        from tunebench.tuner import _quiet_optuna, open_storage, suggest_config
-        _quiet_optuna()
+        from tunebench.tune.study import open_storage, quiet_optuna, suggest_config
+        quiet_optuna()
         barrier.wait(120)
         start = time.monotonic()
         storage = open_storage(storage_url, "sqlite://")  # all 8 open (and may create) the file at once
@@ -74,7 +74,7 @@ def _optuna_process(storage_url: str, n: int, barrier, results) -> None:
 def test_8_processes_x_200_trials_on_one_sqlite_study(tmp_path):
     import optuna
     from optuna.trial import TrialState
-    from tunebench.tuner import open_storage
+    from tunebench.tune.study import open_storage
     url = f"sqlite:///{tmp_path / 'studies.optuna.db'}"
     processes, per_process = 8, 200
     start = time.monotonic()
@@ -98,7 +98,7 @@ def test_8_processes_x_200_trials_on_one_sqlite_study(tmp_path):
 
 
 def configs_for(problem: Problem) -> list[dict]:
-    from tunebench.tuner import all_configs
+    from tunebench.tune.study import all_configs
     module = registry.kernel_module(problem.kernel)
     return [c for c in all_configs(module.SPACE) if module.keep(c, problem) is None]
 
@@ -130,7 +130,7 @@ def _upsert_process(url: str, shash: str, plan: list, barrier, results) -> None:
 def _reader_process(url: str, pairs: set, stop, barrier, results) -> None:
     """Loops what the dispatcher does on its first call, plus Store.winners, until the writers are done."""
     try:
-        from tunebench.runtime.dispatch import Winners
+        from tunebench.runtime.winners import Winners
         configs = configs_for(PROBLEM)
         pairs = {(tuple(sorted(configs[i].items())), ms) for i, ms in pairs}
         barrier.wait(120)

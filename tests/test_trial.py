@@ -10,10 +10,10 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # fake_kernels
 
 from fake_kernels import behaviours  # noqa: E402
-from tunebench import timing  # noqa: E402
 from tunebench.registry import kernel_module  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
-from tunebench.trial import failure, run_trial, warmup_only  # noqa: E402
+from tunebench.tune import timing  # noqa: E402
+from tunebench.tune.worker import failure, run_trial, warmup_only  # noqa: E402
 from tunebench.inputs import Workload  # noqa: E402
 
 FAKE = Problem("fake_behaviours", 1, 2, 1, 24, 40, 16, "float32", causal=True)
@@ -133,7 +133,8 @@ def test_a_worker_that_cannot_start_raises_its_own_error_and_the_fleet_stops_the
     # process that never started), and the process already started must be stopped.
     import multiprocessing.context
 
-    from tunebench.tuner import Fleet, TuneOptions
+    from tunebench.tune.options import TuneOptions
+    from tunebench.tune.pool import Fleet
 
     started = []
     real_start = multiprocessing.context.SpawnProcess.start
@@ -174,7 +175,7 @@ def _serve_into_closed_pipe(conn, err):
     import contextlib
     import io
 
-    from tunebench.trial import worker_main
+    from tunebench.tune.worker import worker_main
     captured = io.StringIO()
     with contextlib.redirect_stderr(captured):
         try:
@@ -185,7 +186,7 @@ def _serve_into_closed_pipe(conn, err):
 
 
 def test_a_trace_file_that_cannot_be_written_is_named(tmp_path, monkeypatch):
-    from tunebench import trace
+    from tunebench.tune import trace
     monkeypatch.setattr(trace, "_path", str(tmp_path / "no-such-folder" / "trace.jsonl"))
     monkeypatch.setattr(trace, "_file", None)
     with pytest.raises(RuntimeError, match="TUNEBENCH_TRACE names a file that cannot be written: .*no-such-folder"):

@@ -15,11 +15,13 @@ from conftest import HAS_GPU  # noqa: E402
 from fake_kernels import launched, launching_processes  # noqa: E402
 from tunebench import registry  # noqa: E402
 from tunebench.cli import main  # noqa: E402
-from tunebench.registry import config_in_space, kernel_module  # noqa: E402
+from tunebench.registry import config_in_space, kernel_identity, kernel_module  # noqa: E402
 from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.tuner import (TuneOptions, config_key, interpreting, open_storage, select_problems,  # noqa: E402
-                             tune)
+from tunebench.shapes import select_problems  # noqa: E402
+from tunebench.tune.options import TuneOptions  # noqa: E402
+from tunebench.tune.run import interpreting, tune  # noqa: E402
+from tunebench.tune.study import all_configs, config_key, open_storage  # noqa: E402
 from tunebench.inputs import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
@@ -58,7 +60,7 @@ def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
 
 @pytest.mark.interpreter
 def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
-    from tunebench.runtime.dispatch import Winners
+    from tunebench.runtime.winners import Winners
     db = tmp_path / "results.db"
     # A compile worker too: the scheduling the GPU path uses (under the interpreter its warmup launches nothing).
     assert main(["tune", "--interpret", "--suite", "tiny", "--trials", "2", "--compile-workers", "1",
@@ -169,7 +171,7 @@ def test_a_queued_trial_killed_while_writing_its_config_is_retried_whole():
     import optuna
     from optuna.trial import TrialState
 
-    from tunebench.tuner import retry_once
+    from tunebench.tune.study import retry_once
     study = optuna.create_study()
     done = study.ask()
     done.suggest_categorical("BLOCK_M", [16, 32])
@@ -190,7 +192,7 @@ def test_a_queued_trial_killed_while_writing_its_config_is_retried_whole():
 def test_a_finished_problem_is_re_timed_while_the_next_one_searches(tmp_path, fakes, monkeypatch):
     # One runner: the first problem's re-timing is in the background when the second problem's search starts, so
     # the second problem's first trial waits for it; both winners still arrive, in the order of the problems.
-    from tunebench import trace
+    from tunebench.tune import trace
     log = tmp_path / "trace.jsonl"
     monkeypatch.setattr(trace, "_path", str(log))
     monkeypatch.setattr(trace, "_file", None)
@@ -211,7 +213,7 @@ def lagging_problems() -> list[Problem]:
 
 
 def traced_tune(tmp_path, monkeypatch, problems, **kw) -> tuple[list, list[dict]]:
-    from tunebench import trace
+    from tunebench.tune import trace
     log = tmp_path / "trace.jsonl"
     monkeypatch.setattr(trace, "_path", str(log))
     monkeypatch.setattr(trace, "_file", None)
@@ -268,8 +270,8 @@ def test_a_handed_off_problems_last_configs_run_before_the_next_ones(tmp_path, f
 def test_finalists_whose_rounds_overlap_get_more_rounds(tmp_path, fakes, monkeypatch):
     # The first rounds leave two finalists overlapping: those two, and only they, are re-timed for the extra rounds,
     # on one runner, and the winner comes from all their rounds.
-    from tunebench import timing, tuner
-    monkeypatch.setattr(tuner, "EXTRA_ROUNDS_INTERPRET", 2)
+    from tunebench.tune import confirm, progress, timing
+    monkeypatch.setattr(confirm, "EXTRA_ROUNDS_INTERPRET", 2)
     monkeypatch.setattr(timing, "contenders", lambda rounds: [0, len(rounds) - 1])
     [result], events = traced_tune(tmp_path, monkeypatch, [fake_problem("fake_plain")], trials=4)
     first, extra = [e for e in events if e["kind"] == "retimed"]
@@ -281,16 +283,16 @@ def test_finalists_whose_rounds_overlap_get_more_rounds(tmp_path, fakes, monkeyp
     rounds = dict(zip(first["configs"], first["rounds_ms"]))
     rounds.update(zip(extra["configs"], extra["rounds_ms"]))  # the contenders' rounds, first and extra
     assert result.median_ms == min(timing.confirmed_ms(r) for r in rounds.values())
-    assert result.median_ms == timing.confirmed_ms(rounds[tuner.format_config(result.config)])
+    assert result.median_ms == timing.confirmed_ms(rounds[progress.format_config(result.config)])
 
 
 def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():
     # Optuna commits each user attribute on its own: a run killed between the two writes of a repeat must leave a
     # trial with duplicate_of and no status, never a status alone (which reads as one more evaluated config).
     from types import SimpleNamespace
-    from tunebench.tuner import Search, Seen
+    from tunebench.tune.shared import Seen, SharedStudy
     written = []
-    Search.tell_repeat(SimpleNamespace(tell=lambda trial, attrs, *a, **kw: written.append(list(attrs))), None,
+    SharedStudy.tell_repeat(SimpleNamespace(tell=lambda trial, attrs, *a, **kw: written.append(list(attrs))), None,
                        Seen({"BLOCK_M": 16}, "ok", 3, 1.0))
     assert written == [["duplicate_of", "status"]]
 
@@ -298,7 +300,7 @@ def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():
 def test_problems_whose_timings_cost_most_are_tuned_first():
     # Paged decode is timed by graph replay (~1 s a timing, against ~0.1 s): those problems go first, so the last
     # problem's re-timing, which nothing overlaps, is a short one. Otherwise the given order stands.
-    from tunebench.tuner import schedule
+    from tunebench.tune.run import schedule
     problems = suite("default")
     order = schedule(problems)
     paged = [p for p in problems if p.paged]
@@ -307,11 +309,11 @@ def test_problems_whose_timings_cost_most_are_tuned_first():
 
 
 def test_results_come_in_the_given_order_whatever_order_the_problems_are_tuned_in(tmp_path, fakes, monkeypatch):
-    from tunebench import trace, tuner
+    from tunebench.tune import run, trace
     log = tmp_path / "trace.jsonl"
     monkeypatch.setattr(trace, "_path", str(log))
     monkeypatch.setattr(trace, "_file", None)
-    monkeypatch.setattr(tuner, "schedule", lambda problems: problems[::-1])
+    monkeypatch.setattr(run, "schedule", lambda problems: problems[::-1])
     problems = [fake_problem("fake_plain"), Problem("fake_plain", 1, 2, 1, 24, 24, 16, "float32", causal=False)]
     results = tune(problems, options(tmp_path, trials=2))
     trace._file.close()
@@ -323,8 +325,8 @@ def test_results_come_in_the_given_order_whatever_order_the_problems_are_tuned_i
 def test_a_failed_re_timing_falls_back_to_the_trial_medians(tmp_path, fakes, monkeypatch):
     # The finalists' re-timing fails in the worker (its module cannot be imported there): the winner is the
     # fastest by its trial median, and the result says why.
-    from tunebench import tuner, workers
-    monkeypatch.setattr(tuner, "Retime", lambda module, *a, **kw: workers.Retime("no_such_module_here", *a, **kw))
+    from tunebench.tune import confirm, protocol
+    monkeypatch.setattr(confirm, "Retime", lambda module, *a, **kw: protocol.Retime("no_such_module_here", *a, **kw))
     [result] = tune([fake_problem("fake_plain")], options(tmp_path, trials=3))
     with Store(result_db(tmp_path)) as store:
         fastest = min((t for t in store.trials(kernel="fake_plain") if t.status == "ok"), key=lambda t: t.median_ms)
@@ -350,8 +352,8 @@ def test_the_grid_is_queued_a_lookahead_at_a_time(tmp_path, fakes, monkeypatch):
 
 
 def test_background_replies_go_to_their_handler():
-    from tunebench.workers import Identify
-    from tunebench.tuner import Fleet
+    from tunebench.tune.pool import Fleet
+    from tunebench.tune.protocol import Identify
     with Fleet(TuneOptions(interpret=True, workers=2)) as fleet:
         got = []
         fleet.submit_background(fleet.runners[0], Identify(), 60.0, got.append)
@@ -368,7 +370,7 @@ def test_background_replies_go_to_their_handler():
 def test_the_re_timing_rounds_are_shared_by_the_idle_runners(tmp_path, fakes, monkeypatch):
     # Two runners, one problem: nothing else to overlap its re-timing, so each runner times the finalists in one of
     # the (interpreter's two) rounds; the winner comes from both rounds.
-    from tunebench import trace
+    from tunebench.tune import trace
     log = tmp_path / "trace.jsonl"
     monkeypatch.setattr(trace, "_path", str(log))
     monkeypatch.setattr(trace, "_file", None)
@@ -383,7 +385,7 @@ def test_the_re_timing_rounds_are_shared_by_the_idle_runners(tmp_path, fakes, mo
 def test_a_re_timing_that_the_next_search_overlaps_goes_to_one_runner(tmp_path, fakes, monkeypatch):
     # Two runners, two problems: the first problem's rounds go to one runner (the other starts the next search),
     # the last problem's are shared by the runners idle then (both, unless the first re-timing is still going on).
-    from tunebench import trace
+    from tunebench.tune import trace
     log = tmp_path / "trace.jsonl"
     monkeypatch.setattr(trace, "_path", str(log))
     monkeypatch.setattr(trace, "_file", None)
@@ -399,3 +401,26 @@ def test_a_re_timing_that_the_next_search_overlaps_goes_to_one_runner(tmp_path, 
     idle = {"run0", "run1"} if first_done < second else {"run0", "run1"} - {first}
     assert sorted(w for i, w in retimes if i > second) == sorted(idle)
     assert all(r.config is not None and r.written and not r.note for r in results)
+
+
+@pytest.mark.interpreter
+def test_tpe_times_the_neighbouring_winners_of_the_family_so_transfer_has_evidence(tmp_path, device):
+    from tunebench.device import DeviceIdentity
+    from tunebench.tune.enqueue import neighbour_winners
+    module = kernel_module("flash_v2")
+    near, far, target = (Problem("flash_v2", 1, 2, 1, n, n, 32, "float16", causal=True) for n in (64, 512, 128))
+    other_family = Problem("flash_v2", 1, 2, 1, 128, 128, 32, "float16", causal=False)
+    admitted = [c for c in all_configs(module.SPACE) if c != module.DEFAULT and module.keep(c, target) is None]
+    x, y, z = admitted[0], admitted[1], admitted[2]
+    device, identity = DeviceIdentity.current(interpret=True), kernel_identity("flash_v2")
+    with Store(str(tmp_path / "results.db")) as store:
+        store.upsert_winner(device, "flash_v2", identity, near, x, 1.0, 1.1)
+        store.upsert_winner(device, "flash_v2", identity, far, y, 1.0, 1.1)
+        store.upsert_winner(device, "flash_v2", identity, other_family, z, 1.0, 1.1)     # another family
+        store.upsert_winner(device, "flash_v2", "stale", Problem("flash_v2", 1, 2, 1, 256, 256, 32, "float16",
+                                                                   causal=True), z, 1.0, 1.1)
+        assert neighbour_winners(store, device.name, target, identity, module.DEFAULT) == [x, y]
+    tune([target], options(tmp_path, trials=3, compile_workers=0))
+    with Store(str(tmp_path / "results.db"), readonly=True) as store:
+        timed = [t.config for t in store.trials(kernel="flash_v2", problem=target)]
+    assert timed[:3] == [module.DEFAULT, x, y]

@@ -15,7 +15,7 @@ def _check(args) -> int:
 
 
 def _tune(args) -> int:
-    from .tuner import tune_command
+    from .commands.tune import tune_command
     return tune_command(args)
 
 
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kernel", action="append", choices=kernels, help="only these kernels (repeatable)")
     t.add_argument("--suite", default=None, help="named suite of problems (default: 'default'; 'tiny' for the CPU)")
     t.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
+    t.add_argument("--from-record", default=None, metavar="FILE",
+                   help="tune the buckets a program hit, most-called first: a file written by tunebench.record() or "
+                        "TUNEBENCH_RECORD (instead of --suite)")
     t.add_argument("--trials", type=int, default=None,
                    help="configs evaluated per problem; pruned and repeated configs do not count "
                         "(default: 24, or the grid size)")

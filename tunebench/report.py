@@ -24,6 +24,7 @@ class WinnerLine:
     span: timedelta | None          # first trial started -> last trial finished
     busy: timedelta | None          # sum of the trials' own durations
     stale: bool
+    vs_next: float | None = None    # the best other ok config's trial time / the winner's (how much the search found)
 
 
 def tuning_times(trials) -> tuple[timedelta | None, timedelta | None]:
@@ -52,9 +53,38 @@ def collect(store: Store) -> tuple[list[WinnerLine], dict[str, int]]:
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
         span, busy = tuning_times(trials)
-        lines.append(WinnerLine(w, counts, span, busy, current[w.kernel] != w.source_hash))
+        lines.append(WinnerLine(w, counts, span, busy, current[w.kernel] != w.source_hash, margin(w, trials)))
     lines.sort(key=lambda x: (x.winner.device, x.winner.kernel, x.winner.problem.label()))
     return lines, store.trial_counts()
+
+
+def margin(w: Winner, trials) -> float | None:
+    """The fastest ok trial of any config but the winner's, over the winner's fastest trial: single timings, so a
+    figure within a few % of 1.0 says the space holds nothing clearly better or worse near the top."""
+    best: dict[str, float] = {}
+    for t in trials:
+        if t.status == "ok" and t.median_ms:
+            key = repr(sorted(t.config.items()))
+            best[key] = min(best.get(key, t.median_ms), t.median_ms)
+    own = best.pop(repr(sorted(w.config.items())), None)
+    return min(best.values()) / own if own and best else None
+
+
+def headroom(lines: list[WinnerLine]) -> list[str]:
+    """Per kernel: the median gain over DEFAULT and over the runner-up, and a plain word where little is left."""
+    out = []
+    for kernel in sorted({x.winner.kernel for x in lines}):
+        mine = [x for x in lines if x.winner.kernel == kernel]
+        gains = [x.winner.speedup_vs_default for x in mine if x.winner.speedup_vs_default]
+        nexts = [x.vs_next for x in mine if x.vs_next]
+        if not gains:
+            continue
+        line = f"{kernel}: tuned over DEFAULT median {_median(gains):.2f}x"
+        line += f", over the runner-up config median {_median(nexts):.2f}x" if nexts else ""
+        if _median(gains) < 1.02:
+            line += " - the space has little left over DEFAULT here: a wider space (kernel structure) is needed"
+        out.append(line)
+    return out
 
 
 def format_counts(counts: dict[str, int]) -> str:
@@ -92,19 +122,22 @@ def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -
     for device in devices:
         mine = [x for x in lines if x.winner.device == device]
         out += [f"## {device_label(mine[0].winner)}", "",
-                "| kernel | problem (bucket) | config | median ms | vs DEFAULT | vs peer | trials | tuning time |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| kernel | problem (bucket) | config | median ms | vs DEFAULT | vs runner-up | vs peer | trials "
+                "| tuning time |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for x in mine:
             w = x.winner
             stale = " (stale: kernel changed)" if x.stale else ""
             out.append(f"| {w.kernel}{stale} | {w.problem.label()} | {format_config(w.config)} | {w.median_ms:.4f} "
-                       f"| {format_speedup(w.speedup_vs_default)} | {format_speedup(w.speedup_vs_peer)} "
+                       f"| {format_speedup(w.speedup_vs_default)} | {format_speedup(x.vs_next)} "
+                       f"| {format_speedup(w.speedup_vs_peer)} "
                        f"| {format_counts(x.counts)} | {format_duration(x.span)} (trials {format_duration(x.busy)}) |")
         spans = [x.span for x in mine if x.span is not None]
         speedups = [x.winner.speedup_vs_default for x in mine if x.winner.speedup_vs_default]
         out += ["", f"{len(mine)} winners; tuning time {format_duration(sum(spans, timedelta()) if spans else None)}"
                 + (f"; speedup over DEFAULT: median {_median(speedups):.2f}x, best {max(speedups):.2f}x, "
                    f"worst {min(speedups):.2f}x" if speedups else ""), ""]
+        out += [f"- {line}" for line in headroom(mine)] + [""]
     total = sum(totals.values())
     out += ["## Trials by status (all devices)", "",
             f"{total} trials: {format_counts(totals)}" if total else "no trials stored"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -213,3 +214,36 @@ def suite(name: str) -> list[Problem]:
     if name not in SUITES:
         raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return SUITES[name]()
+
+
+def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None,
+                    interpret: bool, record: list[Problem] | None = None) -> list[Problem]:
+    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret), a model preset, or the buckets
+    of a recording (runtime/record.py, most-called first), filtered by kernel, one per bucket (the store keeps one
+    winner per bucket)."""
+    if sum(x is not None for x in (suite_name, preset, record)) > 1:
+        raise ValueError("give one of --suite, --preset and --from-record")
+    if record is not None:
+        problems = list(record)
+    elif preset:
+        problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
+    else:
+        problems = suite(suite_name or ("tiny" if interpret else "default"))
+    if kernels:
+        problems = [p for p in problems if p.kernel in kernels]
+    if interpret:
+        dropped = [p for p in problems if p.dtype == "bfloat16"]
+        if dropped:
+            print(f"tunebench tune: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes "
+                  f"bf16 wrongly (tune them on a GPU)", file=sys.stderr)
+        problems = [p for p in problems if p.dtype != "bfloat16"]
+    if not problems:
+        raise ValueError("no problems selected: check --kernel against the suite or preset")
+    by_bucket: dict[str, Problem] = {}
+    for p in problems:
+        by_bucket.setdefault(bucket_key(p), p)
+    if len(by_bucket) < len(problems):
+        print(f"tunebench tune: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
+              f"skipped (one winner is stored per bucket)", file=sys.stderr)
+    return list(by_bucket.values())
+

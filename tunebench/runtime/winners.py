@@ -104,15 +104,19 @@ class Winners:
                           f"changed since they were tuned; {TUNE_HINT}", stacklevel=3)
         return cls(device_name, rows, timings)
 
-    def choose(self, problem: Problem, default: dict, admits, only: dict | None = None) -> Choice | None:
-        """The exact winner, else a safe transfer, else None (DEFAULT). ``only`` restricts the evidence to configs
-        with those values (a paged call's page size, which the cache fixes)."""
+    def choose(self, problem: Problem, default: dict | None = None, admits=None,
+               only: dict | None = None) -> Choice | None:
+        """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer,
+        else None: run DEFAULT. ``only`` restricts the evidence to configs with those values (a paged call's page
+        size, which the cache fixes)."""
         key = bucket_key(problem)
         if key in self.exact:
             _, config, origin = self.exact[key]
             return Choice(config, f"exact winner for bucket {key} ({origin})")
+        if default is None:
+            return None
         evidence = list(self.evidence.get(family(problem), {}).values())
         if only:
             evidence = [e.only(only) for e in evidence]
-        found = transfer.choose(problem, evidence, default, admits)
+        found = transfer.choose(problem, evidence, default, admits or (lambda config: True))
         return Choice(found.config, f"no winner for bucket {key}; {found.why()}") if found else None

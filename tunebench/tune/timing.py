@@ -35,8 +35,8 @@ def gpu_bench(fn: Callable[[], object]) -> Timing:
 def graph_bench(fn: Callable[[], object]) -> Timing:
     """CUDA-graph replay (triton.testing.do_bench_cudagraph): the launches' host overhead is left out, as it is when a
     serving engine replays its decode step from a graph. Used for paged decode, whose kernels take tens of
-    microseconds: timed one launch at a time, with 8 compile workers loading the host, their host overhead ranked
-    the configs (seen on an H100: a B=1 x 32k winner 1.8x slower than DEFAULT on the GPU)."""
+    microseconds: timed one launch at a time, with compile workers loading the host, their host overhead would rank
+    the configs rather than the GPU time."""
     from triton.testing import do_bench_cudagraph
     median, p20, p80 = do_bench_cudagraph(fn, rep=100, quantiles=list(QUANTILES))
     return Timing(median, p20, p80)
@@ -53,8 +53,8 @@ def wall_bench(fn: Callable[[], object], reps: int = INTERPRET_REPS) -> Timing:
 
 
 # About how long one timing takes on a GPU (bench_for), in seconds: do_bench's 25 ms warm-up and 100 ms of launches,
-# or a graph of 100 ms of launches replayed 10 times (re-timings on an H200: 0.09 s and 1.0 s a timing). For ordering
-# work (tuner.schedule), not for reporting.
+# or a graph of 100 ms of launches replayed 10 times. For ordering work (tunebench.tune.run.schedule), not for
+# reporting.
 TYPICAL_S = {"launches": 0.1, "graph": 1.0}
 
 
@@ -95,8 +95,7 @@ def interleaved(fns: list[Callable[[], object]], bench: Bench, rounds: int, firs
 def contenders(rounds: list[list[float]]) -> list[int]:
     """The finalists still in the running after interleaved rounds: the leader (lowest median of its rounds) and
     every finalist whose fastest round beats the leader's slowest. Their rounds overlap, so a few more decide it: a
-    fast config's rounds spread most (on an H200 DEFAULT's three rounds spread up to 12%, seemingly as its clocks
-    moved, and once two slow rounds of three made a config 4.5% slower the winner)."""
+    fast config's rounds spread most, and two slow rounds of three can make a slower config the winner."""
     leader = min(range(len(rounds)), key=lambda i: confirmed_ms(rounds[i]))
     return [i for i in range(len(rounds)) if i == leader or min(rounds[i]) < max(rounds[leader])]
 

@@ -1,7 +1,7 @@
 """A trial runs in a worker process of its own: compile -> check -> time.
 
 Why a process: an illegal memory access poisons a CUDA context for good, and a kernel can hang. So the parent (the
-tuner) never launches a kernel; it sends requests to spawned workers (tunebench.workers: Worker), waits with a
+tuner) never launches a kernel; it sends requests to spawned workers (tunebench.tune.pool: Worker), waits with a
 deadline, and kills and respawns a worker that hangs, dies, or reports that its CUDA context is gone. The study goes
 on. This module is the worker's side.
 
@@ -11,7 +11,7 @@ Each stage is a small function that returns a value or an Outcome (a status):
   out-of-memory); a CUDA fault is crashed, and fatal to the worker.
 - check: the inputs must be unchanged (a kernel that writes into them is incorrect, and they are restored for the
   next trial), and the output must be close enough to the reference (tunebench.correctness, the one rule).
-- time: do_bench median/p20/p80 with L2 flush (tunebench.timing), plus TFLOP/s or GB/s.
+- time: do_bench median/p20/p80 with L2 flush (tunebench.tune.timing), plus TFLOP/s or GB/s.
 
 The Workload (inputs plus the float64 and low-precision references) is built once per problem in each worker, not
 per trial.
@@ -33,10 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .correctness import Verdict, close_enough
-from .shapes import Problem
-from .workers import Compile, Identify, Outcome, Retime, Run, Setup
-from .inputs import Workload
+from ..correctness import Verdict, close_enough
+from ..inputs import Workload
+from ..shapes import Problem
+from .protocol import Compile, Identify, Outcome, Retime, Run, Setup
 from . import timing, trace
 
 MESSAGE_CHARS = 2000
@@ -182,7 +182,7 @@ class _WorkerState:
         unusable."""
         try:
             if isinstance(request, Identify):
-                from .device import DeviceIdentity
+                from ..device import DeviceIdentity
                 return ("ok", DeviceIdentity.current(self.interpret, device_index=None)), False
             if isinstance(request, Setup):
                 self.setup(request.problem, request.seed)
@@ -220,10 +220,10 @@ class _WorkerState:
 
 def warm(interpret: bool) -> None:
     """What every process pays once before its first request, paid while the parent is still starting up (reading
-    the device, opening the first study): the CUDA context (the driver creates one at a time per GPU: 16 compile
-    workers setting up on one GPU took 2.7 s on an H200 pair) and Triton's compiler, driver and launcher (a worker's
-    first compile took 1.7 s, the next ones 0.1-0.7 s). A failure here is left for the first request to meet and
-    report, as it would without the warm-up."""
+    the device, opening the first study): the CUDA context (the driver creates one at a time per GPU, so many workers
+    on one GPU queue for it) and Triton's compiler, driver and launcher (a worker's first compile costs several times
+    its later ones). A failure here is left for the first request to meet and report, as it would without the
+    warm-up."""
     if interpret:
         return
     try:
@@ -260,8 +260,8 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
         except (EOFError, OSError):
             return
         if request is None:
-            # Asked to exit: nothing is left to write, so skip the interpreter's teardown (with torch and a CUDA
-            # context, 1.6 s for the 18 workers of an H200 pair); the driver frees the GPU as the process ends.
+            # Asked to exit: nothing is left to write, so skip the interpreter's teardown (slow with torch and a CUDA
+            # context loaded); the driver frees the GPU as the process ends.
             conn.close()
             os._exit(0)
         reply, fatal = state.handle(request)

@@ -1,0 +1,90 @@
+"""StudyQueue: the configs this run puts into Optuna's queue, which processes sharing the study pop without overlap.
+
+DEFAULT always goes first, so every problem has a baseline and TPE a known-good start. With TPE the winners of the
+nearest buckets already tuned in the same family come next (neighbour_winners): the dispatcher transfers a config to an
+untuned bucket only where trials show it beat DEFAULT in each neighbouring bucket (runtime/transfer.py), and buckets
+tuned by TPE alone rarely time the same configs. --sampler grid queues every config of SPACE not yet in the study
+(study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones too (they are told pruned when
+asked), up to the budget of admitted ones.
+"""
+from __future__ import annotations
+
+import math
+
+from typing import Callable
+
+from .shared import SharedStudy
+from .study import config_key
+
+ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
+NEIGHBOUR_WINNERS = 3           # winners of the nearest tuned buckets of the family queued after DEFAULT
+
+
+def neighbour_winners(store, device_name: str, problem, identity: str, default: dict) -> list[dict]:
+    """The distinct winners of the nearest other buckets of the problem's family on this device (current kernel
+    identity), nearest first, DEFAULT left out."""
+    from ..registry import checked_config
+    from ..runtime.transfer import distance
+    from ..shapes import bucket_key
+    own = bucket_key(problem)
+    stored = store.winners(device_name=device_name, kernel=problem.kernel, check_config=checked_config)
+    found = [w for w in stored if w.source_hash == identity and bucket_key(w.problem) != own
+             and math.isfinite(distance(problem, w.problem))]
+    found.sort(key=lambda w: (distance(problem, w.problem), bucket_key(w.problem)))
+    out, keys = [], {config_key(default)}
+    for w in found:
+        if config_key(w.config) not in keys and len(out) < NEIGHBOUR_WINNERS:
+            keys.add(config_key(w.config))
+            out.append(w.config)
+    return out
+
+
+class StudyQueue:
+    def __init__(self, shared: SharedStudy, reasons: dict, budget: int, lookahead: Callable[[], int]):
+        self.shared, self.reasons, self.budget, self.lookahead = shared, reasons, budget, lookahead
+        self.unqueued: list[dict] = []          # configs still to queue (top_up)
+        self.queued_ahead = 0                   # configs this run queued and has not asked for yet
+
+    def fill(self, order: list[dict], tpe: bool) -> int:
+        """Lays out ``order`` (repeats, and configs evaluated, queued or run elsewhere, left out) for top_up to queue
+        as asks use the queue up; returns how many asks this run may make (``tpe``: room for the sampler's own)."""
+        shared = self.shared
+        waiting = shared.waiting()
+        remaining = max(0, self.budget - shared.evaluated() - shared.live_elsewhere)
+        fresh, seen_keys = [], set(shared.seen) | waiting | set(shared.elsewhere)
+        admitted_slots = remaining - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
+        for config in order:
+            key = config_key(config)
+            if key in seen_keys:
+                continue
+            seen_keys.add(key)
+            if self.reasons.get(key, "not in SPACE") is None:
+                if admitted_slots <= 0:
+                    continue
+                admitted_slots -= 1
+            fresh.append(config)
+        queued = len(waiting) + len(fresh)
+        self.unqueued = fresh
+        self.top_up()
+        return queued + ASK_FACTOR * remaining + ASK_SLACK if tpe else queued
+
+    def top_up(self) -> None:
+        """Moves the next configs of ``unqueued`` into Optuna's queue once this run's share of it is used up, a
+        lookahead's worth at a time. Not all at once: every ask reads the whole queue (Optuna pops the first waiting
+        trial it can claim), so a long queue slows the loop that feeds every GPU. A config that was evaluated, or
+        queued or run elsewhere, since the queue was laid out is left out."""
+        if self.queued_ahead > 0 or not self.unqueued:
+            return
+        chunk = []
+        while self.unqueued and len(chunk) < max(1, self.lookahead()):
+            config = self.unqueued.pop(0)
+            key = config_key(config)
+            if key not in self.shared.seen and key not in self.shared.elsewhere:
+                chunk.append(config)
+        for config in chunk:
+            self.shared.study.enqueue_trial(config)
+        self.queued_ahead += len(chunk)
+
+    def popped(self) -> None:
+        """An ask took a trial from the queue."""
+        self.queued_ahead = max(0, self.queued_ahead - 1)

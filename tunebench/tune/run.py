@@ -1,0 +1,91 @@
+"""tune(): the run's top-level loop. It starts the worker processes (Fleet), opens the results store and Optuna's
+storage, reads the device in a worker, and tunes each problem in turn (Search), the next problem's search starting
+while the last one's finalists are re-timed in the background.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+
+from ..registry import kernel_module
+from ..shapes import Problem
+from .confirm import ProblemResult
+from .options import TuneOptions
+from .pool import Fleet, require_gpu
+from .progress import Progress
+from .search import Search
+from .study import describe_storage, open_storage, quiet_optuna
+from . import timing, trace
+
+
+def tune(problems: list[Problem], options: TuneOptions, *, results: list[ProblemResult] | None = None,
+         err=None, fleet: Fleet | None = None) -> list[ProblemResult]:
+    """Tunes each problem in turn and returns (and appends to ``results``, as they finish) one result per problem.
+    ``fleet``: worker processes already started (and left running) by the caller, for experiments that tune the same
+    problems many times (bench/search_efficiency.py); by default the run starts and stops its own."""
+    options.validate()
+    err = err or sys.stderr
+    results = [] if results is None else results
+    first, lent = len(results), fleet is not None
+    # An own fleet's workers start first: they import torch and triton while this process does the same and opens
+    # its databases (this process has not imported torch yet where CUDA_VISIBLE_DEVICES names the GPUs).
+    with interpreting(options.interpret), contextlib.nullcontext(fleet) if lent else Fleet(options).starting() as fleet:
+        if not options.interpret:
+            require_gpu()
+        trace.event("gpu_checked")
+        from ..store import Store
+        with Store(options.db) as store, warnings.catch_warnings():
+            quiet_optuna()
+            storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
+            print(f"tunebench tune: results in {store.where}, studies in {describe_storage(storage)}", file=err)
+            trace.event("tune", workers=options.workers, problems=len(problems))
+            for kernel in dict.fromkeys(p.kernel for p in problems):
+                kernel_module(kernel)  # and triton: imported while the workers start, not once they are ready
+            trace.event("kernels_imported")
+            fleet.await_ready()
+            trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
+            device = fleet.identify()
+            trace.event("identified")
+            try:
+                for index, problem in enumerate(schedule(problems)):
+                    trace.event("problem", index=index, label=problem.label())
+                    search = Search(problem, options, store, storage, fleet, device,
+                                    Progress(err, index, len(problems), problem))
+                    # Its result arrives once its finalists are re-timed: in the background of the next search.
+                    search.tune(results.append, last=index == len(problems) - 1)
+                fleet.drain()
+            except BaseException:
+                fleet.abandon_tails()  # trials still finishing in the background: a later run runs them
+                if lent:  # a caller's fleet must not hold replies meant for this run (an own fleet is closed now)
+                    fleet.cancel_background()
+                raise
+            finally:
+                order = {id(p): i for i, p in enumerate(problems)}
+                results[first:] = sorted(results[first:], key=lambda r: order.get(id(r.problem), len(problems)))
+    trace.event("fleet_closed")
+    return results
+
+
+def schedule(problems: list[Problem]) -> list[Problem]:
+    """The order the problems are tuned in: those whose timings take longest first (timing.typical_s), else as given
+    (the results come back in the given order). Each problem's finalists are re-timed in the background of the next
+    problem's search, but nothing overlaps the last problem's re-timing, so that one should be short: a paged decode
+    problem's (graph replays) can hold every GPU for several seconds, where a flash problem's takes about one."""
+    return sorted(problems, key=lambda p: -timing.typical_s(p.paged))
+
+
+@contextlib.contextmanager
+def interpreting(interpret: bool):
+    """TRITON_INTERPRET as the workers will have it, while tuning: keep() reads it (no TMA under the interpreter), and
+    the parent must prune exactly what the workers could not run."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before

@@ -1,0 +1,212 @@
+"""Optuna glue: the storage (an SQLite file beside the results database, or a --storage URL such as PostgreSQL, shared
+by processes and hosts), the study of each problem, its samplers, and the one place SPACE becomes suggestions.
+
+One study per device x kernel x kernel identity x bucketed problem, so that a stopped run resumes and several
+processes or hosts share studies. Nothing here runs a trial.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+from ..shapes import Problem, bucket_key
+
+if TYPE_CHECKING:
+    from .options import TuneOptions
+
+HEARTBEAT_S = 30                # Optuna trial heartbeat; a trial silent for GRACE_S is stale (its run died)
+GRACE_S = 120                   # both can be set (whole seconds) by $TUNEBENCH_HEARTBEAT_S and $TUNEBENCH_GRACE_S
+STORAGE_OPEN_TRIES = 3
+
+
+def suggest_config(trial, space: dict) -> dict:
+    """The one place SPACE becomes Optuna suggestions: one categorical per key, in SPACE's order."""
+    return {name: trial.suggest_categorical(name, list(values)) for name, values in space.items()}
+
+
+def config_key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+def all_configs(space: dict) -> list[dict]:
+    """Every combination of SPACE's values (kept or not), in SPACE's order."""
+    import itertools
+    return [dict(zip(space, values)) for values in itertools.product(*space.values())]
+
+
+def grid_order(space: dict, default: dict, seed: int) -> list[dict]:
+    """The order `--sampler grid` enqueues configs in: DEFAULT first, then every SPACE combination shuffled by seed
+    (repeats and keep-rejected configs are skipped when enqueued)."""
+    rest = all_configs(space)
+    random.Random(seed).shuffle(rest)
+    return [default] + rest
+
+
+def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = HEARTBEAT_S,
+                 grace_s: int = GRACE_S):
+    """Optuna's RDB storage: --storage, else an SQLite file next to an SQLite results database (results.db ->
+    results.optuna.db; the two cannot share a file, both have a `trials` table); memory for a memory database.
+    On PostgreSQL they can share a database: the store keeps its tables in a schema of their own."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    if storage_url is None:
+        url = make_url(results_url)
+        if url.get_backend_name() != "sqlite" or (url.database or "").startswith("file:"):
+            raise ValueError(f"give --storage URL for Optuna's studies: only an SQLite --db gets one beside it "
+                             f"(--db is {url.render_as_string(hide_password=True)})")
+        if url.database in (None, "", ":memory:"):
+            return optuna.storages.InMemoryStorage()
+        path = os.path.abspath(url.database)
+        storage_url = "sqlite:///" + os.path.splitext(path)[0] + ".optuna.db"
+    elif _same_sqlite_file(storage_url, results_url):
+        raise ValueError("--storage and --db name the same SQLite file: both have a `trials` table, so give Optuna "
+                         "its own file (or leave --storage out: it then goes beside --db)")
+    sqlite = storage_url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    for attempt in range(STORAGE_OPEN_TRIES):
+        try:
+            storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                                 heartbeat_stale_trial_callback=retry_once)
+            if sqlite:
+                _write_ahead(storage.engine)
+            return storage
+        except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or an unreachable server
+            if attempt + 1 < STORAGE_OPEN_TRIES and _lost_creation_race(e):
+                time.sleep(0.5 + random.random())
+                continue
+            raise RuntimeError(f"cannot open the Optuna storage {hide_password(storage_url)}: "
+                               f"{type(e).__name__}: {e}") from e
+
+
+def retry_once(study, trial) -> None:
+    """Called for a trial that a dead run left RUNNING, once it is failed (by Optuna's heartbeat check, or by
+    SharedStudy.fail_dead_owners): its config is queued again, unless the trial was itself such a retry. A config that
+    takes its run down every time then costs two runs, not all of them (SharedStudy.lost_verdicts records it crashed).
+    Unlike Optuna's RetryFailedTrialCallback, the copy carries no user attributes: the dead run's "host" on a
+    queued trial would have it failed again as soon as it is popped."""
+    import optuna
+    if "retry_of" in trial.system_attrs or not trial.params:
+        return
+    # A queued config (DEFAULT, the grid) is retried whole even if the run died while writing its parameters.
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    distributions = dict(trial.distributions)
+    if set(params) - set(distributions):  # the distributions of the parameters it did not write: another trial's
+        for other in study.get_trials(deepcopy=False):
+            distributions = {**other.distributions, **distributions}
+            if set(params) <= set(distributions):
+                break
+        else:
+            return  # none known (no trial wrote them): the config is not retried
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=params,
+                                              distributions={name: distributions[name] for name in params},
+                                              system_attrs={"retry_of": trial.number}))
+
+
+def _write_ahead(engine) -> None:
+    """Optuna commits every attribute, parameter and state on its own, and one process's loop runs all its GPUs'
+    trials: with SQLite's default journal each commit waits for an fsync (about 15 ms on a CI disk, a dozen per
+    trial). In WAL mode with synchronous=NORMAL a commit is durable against a killed process without one."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, connection_record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    engine.dispose()  # the connections Optuna opened while creating its tables reopen with the pragmas
+
+
+def _lost_creation_race(error: Exception) -> bool:
+    """Optuna creates its tables check-then-create: processes starting at once on a new PostgreSQL database race,
+    and the losers fail with a unique violation (or 'already exists'). Opening again then finds the tables."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    return isinstance(error, (IntegrityError, ProgrammingError)) or "already exists" in str(error)
+
+
+def _same_sqlite_file(url_a: str, url_b: str) -> bool:
+    from sqlalchemy.engine import make_url
+    a, b = make_url(url_a), make_url(url_b)
+    if a.get_backend_name() != "sqlite" or b.get_backend_name() != "sqlite" or not a.database or not b.database:
+        return False
+    return os.path.abspath(a.database) == os.path.abspath(b.database)
+
+
+def hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide, and the error says what is wrong with it
+        return url
+
+
+def describe_storage(storage) -> str:
+    url = getattr(storage, "url", None)
+    return "memory" if url is None else hide_password(url)
+
+
+def study_name(device, kernel: str, shash: str, problem: Problem) -> str:
+    return f"{device.name}|{kernel}|{shash}|{bucket_key(problem)}"
+
+
+def make_sampler(options: "TuneOptions", budget: int):
+    import optuna
+    if options.sampler == "grid":
+        # Grid configs are enqueued explicitly (Search.enqueue), so this sampler only runs should the queue be
+        # emptied by another process sharing the study.
+        return seeded_per_trial(lambda seed: optuna.samplers.RandomSampler(seed=seed), options.seed)
+    return seeded_per_trial(lambda seed: optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, constant_liar=True, n_startup_trials=tpe_startup(budget)), options.seed)
+
+
+def tpe_startup(budget: int) -> int:
+    """TPE's random start: a third of the budget, 2 to 10 trials."""
+    return min(10, max(2, budget // 3))
+
+
+def seeded_per_trial(make, seed: int):
+    """A sampler whose random draws for trial n come from ``make(seed + n)``. Processes sharing a study (hosts, or
+    runs resumed) hold copies of one seeded sampler: with one random state they would all propose the same configs
+    in lock step, and all but one of each would be a duplicate. Trial numbers are handed out by the storage, one per
+    trial, so the draws differ between processes, and a single run is still reproducible from --seed."""
+    from optuna.samplers import BaseSampler
+
+    class SeededPerTrial(BaseSampler):
+        def __init__(self):
+            self.sampler = make(seed)
+
+        def before_trial(self, study, trial):
+            self.sampler = make(seed + trial.number)
+            self.sampler.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.sampler.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.sampler.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self.sampler.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self.sampler.reseed_rng()
+
+    return SeededPerTrial()
+
+
+def quiet_optuna() -> None:
+    """Optuna warns that heartbeats and multivariate TPE are experimental, and that heartbeats are meant for
+    Study.optimize: the tuner uses ask/tell (to run trials in its own workers) and records heartbeats itself."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
