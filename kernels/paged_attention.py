@@ -12,7 +12,8 @@ Schedule:
   once per group: a q tile [GROUP_PAD, D] whose unused rows are masked (GROUP_PAD >= 16 so that tl.dot applies).
   Groups above 64 query heads are split over ceil(group / 64) programs, each reading the group's K/V.
 - Each loop step loads a [BLOCK_N, D] tile of K and V. A tile may span several pages: each token's physical block is
-  gathered from the block table, so BLOCK_N is tuned independently of the page size (BLOCK_SIZE). When BLOCK_N <=
+  gathered from the block table, so BLOCK_N is tuned independently of the page size (BLOCK_SIZE, the cache's
+  k_cache.shape[1]: a layout, part of the problem, not searched). When BLOCK_N <=
   BLOCK_SIZE a tile lies in one page and a single table entry is read. The next tile's block ids are read one step
   ahead, so num_stages - 1 tiles are in flight.
 - PARTITION > 0 splits each sequence into partitions of PARTITION tokens. The first kernel writes the unnormalised
@@ -183,15 +184,12 @@ def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts,
 def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scale=None, out=None):
     """Paged decode attention. q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> out [B, Hq, D].
 
-    scale defaults to 1/sqrt(D). config None means DEFAULT with BLOCK_SIZE set to the cache's block size; a given
-    config's BLOCK_SIZE must equal k_cache.shape[1] (the block size is the cache's layout, fixed when it was built).
+    scale defaults to 1/sqrt(D). config None means DEFAULT. The block (page) size is the cache's layout, fixed when
+    it was built: it is read from k_cache.shape[1] (a power of two), never from the config.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale)
-    config = _check_config(dict(DEFAULT, BLOCK_SIZE=k_cache.shape[1]) if config is None else config)
+    config = _check_config(dict(DEFAULT) if config is None else config)
     block_size = k_cache.shape[1]
-    if config["BLOCK_SIZE"] != block_size:
-        raise ValueError(f"config['BLOCK_SIZE']={config['BLOCK_SIZE']} must equal the cache's block size "
-                         f"k_cache.shape[1]={block_size}")
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     if out is None:
@@ -244,7 +242,10 @@ def _group_split(group: int) -> tuple[int, int, int]:
 
 
 def _check_config(config: dict) -> dict:
-    check_config(config, SPACE, BLOCK_SIZE=1, BLOCK_N=16)
+    if isinstance(config, dict) and "BLOCK_SIZE" in config:
+        raise ValueError("config['BLOCK_SIZE'] is not a config key: the page size is the cache's layout, read from "
+                         f"k_cache.shape[1]; expected the keys {sorted(SPACE)}")
+    check_config(config, SPACE, BLOCK_N=16)
     part = config["PARTITION"]
     if not isinstance(part, int) or part < 0 or (part and part % config["BLOCK_N"]):
         raise ValueError(f"config['PARTITION'] must be 0 (no split) or a multiple of BLOCK_N="
@@ -268,6 +269,9 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
             raise TypeError(f"{name} must be int32, got {t.dtype}")
     check_same_shape("k_cache", k_cache, "v_cache", v_cache)
     B, Hq, D = q.shape
+    page = k_cache.shape[1]
+    if page < 1 or page & (page - 1):
+        raise ValueError(f"k_cache's block size (shape[1]) must be a power of two, got {page}")
     if k_cache.shape[3] != D:
         raise ValueError(f"k_cache/v_cache head dim {k_cache.shape[3]} must equal q head dim {D}")
     check_head_dim(D)
@@ -306,8 +310,8 @@ def _smem_estimate(config, problem) -> int:
     return max(kv, epilogue) + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
 
 
+# The page size (BLOCK_SIZE) is not searched: it is the cache's layout, part of the Problem (problem.page).
 SPACE = {
-    "BLOCK_SIZE": [8, 16, 32, 64, 128],
     "BLOCK_N": [16, 32, 64, 128],
     "PARTITION": [0, 128, 256, 512, 1024, 2048],   # tokens per split-K partition; 0: one partition per sequence
     "num_warps": [2, 4, 8],
@@ -316,7 +320,8 @@ SPACE = {
 
 
 def keep(config, problem):
-    """Why this config would not compile, run or fit for this problem (a string), or None."""
+    """Why this config would not compile, run or fit for this problem (a string), or None. Any BLOCK_N works with
+    any page (problem.page): a tile that spans pages gathers each token's block, so no rule depends on the page."""
     block_n, part = config["BLOCK_N"], config["PARTITION"]
     if part and part % block_n:
         return f"PARTITION={part} is not a multiple of BLOCK_N={block_n}"
@@ -332,4 +337,4 @@ def keep(config, problem):
     return None
 
 
-DEFAULT = {"BLOCK_SIZE": 16, "BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3}
+DEFAULT = {"BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3}

@@ -74,6 +74,46 @@ def test_untuned_buckets_get_a_safe_transfer_or_default(db):
     assert "no safe transfer" in tunebench.explain(_problem(256, 256))
 
 
+PAGED_TUNED = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1}
+
+
+def _paged_call(page: int, device="cpu", n=40):
+    """A decode call's tensors on a cache of pages of ``page`` tokens (q, k_cache, v_cache, tables, lens)."""
+    from tunebench.inputs import pack_paged
+    q = torch.randn(1, 2, 32).half().to(device)
+    k, v = torch.randn(1, 1, n, 32).half().to(device), torch.randn(1, 1, n, 32).half().to(device)
+    lens = torch.tensor([n], dtype=torch.int32, device=device)
+    return (q, *pack_paged(k, v, lens, page), lens)
+
+
+def test_paged_winners_are_exact_per_page_size(db, device):
+    q, kc, vc, tables, lens = _paged_call(32, device)
+    problem = dispatch._paged_problem(q, kc, tables)
+    assert problem.page == 32 and kernel_module("paged_attention").keep(PAGED_TUNED, problem) is None
+    _put(db, problem, PAGED_TUNED)
+    dispatch.reload()
+    assert "exact winner" in tunebench.explain(q, kc, block_tables=tables) and "page32" in tunebench.explain(
+        q, kc, block_tables=tables)
+    out = tunebench.paged_attention(q, kc, vc, tables, lens)
+    assert close_enough(out, *(ref.paged_attention(q, kc, vc, tables, lens, dtype=d) for d in (torch.float64, q.dtype))).ok
+    q16, kc16, _, tables16, _ = _paged_call(16, device)      # same shape, pages of 16: the page-32 winner is not used
+    why = tunebench.explain(q16, kc16, block_tables=tables16)
+    assert "page16" in why and "DEFAULT: no exact winner" in why and str(PAGED_TUNED) not in why
+
+
+def test_safe_transfer_never_crosses_page_sizes(db):
+    default = kernel_module("paged_attention").DEFAULT
+
+    def decode(b, page):
+        return Problem("paged_attention", b, 2, 1, 1, 64, 32, "float16", page=page)
+    for b in (1, 4):                                      # two tuned neighbours at page 32, both say PAGED_TUNED wins
+        _timed(db, decode(b, 32), (default, 2.0), (PAGED_TUNED, 1.0))
+    dispatch.reload()
+    assert "transferred from buckets" in tunebench.explain(decode(2, 32))
+    why = tunebench.explain(decode(2, 16))
+    assert "DEFAULT" in why and str(PAGED_TUNED) not in why
+
+
 def test_no_winners_warns_once_with_the_tune_command(db):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

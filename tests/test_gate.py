@@ -7,7 +7,7 @@ import tunebench.reference as ref
 from tunebench import gate
 from tunebench.shapes import Problem
 
-PAGED = Problem("paged_attention", 2, 4, 2, 1, 40, 16, "float32")
+PAGED = Problem("paged_attention", 2, 4, 2, 1, 40, 16, "float32", page=8)
 
 
 class _RecordingPaged:
@@ -16,6 +16,7 @@ class _RecordingPaged:
 
     @classmethod
     def launch(cls, q, k_cache, v_cache, tables, lens, config, out):
+        assert k_cache.shape[1] == PAGED.page                   # the cache is laid out in the problem's page size
         cls.strided.append(not (q.is_contiguous() and k_cache.is_contiguous()))
         return out.copy_(ref.paged_attention(q, k_cache, v_cache, tables, lens, dtype=q.dtype))
 
@@ -25,15 +26,17 @@ def test_the_layout_a_paged_repro_prints_is_the_layout_it_runs(monkeypatch):
     _RecordingPaged.strided = []
     for seed in range(6):
         for layout in ("bhnd", "bnhd"):
-            assert gate.check_case(PAGED, {"BLOCK_SIZE": 16}, "cpu", seed, layout).ok
+            assert gate.check_case(PAGED, {"BLOCK_N": 16}, "cpu", seed, layout).ok
     assert _RecordingPaged.strided == [False, True] * 6
 
 
 def test_repro_command_round_trips_through_the_cli_parser():
     from tunebench.cli import build_parser
-    cmd = gate.repro_command(PAGED, {"BLOCK_SIZE": 16}, 7, "bnhd")
+    from tunebench.commands.check import _shape
+    cmd = gate.repro_command(PAGED, {"BLOCK_N": 16}, 7, "bnhd")
     args = build_parser().parse_args(shlex.split(cmd)[1:])
     assert (args.kernel, args.seed, args.layout) == (["paged_attention"], 7, "bnhd")
+    assert Problem(kernel="paged_attention", **_shape(args.shape)) == PAGED      # the page size included
 
 
 def test_an_unknown_layout_is_refused():

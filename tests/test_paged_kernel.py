@@ -4,6 +4,7 @@ Hypothesis draws the problem (GQA 1/4/8, head dims, lengths including 1 and exac
 the layout (blocks in random order, sequences sharing a prefix of physical blocks, extra table columns, strided
 views) and the config from SPACE as keep() admits it. Rows past every context hold NaN, so reading them fails.
 """
+import dataclasses
 import math
 
 import pytest
@@ -14,13 +15,14 @@ from conftest import SHARDS
 from strategies import all_configs, configs, paged_layouts, paged_problems
 from tunebench.inputs import paged_inputs
 from tunebench.correctness import close_enough, poison
-from tunebench.shapes import Problem, suite
+from tunebench.shapes import PAGES, Problem, suite
 import tunebench.reference as ref
 from tunebench.kernels import cache_write, paged_attention as pa
 
 
 def check_paged(problem, config, device, seed=0, scale=None, **layout):
-    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed, **layout)
+    args = paged_inputs(problem, device, seed, **layout)
+    assert args[1].shape[1] == problem.page
     out = poison(torch.empty_like(args[0]))
     assert pa.launch(*args, config=config, scale=scale, out=out) is out
     verdict = close_enough(out, ref.paged_attention(*args, scale=scale),
@@ -33,7 +35,7 @@ def check_paged(problem, config, device, seed=0, scale=None, **layout):
 def test_matches_reference(device, shard, data):
     problem = data.draw(paged_problems(), label="problem")
     config = data.draw(configs(pa, problem), label="config")
-    layout = data.draw(paged_layouts(problem, config["BLOCK_SIZE"]), label="layout")
+    layout = data.draw(paged_layouts(problem), label="layout")
     check_paged(problem, config, device, seed=data.draw(st.integers(0, 2**16), label="seed"), **layout)
 
 
@@ -44,7 +46,7 @@ def test_split_path_matches_reference(device, data):
     problem = data.draw(paged_problems(contexts=(129, 200, 256, 300)), label="problem")
     splitting = [c for c in all_configs(pa, problem) if 0 < c["PARTITION"] < problem.Nk]
     config = data.draw(st.sampled_from(splitting), label="config")
-    layout = data.draw(paged_layouts(problem, config["BLOCK_SIZE"]), label="layout")
+    layout = data.draw(paged_layouts(problem), label="layout")
     check_paged(problem, config, device, seed=data.draw(st.integers(0, 2**16), label="seed"), **layout)
 
 
@@ -55,16 +57,16 @@ def _cfg(**kw):
 # Pinned cases: each names what it covers, whatever Hypothesis happens to draw.
 PINNED = [
     ("length 1 everywhere", Problem("paged_attention", 3, 4, 1, 1, 1, 32), _cfg(), dict(context_lens=[1, 1, 1])),
-    ("exact multiples, split", Problem("paged_attention", 2, 8, 2, 1, 256, 16),
-     _cfg(BLOCK_SIZE=32, BLOCK_N=64, PARTITION=128), dict(context_lens=[256, 128])),
+    ("exact multiples, split", Problem("paged_attention", 2, 8, 2, 1, 256, 16, page=32),
+     _cfg(BLOCK_N=64, PARTITION=128), dict(context_lens=[256, 128])),
     ("empty partitions for the short sequence", Problem("paged_attention", 2, 8, 1, 1, 300, 16),
      _cfg(BLOCK_N=32, PARTITION=128), dict(context_lens=[300, 1], extra_columns=3)),
-    ("shared prefix, tile spans pages", Problem("paged_attention", 3, 4, 4, 1, 100, 32),
-     _cfg(BLOCK_SIZE=8, BLOCK_N=64, PARTITION=0), dict(context_lens=[100, 97, 40], shared_blocks=12)),
-    ("tile inside a page", Problem("paged_attention", 2, 16, 2, 1, 200, 64),
-     _cfg(BLOCK_SIZE=128, BLOCK_N=32, PARTITION=128), dict(context_lens=[200, 129], shared_blocks=1)),
-    ("non-power-of-two head dim, strided", Problem("paged_attention", 2, 8, 2, 1, 70, 48),
-     _cfg(BLOCK_SIZE=16), dict(context_lens=[70, 33], strided=True)),
+    ("shared prefix, tile spans pages", Problem("paged_attention", 3, 4, 4, 1, 100, 32, page=8),
+     _cfg(BLOCK_N=64, PARTITION=0), dict(context_lens=[100, 97, 40], shared_blocks=12)),
+    ("tile inside a page", Problem("paged_attention", 2, 16, 2, 1, 200, 64, page=128),
+     _cfg(BLOCK_N=32, PARTITION=128), dict(context_lens=[200, 129], shared_blocks=1)),
+    ("non-power-of-two head dim, strided", Problem("paged_attention", 2, 8, 2, 1, 70, 48, page=16),
+     _cfg(), dict(context_lens=[70, 33], strided=True)),
     ("fp32", Problem("paged_attention", 1, 4, 1, 1, 150, 16, "float32"), _cfg(BLOCK_N=16, PARTITION=128), {}),
     ("group above 64 split over programs", Problem("paged_attention", 1, 72, 1, 1, 40, 16), _cfg(), {}),
 ]
@@ -78,19 +80,19 @@ def test_pinned(device, what, problem, config, layout):
 
 def test_scale_and_out_none(device):
     problem = Problem("paged_attention", 2, 4, 2, 1, 20, 16)
-    args = paged_inputs(problem, 16, device, seed=1)
-    out = pa.launch(*args, scale=0.3)                       # config None: DEFAULT for the cache's block size
+    args = paged_inputs(problem, device, seed=1)
+    out = pa.launch(*args, scale=0.3)                       # config None: DEFAULT, on the cache's block size
     verdict = close_enough(out, ref.paged_attention(*args, scale=0.3),
                            ref.paged_attention(*args, scale=0.3, dtype=out.dtype))
     assert out.shape == args[0].shape and verdict.ok, verdict.reason
-    args8 = paged_inputs(problem, 8, device, seed=1)
-    assert pa.launch(*args8).shape == args[0].shape        # config None adapts to block size 8
+    args8 = paged_inputs(dataclasses.replace(problem, page=8), device, seed=1)
+    assert args8[1].shape[1] == 8 and pa.launch(*args8).shape == args[0].shape   # and on pages of 8
 
 
 @pytest.mark.parametrize("partition", (0, 128))
 def test_zero_length_gives_zeros(device, partition):
     problem = Problem("paged_attention", 2, 4, 2, 1, 130, 16)
-    q, kc, vc, bt, cl = paged_inputs(problem, 16, device, seed=2, context_lens=[130, 5])
+    q, kc, vc, bt, cl = paged_inputs(problem, device, seed=2, context_lens=[130, 5])
     cl[1] = 0
     out = pa.launch(q, kc, vc, bt, cl, _cfg(PARTITION=partition), out=poison(torch.empty_like(q)))
     assert (out[1] == 0).all()
@@ -104,8 +106,8 @@ def test_default_admitted_and_keep_rejects_what_cannot_fit():
              for n in (1, 32768) for d in (16, 80, 256) for dt in ("float16", "bfloat16", "float32")]
     paged = [p for p in suite("default") + suite("tiny") if p.paged] + drawn
     for problem in paged:
-        for bs in pa.SPACE["BLOCK_SIZE"]:
-            assert pa.keep(dict(pa.DEFAULT, BLOCK_SIZE=bs), problem) is None, problem
+        for page in PAGES:
+            assert pa.keep(pa.DEFAULT, dataclasses.replace(problem, page=page)) is None, problem
     big = Problem("paged_attention", 1, 8, 1, 1, 4096, 256, "float32")
     assert "shared memory" in pa.keep(_cfg(BLOCK_N=128, num_stages=4), big)
     assert "register" in pa.keep(_cfg(BLOCK_N=128, num_warps=2, num_stages=1),
@@ -118,12 +120,12 @@ def test_every_admitted_config_is_a_valid_launch_config():
     admitted = all_configs(pa, problem)
     assert len(admitted) > 100
     assert all(pa._check_config(c) is c for c in admitted)
-    assert {c["BLOCK_SIZE"] for c in admitted} == set(pa.SPACE["BLOCK_SIZE"])
+    assert "BLOCK_SIZE" not in pa.SPACE and "BLOCK_SIZE" not in pa.DEFAULT    # the page is the problem's
 
 
 def _inputs(device, **over):
     problem = Problem("paged_attention", 2, 8, 2, 1, 20, 32)
-    q, kc, vc, bt, cl = paged_inputs(problem, 16, device, seed=0)
+    q, kc, vc, bt, cl = paged_inputs(problem, device, seed=0)
     args = dict(q=q, k_cache=kc, v_cache=vc, block_tables=bt, context_lens=cl)
     args.update(over)
     return args
@@ -143,7 +145,9 @@ BAD = [
     (lambda a: dict(context_lens=a["context_lens"][:1]), ValueError, "batch 2 rows"),
     (lambda a: dict(out=torch.empty(2, 8, 16, dtype=a["q"].dtype, device=a["q"].device)), ValueError, "out shape"),
     (lambda a: dict(out=torch.empty(2, 8, 32, device=a["q"].device)), TypeError, "out dtype"),
-    (lambda a: dict(config=_cfg(BLOCK_SIZE=32)), ValueError, "cache's block size"),
+    (lambda a: dict(config=_cfg(BLOCK_SIZE=16)), ValueError, "not a config key: the page size is the cache's layout"),
+    (lambda a: dict(k_cache=a["k_cache"][:, :12], v_cache=a["v_cache"][:, :12]), ValueError,
+     r"block size \(shape\[1\]\) must be a power of two, got 12"),
     (lambda a: dict(config=_cfg(PARTITION=48)), ValueError, "PARTITION"),
     (lambda a: dict(config={"BLOCK_N": 32}), ValueError, "missing keys"),
     (lambda a: dict(scale=math.inf), ValueError, "scale"),
@@ -171,7 +175,7 @@ def test_head_dim_mismatch_and_unsupported_head_dim(device):
         pa.launch(**dict(args, q=torch.randn(2, 8, 16, device=device).half()))
     problem = Problem("paged_attention", 1, 2, 1, 1, 4, 8)
     with pytest.raises(ValueError, match=r"head dim D must be in \[16, 256\]"):
-        pa.launch(*paged_inputs(problem, 16, device, seed=0))
+        pa.launch(*paged_inputs(problem, device, seed=0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check applies without a GPU")
@@ -224,7 +228,7 @@ def test_written_tokens_decode_like_the_dense_reference(device):
     cache_write.launch(key, value, kc, vc, slots.to(device))
     q = torch.randn(B, Hq, D, generator=g).half().to(device)
     cl = torch.tensor(lens, dtype=torch.int32, device=device)
-    out = pa.launch(q, kc, vc, tables.to(device), cl, dict(pa.DEFAULT, BLOCK_SIZE=bs, BLOCK_N=16, PARTITION=0))
+    out = pa.launch(q, kc, vc, tables.to(device), cl, dict(pa.DEFAULT, BLOCK_N=16, PARTITION=0))
     for b, n in enumerate(lens):
         dense = [t[b:b + 1, :, :n].to(device) for t in (k, v)]
         want = ref.attention(q[b:b + 1, :, None], *dense)[:, :, 0]
@@ -261,7 +265,7 @@ def test_fork_and_decode_with_the_allocator(device):
     seqs = ("parent", "child")
     q = torch.randn(2, Hq, D, generator=g).half().to(device)
     tables, lens = alloc.block_tables(seqs, device), alloc.context_lens(seqs, device)
-    out = pa.launch(q, kc, vc, tables, lens, dict(pa.DEFAULT, BLOCK_SIZE=bs, BLOCK_N=16))
+    out = pa.launch(q, kc, vc, tables, lens, dict(pa.DEFAULT, BLOCK_N=16))
     for b, s in enumerate(seqs):
         k, v = (h.transpose(0, 1)[None].to(device) for h in history[s])      # [1, Hkv, n, D]
         want = ref.attention(q[b:b + 1, :, None], k, v)[:, :, 0]
@@ -291,12 +295,12 @@ LONG = [
     (Problem("paged_attention", 2, 32, 8, 1, 20000, 128, "bfloat16"), _cfg(), dict(context_lens=[20000, 3])),
     (Problem("paged_attention", 2, 32, 8, 1, 20000, 128, "bfloat16"), _cfg(BLOCK_N=64, PARTITION=0),
      dict(context_lens=[20000, 16384], shared_blocks=512)),
-    (Problem("paged_attention", 1, 8, 1, 1, 33000, 256, "float16"),
-     _cfg(BLOCK_SIZE=128, BLOCK_N=64, PARTITION=1024, num_warps=8), {}),
-    (Problem("paged_attention", 3, 16, 2, 1, 17000, 64, "bfloat16"),
-     _cfg(BLOCK_SIZE=8, BLOCK_N=128, PARTITION=2048, num_stages=3), dict(context_lens=[17000, 16384, 1])),
-    (Problem("paged_attention", 1, 64, 8, 1, 65536, 128, "bfloat16"),
-     _cfg(BLOCK_SIZE=64, BLOCK_N=128, PARTITION=256, num_warps=8, num_stages=3), {}),
+    (Problem("paged_attention", 1, 8, 1, 1, 33000, 256, "float16", page=128),
+     _cfg(BLOCK_N=64, PARTITION=1024, num_warps=8), {}),
+    (Problem("paged_attention", 3, 16, 2, 1, 17000, 64, "bfloat16", page=8),
+     _cfg(BLOCK_N=128, PARTITION=2048, num_stages=3), dict(context_lens=[17000, 16384, 1])),
+    (Problem("paged_attention", 1, 64, 8, 1, 65536, 128, "bfloat16", page=64),
+     _cfg(BLOCK_N=128, PARTITION=256, num_warps=8, num_stages=3), {}),
 ]
 
 

@@ -6,6 +6,7 @@ recovered from: its RUNNING trial goes stale, is failed by Optuna's heartbeat, a
 The server: $TUNEBENCH_PG_URL if set (its user needs CREATEDB: each test gets a database of its own), else
 ci/postgres.sh starts one on loopback for the session, installing Debian's postgresql if it is missing. Where that
 cannot be done the tests skip, saying why; under CI (CI=true) they fail instead."""
+import dataclasses
 import functools
 import os
 import pathlib
@@ -139,7 +140,7 @@ def finish(hosts: list[subprocess.Popen], logs: list[pathlib.Path]) -> None:
 def the_study(url: str):
     import optuna
     [summary] = optuna.get_all_study_summaries(url)
-    assert summary.study_name.endswith(bucket_key(PROBLEM)), summary.study_name
+    assert summary.user_attrs["bucket"] == bucket_key(PROBLEM), (summary.study_name, summary.user_attrs)
     return optuna.load_study(study_name=summary.study_name, storage=url)
 
 
@@ -347,3 +348,35 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; its parent (killed) will not reap it
+
+
+def test_a_version_1_schema_is_migrated_in_place_and_refused_read_only(pg_url):
+    """Schema 1 -> 2 on PostgreSQL: the problems table gains its page column and a unique key with it (issue 19)."""
+    import sqlalchemy
+    from tunebench.shapes import Problem
+    from tunebench.store import SCHEMA_VERSION, StoreError
+    from tunebench.store.engine import PG_SCHEMA
+    from test_store import H100
+    dense = Problem("flash_v2", 2, 8, 2, 64, 64, 32, "float16", True)
+    paged = Problem("paged_attention", 2, 8, 2, 1, 64, 32, "float16", page=16)
+    config = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1}
+    with Store(pg_url) as store:
+        store.upsert_winner(H100, "flash_v2", "h", dense, {"BLOCK_M": 16}, 0.5, 1.2)  # store never checks SPACE
+        store.upsert_winner(H100, "paged_attention", "h", paged, config, 0.5, 1.2)
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.begin() as c:                 # back to schema 1: no page column, the unique key without it
+        c.exec_driver_sql(f"SET search_path TO {PG_SCHEMA}")
+        c.exec_driver_sql("ALTER TABLE problems DROP COLUMN page")
+        c.exec_driver_sql('ALTER TABLE problems ADD UNIQUE (kernel, "B", "Hq", "Hkv", "Nq", "Nk", "D", dtype, causal)')
+        c.exec_driver_sql("UPDATE schema_version SET version = 1")
+    with pytest.raises(StoreError, match="schema version 1; open it writable once"):
+        Store(pg_url, readonly=True)
+    with Store(pg_url) as store:
+        assert [w.problem for w in store.winners()] == [dense]
+        for page in (16, 32):
+            assert store.upsert_winner(H100, "paged_attention", "h2", dataclasses.replace(paged, page=page),
+                                       config, 0.25, 1.0)
+        assert sorted(w.problem.page for w in store.winners(kernel="paged_attention")) == [16, 32]
+    with engine.begin() as c:
+        assert c.exec_driver_sql(f"SELECT version FROM {PG_SCHEMA}.schema_version").scalar() == SCHEMA_VERSION
+    engine.dispose()

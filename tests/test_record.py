@@ -44,7 +44,7 @@ def write(tmp_path, data) -> str:
 
 
 def entry(**problem):
-    fields = dict(kernel="flash_v2", B=1, Hq=8, Hkv=2, Nq=64, Nk=64, D=64, dtype="float16", causal=False)
+    fields = dict(kernel="flash_v2", B=1, Hq=8, Hkv=2, Nq=64, Nk=64, D=64, dtype="float16", causal=False, page=None)
     return {"problem": dict(fields, **problem), "calls": 1}
 
 
@@ -61,6 +61,9 @@ def doc(*entries):
     (doc(entry(B=0)), "entry 0: B must be"),
     (doc(entry(Hq=7, Hkv=2)), "entry 0: Hq \\(7\\) must be a multiple"),
     (doc(entry(dtype="int8")), "entry 0: dtype must be"),
+    (doc(entry(page=16)), "entry 0: page is the KV page size of a paged problem"),
+    (doc(entry(kernel="paged_attention", Nq=1, page=24)), "entry 0: page .* must be a power of two in 8..128"),
+    (doc(entry(kernel="paged_attention", Nq=1, page="16")), "entry 0: page must be an integer or null"),
     (doc({"problem": entry()["problem"], "calls": -3}), "entry 0: 'calls' must be a positive integer"),
     ("[" * 100_000, "not a readable record"),
 ])
@@ -87,3 +90,19 @@ def test_recording_counts_real_calls_and_never_changes_results(tmp_path, device)
     assert all(torch.equal(r, plain) for r in recorded)
     [(problem, calls)] = record.load(tmp_path / "calls.json", KNOWN)
     assert calls == 3 and problem == bucket(Problem("flash_v2", 1, 2, 1, 40, 40, 32, "float16", True))
+
+
+def test_the_page_round_trips_and_each_page_is_its_own_bucket(tmp_path):
+    path = tmp_path / "shapes.json"
+    page32 = Problem("paged_attention", 5, 8, 2, 1, 1000, 64, "float16", page=32)
+    with record.record(path) as rec:
+        rec.count(("a",), lambda: DECODE)
+        rec.count(("b",), lambda: page32)
+    assert sorted(p.page for p, _ in record.load(path, KNOWN)) == [16, 32]
+
+
+def test_a_version_1_record_without_pages_loads_with_page_16(tmp_path):
+    old = {k: v for k, v in entry(kernel="paged_attention", Nq=1)["problem"].items() if k != "page"}
+    path = write(tmp_path, {"format": record.FORMAT, "version": 1, "entries": [{"problem": old, "calls": 2}]})
+    ((problem, calls),) = record.load(path, KNOWN)
+    assert (problem.page, calls) == (16, 2)

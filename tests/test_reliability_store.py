@@ -130,7 +130,7 @@ def _upsert_process(url: str, shash: str, plan: list, barrier, results) -> None:
 def _reader_process(url: str, pairs: set, stop, barrier, results) -> None:
     """Loops what the dispatcher does on its first call, plus Store.winners, until the writers are done."""
     try:
-        from tunebench.runtime.winners import Winners
+        from tunebench.runtime.dispatch import Dispatcher, Winners
         configs = configs_for(PROBLEM)
         pairs = {(tuple(sorted(configs[i].items())), ms) for i, ms in pairs}
         barrier.wait(120)
@@ -146,7 +146,7 @@ def _reader_process(url: str, pairs: set, stop, barrier, results) -> None:
                     if "not a tunebench results database" in str(e):
                         continue  # created, its tables not yet committed: the dispatcher warns and falls back
                     raise
-                choice = Winners.load(H100.name, [url]).choose(PROBLEM)
+                choice = Dispatcher(Winners.load(H100.name, [url])).choose(PROBLEM)
                 reads += 1
                 for w in winners:
                     assert (tuple(sorted(w.config.items())), w.median_ms) in pairs, f"torn row: {w}"

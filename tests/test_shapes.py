@@ -48,3 +48,31 @@ def test_flops_and_bytes():
     p = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16")
     assert p.flops == 4 * 4 * 16 * 4096 * 4096 * 128
     assert Problem("paged_attention", 2, 8, 2, 1, 100, 64, "bfloat16").min_bytes == 2 * (2 * 8 + 2 * 2 * 100) * 64 * 2
+
+
+def test_a_paged_problem_carries_its_page_and_a_dense_one_none():
+    assert Problem("paged_attention", 2, 8, 2, 1, 100, 64).page == 16                  # the documented default
+    p = Problem("paged_attention", 2, 8, 2, 1, 100, 64, page=32)
+    assert bucket(p).page == 32 and "page32" in bucket_key(p) and "page32" in p.label()
+    assert bucket_key(p) != bucket_key(Problem("paged_attention", 2, 8, 2, 1, 100, 64, page=16))
+    assert bucket_distance(p, Problem("paged_attention", 2, 8, 2, 1, 100, 64, page=16)) == math.inf
+    assert Problem("flash_v2", 1, 2, 2, 8, 8, 16).page is None and "page" not in bucket_key(Problem("flash_v2", 1, 2, 2, 8, 8, 16))
+
+
+@pytest.mark.parametrize("kernel, page, match", [
+    ("paged_attention", 24, r"page .* must be a power of two in 8\.\.128 \(8, 16, 32, 64, 128\), got 24"),
+    ("paged_attention", 4, "got 4"), ("paged_attention", 256, "got 256"), ("paged_attention", 16.0, "got 16.0"),
+    ("paged_attention", True, "got True"), ("flash_v2", 16, "flash_v2 is dense and takes page=None, got 16"),
+])
+def test_a_bad_page_is_refused_naming_it(kernel, page, match):
+    nq = 1 if kernel == "paged_attention" else 8
+    with pytest.raises(ValueError, match=match):
+        Problem(kernel, 1, 2, 2, nq, 8, 16, page=page)
+
+
+def test_the_pages_suite_tunes_every_page_and_decode_stays_at_16():
+    pages = suite("pages")
+    assert {p.page for p in pages} == {8, 16, 32, 64, 128} and len({bucket_key(p) for p in pages}) == len(pages)
+    assert {(p.B, p.Nk, p.Hq, p.Hkv, p.D, p.dtype) for p in pages} == {(64, 4096, 32, 8, 128, "bfloat16"),
+                                                                      (16, 16384, 32, 8, 128, "bfloat16")}
+    assert {p.page for p in suite("decode")} == {16}

@@ -247,7 +247,7 @@ def test_show_prints_winners_by_device(db, capsys):
     out = capsys.readouterr().out
     assert out.index(H100.name) < out.index(TINY["flash_v2"].label()) < out.index(H200.name)
     assert "BLOCK_M=16 BLOCK_N=64" in out and "0.1250" in out and "1.50x" in out
-    assert bucket(TINY["paged_attention"]).label() in out and "BLOCK_SIZE=16" in out
+    assert bucket(TINY["paged_attention"]).label() in out and "page16" in out and "BLOCK_N=32" in out
     assert cli.main(["show", "--db", str(db), "--kernel", "flash_v1"]) == 0
     assert capsys.readouterr().out.strip() == f"no winners in {db}"
 

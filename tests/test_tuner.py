@@ -60,7 +60,7 @@ def test_without_gpu_or_interpret_it_says_what_to_do(tmp_path, capsys):
 
 @pytest.mark.interpreter
 def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
-    from tunebench.runtime.winners import Winners
+    from tunebench.runtime.dispatch import Dispatcher, Winners
     db = tmp_path / "results.db"
     # A compile worker too: the scheduling the GPU path uses (under the interpreter its warmup launches nothing).
     assert main(["tune", "--interpret", "--suite", "tiny", "--trials", "2", "--compile-workers", "1",
@@ -76,7 +76,7 @@ def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
             assert module.keep(w.config, problem) is None and config_in_space(problem.kernel, w.config) is None
             assert Workload(problem, seed=1, device=device).check(module, w.config).ok
             assert w.speedup_vs_default is not None and w.speedup_vs_default >= 1.0
-            assert lookup.choose(problem).config == w.config
+            assert Dispatcher(lookup).choose(problem).config == w.config
             counts = store.trial_counts(kernel=problem.kernel, problem=problem)
             assert counts.get("ok", 0) >= 2, counts
 
@@ -153,7 +153,7 @@ def test_problem_selection():
     # bf16 is garbage under the interpreter: presets are tuned in fp16 there
     preset = select_problems(["paged_attention"], None, "llama-3-8b", interpret=True)
     assert preset and all(p.kernel == "paged_attention" and p.dtype == "float16" for p in preset)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of --suite, --preset and --from-record"):
         select_problems(None, "tiny", "llama-3-8b", interpret=True)
 
 

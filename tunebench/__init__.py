@@ -13,7 +13,8 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {"flash_attention": ".runtime.dispatch", "paged_attention": ".runtime.dispatch",
             "explain": ".runtime.dispatch", "reload": ".runtime.dispatch",
-            "tuned_paged_block_size": ".runtime.dispatch", "BlockAllocator": ".runtime.allocator",
+            "tuned_paged_block_size": ".runtime.dispatch", "tuned_config": ".runtime.dispatch",
+            "BlockAllocator": ".runtime.allocator",
             "OutOfBlocks": ".runtime.allocator", "record": ".runtime.record"}
 __all__ = list(_EXPORTS)
 

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .registry import KERNELS
+from .registry import known_kernels
 from .roofline import GPUS as ROOFLINE_GPUS
 
 
@@ -29,6 +29,11 @@ def _kv_size(args) -> int:
     return kv_size_command(args)
 
 
+def _pages(args) -> int:
+    from .commands.pages import pages_command
+    return pages_command(args)
+
+
 def _roofline(args) -> int:
     from .commands.roofline import roofline_command
     return roofline_command(args)
@@ -49,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunebench",
         description="Tune, check and run Triton attention kernels (FlashAttention V1/V2, paged decode).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    kernels = sorted(KERNELS)
+    kernels = sorted(known_kernels())
+    kernel_module_help = ("register a kernel module of your own, [NAME=]pkg.mod (NAME defaults to its last part), "
+                          "importable from here; it must follow the convention of tunebench.kernel_protocol "
+                          "(repeatable)")
 
     c = sub.add_parser("check", help="run the correctness gate (Hypothesis shapes and configs vs float64 reference)",
                        description="Draws shapes and configs with Hypothesis and checks every kernel against the "
                                    "float64 reference. Uses the GPU when there is one, else the Triton interpreter.")
-    c.add_argument("--kernel", action="append", choices=kernels, help="kernel to check (repeatable; default all)")
+    c.add_argument("--kernel", action="append", metavar="KERNEL",
+                   help=f"kernel to check (repeatable; default all): {', '.join(kernels)}, or one of --kernel-module")
+    c.add_argument("--kernel-module", action="append", metavar="[NAME=]MODULE", help=kernel_module_help)
     c.add_argument("--profile", choices=("cpu", "gpu"), default=None,
                    help="cpu: small fp16/fp32 shapes for the interpreter; gpu: up to 16k tokens, D 256, bf16 too "
                         "(default: gpu when CUDA is available)")
@@ -69,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="search tile sizes, warps and stages with Optuna; store the winners",
                        description="Tunes every problem of a suite (or preset) on this GPU: each candidate config is "
                                    "compiled, checked against the reference and timed in an isolated worker process.")
-    t.add_argument("--kernel", action="append", choices=kernels, help="only these kernels (repeatable)")
+    t.add_argument("--kernel", action="append", metavar="KERNEL",
+                   help=f"only these kernels (repeatable): {', '.join(kernels)}, or one of --kernel-module; a "
+                        f"kernel of your own tunes the problems its SHAPES declares for the suite")
+    t.add_argument("--kernel-module", action="append", metavar="[NAME=]MODULE", help=kernel_module_help)
     t.add_argument("--suite", default=None, help="named suite of problems (default: 'default'; 'tiny' for the CPU)")
     t.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
     t.add_argument("--from-record", default=None, metavar="FILE",
@@ -107,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--memory", type=float, default=None, help="memory budget in GiB: how many blocks fit")
     k.add_argument("--block-size", type=int, default=16, help="tokens per block for the blocks-that-fit count")
     k.set_defaults(func=_kv_size)
+
+    pg = sub.add_parser("pages", help="which KV page size: predicted decode time and waste per page size",
+                        description="For a preset's decode grid or a recorded workload, prints per page size with "
+                                    "tuned winners: the predicted decode time, the expected waste of last blocks, "
+                                    "the blocks for a token budget, and the page that minimises time / (1 - waste), "
+                                    "which BlockAllocator uses. Tune the page sizes first: tunebench tune --suite "
+                                    "pages.")
+    pg.add_argument("--preset", default=None, help="model preset whose decode grid is the workload, e.g. llama-3-8b")
+    pg.add_argument("--from-record", default=None, metavar="FILE",
+                    help="a file written by tunebench.record / TUNEBENCH_RECORD: its paged buckets are the workload")
+    pg.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="bfloat16",
+                    help="cache dtype of a preset (a record names its own)")
+    pg.add_argument("--db", default=None, help="results database (default: those the dispatcher reads)")
+    pg.add_argument("--device", default=None, help="whose winners (default: this GPU), e.g. 'NVIDIA H200'")
+    pg.add_argument("--tokens", type=int, default=1 << 20, help="token budget the blocks column counts pages for")
+    pg.set_defaults(func=_pages)
 
     r = sub.add_parser("roofline", help="FLOPs, minimum bytes, arithmetic intensity and the bound of a shape",
                        description="Prints a shape's FLOPs, minimum bytes, FLOPs/byte, the GPU's ridge point, whether "

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .correctness import Verdict, close_enough, poison
-from .inputs import draw_qkv, paged_inputs, paged_references, references
-from .registry import kernel_module
+from .inputs import DomainWorkload, draw_qkv, paged_inputs, paged_references, references
+from .kernel_protocol import is_domain_kernel
+from .registry import BUILT_IN, kernel_module, module_path
 from .shapes import Problem
 
 LAYOUTS = ("bhnd", "bnhd")
@@ -42,24 +43,32 @@ def check_dense_case(problem: Problem, config: dict, device, seed: int = 0, layo
 
 
 def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
-    """One paged-decode case: blocks in random order, per-sequence lengths up to problem.Nk; layout 'bnhd' gives
-    strided views."""
-    args = paged_inputs(problem, config["BLOCK_SIZE"], device, seed, strided=layout == "bnhd")
+    """One paged-decode case: pages of problem.page tokens in random order, per-sequence lengths up to problem.Nk;
+    layout 'bnhd' gives strided views."""
+    args = paged_inputs(problem, device, seed, strided=layout == "bnhd")
     out = poison(torch.empty_like(args[0]))
     kernel_module(problem.kernel).launch(*args, config=config, out=out)
     return close_enough(out, *paged_references(*args))
 
 
 def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    """One case of any registered kernel. A kernel of another domain builds its own inputs and reference
+    (tunebench.kernel_protocol; the layout is attention's and does not apply to it)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    module = kernel_module(problem.kernel)
+    if is_domain_kernel(module):
+        return DomainWorkload(problem, module, seed, device).check(module, config)
     check = check_paged_case if problem.paged else check_dense_case
     return check(problem, config, device, seed, layout)
 
 
 def repro_command(problem: Problem, config: dict, seed: int, layout: str) -> str:
+    """The `tunebench check` line that replays a case; a user's kernel is named with its module, so that the line
+    works where the kernel is not installed as an entry point."""
     shape = {k: v for k, v in asdict(problem).items() if k != "kernel"}
-    return " ".join(["tunebench", "check", "--kernel", problem.kernel, "--shape", shlex.quote(json.dumps(shape)),
+    own = [] if problem.kernel in BUILT_IN else ["--kernel-module", f"{problem.kernel}={module_path(problem.kernel)}"]
+    return " ".join(["tunebench", "check", *own, "--kernel", problem.kernel, "--shape", shlex.quote(json.dumps(shape)),
                      "--config", shlex.quote(json.dumps(config)), "--seed", str(seed), "--layout", layout])
 
 

@@ -1,10 +1,11 @@
 """The one builder of a problem's tensors and its float64 reference: the tuner (Workload), the gate and its tests
-(dense and paged cases) and `tunebench bench` (Inputs, reference_for) all draw here.
+(dense and paged cases) and `tunebench bench` (Inputs, reference_for) all draw here. A kernel of another domain
+brings its own inputs and reference (tunebench.kernel_protocol): DomainWorkload calls them.
 
 Values are standard normal, drawn in float32 on the device the tensors live on by a generator seeded there, then cast
 to the problem's dtype: fresh random inputs, never zeros (a kernel can look right on zeros). Dense kernels take
-q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache whose layout depends on the
-block size, so the logical K/V are drawn once and packed per block size, into blocks in random order.
+q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache of pages of problem.page
+tokens: the logical K/V are drawn once and packed into pages in random order.
 
 A reference is a pair: the float64 result and the same naive computation in the problem's dtype, whose error is the
 yardstick of tunebench.correctness.close_enough.
@@ -21,7 +22,6 @@ from .correctness import Verdict, close_enough, poison
 from .shapes import Problem
 from . import reference as ref
 
-DEFAULT_BLOCK_SIZE = 16                   # tokens per KV page: vLLM's default, and what the bench's peers are given
 CHECK_ROWS = 32                           # query rows per checked window (prefill)
 CHECK_MAX_HEADS = 4096                    # decode: check every sequence while B x Hq stays under this
 
@@ -114,9 +114,10 @@ def _shared_tables(context_lens, block_size: int, shared: int, extra_columns: in
     return tables, reach
 
 
-def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, context_lens=None, shared_blocks=None,
+def paged_inputs(problem: Problem, device, seed: int, *, context_lens=None, shared_blocks=None,
                  extra_columns=None, strided=None):
-    """(q, k_cache, v_cache, block_tables, context_lens) for a paged case of the gate, fresh random values.
+    """(q, k_cache, v_cache, block_tables, context_lens) for a paged case of the gate, fresh random values, in pages
+    of problem.page tokens.
 
     Physical blocks are a random permutation of the pool. Sequences after the first share its first
     ``shared_blocks`` blocks (as forked samples share a prompt). Cache rows that no sequence reaches, and the spare
@@ -127,7 +128,7 @@ def paged_inputs(problem: Problem, block_size: int, device, seed: int, *, contex
     """
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    p, bs = problem, block_size
+    p, bs = problem, problem.page
     if context_lens is None:
         context_lens = [p.Nk] + [rng.choice((1, p.Nk, rng.randint(1, p.Nk), max(1, p.Nk // bs) * bs))
                                  for _ in range(p.B - 1)]
@@ -178,16 +179,16 @@ class Workload:
             self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
         self.out = torch.empty_like(self.q)
         self._refs = None
-        self._packed: dict[int, tuple] = {}
+        self._packed: tuple | None = None
 
     def args(self, config: dict) -> tuple:
-        """Positional arguments for the kernel module's ``launch``."""
+        """Positional arguments for the kernel module's ``launch``. A paged cache (pages of problem.page tokens) is
+        packed once, on first use: every config of the problem runs on the same layout."""
         if not self.problem.paged:
             return (self.q, self.k, self.v)
-        bs = config["BLOCK_SIZE"]
-        if bs not in self._packed:
-            self._packed[bs] = pack_paged(self.k, self.v, self.context_lens, bs, self._gen)
-        k_cache, v_cache, tables = self._packed[bs]
+        if self._packed is None:
+            self._packed = pack_paged(self.k, self.v, self.context_lens, self.problem.page, self._gen)
+        k_cache, v_cache, tables = self._packed
         return (self.q, k_cache, v_cache, tables, self.context_lens)
 
     def kwargs(self) -> dict:
@@ -212,6 +213,47 @@ class Workload:
         ref64, lowp = self.references()
         return close_enough(out, ref64, lowp)
 
+    def throughput(self, ms: float | None) -> float | None:
+        return self.problem.throughput(ms)
+
+
+class DomainWorkload(Workload):
+    """The tuner's and the gate's inputs for a kernel of another domain (RMSNorm, softmax, ...): its own
+    make_inputs(problem, device, seed) -> (args, kwargs, out) and reference(*args, dtype, **kwargs) hooks
+    (tunebench.kernel_protocol), called once per problem."""
+
+    def __init__(self, problem: Problem, module, seed: int = 0, device: str | torch.device = "cuda"):
+        self.problem, self.device, self.module = problem, torch.device(device), module
+        args, kwargs, self.out = module.make_inputs(problem, self.device, seed)
+        self._args, self._kwargs = tuple(args), dict(kwargs)
+        self._refs = None
+
+    def args(self, config: dict) -> tuple:
+        return self._args
+
+    def kwargs(self) -> dict:
+        return self._kwargs
+
+    def references(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._refs is None:
+            self._refs = tuple(self.module.reference(*self._args, dtype=d, **self._kwargs)
+                               for d in (torch.float64, self.problem.torch_dtype))
+        return self._refs
+
+    def throughput(self, ms: float | None) -> float | None:
+        hook = getattr(self.module, "throughput", None)
+        return hook(self.problem, ms) if hook is not None and ms else None
+
+
+def workload_for(problem: Problem, module, seed: int = 0, device: str | torch.device = "cuda",
+                 fill: bool = True) -> Workload:
+    """The tuner's inputs for a problem of this kernel module: its own hooks' for a kernel of another domain, else
+    attention's."""
+    from .kernel_protocol import is_domain_kernel
+    if module is not None and is_domain_kernel(module):
+        return DomainWorkload(problem, module, seed, device)
+    return Workload(problem, seed, device, fill=fill)
+
 
 # --- the bench's inputs and its reference on a subset of the output ----------------------------------------------
 
@@ -219,12 +261,11 @@ class Workload:
 class Inputs:
     """One problem's inputs, shared by every provider of `tunebench bench`. Prefill: q [B, Hq, Nq, D],
     k/v [B, Hkv, Nk, D]. Decode: q [B, Hq, D]; k/v the logical [B, Hkv, Nk, D]; the same K/V packed into pages of
-    ``block_size`` tokens in random order."""
+    problem.page tokens in random order."""
     problem: Problem
     q: object
     k: object
     v: object
-    block_size: int = DEFAULT_BLOCK_SIZE
     k_cache: object = None
     v_cache: object = None
     block_tables: object = None
@@ -235,6 +276,11 @@ class Inputs:
     def device(self):
         return self.q.device
 
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per page of the paged cache (problem.page); None for a dense problem."""
+        return self.problem.page
+
     def expanded_kv(self):
         """K/V with each KV head repeated for its query heads (for providers without GQA), built once."""
         if self._expanded is None:
@@ -244,12 +290,12 @@ class Inputs:
         return self._expanded
 
 
-def make_inputs(problem: Problem, device, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE) -> Inputs:
-    inputs = Inputs(problem, *draw_qkv(problem, device, seed), block_size)
+def make_inputs(problem: Problem, device, seed: int = 0) -> Inputs:
+    inputs = Inputs(problem, *draw_qkv(problem, device, seed))
     if problem.paged:
         inputs.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=device)
         inputs.k_cache, inputs.v_cache, inputs.block_tables = pack_paged(
-            inputs.k, inputs.v, inputs.context_lens, block_size, torch.Generator().manual_seed(seed))
+            inputs.k, inputs.v, inputs.context_lens, problem.page, torch.Generator().manual_seed(seed))
     return inputs
 
 

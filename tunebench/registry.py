@@ -1,6 +1,13 @@
-"""The fixed registry of kernels, and each kernel's identity.
+"""The registry of kernels, and each kernel's identity.
 
-Names read from a database map through `KERNELS`, and nothing else is ever imported.
+A kernel is registered in one of three ways, and each maps a name to a module that follows the kernel convention
+(tunebench.kernel_protocol, checked when the module is first imported):
+- built in: flash_v2, flash_v1, paged_attention (`KERNELS` below);
+- an installed package's entry point in the group `tunebench.kernels` (``rmsnorm = "my_pkg.rmsnorm"``), found when
+  a name is looked up (known_kernels); an entry point cannot take a built-in kernel's name;
+- `--kernel-module [NAME=]pkg.mod` on `tunebench tune` and `tunebench check` (register_modules).
+Names read from a database map through these registrations, and nothing else is ever imported: a row naming a kernel
+that is not registered is skipped, whatever module its name looks like.
 
 A kernel's identity stamps every trial and winner: when it changes, the old winners are stale and are not
 dispatched. It is a hash of the code that runs on the GPU and of the search space, nothing else:
@@ -23,7 +30,11 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
+import re
+import sys
 import textwrap
+import warnings
 from types import ModuleType
 
 KERNELS = {
@@ -31,17 +42,114 @@ KERNELS = {
     "flash_v1": "tunebench.kernels.flash_v1",
     "paged_attention": "tunebench.kernels.paged_attention",
 }
+BUILT_IN = tuple(KERNELS)
+ENTRY_POINT_GROUP = "tunebench.kernels"
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names
+_state = {"entry_points_read": False, "checked": set()}
+
+
+def known_kernels() -> dict[str, str]:
+    """Every registered kernel, name -> module path: the built-in ones, those registered in this process, and the
+    installed packages' entry points (read once)."""
+    if not _state["entry_points_read"]:
+        _state["entry_points_read"] = True
+        _read_entry_points()
+    return KERNELS
+
+
+def _read_entry_points() -> None:
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        why = _name_problem(ep.name, ep.module)
+        if ep.attr:
+            why = f"its value {ep.value!r} must name a module (pkg.mod), not an attribute"
+        if why:
+            warnings.warn(f"tunebench: ignoring the {ENTRY_POINT_GROUP} entry point {ep.name!r} "
+                          f"({getattr(ep.dist, 'name', '?')}): {why}", stacklevel=3)
+            continue
+        KERNELS.setdefault(ep.name, ep.module)
+
+
+def _name_problem(name: str, path: str) -> str | None:
+    if not NAME.fullmatch(name):
+        return f"a kernel name is letters, digits, '_', '.' and '-' (starting with a letter or '_'), got {name!r}"
+    if name in KERNELS and KERNELS[name] != path:
+        return f"the name {name!r} is taken by {KERNELS[name]}"
+    return None
+
+
+def register(name: str, module_path: str) -> ModuleType:
+    """Registers ``module_path`` under ``name`` after importing it and checking it against the kernel convention;
+    ValueError (KernelModuleError) says what is wrong."""
+    known_kernels()
+    why = _name_problem(name, module_path)
+    if why:
+        raise ValueError(f"cannot register kernel {name!r}: {why}")
+    module = _import(name, module_path)
+    KERNELS[name] = module_path
+    return module
+
+
+def register_modules(specs: list[str] | None) -> list[str]:
+    """Registers each `--kernel-module` value, ``NAME=pkg.mod`` or ``pkg.mod`` (named after its last part); returns
+    the names. The current directory is searched last, as ``python -m`` would search it first (the spawned workers
+    inherit this process's path)."""
+    if specs and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    names = []
+    for spec in specs or ():
+        name, _, path = spec.rpartition("=")
+        name = name or path.rpartition(".")[2]
+        register(name, path)
+        names.append(name)
+    return names
+
+
+def require_kernels(names: list[str] | None) -> None:
+    """KeyError naming every registered kernel if one of ``names`` is not registered."""
+    unknown = [n for n in names or () if n not in known_kernels()]
+    if unknown:
+        raise KeyError(f"unknown kernel {unknown[0]!r}; registered: {', '.join(known_kernels())} (register your own "
+                       f"with --kernel-module pkg.mod or an entry point in the group {ENTRY_POINT_GROUP!r})")
+
+
+def declared_problems(kernels: list[str] | None, suite_name: str) -> list:
+    """The problems that the named kernels' modules declare for a suite in their SHAPES (a user's kernel, which no
+    built-in suite holds); [] for the built-in kernels."""
+    from .kernel_protocol import shapes_of
+    return [p for k in kernels or () if k not in BUILT_IN for p in shapes_of(k, kernel_module(k), suite_name)]
+
+
+def module_path(name: str) -> str:
+    """The path of a registered kernel's module, which a worker process imports."""
+    require_kernels([name])
+    return KERNELS[name]
 
 
 def kernel_module(name: str) -> ModuleType:
+    """The registered module of a kernel, imported and checked against the convention."""
     if name not in KERNELS:
-        raise KeyError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
-    return importlib.import_module(KERNELS[name])
+        require_kernels([name])
+    return _import(name, KERNELS[name])
+
+
+def _import(name: str, path: str, check: bool = True) -> ModuleType:
+    from .kernel_protocol import check_module
+    try:
+        module = importlib.import_module(path)
+    except ImportError as e:
+        raise ValueError(f"kernel {name!r}: cannot import its module {path!r}: {e}") from e
+    if check and path not in _state["checked"]:
+        check_module(module, name)
+        _state["checked"].add(path)
+    return module
 
 
 def kernel_identity(name: str) -> str:
     """A short hash of the kernel's jit code and SPACE (see the module docstring); stored as `source_hash`."""
-    module = kernel_module(name)
+    if name not in KERNELS:
+        require_kernels([name])
+    module = _import(name, KERNELS[name], check=False)   # only its code and SPACE count here
     jitted = {}
     for value in vars(module).values():
         if _is_jit(value) and value.fn.__module__ == module.__name__:
@@ -124,8 +232,8 @@ def checked_config(name: str, config: dict) -> dict:
     try:
         why = config_in_space(name, config)
         space = kernel_module(name).SPACE
-    except ImportError as e:
-        raise ValueError(f"the kernel module cannot be imported: {e}") from None
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"the kernel module cannot be used: {e}") from None
     if why:
         raise ValueError(f"config outside SPACE: {why}")
     return {key: config[key] for key in space}

@@ -14,11 +14,17 @@ DTYPES = ("float16", "bfloat16", "float32")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 DENSE_KERNELS = ("flash_v2", "flash_v1")
 PAGED_KERNELS = ("paged_attention",)
+PAGES = (8, 16, 32, 64, 128)       # KV page sizes (tokens per cache block) a paged problem may have
+DEFAULT_PAGE = 16                  # vLLM's default block size: a paged Problem given no page has this one
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One attention call's shape. For paged decode, Nq is 1 and Nk is the context length of every sequence."""
+    """One attention call's shape. For paged decode, Nq is 1 and Nk is the context length of every sequence.
+
+    ``page`` is the KV cache's page size (tokens per block) of a paged problem: a layout the allocator fixes for the
+    whole cache, so it is part of the problem (winners are tuned and stored per page), not of a kernel's config. A
+    paged problem given no page gets DEFAULT_PAGE (16); a dense problem has none (None)."""
     kernel: str
     B: int
     Hq: int
@@ -28,6 +34,7 @@ class Problem:
     D: int
     dtype: str = "float16"
     causal: bool = False
+    page: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -39,6 +46,19 @@ class Problem:
             raise ValueError(f"Hq ({self.Hq}) must be a multiple of Hkv ({self.Hkv})")
         if self.paged and (self.Nq != 1 or self.causal):
             raise ValueError("paged decode problems have Nq == 1 and causal == False")
+        self._check_page()
+
+    def _check_page(self) -> None:
+        if not self.paged:
+            if self.page is not None:
+                raise ValueError(f"page is the KV page size of a paged problem; {self.kernel} is dense and takes "
+                                 f"page=None, got {self.page!r}")
+            return
+        if self.page is None:
+            object.__setattr__(self, "page", DEFAULT_PAGE)    # frozen: set once, here
+        elif type(self.page) is not int or self.page not in PAGES:
+            raise ValueError(f"page (the KV cache's tokens per block) must be a power of two in "
+                             f"{PAGES[0]}..{PAGES[-1]} ({', '.join(map(str, PAGES))}), got {self.page!r}")
 
     @property
     def paged(self) -> bool:
@@ -82,8 +102,9 @@ class Problem:
 
     def label(self) -> str:
         c = " causal" if self.causal else ""
+        page = f" page{self.page}" if self.paged else ""
         return (f"{self.kernel} {self.dtype} B{self.B} H{self.Hq}/{self.Hkv} "
-                f"Nq{self.Nq} Nk{self.Nk} D{self.D}{c}")
+                f"Nq{self.Nq} Nk{self.Nk} D{self.D}{c}{page}")
 
 
 def _pow2_ceil(n: int) -> int:
@@ -91,20 +112,21 @@ def _pow2_ceil(n: int) -> int:
 
 
 def bucket(problem: Problem) -> Problem:
-    """The one shape-to-bucket map: batch and sequence lengths round up to powers of two; all else is exact."""
+    """The one shape-to-bucket map: batch and sequence lengths round up to powers of two; all else (the page size
+    included) is exact."""
     return dataclasses.replace(problem, B=_pow2_ceil(problem.B), Nq=_pow2_ceil(problem.Nq), Nk=_pow2_ceil(problem.Nk))
 
 
 def bucket_key(problem: Problem) -> str:
     b = bucket(problem)
     return (f"{b.kernel}|{b.dtype}|D{b.D}|{'causal' if b.causal else 'full'}|"
-            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}")
+            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}" + (f"|page{b.page}" if b.paged else ""))
 
 
 def bucket_distance(a: Problem, b: Problem) -> float:
     """How far apart two buckets are, in log2 steps of batch, heads and lengths. Infinite across kernel, dtype, head
-    dim or causality, which the dispatcher never substitutes for each other."""
-    if (a.kernel, a.dtype, a.D, a.causal) != (b.kernel, b.dtype, b.D, b.causal):
+    dim, causality or page size, which the dispatcher never substitutes for each other."""
+    if (a.kernel, a.dtype, a.D, a.causal, a.page) != (b.kernel, b.dtype, b.D, b.causal, b.page):
         return math.inf
     return sum(abs(math.log2(getattr(a, f)) - math.log2(getattr(b, f))) for f in ("B", "Hq", "Hkv", "Nq", "Nk"))
 
@@ -120,15 +142,16 @@ PRESETS = {
 
 
 def preset_problems(name: str, kernels=DENSE_KERNELS + PAGED_KERNELS, dtype: str = "bfloat16",
-                    prefill_tokens: int = 16384) -> list[Problem]:
-    """Prefill problems at each length (batch chosen so B x N ~ prefill_tokens, causal) and the decode grid."""
+                    prefill_tokens: int = 16384, page: int = DEFAULT_PAGE) -> list[Problem]:
+    """Prefill problems at each length (batch chosen so B x N ~ prefill_tokens, causal) and the decode grid, whose
+    cache has pages of ``page`` tokens."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     p = PRESETS[name]
     out = []
     for kernel in kernels:
         if kernel in PAGED_KERNELS:
-            out += [Problem(kernel, b, p["Hq"], p["Hkv"], 1, ctx, p["D"], dtype)
+            out += [Problem(kernel, b, p["Hq"], p["Hkv"], 1, ctx, p["D"], dtype, page=page)
                     for b in p["decode_batch"] for ctx in p["decode_ctx"]]
         else:
             out += [Problem(kernel, max(1, prefill_tokens // n), p["Hq"], p["Hkv"], n, n, p["D"], dtype, causal=True)
@@ -145,9 +168,15 @@ def _default_suite() -> list[Problem]:
         out.append(Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, dtype, causal=False))
         out.append(Problem("flash_v2", 4, 32, 32, 4096, 4096, 64, dtype, causal=True))
     out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for n in (1024, 4096) for c in (False, True)]
-    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16")
+    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=16)
             for b, ctx in ((1, 32768), (16, 16384), (64, 4096), (128, 1024))]
     return out
+
+
+def _pages_suite() -> list[Problem]:
+    # Decode winners at every page size, so that `tunebench pages` can weigh time against waste per page size.
+    return [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=page)
+            for page in PAGES for b, ctx in ((64, 4096), (16, 16384))]
 
 
 def _tiny_suite() -> list[Problem]:
@@ -157,8 +186,8 @@ def _tiny_suite() -> list[Problem]:
         Problem("flash_v2", 1, 2, 2, 48, 80, 16, "float32"),
         Problem("flash_v1", 1, 2, 2, 64, 64, 32, "float16", causal=True),
         Problem("flash_v1", 1, 1, 1, 40, 40, 16, "float32"),
-        Problem("paged_attention", 2, 4, 2, 1, 70, 32, "float16"),
-        Problem("paged_attention", 1, 2, 2, 1, 33, 16, "float16"),
+        Problem("paged_attention", 2, 4, 2, 1, 70, 32, "float16", page=16),
+        Problem("paged_attention", 1, 2, 2, 1, 33, 16, "float16", page=8),
     ]
 
 
@@ -171,7 +200,7 @@ def _headline_suite() -> list[Problem]:
             for dtype in ("float16", "bfloat16") for c in (False, True) for n in (4096, 16384)]
     out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for c in (False, True)
             for n in (1024, 4096, 8192)]
-    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16")
+    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=16)
             for b, ctx in ((64, 4096), (16, 16384), (128, 1024), (1, 32768))]
     return out
 
@@ -207,6 +236,7 @@ SUITES = {
     "tiny": _tiny_suite,
     "prefill": lambda: [p for p in _default_suite() if not p.paged],
     "decode": lambda: [p for p in _default_suite() if p.paged],
+    "pages": _pages_suite,
 }
 
 
@@ -228,7 +258,10 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
     elif preset:
         problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
     else:
-        problems = suite(suite_name or ("tiny" if interpret else "default"))
+        from .registry import declared_problems         # a user's kernel declares its own (kernel_protocol SHAPES)
+        name = suite_name or ("tiny" if interpret else "default")
+        declared = declared_problems(kernels, name)
+        problems = (suite(name) if name in SUITES or not declared else []) + declared
     if kernels:
         problems = [p for p in problems if p.kernel in kernels]
     if interpret:

@@ -14,7 +14,7 @@ import os
 import torch
 from hypothesis import strategies as st
 
-from .shapes import Problem
+from .shapes import PAGES, Problem
 
 PROFILE = os.environ.get("TUNEBENCH_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
 ON_GPU = PROFILE == "gpu"
@@ -78,8 +78,9 @@ PAGED_WORK_CPU = 600
 
 
 @st.composite
-def paged_problems(draw, kernel: str = "paged_attention", head_dims=None, contexts=None):
-    """A paged decode Problem: Nk is the longest context in the batch; GQA ratios 1, 4 and 8."""
+def paged_problems(draw, kernel: str = "paged_attention", head_dims=None, contexts=None, pages=None):
+    """A paged decode Problem: Nk is the longest context in the batch; GQA ratios 1, 4 and 8; the cache's page size
+    drawn from shapes.PAGES (8..128), since it is part of the problem."""
     D = draw(st.sampled_from(head_dims or (HEAD_DIMS_GPU if ON_GPU else HEAD_DIMS_CPU)))
     Nk = draw(st.sampled_from(contexts or (PAGED_CTX_GPU if ON_GPU else PAGED_CTX_CPU)))
     Hkv = draw(st.sampled_from((1, 2)))
@@ -87,15 +88,16 @@ def paged_problems(draw, kernel: str = "paged_attention", head_dims=None, contex
     B = draw(st.integers(1, 3))
     while not ON_GPU and B > 1 and B * Hkv * Nk > PAGED_WORK_CPU:
         B -= 1
-    return Problem(kernel, B, Hkv * group, Hkv, 1, Nk, D, draw(st.sampled_from(DTYPES)))
+    page = draw(st.sampled_from(pages or PAGES))
+    return Problem(kernel, B, Hkv * group, Hkv, 1, Nk, D, draw(st.sampled_from(DTYPES)), page=page)
 
 
 @st.composite
-def paged_layouts(draw, problem: Problem, block_size: int):
+def paged_layouts(draw, problem: Problem):
     """Keyword arguments for tunebench.inputs.paged_inputs: per-sequence lengths (the first is Nk; the others include
     1 and exact multiples of the block size), how many leading blocks the other sequences share with the first,
-    extra unused table columns, and whether the inputs are strided views."""
-    n = problem.Nk
+    extra unused table columns, and whether the inputs are strided views. Pages of problem.page tokens."""
+    n, block_size = problem.Nk, problem.page
     multiples = [m for m in range(block_size, n + 1, block_size)] or [n]
     other = st.one_of(st.just(1), st.just(n), st.sampled_from(multiples), st.integers(1, n))
     lens = [n] + [draw(other) for _ in range(problem.B - 1)]

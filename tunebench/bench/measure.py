@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..inputs import DEFAULT_BLOCK_SIZE, make_inputs, reference_for
+from ..inputs import make_inputs, reference_for
 from ..shapes import Problem
 from .providers import Provider, Runner, Skip, first_line
 
@@ -58,7 +58,7 @@ def _release(device) -> None:
 
 
 def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", timer=None, seed: int = 0,
-                block_size: int = DEFAULT_BLOCK_SIZE, log=None) -> list[Measurement]:
+                log=None) -> list[Measurement]:
     """Every applicable provider on the same inputs: prepare, run once and check against the reference (all of them
     first), then time the correct ones. Failures are recorded with their reason and never stop the others."""
     import torch
@@ -67,7 +67,7 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
     phase = "decode" if problem.paged else "prefill"
     chosen = [pr for pr in providers if pr.phase == phase]
     try:
-        inputs = make_inputs(problem, device, seed, block_size)
+        inputs = make_inputs(problem, device, seed)          # a paged cache in pages of problem.page
         reference = reference_for(inputs, seed)
     except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this problem is lost, not the run
         inputs = reference = None

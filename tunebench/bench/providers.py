@@ -188,30 +188,31 @@ def _tuned_paged(inp: Inputs) -> Runner:
     import tunebench
     q, kc, vc, bt, cl = inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
     note = tunebench.explain(q, kc, block_tables=bt).split(" -> ", 1)[-1]
-    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"block size {inp.block_size}; {note}")
+    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"page {inp.block_size}; {note}")
 
 
 def _tuned_paged_own_block(inp: Inputs) -> Runner:
-    """The tuned kernel on a cache laid out in the block size it was tuned to on this GPU (when that differs)."""
+    """The tuned kernel on a cache laid out in the page size recommended for this geometry on this GPU
+    (runtime/pages.py), when that differs from the problem's."""
     import torch
     import tunebench
     p = inp.problem
     bs = tunebench.tuned_paged_block_size(p.Hkv, p.D, p.dtype)
     if bs is None or bs == inp.block_size:
-        raise Skip("no tuned block size on this GPU" if bs is None else f"the tuned block size is {bs} already")
+        raise Skip("no recommended page size on this GPU" if bs is None else f"the recommended page is {bs} already")
     kc, vc, bt = pack_paged(inp.k, inp.v, inp.context_lens, bs, torch.Generator().manual_seed(1))
     q, cl = inp.q, inp.context_lens
-    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"cache in the tuned block size {bs}")
+    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"cache in the recommended page {bs}")
 
 
 def _paged_default(inp: Inputs) -> Runner:
     import torch
     from ..registry import kernel_module
     module = kernel_module("paged_attention")
-    config = dict(module.DEFAULT, BLOCK_SIZE=inp.block_size)
+    config = dict(module.DEFAULT)
     why = module.keep(config, inp.problem)
     if why:
-        raise Skip(f"keep() rejects DEFAULT with BLOCK_SIZE={inp.block_size}: {why}")
+        raise Skip(f"keep() rejects DEFAULT at page {inp.block_size}: {why}")
     q, kc, vc, bt, cl = inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
     out = torch.empty_like(q)
     return Runner(lambda: module.launch(q, kc, vc, bt, cl, config=config, out=out), out=out, note=str(config))
@@ -347,7 +348,7 @@ PROVIDERS = [
     Provider("naive", "prefill", True, _naive, "naive PyTorch (small sizes only)"),
     Provider("tunebench-paged", "decode", False, _tuned_paged, "tunebench.paged_attention (tuned)"),
     Provider("tunebench-paged-own-block", "decode", False, _tuned_paged_own_block,
-             "tunebench.paged_attention on a cache in its tuned block size"),
+             "tunebench.paged_attention on a cache in the recommended page size (tunebench pages)"),
     Provider("tunebench-paged-default", "decode", False, _paged_default, "paged_attention with its DEFAULT config"),
     Provider("sdpa-dense-flash", "decode", True, _dense_decode("FLASH_ATTENTION"), "SDPA flash on contiguous K/V"),
     Provider("sdpa-dense-efficient", "decode", True, _dense_decode("EFFICIENT_ATTENTION"),

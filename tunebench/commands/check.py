@@ -5,10 +5,12 @@ import dataclasses
 import json
 import os
 
-from ..registry import KERNELS
+from ..registry import known_kernels, register_modules, require_kernels
 
 
 def check_command(args) -> int:
+    register_modules(args.kernel_module)
+    require_kernels(args.kernel)
     if args.examples is not None and args.examples < 1:
         raise ValueError(f"--examples must be >= 1, got {args.examples}")
     if args.shape or args.config:
@@ -16,7 +18,7 @@ def check_command(args) -> int:
             raise ValueError("--shape and --config replay one case: give both, with exactly one --kernel")
         return replay(args.kernel[0], _shape(args.shape), _json_object("--config", args.config), args.seed,
                       args.layout)
-    return run_gate(args.kernel or list(KERNELS), profile=args.profile, examples=args.examples)
+    return run_gate(args.kernel or list(known_kernels()), profile=args.profile, examples=args.examples)
 
 
 def _shape(text: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..registry import register_modules, require_kernels
 from ..shapes import select_problems
 from ..tune.confirm import ProblemResult
 from ..tune.options import TuneOptions
@@ -12,6 +13,8 @@ from ..tune.run import tune
 
 
 def tune_command(args) -> int:
+    register_modules(args.kernel_module)
+    require_kernels(args.kernel)
     options = TuneOptions.from_args(args)
     recorded = None
     if args.from_record:

@@ -63,7 +63,9 @@ class AllocatorStats:
 
 
 def _resolve_block_size(block_size, kv_heads, head_dim, dtype) -> tuple[int, str]:
-    """(block size, where it came from): explicit, else the tuned winner of the paged kernel, else the default."""
+    """(block size, where it came from): explicit, else the page size recommended from this GPU's paged winners
+    (runtime/pages.py: predicted decode time over the tuned decode buckets, weighed with the waste of last blocks),
+    else the default."""
     if block_size is not None:
         return block_size, "explicit"
     geometry = (kv_heads, head_dim, dtype)
@@ -86,7 +88,8 @@ def _resolve_block_size(block_size, kv_heads, head_dim, dtype) -> tuple[int, str
 
 class BlockAllocator:
     """Paged KV blocks for many sequences. ``block_size``: explicit wins; else, given kv_heads, head_dim and dtype,
-    the tuned winner of the paged kernel on this GPU (``tunebench.runtime.dispatch.tuned_paged_block_size``); else 16.
+    the page size recommended from the paged kernel's winners on this GPU (``tunebench.runtime.dispatch.
+    tuned_paged_block_size``, see runtime/pages.py; `tunebench pages` prints the table behind it); else 16.
     ``block_size_source`` says which: "explicit", "tuned" or "default"."""
 
     def __init__(self, num_blocks: int, block_size: int | None = None, *, kv_heads: int | None = None,

@@ -33,16 +33,15 @@ class Dispatcher:
             self._winners = Winners.load()
         return self._winners
 
-    def choose(self, problem: Problem, block_size: int | None = None) -> Choice:
-        """The config for a call: exact winner, safe transfer or DEFAULT, with the reason. A paged call passes its
-        cache's block size: only trials at that page size are evidence for it."""
+    def choose(self, problem: Problem) -> Choice:
+        """The config for a call: exact winner, safe transfer or DEFAULT, with the reason. A paged problem carries
+        its cache's page size, so only winners and trials at that page are evidence for it."""
         module = kernel_module(problem.kernel)
-        default = dict(module.DEFAULT) if block_size is None else dict(module.DEFAULT, BLOCK_SIZE=block_size)
+        default = dict(module.DEFAULT)
 
         def admits(config):
             return module.keep(config, problem) is None
-        only = None if block_size is None else {"BLOCK_SIZE": block_size}
-        choice = self.winners.choose(problem, default, admits, only)
+        choice = self.winners.choose(problem, default, admits)
         if choice is not None and admits(choice.config):
             return choice
         if choice is not None:
@@ -86,24 +85,21 @@ def _dense_problem(kernel: str, q, k, causal: bool) -> Problem:
 
 
 def _paged_problem(q, k_cache, block_tables) -> Problem:
+    """The call's Problem; its page is the cache's block size (k_cache.shape[1]), so winners are per page size."""
     if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
         raise ValueError(f"expected q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables "
                          f"[B, max_blocks]; got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}")
     B, Hq, D = q.shape
     # The longest context the table can address: known on the host, with no device sync.
     nk = max(1, block_tables.shape[1] * k_cache.shape[1])
-    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q))
+    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q), page=k_cache.shape[1])
 
 
-def _paged_config(config: dict, block_size: int, problem: Problem) -> dict:
-    """The cache's block size is the caller's layout: a winner tuned for another block size keeps its other values."""
-    if config.get("BLOCK_SIZE") == block_size:
-        return config
-    module = kernel_module("paged_attention")
-    adapted = dict(config, BLOCK_SIZE=block_size)
-    if module.keep(adapted, problem) is None:
-        return adapted
-    return dict(module.DEFAULT, BLOCK_SIZE=block_size)
+def tuned_config(problem: Problem) -> dict:
+    """The config the dispatcher runs for a problem of any registered kernel, a user's own included
+    (tunebench.kernel_protocol): the exact winner of its bucket, a safe transfer, or DEFAULT. Cached per problem,
+    so a kernel's own wrapper pays one dict lookup per call: ``launch(..., config=tunebench.tuned_config(p))``."""
+    return _DISPATCHER.config_for(("config", problem), lambda: _DISPATCHER.choose(problem).config)
 
 
 _LAUNCH: dict[str, object] = {}
@@ -135,11 +131,7 @@ def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optiona
     if recorder is not None:
         recorder.count(key, lambda: _paged_problem(q, k_cache, block_tables))
 
-    def resolve():
-        problem = _paged_problem(q, k_cache, block_tables)
-        return _paged_config(_DISPATCHER.choose(problem, k_cache.shape[1]).config, k_cache.shape[1], problem)
-
-    config = _DISPATCHER.config_for(key, resolve)
+    config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_paged_problem(q, k_cache, block_tables)).config)
     return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale)
 
 
@@ -198,16 +190,13 @@ def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_table
         problem = _paged_problem(q, k, block_tables)
     else:
         problem = _dense_problem(VARIANTS[variant], q, k, causal)
-    choice = _DISPATCHER.choose(problem, None if block_tables is None or k is None else k.shape[1])
+    choice = _DISPATCHER.choose(problem)
     return f"{problem.label()} -> {choice.config}: {choice.why}"
 
 
 def tuned_paged_block_size(kv_heads: int, head_dim: int, dtype) -> int | None:
-    """The KV block size the paged kernel was tuned to on this GPU for this geometry (the most common among its
-    winners, ties to the smaller), or None when nothing is tuned."""
+    """The KV page size recommended for this geometry from this GPU's paged winners (runtime/pages.py: predicted
+    decode time over the tuned decode buckets, weighed with the waste of last blocks), or None when nothing is tuned."""
+    from .pages import recommend
     dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    sizes = [config["BLOCK_SIZE"] for key, (p, config, _) in _DISPATCHER.winners.exact.items()
-             if p.kernel == "paged_attention" and p.Hkv == kv_heads and p.D == head_dim and p.dtype == dtype]
-    if not sizes:
-        return None
-    return min(set(sizes), key=lambda s: (-sizes.count(s), s))
+    return recommend(_DISPATCHER.winners, kv_heads, head_dim, dtype).pick

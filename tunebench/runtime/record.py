@@ -21,7 +21,8 @@ import pathlib
 from ..shapes import DTYPES, Problem, bucket, bucket_key
 
 FORMAT = "tunebench-record"
-VERSION = 1
+VERSION = 2             # 2: problems have a page; version-1 files still load (a paged entry without one: page 16)
+VERSIONS = (1, 2)
 MAX_ENTRIES = 10_000
 MAX_FILE_BYTES = 16 * 1024 * 1024
 _LIMITS = {"B": 1 << 16, "Hq": 1024, "Hkv": 1024, "Nq": 1 << 22, "Nk": 1 << 24, "D": 1024}
@@ -108,25 +109,25 @@ def load(path: str | os.PathLike, known_kernels) -> list[tuple[Problem, int]]:
         raise RecordError(f"{path}: no such record file (write one with tunebench.record or TUNEBENCH_RECORD)")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise RecordError(f"{path}: not a readable record file ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in VERSIONS:
         raise RecordError(f"{path}: not a tunebench record (expected format {FORMAT!r} version {VERSION})")
     entries = data.get("entries")
     if not isinstance(entries, list) or not entries:
         raise RecordError(f"{path}: 'entries' must be a non-empty list")
     if len(entries) > MAX_ENTRIES:
         raise RecordError(f"{path}: {len(entries)} entries is over the limit of {MAX_ENTRIES}")
-    out = [_entry(path, i, e, set(known_kernels)) for i, e in enumerate(entries)]
+    out = [_entry(path, i, e, set(known_kernels), data["version"]) for i, e in enumerate(entries)]
     return sorted(out, key=lambda e: (-e[1], bucket_key(e[0])))
 
 
-def _entry(path, index: int, entry, known_kernels: set) -> tuple[Problem, int]:
+def _entry(path, index: int, entry, known_kernels: set, version: int = VERSION) -> tuple[Problem, int]:
     where = f"{path}: entry {index}"
     if not isinstance(entry, dict) or set(entry) != {"problem", "calls"}:
         raise RecordError(f"{where}: must be an object with 'problem' and 'calls'")
     fields, calls = entry["problem"], entry["calls"]
     if type(calls) is not int or calls < 1:
         raise RecordError(f"{where}: 'calls' must be a positive integer, got {str(calls)[:50]!r}")
-    names = {f.name for f in dataclasses.fields(Problem)}
+    names = {f.name for f in dataclasses.fields(Problem)} - ({"page"} if version == 1 else set())
     if not isinstance(fields, dict) or set(fields) != names:
         raise RecordError(f"{where}: 'problem' must have exactly the fields {sorted(names)}")
     if fields["kernel"] not in known_kernels:
@@ -134,6 +135,8 @@ def _entry(path, index: int, entry, known_kernels: set) -> tuple[Problem, int]:
                           f"known: {', '.join(sorted(known_kernels))}")
     if fields["dtype"] not in DTYPES or type(fields["causal"]) is not bool:
         raise RecordError(f"{where}: dtype must be one of {DTYPES} and causal a bool")
+    if fields.get("page") is not None and type(fields["page"]) is not int:
+        raise RecordError(f"{where}: page must be an integer or null, got {str(fields['page'])[:50]!r}")
     for name, limit in _LIMITS.items():
         value = fields[name]
         if type(value) is not int or not 1 <= value <= limit:

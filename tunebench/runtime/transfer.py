@@ -2,9 +2,9 @@
 
 The nearest tuned bucket's winner was chosen for another wave count and can lose a third to DEFAULT (issue 17). So a
 config is transferred only where the trials of the neighbouring tuned buckets say it is safe:
-- the neighbours are the NEIGHBOURS nearest tuned buckets of the same family (kernel, dtype, head dim, causality), in
-  the features that decide which config wins: the number of (batch, head) programs, the query and key lengths, and
-  the GQA group, each in log2 steps; at least MIN_NEIGHBOURS of them, none further than MAX_DISTANCE;
+- the neighbours are the NEIGHBOURS nearest tuned buckets of the same family (kernel, dtype, head dim, causality,
+  page size), in the features that decide which config wins: the number of (batch, head) programs, the query and key
+  lengths, and the GQA group, each in log2 steps; at least MIN_NEIGHBOURS of them, none further than MAX_DISTANCE;
 - a candidate is any config with an ok trial in every one of them, that `keep` admits for the call;
 - it is safe when it beat DEFAULT in each neighbour by at least MARGIN (DEFAULT's time / its time);
 - of the safe ones, the one whose smallest gain is largest runs. With none, DEFAULT runs.
@@ -40,11 +40,6 @@ class Evidence:
             self.ms[key], self.configs[key] = median_ms, dict(config)
 
 
-    def only(self, values: dict) -> "Evidence":
-        """The same bucket's evidence, restricted to the configs that have these values."""
-        keep = [k for k, c in self.configs.items() if all(c.get(name) == v for name, v in values.items())]
-        return Evidence(self.bucket, {k: self.ms[k] for k in keep}, {k: self.configs[k] for k in keep})
-
 
 @dataclass(frozen=True)
 class Transfer:
@@ -63,7 +58,7 @@ def features(problem: Problem) -> tuple[float, ...]:
 
 
 def distance(a: Problem, b: Problem) -> float:
-    if (a.kernel, a.dtype, a.D, a.causal) != (b.kernel, b.dtype, b.D, b.causal):
+    if (a.kernel, a.dtype, a.D, a.causal, a.page) != (b.kernel, b.dtype, b.D, b.causal, b.page):
         return math.inf
     return sum(abs(x - y) for x, y in zip(features(a), features(b)))
 

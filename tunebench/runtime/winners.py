@@ -53,18 +53,25 @@ class Choice:
 
 
 def family(problem: Problem) -> tuple:
-    """What a config may be transferred across: never kernel, dtype, head dim or causality."""
-    return (problem.kernel, problem.dtype, problem.D, problem.causal)
+    """What a config may be transferred across: never kernel, dtype, head dim, causality or page size (a paged
+    cache's layout: a winner for one page says nothing safe about another)."""
+    return (problem.kernel, problem.dtype, problem.D, problem.causal, problem.page)
 
 
 class Winners:
-    """One device's winners by exact bucket, and its ok trials by family and bucket (the evidence for transfer)."""
+    """One device's winners by exact bucket, and its ok trials by family and bucket (the evidence for transfer).
+    ``times`` holds each exact winner's median ms where the rows give it (the page-size recommendation reads it)."""
 
     def __init__(self, device_name: str, rows, timings=()):
         self.device_name = device_name
         self.exact: dict[str, tuple[Problem, dict, str]] = {}
-        for problem, config, origin in rows:
-            self.exact.setdefault(bucket_key(problem), (problem, config, origin))   # highest precedence first
+        self.times: dict[str, float] = {}
+        for problem, config, origin, *ms in rows:
+            key = bucket_key(problem)
+            if key not in self.exact:                                  # highest precedence first
+                self.exact[key] = (problem, config, origin)
+                if ms:
+                    self.times[key] = ms[0]
         self.evidence: dict[tuple, dict[str, transfer.Evidence]] = {}
         for problem, config, median_ms in timings:
             buckets = self.evidence.setdefault(family(problem), {})
@@ -90,7 +97,7 @@ class Winners:
                 continue
             for w in found:
                 if current(w.kernel, w.source_hash):
-                    rows.append((w.problem, w.config, url))
+                    rows.append((w.problem, w.config, url, w.median_ms))
                 else:
                     stale.add(w.kernel)
             for kernel, shash, problem, config, ms in timed:
@@ -104,11 +111,9 @@ class Winners:
                           f"changed since they were tuned; {TUNE_HINT}", stacklevel=3)
         return cls(device_name, rows, timings)
 
-    def choose(self, problem: Problem, default: dict | None = None, admits=None,
-               only: dict | None = None) -> Choice | None:
-        """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer,
-        else None: run DEFAULT. ``only`` restricts the evidence to configs with those values (a paged call's page
-        size, which the cache fixes)."""
+    def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:
+        """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer from
+        buckets of the same family (a paged problem's page size included), else None: run DEFAULT."""
         key = bucket_key(problem)
         if key in self.exact:
             _, config, origin = self.exact[key]
@@ -116,7 +121,5 @@ class Winners:
         if default is None:
             return None
         evidence = list(self.evidence.get(family(problem), {}).values())
-        if only:
-            evidence = [e.only(only) for e in evidence]
         found = transfer.choose(problem, evidence, default, admits or (lambda config: True))
         return Choice(found.config, f"no winner for bucket {key}; {found.why()}") if found else None

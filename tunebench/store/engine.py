@@ -9,6 +9,10 @@ Optuna's studies (both have a `trials` table): `--db` and `--storage` may be the
 at once take turns (an advisory lock) instead of failing on PostgreSQL's non-atomic CREATE TABLE.
 
 A read-only open never creates or changes a file.
+
+Schema versions: 2 keys problems by the paged cache's page size too (issue 19). A version-1 database is migrated
+when opened writable (migrate.py, in one transaction); opened read-only, a SQLite file is migrated in a private
+in-memory copy, and another database is refused with a StoreError saying how to migrate it.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from .. import __version__
+from . import migrate
 from .models import Base, SchemaVersionModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 PG_SCHEMA = "tunebench_results"     # on PostgreSQL the tables live in this schema (see _listen_postgresql)
 PG_CREATE_LOCK = 0x7475_6E65        # advisory lock key held while creating the tables ("tune")
@@ -76,6 +81,8 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
         raise StoreError(f"cannot use the results database URL {where}: {type(e).__name__}: {e}") from e
     try:
         _open(engine, where, readonly)
+    except _ReadOnlyOldSchema:
+        engine = _migrated_copy(engine, path, where)
     except StoreError:
         engine.dispose()
         raise
@@ -92,6 +99,28 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
             engine.dispose()
             raise StoreError(describe(where, e)) from e
     return engine, where
+
+
+class _ReadOnlyOldSchema(Exception):
+    """A version-1 database opened read-only: it is read through a migrated copy, or refused."""
+
+
+def _migrated_copy(engine: Engine, path: pathlib.Path | None, where: str) -> Engine:
+    """A version-1 SQLite file opened read-only: an in-memory copy, migrated; the file is left as it is."""
+    try:
+        if path is None:
+            raise StoreError(f"{where} has results schema version 1; open it writable once (e.g. `tunebench tune "
+                             f"--db ...`) to migrate it to version {SCHEMA_VERSION}")
+        copy = migrate.memory_copy(engine, _listen_sqlite)
+    finally:
+        engine.dispose()
+    try:
+        migrate.migrate_sqlite(copy, SCHEMA_VERSION)
+        _open(copy, where, readonly=True)
+    except BaseException:
+        copy.dispose()
+        raise
+    return copy
 
 
 def describe(where: str, error: SQLAlchemyError) -> str:
@@ -200,7 +229,16 @@ def _open(engine: Engine, where: str, readonly: bool) -> None:
     """Checks the schema version (before creating anything) and, unless read-only, creates what is missing."""
     with engine.execution_options(tunebench_read=True).begin() as connection:
         version = _schema_version(connection, where)
-        complete = version is not None and _check_tables(connection, where)
+        old = version is not None and version < SCHEMA_VERSION
+        complete = version is not None and _check_tables(connection, where, migrate.ADDED if old else frozenset())
+    if old and not complete:
+        raise StoreError(f"{where} is not a tunebench results database (schema version {version} without its "
+                         f"tables)")
+    if old:
+        if readonly:
+            raise _ReadOnlyOldSchema()
+        _migrate(engine)
+        return _open(engine, where, readonly)
     if readonly and not complete:
         raise StoreError(f"{where} is not a tunebench results database (no schema version or tables)")
     if complete or readonly:
@@ -225,21 +263,32 @@ def _schema_version(connection, where: str) -> int | None:
     if version is not None and version > SCHEMA_VERSION:
         raise StoreError(f"{where} has results schema version {version}, newer than the {SCHEMA_VERSION} "
                          f"this tunebench {__version__} reads: upgrade tunebench to use it")
-    if version is not None and version < SCHEMA_VERSION:
-        raise StoreError(f"{where} has results schema version {version}, older than {SCHEMA_VERSION}; "
-                         f"no migration exists: re-tune into a new database")
+    if version is not None and version < 1:
+        raise StoreError(f"{where} has results schema version {version}: no tunebench wrote it")
     return version
 
 
-def _check_tables(connection, where: str) -> bool:
+def _migrate(engine: Engine) -> None:
+    """Migrates a version-1 database to SCHEMA_VERSION in one transaction (racing processes: one migrates)."""
+    if engine.dialect.name == "sqlite":
+        migrate.migrate_sqlite(engine, SCHEMA_VERSION)
+        return
+    with engine.begin() as connection:
+        _lock_for_creation(connection)
+        if _schema_version(connection, "") == 1:
+            migrate.migrate_postgresql(connection, SCHEMA_VERSION)
+
+
+def _check_tables(connection, where: str, added: frozenset = frozenset()) -> bool:
     """Whether all our tables exist. A table of ours with other columns (e.g. Optuna's own `trials` in the same
-    file) is refused by name."""
+    file) is refused by name. ``added``: (table, column) pairs a migration will add, not required yet."""
     inspector = inspect(connection)
     names = set(inspector.get_table_names())
     for table in Base.metadata.sorted_tables:
         if table.name not in names:
             return False
-        missing = {c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)}
+        missing = ({c.name for c in table.columns if (table.name, c.name) not in added}
+                   - {c["name"] for c in inspector.get_columns(table.name)})
         if missing:
             raise StoreError(f"{where} has a table {table.name!r} without columns {sorted(missing)}: it is "
                              f"not tunebench's (an Optuna storage? give Optuna its own database)")

@@ -127,9 +127,15 @@ class KernelModel(Base):
     source_hash: Mapped[str] = mapped_column(String(NAME_LENGTH))
 
 
+NO_PAGE = 0   # the page column of a dense problem: 0, not NULL, since NULLs never collide in a unique constraint
+
+
 class ProblemModel(Base):
+    """A bucketed Problem. ``page`` is the paged cache's page size, NO_PAGE for dense problems, and NULL for paged rows
+    migrated from schema 1 (tuned while the page was a search dimension: their page is unknown, so nothing reads
+    them; see engine.py)."""
     __tablename__ = "problems"
-    __table_args__ = (UniqueConstraint("kernel", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal"),)
+    __table_args__ = (UniqueConstraint("kernel", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal", "page"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kernel: Mapped[str] = mapped_column(String(NAME_LENGTH))
     B: Mapped[int] = mapped_column(Integer)
@@ -140,19 +146,28 @@ class ProblemModel(Base):
     D: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(NAME_LENGTH))
     causal: Mapped[bool] = mapped_column(Boolean)
+    page: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     @classmethod
     def bucket_values(cls, problem: Problem) -> dict:
         b = bucket(problem)  # the one shape-to-bucket map, shared with the dispatcher
         return dict(kernel=b.kernel, B=b.B, Hq=b.Hq, Hkv=b.Hkv, Nq=b.Nq, Nk=b.Nk, D=b.D, dtype=b.dtype,
-                    causal=bool(b.causal))
+                    causal=bool(b.causal), page=NO_PAGE if b.page is None else b.page)
+
+    @classmethod
+    def known_page(cls):
+        """The rows that can be read as Problems: all but schema-1 paged rows, whose page is unknown."""
+        return cls.page.is_not(None)
 
     @classmethod
     def matching(cls, problem: Problem):
         return [getattr(cls, k) == v for k, v in cls.bucket_values(problem).items()]
 
     def to_problem(self) -> Problem:
-        return Problem(self.kernel, self.B, self.Hq, self.Hkv, self.Nq, self.Nk, self.D, self.dtype, self.causal)
+        if self.page is None:
+            raise ValueError("a paged problem tuned before the page size was part of the problem (schema 1)")
+        page = None if self.page == NO_PAGE else self.page
+        return Problem(self.kernel, self.B, self.Hq, self.Hkv, self.Nq, self.Nk, self.D, self.dtype, self.causal, page)
 
 
 class TrialModel(Base):

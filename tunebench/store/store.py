@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..device import DeviceIdentity
-from ..registry import KERNELS
+from ..registry import known_kernels
 from ..shapes import Problem
 from .engine import StoreError, describe, open_engine, resolve_url
 from .models import (STATUSES, TRIAL_FLOATS, WINNER_FLOATS, DeviceModel, KernelModel, ProblemModel, TrialModel,
@@ -115,8 +115,8 @@ class Store:
                       speedup_vs_peer: float | None = None) -> bool:
         """Atomically keeps the faster of this and the stored winner; True if this one was written."""
         self._writable()
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        if kernel not in known_kernels():
+            raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(known_kernels())}")
         if not (isinstance(median_ms, (int, float)) and math.isfinite(median_ms) and median_ms > 0):
             raise ValueError(f"a winner needs a finite median_ms > 0, got {median_ms!r}")
         floats, nonfinite = split_floats(dict(speedup_vs_default=speedup_vs_default,
@@ -181,30 +181,32 @@ class Store:
                  .join(DeviceModel, TrialModel.device_id == DeviceModel.id)
                  .join(KernelModel, TrialModel.kernel_id == KernelModel.id)
                  .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
-                 .where(DeviceModel.name == device_name, TrialModel.status == "ok"))
+                 .where(DeviceModel.name == device_name, TrialModel.status == "ok", ProblemModel.known_page()))
         with self.session(read_only=True) as session:
             rows = _readable(self, "trials", lambda: session.execute(query).all())
-        out = []
+        out, known = [], known_kernels()
         for kernel, source_hash, problem, config_json, median in rows:
             try:
                 config = json.loads(config_json)
                 bucketed = problem.to_problem()
             except (ValueError, TypeError, RecursionError):
                 continue
-            if kernel in KERNELS and isinstance(config, dict) and type(median) is float and 0 < median < math.inf:
+            if kernel in known and isinstance(config, dict) and type(median) is float and 0 < median < math.inf:
                 out.append((kernel, source_hash, bucketed, config, median))
         return out
 
     def winners(self, *, device_name: str | None = None, kernel: str | None = None,
                 check_config: Callable[[str, dict], dict] | None = None) -> list[Winner]:
-        """Stored winners, newest first. A row that cannot be trusted is skipped with a StoreWarning naming it: an
-        unknown kernel, malformed JSON or values of the wrong type, and, when ``check_config(kernel, config)`` is given
-        and raises ValueError, a config that check refuses (registry.checked_config: outside the kernel's SPACE).
+        """Stored winners, newest first; schema-1 paged rows (page unknown) are left out. A row that cannot be trusted
+        is skipped with a StoreWarning naming it: an unknown kernel, malformed JSON or values of the wrong type, and,
+        when ``check_config(kernel, config)`` is given and raises ValueError, a config that check refuses
+        (registry.checked_config: outside the kernel's SPACE).
         The config a winner carries is the one check_config returns, else the stored JSON object."""
         query = (select(WinnerModel, DeviceModel, KernelModel, ProblemModel)
                  .join(DeviceModel, WinnerModel.device_id == DeviceModel.id)
                  .join(KernelModel, WinnerModel.kernel_id == KernelModel.id)
                  .join(ProblemModel, WinnerModel.problem_id == ProblemModel.id)
+                 .where(ProblemModel.known_page())
                  .order_by(WinnerModel.updated_at.desc(), WinnerModel.id.desc()))
         if device_name is not None:
             query = query.where(DeviceModel.name == device_name)
@@ -239,8 +241,8 @@ class _Rejected(Exception):
 def _checked_winner(winner: WinnerModel, device: DeviceModel, kernel: KernelModel, problem: ProblemModel,
                     check_config: Callable[[str, dict], dict] | None) -> Winner:
     """The row as a Winner, or _Rejected saying why it cannot be trusted."""
-    if kernel.name not in KERNELS:
-        raise _Rejected(f"unknown kernel (known: {', '.join(KERNELS)})")
+    if kernel.name not in known_kernels():
+        raise _Rejected(f"unknown kernel (known: {', '.join(known_kernels())})")
     if problem.kernel != kernel.name:
         raise _Rejected(f"its problem is for kernel {problem.kernel!r}")
     try:

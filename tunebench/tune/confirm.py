@@ -1,5 +1,6 @@
 """The winner of a problem: its best few ok configs and DEFAULT re-timed against each other, so that noise does not
-pick it, then upserted into the store (a faster time replaces a slower one, never the reverse).
+pick it, then upserted into the store (a faster time replaces a slower one, never the reverse). The store's winner
+is then written to the problem's Optuna study (its `winner` user attribute), so optuna-dashboard agrees with it.
 
 The re-timing runs in the background of the next problem's search: the fleet hands its replies to the callbacks here
 (Fleet.submit_background), and the result goes to ``done`` once the last of them is in.
@@ -9,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..shapes import Problem
+from ..shapes import Problem, bucket_key
 from .progress import format_config
 from .protocol import Event, Retime
 from .shared import Seen, SharedStudy
-from .study import config_key
+from .study import config_key, record_winner
 from . import timing, trace
 
 if TYPE_CHECKING:
@@ -129,8 +130,24 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
     written = job.shared.upsert_winner(config, ms[best], speedup)
     if not written:
         note = _join(note, "the store keeps a faster earlier winner")
+    stored = stored_winner(job.shared)
+    if stored is not None:
+        if written:
+            stored["trial"] = finalists[best].number
+        record_winner(job.shared.study, stored)
     return ProblemResult(job.shared.problem, config, ms[best], default_ms, speedup, counts, written=written,
                          note=note)
+
+
+def stored_winner(shared: SharedStudy) -> dict | None:
+    """The winner the store holds for the study's device, kernel identity and bucket (what the dispatcher runs), as
+    JSON for the study's `winner` attribute; None if the store has none."""
+    key = bucket_key(shared.problem)
+    for w in shared.store.winners(device_name=shared.device.name, kernel=shared.kernel):
+        if w.source_hash == shared.hash and bucket_key(w.problem) == key:
+            return {"config": w.config, "median_ms": w.median_ms, "speedup_vs_default": w.speedup_vs_default,
+                    "updated_at": w.updated_at.isoformat()}
+    return None
 
 
 def _join(*notes: str) -> str:

@@ -88,7 +88,7 @@ class Worker:
         self.request, self.timeout = request, timeout
         key = (request.problem, request.seed) if hasattr(request, "problem") else None
         if key is not None and key != self.loaded:
-            self._send(Setup(*key), "setup", self.setup_timeout)
+            self._send(Setup(*key, module=request.module), "setup", self.setup_timeout)
         else:
             self._send(request, "run", timeout)
 

@@ -30,9 +30,11 @@ class Identify:
 
 @dataclass(frozen=True)
 class Setup:
-    """Build the problem's inputs (and, in a runner, its references) once, ahead of its trials."""
+    """Build the problem's inputs (and, in a runner, its references) once, ahead of its trials. ``module``: the
+    kernel module's path, for a kernel that builds its own inputs (tunebench.kernel_protocol)."""
     problem: Problem
     seed: int
+    module: str = ""
 
 
 @dataclass(frozen=True)

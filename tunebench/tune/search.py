@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from ..registry import KERNELS, kernel_identity, kernel_module
+from ..registry import kernel_identity, kernel_module, module_path
 from ..shapes import Problem
 from .confirm import Confirmation, ProblemResult, confirm
 from .options import TuneOptions
@@ -46,7 +46,7 @@ class Search:
     def __init__(self, problem: Problem, options: TuneOptions, store, storage, fleet: Fleet, device,
                  progress: Progress):
         self.problem, self.options, self.fleet, self.progress = problem, options, fleet, progress
-        self.module_path = KERNELS[problem.kernel]
+        self.module_path = module_path(problem.kernel)
         self.module = kernel_module(problem.kernel)
         self.space = self.module.SPACE
         # keep() once per config of SPACE: the reason it is rejected for this problem, or None
@@ -295,7 +295,7 @@ class Search:
         """An idle runner builds the problem's inputs and references (while the first configs are asked and
         compiled), once."""
         if worker.loaded != (self.problem, self.options.seed):
-            worker.submit(Setup(self.problem, self.options.seed), self.options.setup_timeout)
+            worker.submit(Setup(self.problem, self.options.seed, self.module_path), self.options.setup_timeout)
             self.preparing.add(worker)
 
     def next_ready(self) -> Candidate | None:

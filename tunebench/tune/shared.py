@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 from ..shapes import Problem
 from .protocol import Outcome
-from .study import config_key, study_name
+from .study import config_key, open_study
 from . import trace
 
 HOST = f"{socket.gethostname()}:{os.getpid()}"
@@ -57,9 +57,7 @@ class SharedStudy:
         import optuna
         self.problem, self.space, self.device, self.store, self.storage = problem, space, device, store, storage
         self.kernel, self.hash = problem.kernel, kernel_hash
-        self.study = optuna.create_study(storage=storage, sampler=sampler,
-                                         study_name=study_name(device, self.kernel, kernel_hash, problem),
-                                         direction="minimize", load_if_exists=True)
+        self.study = open_study(storage, sampler, device, kernel_hash, problem)
         self.heartbeats = hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None
         optuna.storages.fail_stale_trials(self.study)
         self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told

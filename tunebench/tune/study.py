@@ -2,7 +2,8 @@
 by processes and hosts), the study of each problem, its samplers, and the one place SPACE becomes suggestions.
 
 One study per device x kernel x kernel identity x bucketed problem, so that a stopped run resumes and several
-processes or hosts share studies. Nothing here runs a trial.
+processes or hosts share studies; its name reads in optuna-dashboard (study_name), its user attributes say what it
+measured and which config won (open_study, record_winner). Nothing here runs a trial.
 """
 from __future__ import annotations
 
@@ -151,7 +152,53 @@ def describe_storage(storage) -> str:
 
 
 def study_name(device, kernel: str, shash: str, problem: Problem) -> str:
-    return f"{device.name}|{kernel}|{shash}|{bucket_key(problem)}"
+    """The study of one device x kernel identity x bucket, named to read in optuna-dashboard:
+    `flash_v2/bfloat16/D128/causal/B4-H32x8-N4096 @ NVIDIA H200 #1a2b3c4d`.
+
+    It is built from bucket_key (so every field that tells two buckets apart is in it; the lengths read N4096 when
+    Nq == Nk). The suffix is the kernel identity's first 8 hex digits: Optuna's study names are unique, and a resumed
+    study must hold trials of the same code, so two identities need two names. The whole identity is the study's
+    user attribute `kernel_identity`, which open_study checks when it resumes one."""
+    _, dtype, d, causal, *sizes = bucket_key(problem).split("|")
+    return f"{kernel}/{dtype}/{d}/{causal}/{_sizes_label(sizes)} @ {device.name} #{shash[:8]}"
+
+
+def _sizes_label(sizes: list[str]) -> str:
+    """['B4', 'H32/8', 'Nq4096', 'Nk4096'] -> 'B4-H32x8-N4096' (no '/', which separates the name's parts)."""
+    sizes = [s.replace("/", "x") for s in sizes]
+    nq = next((s for s in sizes if s.startswith("Nq")), None)
+    nk = next((s for s in sizes if s.startswith("Nk")), None)
+    if nq is not None and nk is not None and nq[2:] == nk[2:]:
+        sizes = [f"N{nq[2:]}" if s == nq else s for s in sizes if s != nk]
+    return "-".join(sizes)
+
+
+def study_attributes(device, shash: str, problem: Problem) -> dict:
+    """What a study's name abbreviates, as user attributes (optuna-dashboard shows them)."""
+    return {"kernel_identity": shash, "kernel": problem.kernel, "device": device.name, "bucket": bucket_key(problem)}
+
+
+def open_study(storage, sampler, device, shash: str, problem: Problem):
+    """Creates the problem's study, or loads it to resume. A study of that name whose `kernel_identity` is another
+    (two identities sharing a hash prefix) is refused, never resumed: its trials measured other code."""
+    import optuna
+    name = study_name(device, problem.kernel, shash, problem)
+    study = optuna.create_study(storage=storage, sampler=sampler, study_name=name, direction="minimize",
+                                load_if_exists=True)
+    found = study.user_attrs.get("kernel_identity")
+    if found is not None and found != shash:
+        raise RuntimeError(f"the Optuna study {name!r} holds trials of kernel identity {found}, not {shash}: "
+                           f"delete that study, or tune into another --storage")
+    if found is None:
+        for key, value in study_attributes(device, shash, problem).items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def record_winner(study, winner: dict) -> None:
+    """The store's winner of this study's bucket, as the study's user attribute `winner`, so that optuna-dashboard
+    shows the config the dispatcher runs (Optuna's own best_trial is the fastest single trial, before re-timing)."""
+    study.set_user_attr("winner", winner)
 
 
 def make_sampler(options: "TuneOptions", budget: int):

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..correctness import Verdict, close_enough
-from ..inputs import Workload
+from ..inputs import Workload, workload_for
 from ..shapes import Problem
 from .protocol import Compile, Identify, Outcome, Retime, Run, Setup
 from . import timing, trace
@@ -92,7 +92,7 @@ def time_(workload: Workload, module, config: dict, bench: timing.Bench, verdict
     except Exception as e:
         return failure(e, "crashed", "timing")
     return Outcome("ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                   throughput=workload.problem.throughput(t.median_ms), err_ratio=verdict.ratio)
+                   throughput=workload.throughput(t.median_ms), err_ratio=verdict.ratio)
 
 
 def launcher(workload: Workload, module, config: dict):
@@ -184,11 +184,11 @@ class _WorkerState:
             if isinstance(request, Identify):
                 from ..device import DeviceIdentity
                 return ("ok", DeviceIdentity.current(self.interpret, device_index=None)), False
+            module = importlib.import_module(request.module) if getattr(request, "module", "") else None
             if isinstance(request, Setup):
-                self.setup(request.problem, request.seed)
+                self.setup(request.problem, request.seed, module)
                 return ("ok", None), False
-            module = importlib.import_module(request.module)
-            workload = self.setup(request.problem, request.seed)
+            workload = self.setup(request.problem, request.seed, module)
             if isinstance(request, Run):
                 outcome = run_trial(workload, module, request.config, self.bench(request.problem))
                 return ("ok", outcome), outcome.fatal
@@ -204,14 +204,14 @@ class _WorkerState:
     def bench(self, problem: Problem) -> timing.Bench:
         return timing.bench_for(self.interpret, paged=problem.paged)
 
-    def setup(self, problem: Problem, seed: int) -> Workload:
+    def setup(self, problem: Problem, seed: int, module=None) -> Workload:
         """The problem's inputs (and, for a run worker, its references), built once and kept until the next problem."""
         if self.loaded != (problem, seed):
             self.workload = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # give the last problem's memory back to the other processes on this GPU
             # A compile worker needs the inputs' shapes, dtypes and alignment, not their values.
-            self.workload = Workload(problem, seed, self.device, fill=self.role == "run")
+            self.workload = workload_for(problem, module, seed, self.device, fill=self.role == "run")
             if self.role == "run":
                 self.workload.references()
             self.loaded = (problem, seed)
