@@ -150,7 +150,8 @@ def test_bad_inputs_and_variant_are_rejected(device):
 
 
 def test_import_is_light():
-    code = "import sys, tunebench; print(sorted(m for m in ('optuna', 'sqlalchemy', 'hypothesis') if m in sys.modules))"
+    code = ("import sys, tunebench; "
+            "print(sorted(m for m in ('optuna', 'sqlalchemy', 'hypothesis', 'transformers') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

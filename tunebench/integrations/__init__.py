@@ -1,0 +1,2 @@
+"""Integrations of tunebench with the stacks people run models with. Each submodule imports its framework; this
+package imports nothing."""
