@@ -216,31 +216,38 @@ def suite(name: str) -> list[Problem]:
     return SUITES[name]()
 
 
-def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None,
-                    interpret: bool) -> list[Problem]:
-    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret) or a model preset, filtered by
-    kernel, one per bucket (the store keeps one winner per bucket)."""
+def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None, interpret: bool = False,
+                    *, dtypes: list[str] | None = None, default_suite: str = "default",
+                    per_bucket: bool = True) -> list[Problem]:
+    """The problems a command runs: a suite (`default_suite`, or 'tiny' under --interpret) or a model preset (fp16
+    under --interpret, else bf16), filtered by kernel and dtype. per_bucket (tune): one problem per bucket, as the
+    store keeps one winner per bucket; else (bench) every distinct shape."""
     if suite_name and preset:
         raise ValueError("give --suite or --preset, not both")
     if preset:
         problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
     else:
-        problems = suite(suite_name or ("tiny" if interpret else "default"))
+        problems = suite(suite_name or ("tiny" if interpret else default_suite))
     if kernels:
         problems = [p for p in problems if p.kernel in kernels]
+    if dtypes:
+        problems = [p for p in problems if p.dtype in dtypes]
     if interpret:
         dropped = [p for p in problems if p.dtype == "bfloat16"]
         if dropped:
-            print(f"tunebench tune: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes "
-                  f"bf16 wrongly (tune them on a GPU)", file=sys.stderr)
+            print(f"tunebench: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes bf16 "
+                  f"wrongly (tune them on a GPU)", file=sys.stderr)
         problems = [p for p in problems if p.dtype != "bfloat16"]
     if not problems:
-        raise ValueError("no problems selected: check --kernel against the suite or preset")
+        raise ValueError("no problems left after the --kernel / --dtype filters: check them against the suite or "
+                         "preset")
+    if not per_bucket:
+        return list(dict.fromkeys(problems))
     by_bucket: dict[str, Problem] = {}
     for p in problems:
         by_bucket.setdefault(bucket_key(p), p)
     if len(by_bucket) < len(problems):
-        print(f"tunebench tune: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
+        print(f"tunebench: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
               f"skipped (one winner is stored per bucket)", file=sys.stderr)
     return list(by_bucket.values())
 
