@@ -194,3 +194,13 @@ def test_check_text_output_passes_with_exit_code_0(monkeypatch, capsys):
     assert cli.main(["check", "--kernel", "flash_v1", "--profile", "cpu", "--examples", "3"]) == commands.OK
     out = capsys.readouterr().out
     assert "profile=cpu" in out and "flash_v1" in out and "FAIL" not in out
+
+
+def test_the_readme_says_how_to_reach_the_command_and_what_ci_copies():
+    import pathlib
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert readme.split("```bash\n", 1)[1].startswith("bash ci/tune.sh ") and "\nbash ci/test.sh " in readme
+    assert "source .venv/bin/activate" in readme
+    assert "tunebench check --profile cpu --junit check.xml" in readme and "runs-on:" in readme
+    assert "tunebench check --profile cpu --junit check.xml" in cli.build_parser()._subparsers._group_actions[
+        0].choices["check"].format_help()
