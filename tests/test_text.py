@@ -4,6 +4,8 @@ import json
 import math
 from datetime import timedelta
 
+import pytest
+
 from tunebench import text
 from tunebench.shapes import suite
 from tunebench.store import STATUSES
@@ -71,3 +73,23 @@ def test_the_tune_summary_as_a_table_and_as_a_record():
     record = summary_record(results, 3.0, interpret=True)
     assert record["missing"] == 1 and record["problems"][1]["counts"] == {"crashed": 2}
     assert json.loads(json.dumps(record))["problems"][0]["bucket"] == results[0].problem.label()
+
+
+def test_the_speedup_plot_gives_each_device_its_own_legend_colour(tmp_path, monkeypatch):
+    import dataclasses
+    from datetime import datetime, timezone
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from tunebench.report import WinnerLine, plot_speedups
+    from tunebench.store import Winner
+    problem = suite("tiny")[0]
+    w = Winner("H100", "9.0", problem.kernel, "h", problem, {}, 1.0, 1.2, None, "", "", datetime.now(timezone.utc))
+    lines = [WinnerLine(w, {}, None, None, False), WinnerLine(dataclasses.replace(w, device="H200"), {}, None, None,
+                                                                False)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot_speedups(lines, tmp_path / "s.png").stat().st_size > 0
+    legend = figures[0].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["H100", "H200"]
+    colours = [tuple(h.get_facecolor()) for h in legend.legend_handles]
+    assert len(set(colours)) == 2

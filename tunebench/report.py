@@ -170,12 +170,12 @@ def plot_speedups(lines: list[WinnerLine], path: Path) -> Path | None:
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xlabel("speedup of the tuned config over DEFAULT")
     ax.set_title("tuned winners vs DEFAULT" + (f" ({', '.join(devices)})" if len(devices) <= 2 else ""))
-    for d, c in zip(devices, colours):
-        ax.barh([], [], color=c, label=d)
-    ax.legend(fontsize=7)
+    # Patches, not empty bars: an empty bar container's legend entry took the default colour for every device.
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=colours[i % len(colours)], label=d) for i, d in enumerate(devices)], fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")     # "tight": long problem labels are not clipped
     plt.close(fig)
     return path
 
