@@ -270,7 +270,8 @@ def test_a_handed_off_problems_last_configs_run_before_the_next_ones(tmp_path, f
 def test_finalists_whose_rounds_overlap_get_more_rounds(tmp_path, fakes, monkeypatch):
     # The first rounds leave two finalists overlapping: those two, and only they, are re-timed for the extra rounds,
     # on one runner, and the winner comes from all their rounds.
-    from tunebench.tune import confirm, progress, timing
+    from tunebench.text import format_config
+    from tunebench.tune import confirm, timing
     monkeypatch.setattr(confirm, "EXTRA_ROUNDS_INTERPRET", 2)
     monkeypatch.setattr(timing, "contenders", lambda rounds: [0, len(rounds) - 1])
     [result], events = traced_tune(tmp_path, monkeypatch, [fake_problem("fake_plain")], trials=4)
@@ -283,7 +284,7 @@ def test_finalists_whose_rounds_overlap_get_more_rounds(tmp_path, fakes, monkeyp
     rounds = dict(zip(first["configs"], first["rounds_ms"]))
     rounds.update(zip(extra["configs"], extra["rounds_ms"]))  # the contenders' rounds, first and extra
     assert result.median_ms == min(timing.confirmed_ms(r) for r in rounds.values())
-    assert result.median_ms == timing.confirmed_ms(rounds[progress.format_config(result.config)])
+    assert result.median_ms == timing.confirmed_ms(rounds[format_config(result.config)])
 
 
 def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():

@@ -1,12 +1,16 @@
-"""The `tunebench` command. It only parses arguments and calls library functions."""
+"""The `tunebench` command. It only parses arguments and calls library functions (tunebench/commands/)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 
+from .commands import EXIT_CODES_HELP, INTERNAL, INTERRUPTED, USAGE
 from .registry import known_kernels
 from .roofline import GPUS as ROOFLINE_GPUS
+
+JSON_HELP = "print one JSON document on stdout instead of the text (the text's progress goes to stderr)"
 
 
 def _check(args) -> int:
@@ -49,19 +53,94 @@ def _report(args) -> int:
     return report_command(args)
 
 
+def versions() -> str:
+    """'tunebench 0.1.0 (torch 2.13.0, triton 3.6.0, Python 3.11.9)', read from the installed packages' metadata
+    without importing torch or triton."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return (f"tunebench {__version__} (torch {installed('torch')}, triton {installed('triton')}, "
+            f"Python {sys.version.split()[0]})")
+
+
+class _Version(argparse.Action):
+    """--version, read only when asked for (metadata look-ups cost a few ms on every other call)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph text (descriptions) and keeps text laid out in lines (the epilogs) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class _Parsers:
+    """Makes each command's parser with the exit codes as its epilog, kept as written."""
+
+    def __init__(self, sub):
+        self.sub = sub
+
+    def add(self, name: str, *, help: str, description: str | None = None, epilog: str = ""):
+        return self.sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                                   epilog=(epilog + "\n\n" if epilog else "") + EXIT_CODES_HELP,
+                                   formatter_class=_Formatter)
+
+
+CHECK_EPILOG = """in CI (the exact line to copy; see README "In your CI"):
+  tunebench check --profile cpu --junit check.xml        # CPU runner: the Triton interpreter
+  tunebench check --profile gpu --json > check.json      # GPU runner
+
+--json prints {"tunebench", "command": "check", "device", "profile", "ok",
+  "kernels": [{"kernel", "examples", "configs", "worst_ratio", "ok", "failures": [{"repro", "reason"}]}]};
+  with --shape/--config: {"tunebench", "command", "device", "ok", "replay": {"kernel", "problem", "config",
+  "seed", "layout", "ok", "err", "allowed", "reason"}}.
+--junit FILE writes JUnit XML: one <testsuite> per kernel, one <testcase> per example (the failing ones hold
+  the reason and the `tunebench check ...` line that replays them)."""
+
+TUNE_EPILOG = """--json prints the end-of-run summary as {"tunebench", "command": "tune", "wall_s", "interpret",
+  "problems": [{"problem", "bucket", "config", "median_ms", "default_ms", "speedup", "counts", "wall_s",
+  "written", "note"}], "missing": N}; progress goes to stderr either way."""
+
+SHOW_EPILOG = """--json prints {"tunebench", "command": "show", "db", "winners": [{"device", "capability", "torch",
+  "triton", "speed_measurement", "kernel", "source_hash", "bucket", "problem", "config", "median_ms",
+  "speedup_vs_default", "speedup_vs_peer", "updated_at"}]}."""
+
+REPORT_EPILOG = """--json prints {"tunebench", "command": "report", "db", "winners": [show's fields and "trials",
+  "tuning_span_s", "tuning_busy_s", "stale", "vs_runner_up"], "trial_totals": {status: count}}."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunebench",
-        description="Tune, check and run Triton attention kernels (FlashAttention V1/V2, paged decode).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        description="Tune, check and run Triton attention kernels (FlashAttention V1/V2, paged decode).",
+        epilog="`tunebench COMMAND --help` explains each command.\n\n" + EXIT_CODES_HELP,
+        formatter_class=_Formatter)
+    p.add_argument("--version", action=_Version, help="print the versions of tunebench, torch and triton, and exit")
+    sub = _Parsers(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     kernels = sorted(known_kernels())
     kernel_module_help = ("register a kernel module of your own, [NAME=]pkg.mod (NAME defaults to its last part), "
                           "importable from here; it must follow the convention of tunebench.kernel_protocol "
                           "(repeatable)")
 
-    c = sub.add_parser("check", help="run the correctness gate (Hypothesis shapes and configs vs float64 reference)",
-                       description="Draws shapes and configs with Hypothesis and checks every kernel against the "
-                                   "float64 reference. Uses the GPU when there is one, else the Triton interpreter.")
+    c = sub.add("check", help="run the correctness gate (Hypothesis shapes and configs vs float64 reference)",
+                description="Draws shapes and configs with Hypothesis and checks every kernel against the float64 "
+                            "reference. Uses the GPU when there is one, else the Triton interpreter.",
+                epilog=CHECK_EPILOG)
     c.add_argument("--kernel", action="append", metavar="KERNEL",
                    help=f"kernel to check (repeatable; default all): {', '.join(kernels)}, or one of --kernel-module")
     c.add_argument("--kernel-module", action="append", metavar="[NAME=]MODULE", help=kernel_module_help)
@@ -74,11 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="input seed for --shape/--config")
     c.add_argument("--layout", choices=("bhnd", "bnhd"), default="bhnd",
                    help="bnhd: [B,N,H,D] storage viewed through .transpose(1, 2)")
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
+    c.add_argument("--junit", metavar="FILE", default=None,
+                   help="also write the cases as JUnit XML to FILE (for CI test reports)")
     c.set_defaults(func=_check)
 
-    t = sub.add_parser("tune", help="search tile sizes, warps and stages with Optuna; store the winners",
-                       description="Tunes every problem of a suite (or preset) on this GPU: each candidate config is "
-                                   "compiled, checked against the reference and timed in an isolated worker process.")
+    t = sub.add("tune", help="search tile sizes, warps and stages with Optuna; store the winners",
+                description="Tunes every problem of a suite (or preset, or recording) on this GPU: each candidate "
+                            "config is compiled, checked against the reference and timed in an isolated worker "
+                            "process.",
+                epilog=TUNE_EPILOG)
     t.add_argument("--kernel", action="append", metavar="KERNEL",
                    help=f"only these kernels (repeatable): {', '.join(kernels)}, or one of --kernel-module; a "
                         f"kernel of your own tunes the problems its SHAPES declares for the suite")
@@ -102,15 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "per --workers; 0: off)")
     t.add_argument("--interpret", action="store_true",
                    help="run the whole pipeline on the CPU under the Triton interpreter (not a speed measurement)")
+    t.add_argument("--json", action="store_true", help=JSON_HELP)
     t.set_defaults(func=_tune)
 
-    s = sub.add_parser("show", help="list the stored winners")
+    s = sub.add("show", help="list the stored winners", epilog=SHOW_EPILOG)
     s.add_argument("--db", default=None, help="results database URL or path (default: the per-user database)")
     s.add_argument("--kernel", choices=kernels, default=None, help="only this kernel")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=_show)
 
-    k = sub.add_parser("kv-size", help="KV cache bytes per token, per batch, and blocks that fit in memory",
-                       description="bytes/token = 2 x layers x kv heads x head dim x dtype size")
+    k = sub.add("kv-size", help="KV cache bytes per token, per batch, and blocks that fit in memory",
+                description="bytes/token = 2 x layers x kv heads x head dim x dtype size")
     k.add_argument("--layers", type=int, required=True)
     k.add_argument("--kv-heads", type=int, required=True)
     k.add_argument("--head-dim", type=int, required=True)
@@ -121,12 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--block-size", type=int, default=16, help="tokens per block for the blocks-that-fit count")
     k.set_defaults(func=_kv_size)
 
-    pg = sub.add_parser("pages", help="which KV page size: predicted decode time and waste per page size",
-                        description="For a preset's decode grid or a recorded workload, prints per page size with "
-                                    "tuned winners: the predicted decode time, the expected waste of last blocks, "
-                                    "the blocks for a token budget, and the page that minimises time / (1 - waste), "
-                                    "which BlockAllocator uses. Tune the page sizes first: tunebench tune --suite "
-                                    "pages.")
+    pg = sub.add("pages", help="which KV page size: predicted decode time and waste per page size",
+                 description="For a preset's decode grid or a recorded workload, prints per page size with "
+                             "tuned winners: the predicted decode time, the expected waste of last blocks, "
+                             "the blocks for a token budget, and the page that minimises time / (1 - waste), "
+                             "which BlockAllocator uses. Tune the page sizes first: tunebench tune --suite "
+                             "pages.")
     pg.add_argument("--preset", default=None, help="model preset whose decode grid is the workload, e.g. llama-3-8b")
     pg.add_argument("--from-record", default=None, metavar="FILE",
                     help="a file written by tunebench.record / TUNEBENCH_RECORD: its paged buckets are the workload")
@@ -137,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--tokens", type=int, default=1 << 20, help="token budget the blocks column counts pages for")
     pg.set_defaults(func=_pages)
 
-    r = sub.add_parser("roofline", help="FLOPs, minimum bytes, arithmetic intensity and the bound of a shape",
-                       description="Prints a shape's FLOPs, minimum bytes, FLOPs/byte, the GPU's ridge point, whether "
-                                   "it is memory- or compute-bound, and its time floor. --sweep prints the seed's "
-                                   "table of N, d and ops/byte next to the fused kernel's.")
+    r = sub.add("roofline", help="FLOPs, minimum bytes, arithmetic intensity and the bound of a shape",
+                description="Prints a shape's FLOPs, minimum bytes, FLOPs/byte, the GPU's ridge point, whether it is "
+                            "memory- or compute-bound, and its time floor. --sweep prints the seed's table of N, d and "
+                            "ops/byte next to the fused kernel's.")
     r.add_argument("--kernel", choices=kernels, default="flash_v2")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--heads", type=int, default=None, help="query heads")
@@ -158,11 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--suite", default=None, help="analyse every problem of a named suite")
     r.set_defaults(func=_roofline)
 
-    b = sub.add_parser("bench", help="tuned kernels against SDPA, FlexAttention and others, with measured ceilings",
-                       description="On one GPU, in one process: measures the copy bandwidth and the matmul rate, "
-                                   "then runs every provider on the same inputs per problem, checks their outputs "
-                                   "against a float64 reference, times the correct ones (do_bench median) and "
-                                   "writes tables, CSV, JSON and plots.")
+    b = sub.add("bench", help="tuned kernels against SDPA, FlexAttention and others, with measured ceilings",
+                description="On one GPU, in one process: measures the copy bandwidth and the matmul rate, then runs "
+                            "every provider on the same inputs per problem, checks their outputs against a float64 "
+                            "reference, times the correct ones (do_bench median) and writes tables, CSV, JSON and "
+                            "plots.")
     b.add_argument("--suite", default=None, help="named suite (default: 'headline')")
     b.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
     b.add_argument("--out", default="bench-results", help="directory for bench.csv, bench.json, bench.md and PNG plots")
@@ -176,28 +262,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per provider, ms")
     b.set_defaults(func=_bench)
 
-    rp = sub.add_parser("report", help="winners, speedups over DEFAULT, trial outcomes and tuning time",
-                        description="Summarises a results database: winners per problem with speedup over DEFAULT, "
-                                    "trial status counts, tuning time from trial timestamps, and a PNG of speedups.")
+    rp = sub.add("report", help="winners, speedups over DEFAULT, trial outcomes and tuning time",
+                 description="Summarises a results database: winners per problem with speedup over DEFAULT, trial "
+                             "status counts, tuning time from trial timestamps, and a PNG of speedups.",
+                 epilog=REPORT_EPILOG)
     rp.add_argument("--db", default=None, help="results database URL or path (default: the per-user database)")
-    rp.add_argument("--out", default=None, help="directory for report.md and speedups.png (default: print only)")
+    rp.add_argument("--out", default=None,
+                    help="directory for report.md and speedups.png (default: print only; the PNG needs "
+                         "`pip install 'tunebench[plots]'`)")
+    rp.add_argument("--json", action="store_true", help=JSON_HELP)
     rp.set_defaults(func=_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit code (tunebench.commands: 0 ok, 1 a failure found, 2 bad usage or
+    input, 3 a crash of tunebench itself, 130 interrupted). argparse exits with 2 itself on bad arguments."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("TUNEBENCH_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) would quote it
         print(f"tunebench {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return USAGE
+    except Exception:                                   # noqa: BLE001 - a bug: say so, with its traceback
+        if os.environ.get("TUNEBENCH_DEBUG"):
+            raise
+        traceback.print_exc()
+        print(f"tunebench {args.command}: internal error (a bug in tunebench: please report the traceback above)",
+              file=sys.stderr)
+        return INTERNAL
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from .inputs import DomainWorkload, draw_qkv, paged_inputs, paged_references, re
 from .kernel_protocol import is_domain_kernel
 from .registry import BUILT_IN, kernel_module, module_path
 from .shapes import Problem
+from .text import format_config, table
 
 LAYOUTS = ("bhnd", "bnhd")
 
@@ -73,12 +75,43 @@ def repro_command(problem: Problem, config: dict, seed: int, layout: str) -> str
 
 
 @dataclass
+class Case:
+    """One example the gate ran: what it was, the command that replays it, how long it took, and why it failed."""
+    name: str
+    repro: str
+    seconds: float
+    failure: str | None = None      # None: passed
+
+
+@dataclass
 class GateStats:
     kernel: str
     examples: int = 0
     configs: set = field(default_factory=set)
     worst_ratio: float = 0.0
     failures: list = field(default_factory=list)      # (repro command, reason)
+    cases: list = field(default_factory=list)         # every Case, in the order run (Hypothesis's shrinking too)
+
+    def add_case(self, problem: Problem, config: dict, seed: int, layout: str, seconds: float, verdict,
+                 error: str | None):
+        """Counts one example; returns why it failed, or None. `error` is a crash of the launch itself."""
+        self.examples += 1
+        self.configs.add(json.dumps(config, sort_keys=True))
+        failure = error or (None if verdict.ok else verdict.reason)
+        repro = repro_command(problem, config, seed, layout)
+        self.cases.append(Case(f"{problem.label()} {format_config(config)} seed={seed} {layout}", repro, seconds,
+                               failure))
+        if failure:
+            self.failures.append((repro, failure))
+        else:
+            self.worst_ratio = max(self.worst_ratio, verdict.ratio)
+        return failure
+
+    def as_record(self) -> dict:
+        """The kernel's line of `check --json`."""
+        return {"kernel": self.kernel, "examples": self.examples, "configs": len(self.configs),
+                "worst_ratio": self.worst_ratio, "ok": not self.failures,
+                "failures": [{"repro": cmd, "reason": reason} for cmd, reason in self.failures]}
 
 
 def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
@@ -97,14 +130,14 @@ def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
         config = data.draw(configs(mod, problem), label="config")
         seed = data.draw(st.integers(0, 2**16), label="seed")
         layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
-        verdict = check_case(problem, config, device, seed, layout)
-        stats.examples += 1
-        stats.configs.add(json.dumps(config, sort_keys=True))
-        if verdict.ok:
-            stats.worst_ratio = max(stats.worst_ratio, verdict.ratio)
-            return
-        stats.failures.append((repro_command(problem, config, seed, layout), verdict.reason))
-        raise AssertionError(verdict.reason)
+        start, verdict, error = time.perf_counter(), None, None
+        try:
+            verdict = check_case(problem, config, device, seed, layout)
+        except Exception as e:                        # noqa: BLE001 - a crashing launch fails its case, with a repro
+            error = f"{type(e).__name__}: {e}"
+        failure = stats.add_case(problem, config, seed, layout, time.perf_counter() - start, verdict, error)
+        if failure:
+            raise AssertionError(failure)
 
     try:
         one()
@@ -116,9 +149,9 @@ def run_kernel_gate(kernel: str, device, examples: int | None) -> GateStats:
 
 def format_table(all_stats: list[GateStats]) -> str:
     """One line per kernel, then each failing kernel's shrunk case and the command that replays it."""
-    lines = [f"{'kernel':<18}{'examples':>9}{'configs':>9}{'worst err/tol':>15}{'failures':>10}"]
-    for s in all_stats:
-        lines.append(f"{s.kernel:<18}{s.examples:>9}{len(s.configs):>9}{s.worst_ratio:>15.3f}{len(s.failures):>10}")
+    lines = [table(["kernel", "examples", "configs", "worst err/tol", "failures"],
+                   [[s.kernel, s.examples, len(s.configs), f"{s.worst_ratio:.3f}", len(s.failures)]
+                    for s in all_stats], right=(1, 2, 3, 4))]
     for s in all_stats:
         if s.failures:
             cmd, reason = s.failures[-1]          # Hypothesis replays the shrunk case last

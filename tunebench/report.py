@@ -10,11 +10,12 @@ Only collect() needs the kernels (their SPACE and identity); the formatting help
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .store import STATUSES, Store, Winner
+from .store import Store, Winner
+from .text import format_config, format_counts, format_duration, format_speedup, table
 
 
 @dataclass
@@ -87,31 +88,40 @@ def headroom(lines: list[WinnerLine]) -> list[str]:
     return out
 
 
-def format_counts(counts: dict[str, int]) -> str:
-    """'ok 20, incorrect 1' in STATUSES order; statuses the store does not know come last."""
-    order = list(STATUSES) + sorted(set(counts) - set(STATUSES))
-    return ", ".join(f"{s} {counts[s]}" for s in order if counts.get(s)) or "no trials"
-
-
-def format_duration(d: timedelta | None) -> str:
-    if d is None:
-        return "-"
-    s = d.total_seconds()
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
-def format_speedup(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
-
-
-def format_config(config: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in config.items())
-
-
 def device_label(w: Winner) -> str:
     """The device a winner was measured on, with the versions that measured it."""
     note = "" if w.is_speed_measurement else " [interpreter: not a speed measurement]"
     return f"{w.device} (capability {w.capability}, torch {w.torch}, triton {w.triton}){note}"
+
+
+def winner_record(w: Winner) -> dict:
+    """A winner as plain JSON values: one element of `show --json`'s "winners" (and, with more fields, report's)."""
+    return {"device": w.device, "capability": w.capability, "torch": w.torch, "triton": w.triton,
+            "speed_measurement": w.is_speed_measurement, "kernel": w.kernel, "source_hash": w.source_hash,
+            "bucket": w.problem.label(), "problem": asdict(w.problem), "config": w.config, "median_ms": w.median_ms,
+            "speedup_vs_default": w.speedup_vs_default, "speedup_vs_peer": w.speedup_vs_peer,
+            "updated_at": w.updated_at.isoformat() if w.updated_at else None}
+
+
+def report_record(lines: list[WinnerLine], totals: dict[str, int], where: str) -> dict:
+    """`report --json`: each winner (winner_record) with its trial counts, tuning time in seconds (span: first start
+    to last end; busy: the sum of trial durations), staleness and margin over the runner-up; then trial totals."""
+    return {"db": where,
+            "winners": [dict(winner_record(x.winner), trials=x.counts, tuning_span_s=x.span, tuning_busy_s=x.busy,
+                             stale=x.stale, vs_runner_up=x.vs_next) for x in lines],
+            "trial_totals": totals}
+
+
+REPORT_COLUMNS = ["kernel", "problem (bucket)", "config", "median ms", "vs DEFAULT", "vs runner-up", "vs peer", "trials",
+                  "tuning time"]
+
+
+def _row(x: WinnerLine) -> list[str]:
+    w = x.winner
+    return [w.kernel + (" (stale: kernel changed)" if x.stale else ""), w.problem.label(), format_config(w.config),
+            f"{w.median_ms:.4f}", format_speedup(w.speedup_vs_default), format_speedup(x.vs_next),
+            format_speedup(w.speedup_vs_peer), format_counts(x.counts),
+            f"{format_duration(x.span)} (trials {format_duration(x.busy)})"]
 
 
 def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -> str:
@@ -121,17 +131,7 @@ def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -
     devices = list(dict.fromkeys(x.winner.device for x in lines))
     for device in devices:
         mine = [x for x in lines if x.winner.device == device]
-        out += [f"## {device_label(mine[0].winner)}", "",
-                "| kernel | problem (bucket) | config | median ms | vs DEFAULT | vs runner-up | vs peer | trials "
-                "| tuning time |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for x in mine:
-            w = x.winner
-            stale = " (stale: kernel changed)" if x.stale else ""
-            out.append(f"| {w.kernel}{stale} | {w.problem.label()} | {format_config(w.config)} | {w.median_ms:.4f} "
-                       f"| {format_speedup(w.speedup_vs_default)} | {format_speedup(x.vs_next)} "
-                       f"| {format_speedup(w.speedup_vs_peer)} "
-                       f"| {format_counts(x.counts)} | {format_duration(x.span)} (trials {format_duration(x.busy)}) |")
+        out += [f"## {device_label(mine[0].winner)}", "", table(REPORT_COLUMNS, [_row(x) for x in mine], markdown=True)]
         spans = [x.span for x in mine if x.span is not None]
         speedups = [x.winner.speedup_vs_default for x in mine if x.winner.speedup_vs_default]
         out += ["", f"{len(mine)} winners; tuning time {format_duration(sum(spans, timedelta()) if spans else None)}"
@@ -170,12 +170,12 @@ def plot_speedups(lines: list[WinnerLine], path: Path) -> Path | None:
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xlabel("speedup of the tuned config over DEFAULT")
     ax.set_title("tuned winners vs DEFAULT" + (f" ({', '.join(devices)})" if len(devices) <= 2 else ""))
-    for d, c in zip(devices, colours):
-        ax.barh([], [], color=c, label=d)
-    ax.legend(fontsize=7)
+    # Patches, not empty bars: an empty bar container's legend entry took the default colour for every device.
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=colours[i % len(colours)], label=d) for i, d in enumerate(devices)], fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")     # "tight": long problem labels are not clipped
     plt.close(fig)
     return path
 

@@ -246,11 +246,13 @@ def suite(name: str) -> list[Problem]:
     return SUITES[name]()
 
 
-def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None,
-                    interpret: bool, record: list[Problem] | None = None) -> list[Problem]:
-    """The problems to tune: a suite (default 'default', or 'tiny' under --interpret), a model preset, or the buckets
-    of a recording (runtime/record.py, most-called first), filtered by kernel, one per bucket (the store keeps one
-    winner per bucket)."""
+def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None, interpret: bool = False,
+                    record: list[Problem] | None = None, *, dtypes: list[str] | None = None,
+                    default_suite: str = "default", per_bucket: bool = True) -> list[Problem]:
+    """The problems a command runs: a suite (`default_suite`, or 'tiny' under --interpret), a model preset (fp16
+    under --interpret, else bf16), or the buckets of a recording (runtime/record.py, most-called first), filtered by
+    kernel and dtype. per_bucket (tune): one problem per bucket, as the store keeps one winner per bucket; else (bench)
+    every distinct shape."""
     if sum(x is not None for x in (suite_name, preset, record)) > 1:
         raise ValueError("give one of --suite, --preset and --from-record")
     if record is not None:
@@ -259,24 +261,29 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
         problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
     else:
         from .registry import declared_problems         # a user's kernel declares its own (kernel_protocol SHAPES)
-        name = suite_name or ("tiny" if interpret else "default")
+        name = suite_name or ("tiny" if interpret else default_suite)
         declared = declared_problems(kernels, name)
         problems = (suite(name) if name in SUITES or not declared else []) + declared
     if kernels:
         problems = [p for p in problems if p.kernel in kernels]
+    if dtypes:
+        problems = [p for p in problems if p.dtype in dtypes]
     if interpret:
         dropped = [p for p in problems if p.dtype == "bfloat16"]
         if dropped:
-            print(f"tunebench tune: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes "
-                  f"bf16 wrongly (tune them on a GPU)", file=sys.stderr)
+            print(f"tunebench: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes bf16 "
+                  f"wrongly (tune them on a GPU)", file=sys.stderr)
         problems = [p for p in problems if p.dtype != "bfloat16"]
     if not problems:
-        raise ValueError("no problems selected: check --kernel against the suite or preset")
+        raise ValueError("no problems left after the --kernel / --dtype filters: check them against the suite or "
+                         "preset")
+    if not per_bucket:
+        return list(dict.fromkeys(problems))
     by_bucket: dict[str, Problem] = {}
     for p in problems:
         by_bucket.setdefault(bucket_key(p), p)
     if len(by_bucket) < len(problems):
-        print(f"tunebench tune: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
+        print(f"tunebench: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
               f"skipped (one winner is stored per bucket)", file=sys.stderr)
     return list(by_bucket.values())
 

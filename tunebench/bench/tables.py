@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..shapes import Problem
+from ..text import format_number as _fmt, format_speedup, jsonable, table
 from .measure import OK, Ceilings, Measurement
 
 
@@ -50,25 +51,18 @@ def rows(measurements: list[Measurement], ceilings: Ceilings | None) -> list[dic
     return out
 
 
-def _fmt(x, spec: str, none: str = "-") -> str:
-    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def format_table(problem_rows: list[dict]) -> str:
     """A table for one problem's rows (fastest first, then the untimed)."""
     first = problem_rows[0]
     ceiling = (f"ceiling {first['ceiling']:.0f} {first['ceiling_name']} (measured in this run)"
                if first["ceiling"] else "no ceiling measured")
     head = f"{first['problem']}  [{first['intensity']:.0f} FLOPs/byte; {ceiling}]"
-    cols = f"  {'provider':<26} {'status':<8} {'median ms':>10} {first['unit']:>8} {'vs best peer':>13} " \
-           f"{'% ceiling':>9}  note"
     ordered = sorted(problem_rows, key=lambda r: (r["throughput"] is None, -(r["throughput"] or 0)))
-    lines = [head, cols]
-    for r in ordered:
-        ratio = f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else "-"
-        lines.append(f"  {r['provider']:<26} {r['status']:<8} {_fmt(r['median_ms'], '.4f'):>10} "
-                     f"{_fmt(r['throughput'], '.1f'):>8} {ratio:>13} {_fmt(r['pct_of_ceiling'], '.0f'):>9}  "
-                     f"{r['note'][:110]}")
+    body = table(["provider", "status", "median ms", first["unit"], "vs best peer", "% ceiling", "note"],
+                 [[r["provider"], r["status"], _fmt(r["median_ms"], ".4f"), _fmt(r["throughput"], ".1f"),
+                   format_speedup(r["vs_best_peer"] or None), _fmt(r["pct_of_ceiling"], ".0f"), r["note"][:110]]
+                  for r in ordered], right=(2, 3, 4, 5), indent="  ")
+    lines = [head, body]
     peer = first["best_peer"]
     lines.append(f"  best peer: {peer}" if peer else "  best peer: none timed")
     return "\n".join(lines)
@@ -111,12 +105,6 @@ def summary(rows_: list[dict]) -> list[str]:
     return lines
 
 
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def write_csv(rows_: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -132,7 +120,7 @@ def write_json(rows_: list[dict], ceilings: Ceilings | None, meta: dict, path: P
            "ceilings": None if ceilings is None else {
                "copy_bytes_per_s": ceilings.copy_bytes_per_s, "matmul_flops_per_s": ceilings.matmul_flops_per_s,
                "notes": ceilings.notes},
-           "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows_]}
+           "rows": jsonable(rows_)}
     path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 

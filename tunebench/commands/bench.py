@@ -11,31 +11,23 @@ from ..bench.measure import FAILED, STICKY_CUDA_ERRORS, do_bench_timer, environm
 from ..bench.plots import plot_roofline, plot_throughput
 from ..bench.providers import select_providers
 from ..bench.tables import format_ceilings, format_table, rows, summary, write_outputs
-from ..shapes import PAGED_KERNELS, Problem, preset_problems, suite
+from ..shapes import PAGED_KERNELS, Problem, select_problems
 
 DEFAULT_SUITE = "headline"
 
 
-def select_problems(suite_name: str | None, preset: str | None, kernels: list[str] | None,
-                    dtypes: list[str] | None = None) -> list[Problem]:
-    """The suite's (or preset's) problems, filtered by kernel and dtype. Dense problems that differ only in kernel
-    name are one prefill problem (every prefill provider runs on it)."""
-    if suite_name and preset:
-        raise ValueError("give --suite or --preset, not both")
-    problems = preset_problems(preset) if preset else suite(suite_name or DEFAULT_SUITE)
-    if kernels:
-        problems = [p for p in problems if p.kernel in kernels]
-    if dtypes:
-        problems = [p for p in problems if p.dtype in dtypes]
-    unique = dict.fromkeys(p if p.kernel in PAGED_KERNELS else dataclasses.replace(p, kernel="flash_v2")
-                           for p in problems)
-    if not unique:
-        raise ValueError("no problems left to benchmark after the --kernel / --dtype filters")
-    return list(unique)
+def bench_problems(suite_name: str | None, preset: str | None, kernels: list[str] | None,
+                   dtypes: list[str] | None = None) -> list[Problem]:
+    """The suite's (or preset's) problems, filtered by kernel and dtype (shapes.select_problems). Dense problems that
+    differ only in kernel name are one prefill problem (every prefill provider runs on it)."""
+    problems = select_problems(kernels, suite_name, preset, dtypes=dtypes, default_suite=DEFAULT_SUITE,
+                               per_bucket=False)
+    return list(dict.fromkeys(p if p.kernel in PAGED_KERNELS else dataclasses.replace(p, kernel="flash_v2")
+                              for p in problems))
 
 
 def bench_command(args) -> int:
-    problems = select_problems(args.suite, args.preset, args.kernel, args.dtype)
+    problems = bench_problems(args.suite, args.preset, args.kernel, args.dtype)
     providers = select_providers(args.provider)
     import torch
     if not torch.cuda.is_available():
@@ -90,5 +82,6 @@ def _finish(all_rows: list[dict], ceilings, out_dir: Path) -> None:
     if roof is not None:
         plots.append(roof)
     print(f"\nwrote {out_dir / 'bench.csv'}, {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
-          + (f" and {len(plots)} plots" if plots else "; no plots (matplotlib is not installed)"))
+          + (f" and {len(plots)} plots" if plots
+             else "; no plots (matplotlib is not installed: pip install 'tunebench[plots]')"))
     print("\n".join(["", "summary:"] + summary(all_rows)))

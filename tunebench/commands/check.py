@@ -1,11 +1,22 @@
-"""`tunebench check`: the correctness gate over every kernel, or the replay of one case a failing gate printed."""
+"""`tunebench check`: the correctness gate over every kernel, or the replay of one case a failing gate printed.
+
+Text on stdout by default; with --json one JSON document there instead (the header goes to stderr); with --junit FILE
+the cases as JUnit XML too. Exit code 0 when every case passed, 1 when one failed, 2 for bad input.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 
 from ..registry import known_kernels, register_modules, require_kernels
+from ..text import print_json
+from . import FAILED, OK, USAGE
+
+NO_HYPOTHESIS = ("`tunebench check` draws its cases with Hypothesis, which is not installed here: "
+                 "pip install 'hypothesis>=6.100' (a dependency of tunebench that an install with --no-deps leaves "
+                 "out)")
 
 
 def check_command(args) -> int:
@@ -16,9 +27,21 @@ def check_command(args) -> int:
     if args.shape or args.config:
         if not (args.shape and args.config and args.kernel and len(args.kernel) == 1):
             raise ValueError("--shape and --config replay one case: give both, with exactly one --kernel")
+        if args.junit:
+            raise ValueError("--junit writes the gate's cases: it does not go with a replay (--shape/--config)")
         return replay(args.kernel[0], _shape(args.shape), _json_object("--config", args.config), args.seed,
-                      args.layout)
-    return run_gate(args.kernel or list(known_kernels()), profile=args.profile, examples=args.examples)
+                      args.layout, as_json=args.json)
+    require_hypothesis()
+    return run_gate(args.kernel or list(known_kernels()), profile=args.profile, examples=args.examples, as_json=args.json,
+                    junit=args.junit)
+
+
+def require_hypothesis() -> None:
+    """A clear error, not a ModuleNotFoundError traceback, where Hypothesis is missing."""
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        raise RuntimeError(NO_HYPOTHESIS) from None
 
 
 def _shape(text: str) -> dict:
@@ -43,19 +66,29 @@ def _json_object(flag: str, text: str) -> dict:
     return value
 
 
-def run_gate(kernels: list[str], profile: str | None = None, examples: int | None = None) -> int:
+def run_gate(kernels: list[str], profile: str | None = None, examples: int | None = None, as_json: bool = False,
+             junit: str | None = None) -> int:
     if profile:
         os.environ["TUNEBENCH_PROFILE"] = profile
     from ..gate import format_table, run_kernel_gate, use_interpreter_without_gpu
     device = use_interpreter_without_gpu()
     profile = os.environ.get("TUNEBENCH_PROFILE") or ("gpu" if device == "cuda" else "cpu")
-    print(f"tunebench check: device={device}{' (Triton interpreter)' if device == 'cpu' else ''}, profile={profile}")
+    print(f"tunebench check: device={device}{' (Triton interpreter)' if device == 'cpu' else ''}, profile={profile}",
+          file=sys.stderr if as_json else sys.stdout, flush=True)
     all_stats = [run_kernel_gate(k, device, examples) for k in kernels]
-    print(format_table(all_stats))
-    return 1 if any(s.failures for s in all_stats) else 0
+    ok = not any(s.failures for s in all_stats)
+    if junit:
+        from ..junit import write_junit
+        write_junit(all_stats, junit, {"device": device, "profile": profile})
+    if as_json:
+        print_json("check", {"device": device, "interpreter": device == "cpu", "profile": profile, "ok": ok,
+                             "kernels": [s.as_record() for s in all_stats]})
+    else:
+        print(format_table(all_stats))
+    return OK if ok else FAILED
 
 
-def replay(kernel: str, shape: dict, config: dict, seed: int, layout: str) -> int:
+def replay(kernel: str, shape: dict, config: dict, seed: int, layout: str, as_json: bool = False) -> int:
     """Replays one case, as printed by a failing gate."""
     from ..gate import check_case, use_interpreter_without_gpu
     from ..registry import kernel_module
@@ -64,9 +97,14 @@ def replay(kernel: str, shape: dict, config: dict, seed: int, layout: str) -> in
     problem = Problem(kernel=kernel, **shape)
     reason = kernel_module(kernel).keep(config, problem)
     if reason:
-        print(f"config not admitted by keep(): {reason}")
-        return 2
+        print(f"tunebench check: config not admitted by keep(): {reason}", file=sys.stderr)
+        return USAGE
     verdict = check_case(problem, config, device, seed, layout)
-    print(f"{problem.label()} {config}: {'ok' if verdict.ok else 'FAIL'} err={verdict.err:.3g} "
-          f"allowed={verdict.allowed:.3g} {verdict.reason}")
-    return 0 if verdict.ok else 1
+    if as_json:
+        print_json("check", {"device": device, "ok": verdict.ok, "replay": {
+            "kernel": kernel, "problem": shape, "config": config, "seed": seed, "layout": layout, "ok": verdict.ok,
+            "err": verdict.err, "allowed": verdict.allowed, "reason": verdict.reason}})
+    else:
+        print(f"{problem.label()} {config}: {'ok' if verdict.ok else 'FAIL'} err={verdict.err:.3g} "
+              f"allowed={verdict.allowed:.3g} {verdict.reason}")
+    return OK if verdict.ok else FAILED

@@ -6,7 +6,7 @@ from ..shapes import DEFAULT_PAGE, PRESETS, preset_problems
 
 
 def pages_command(args) -> int:
-    from ..registry import KERNELS
+    from ..registry import known_kernels
     from ..runtime import record
     from ..runtime.pages import recommend
     from ..runtime.winners import Winners, current_device_name, database_urls
@@ -19,7 +19,7 @@ def pages_command(args) -> int:
             raise KeyError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
         workload = [(q, 1) for q in preset_problems(args.preset, ("paged_attention",), args.dtype, page=DEFAULT_PAGE)]
     else:
-        workload = [(q, n) for q, n in record.load(args.from_record, KERNELS) if q.paged]
+        workload = [(q, n) for q, n in record.load(args.from_record, known_kernels()) if q.paged]
         if not workload:
             raise ValueError(f"{args.from_record}: records no paged_attention call")
     device = args.device or current_device_name()

@@ -5,7 +5,6 @@ A GPU with no winners at all runs DEFAULT and says so once. Every call is counte
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -13,7 +12,8 @@ import torch
 from ..registry import kernel_module
 from ..shapes import Problem
 from . import record
-from .winners import TUNE_HINT, Choice, Winners
+from .warn import warn_user
+from .winners import INTERPRETER, Choice, Winners, tune_hint
 
 VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
 record.start_from_environment()
@@ -47,11 +47,13 @@ class Dispatcher:
         if choice is not None:
             why = f"{choice.why}, but keep() rejects it here: {module.keep(choice.config, problem)}; DEFAULT"
         elif not self.winners.exact:
-            why = f"no tuned winners for {self.winners.device_name}: DEFAULT ({TUNE_HINT})"
+            device, hint = self.winners.device_name, tune_hint(self.winners.device_name)
+            why = f"no tuned winners for {device}: DEFAULT ({hint})"
             if not self._warned_default:
                 self._warned_default = True
-                warnings.warn(f"tunebench: no tuned configs for {self.winners.device_name}; using each kernel's "
-                              f"DEFAULT. {TUNE_HINT}.", stacklevel=4)
+                where = "the Triton interpreter (no GPU)" if device == INTERPRETER else device
+                warn_user(f"tunebench: no tuned configs for {where}; using each kernel's DEFAULT. "
+                          f"{hint[0].upper()}{hint[1:]}.")
         else:
             why = "DEFAULT: no exact winner and no safe transfer (no config beat DEFAULT in every nearby tuned bucket)"
         return Choice(default, why)
@@ -113,10 +115,15 @@ def _launcher(kernel: str):
     return launch
 
 
-def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
+def _variant_kernel(variant: str) -> str:
     kernel = VARIANTS.get(variant)
     if kernel is None:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return kernel
+
+
+def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
+    kernel = _variant_kernel(variant)
     key = (kernel, q.shape, k.shape, q.dtype, causal)
     recorder = record.active()
     if recorder is not None:
@@ -189,7 +196,7 @@ def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_table
     elif block_tables is not None:
         problem = _paged_problem(q, k, block_tables)
     else:
-        problem = _dense_problem(VARIANTS[variant], q, k, causal)
+        problem = _dense_problem(_variant_kernel(variant), q, k, causal)
     choice = _DISPATCHER.choose(problem)
     return f"{problem.label()} -> {choice.config}: {choice.why}"
 

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from importlib import resources
 
 from ..registry import checked_config, kernel_identity
 from ..shapes import Problem, bucket, bucket_key
 from . import transfer
+from .warn import warn_user
 
-TUNE_HINT = "run `tunebench tune` on this GPU to tune them"
+INTERPRETER = "cpu-interpreter"     # the device name of runs under the Triton interpreter (no GPU)
+
+
+def tune_hint(device_name: str) -> str:
+    """What to run to get winners for this device."""
+    if device_name == INTERPRETER:
+        return ("run `tunebench tune --interpret` to tune them for the Triton interpreter (it checks the pipeline; "
+                "its times are not a speed measurement)")
+    return "run `tunebench tune` on this GPU to tune them"
 
 
 def packaged_db_path():
@@ -43,7 +51,7 @@ def current_device_name() -> str:
     import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return "cpu-interpreter"
+    return INTERPRETER
 
 
 @dataclasses.dataclass
@@ -93,7 +101,7 @@ class Winners:
                 found = store.winners(device_name=device_name, check_config=checked_config)
                 timed = store.timings(device_name)
             except StoreError as e:
-                warnings.warn(f"tunebench: ignoring results database: {e}", stacklevel=3)
+                warn_user(f"tunebench: ignoring results database: {e}")
                 continue
             for w in found:
                 if current(w.kernel, w.source_hash):
@@ -107,8 +115,8 @@ class Winners:
                 except ValueError:
                     continue
         if stale:
-            warnings.warn(f"tunebench: ignoring stored winners for {', '.join(sorted(stale))}: the kernel source "
-                          f"changed since they were tuned; {TUNE_HINT}", stacklevel=3)
+            warn_user(f"tunebench: ignoring stored winners for {', '.join(sorted(stale))}: the kernel source changed "
+                      f"since they were tuned; {tune_hint(device_name)}")
         return cls(device_name, rows, timings)
 
     def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..shapes import Problem, bucket_key
-from .progress import format_config
+from ..text import format_config
 from .protocol import Event, Retime
 from .shared import Seen, SharedStudy
 from .study import config_key, record_winner
