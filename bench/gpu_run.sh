@@ -5,6 +5,11 @@
 #   tune    tunebench tune on the default suite into ./results.db (timed)
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
+#   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
+#   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
+#           the headline suite
+#   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
+# ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -22,9 +27,18 @@ for step in "$@"; do
     tune)    tunebench tune --db results.db ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
     bench)   tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
     example) python3 examples/generate.py 2>&1 | tee "$OUT/example.log"; r=$? ;;
+    paged)   { tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db &&
+               tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db results.db &&
+               tunebench pages --preset llama-3-8b --db results.db; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
+               | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
+    loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
+               2>&1 | tee "$OUT/loo.log"; r=$? ;;
+    hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" 2>&1 | tee "$OUT/hf.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"
+  python3 -c "import sqlite3; sqlite3.connect('results.db').execute('PRAGMA wal_checkpoint(TRUNCATE)')" &&
+    cp results.db "$OUT/results.db"
   [ "$r" = 0 ] || rc=$r
 done
 exit $rc

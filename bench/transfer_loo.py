@@ -6,8 +6,12 @@ transferred choice, the old nearest-bucket winner and DEFAULT are timed head to 
 interleaved rounds (the median of the round medians; do_bench, L2 flushed). Ratios are against DEFAULT and against the
 shape's own winner, measured in the same run.
 
+With --dispatch SUITE it then times what the dispatcher itself chooses (exact winner, safe transfer or DEFAULT) for
+every dense shape of SUITE against DEFAULT, head to head: the check that no call of that suite runs slower than
+DEFAULT.
+
 Usage (GPU, after `tunebench tune --suite transfer --db DB`):
-    python3 bench/transfer_loo.py --db DB --out benchmarks/h200
+    python3 bench/transfer_loo.py --db DB --out benchmarks/h200 --dispatch headline
     python3 bench/transfer_loo.py --db DB --interpret --limit 3       # a check of the script on a CPU
 Writes OUT/transfer-loo.csv and prints the table and the distribution.
 """
@@ -78,6 +82,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N shapes")
     parser.add_argument("--out", default=None, help="folder for transfer-loo.csv")
     parser.add_argument("--interpret", action="store_true", help="check the script on a CPU (not a measurement)")
+    parser.add_argument("--dispatch", default=None, metavar="SUITE",
+                        help="also time the dispatcher's own choice for each dense shape of SUITE against DEFAULT")
     args = parser.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -115,15 +121,45 @@ def main() -> int:
               f"{r['chosen_vs_own']:.3f}  nearest/DEFAULT {r['nearest_vs_default']:.3f}  "
               f"{'transferred' if choice else 'DEFAULT'}", flush=True)
     report(rows)
-    if args.out and rows:
-        path = pathlib.Path(args.out) / "transfer-loo.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+    write(rows, args.out, "transfer-loo.csv")
+    if args.dispatch:
+        write(dispatch_check(args.db, args.dispatch, args.rounds, args.interpret), args.out, "dispatch-vs-default.csv")
     return 0
+
+
+def dispatch_check(db: str, suite_name: str, rounds: int, interpret: bool) -> list[dict]:
+    """The dispatcher's choice (reading ``db`` over the shipped results) against DEFAULT, per dense shape."""
+    os.environ["TUNEBENCH_DB"] = db
+    from tunebench.registry import kernel_module
+    from tunebench.runtime.dispatch import Dispatcher
+    from tunebench.shapes import suite
+    dispatcher, rows = Dispatcher(), []
+    for p in [p for p in suite(suite_name) if not p.paged]:
+        if interpret and p.dtype == "bfloat16":
+            continue
+        choice, default = dispatcher.choose(p), dict(kernel_module(p.kernel).DEFAULT)
+        chosen_ms, default_ms = head_to_head(p, [choice.config, default], rounds, interpret)
+        rows.append(dict(shape=p.label(), why=choice.why, chosen_ms=chosen_ms, default_ms=default_ms,
+                         dispatched_vs_default=default_ms / chosen_ms, chosen=choice.config))
+        print(f"dispatch {p.label():58s} {default_ms / chosen_ms:.3f}x DEFAULT  {choice.why[:90]}", flush=True)
+    if rows:
+        worst = min(rows, key=lambda r: r["dispatched_vs_default"])
+        print(f"dispatched / DEFAULT over {len(rows)} {suite_name} shapes: worst {worst['dispatched_vs_default']:.3f} "
+              f"({worst['shape']}), median {statistics.median(r['dispatched_vs_default'] for r in rows):.3f}; "
+              f"goal >= 0.98 on every shape")
+    return rows
+
+
+def write(rows: list[dict], out: str | None, name: str) -> None:
+    if not (out and rows):
+        return
+    path = pathlib.Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
 
 
 def report(rows: list[dict]) -> None:
