@@ -50,8 +50,10 @@ def test_every_help_documents_the_exit_codes(argv):
 
 def test_exit_codes_for_bad_usage_bad_input_and_a_crash(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["check", "--kernel", "flash_v9"])                   # argparse
+        cli.main(["check", "--profile", "tpu"])                       # argparse
     assert exit_.value.code == commands.USAGE
+    assert cli.main(["check", "--kernel", "flash_v9"]) == commands.USAGE   # the registry (a user's kernel may be named)
+    assert "unknown kernel 'flash_v9'" in capsys.readouterr().err
     assert cli.main(["check", "--examples", "0"]) == commands.USAGE
     assert "--examples must be >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["check", "--kernel", "flash_v2", "--shape", "{}", "--config", "{}"]) == commands.USAGE

@@ -146,11 +146,11 @@ def _reader_process(url: str, pairs: set, stop, barrier, results) -> None:
                     if "not a tunebench results database" in str(e):
                         continue  # created, its tables not yet committed: the dispatcher warns and falls back
                     raise
-                choice = Dispatcher(Winners.load(H100.name, [url])).choose(PROBLEM)
                 reads += 1
                 for w in winners:
                     assert (tuple(sorted(w.config.items())), w.median_ms) in pairs, f"torn row: {w}"
-                if winners:
+                if winners:  # (with none yet, the dispatcher runs DEFAULT and warns once: not a malformed row)
+                    choice = Dispatcher(Winners.load(H100.name, [url])).choose(PROBLEM)
                     seen += 1
                     bests.add(winners[0].median_ms)
                     assert choice is not None and choice.config in configs
