@@ -24,7 +24,7 @@ sys.path.insert(0, str(TESTS))  # fake_kernels, here and in spawned workers
 from tunebench import registry  # noqa: E402
 from tunebench.shapes import Problem  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.shapes import select_problems  # noqa: E402
+from tunebench.commands.problems import select_problems  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import tune  # noqa: E402
 from tunebench.tune.study import config_key, open_storage, study_name  # noqa: E402

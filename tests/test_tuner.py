@@ -18,7 +18,7 @@ from tunebench.cli import main  # noqa: E402
 from tunebench.registry import config_in_space, kernel_identity, kernel_module  # noqa: E402
 from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
-from tunebench.shapes import select_problems  # noqa: E402
+from tunebench.commands.problems import select_problems  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import interpreting, tune  # noqa: E402
 from tunebench.tune.study import all_configs, config_key, open_storage  # noqa: E402

@@ -11,14 +11,15 @@ from ..bench.measure import FAILED, STICKY_CUDA_ERRORS, do_bench_timer, environm
 from ..bench.plots import plot_roofline, plot_throughput
 from ..bench.providers import select_providers
 from ..bench.tables import format_ceilings, format_table, rows, summary, write_outputs
-from ..shapes import PAGED_KERNELS, Problem, select_problems
+from ..shapes import PAGED_KERNELS, Problem
+from .problems import select_problems
 
 DEFAULT_SUITE = "headline"
 
 
 def bench_problems(suite_name: str | None, preset: str | None, kernels: list[str] | None,
                    dtypes: list[str] | None = None) -> list[Problem]:
-    """The suite's (or preset's) problems, filtered by kernel and dtype (shapes.select_problems). Dense problems that
+    """The suite's (or preset's) problems, filtered by kernel and dtype (commands/problems.py). Dense problems that
     differ only in kernel name are one prefill problem (every prefill provider runs on it)."""
     problems = select_problems(kernels, suite_name, preset, dtypes=dtypes, default_suite=DEFAULT_SUITE,
                                per_bucket=False)

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..registry import register_modules, require_kernels
-from ..shapes import select_problems
+from .problems import select_problems
 from ..text import print_json
 from ..tune.confirm import ProblemResult
 from ..tune.options import TuneOptions

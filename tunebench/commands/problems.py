@@ -1,0 +1,53 @@
+"""The problems a command runs: a suite, a model preset or a recording, filtered by kernel and dtype (tune and bench).
+
+It lives apart from shapes.py because a kernel of the user's own may declare its problems (kernel_protocol SHAPES),
+which needs the registry, and the registry's convention check needs shapes.py.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..registry import declared_problems
+from ..shapes import SUITES, Problem, bucket_key, preset_problems, suite
+
+
+def select_problems(kernels: list[str] | None, suite_name: str | None, preset: str | None, interpret: bool = False,
+                    record: list[Problem] | None = None, *, dtypes: list[str] | None = None,
+                    default_suite: str = "default", per_bucket: bool = True) -> list[Problem]:
+    """The problems a command runs: a suite (`default_suite`, or 'tiny' under --interpret), a model preset (fp16
+    under --interpret, else bf16), or the buckets of a recording (runtime/record.py, most-called first), filtered by
+    kernel and dtype. per_bucket (tune): one problem per bucket, as the store keeps one winner per bucket; else (bench)
+    every distinct shape."""
+    if sum(x is not None for x in (suite_name, preset, record)) > 1:
+        raise ValueError("give one of --suite, --preset and --from-record")
+    if record is not None:
+        problems = list(record)
+    elif preset:
+        problems = preset_problems(preset, dtype="float16" if interpret else "bfloat16")
+    else:
+        name = suite_name or ("tiny" if interpret else default_suite)
+        declared = declared_problems(kernels, name)
+        problems = (suite(name) if name in SUITES or not declared else []) + declared
+    if kernels:
+        problems = [p for p in problems if p.kernel in kernels]
+    if dtypes:
+        problems = [p for p in problems if p.dtype in dtypes]
+    if interpret:
+        dropped = [p for p in problems if p.dtype == "bfloat16"]
+        if dropped:
+            print(f"tunebench: skipping {len(dropped)} bfloat16 problems: the Triton interpreter computes bf16 "
+                  f"wrongly (tune them on a GPU)", file=sys.stderr)
+        problems = [p for p in problems if p.dtype != "bfloat16"]
+    if not problems:
+        raise ValueError("no problems left after the --kernel / --dtype filters: check them against the suite or "
+                         "preset")
+    if not per_bucket:
+        return list(dict.fromkeys(problems))
+    by_bucket: dict[str, Problem] = {}
+    for p in problems:
+        by_bucket.setdefault(bucket_key(p), p)
+    if len(by_bucket) < len(problems):
+        print(f"tunebench: {len(problems) - len(by_bucket)} problems share a bucket with an earlier one and are "
+              f"skipped (one winner is stored per bucket)", file=sys.stderr)
+    return list(by_bucket.values())
+
