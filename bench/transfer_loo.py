@@ -38,18 +38,12 @@ def evidence_by_bucket(store, device_name: str, problems, identity) -> dict:
     return out
 
 
-def nearest_winner(problem, evidence: dict, default: dict) -> dict:
-    """The rule transfer replaced: the best config of the nearest tuned bucket (log2 steps of B, heads, lengths)."""
-    from tunebench.shapes import bucket
+def nearest_winner(problem, evidence: list, default: dict) -> dict:
+    """The rule transfer replaced: the best config of the nearest tuned bucket (shapes.bucket_distance)."""
+    from tunebench.shapes import bucket, bucket_distance
     b = bucket(problem)
-    fields = ("B", "Hq", "Hkv", "Nq", "Nk")
-
-    def far(e):
-        if (e.bucket.kernel, e.bucket.dtype, e.bucket.D, e.bucket.causal) != (b.kernel, b.dtype, b.D, b.causal):
-            return math.inf
-        return sum(abs(math.log2(getattr(e.bucket, f)) - math.log2(getattr(b, f))) for f in fields)
-    near = min(evidence, key=far, default=None)
-    if near is None or far(near) == math.inf or not near.ms:
+    near = min(evidence, key=lambda e: bucket_distance(b, e.bucket), default=None)
+    if near is None or bucket_distance(b, near.bucket) == math.inf or not near.ms:
         return default
     return near.configs[min(near.ms, key=near.ms.get)]
 
@@ -66,12 +60,13 @@ def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> 
     q = randn(problem.B, problem.Hq, problem.Nq, problem.D)
     k, v = randn(problem.B, problem.Hkv, problem.Nk, problem.D), randn(problem.B, problem.Hkv, problem.Nk, problem.D)
     launch = kernel_module(problem.kernel).launch
-    distinct = list({tuple(sorted(c.items())): c for c in configs}.values())   # one config is timed once
+    from tunebench.registry import config_key
+    distinct = list({config_key(c): c for c in configs}.values())   # one config is timed once
     fns = [lambda c=c: launch(q, k, v, config=c, causal=problem.causal) for c in distinct]
     bench = timing.wall_bench if interpret else timing.gpu_bench
     per_round = [[bench(fn).median_ms for fn in fns] for _ in range(rounds)]
-    ms = {tuple(sorted(c.items())): statistics.median(r[i] for r in per_round) for i, c in enumerate(distinct)}
-    return [ms[tuple(sorted(c.items()))] for c in configs]
+    ms = {config_key(c): statistics.median(r[i] for r in per_round) for i, c in enumerate(distinct)}
+    return [ms[config_key(c)] for c in configs]
 
 
 def main() -> int:

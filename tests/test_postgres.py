@@ -23,7 +23,8 @@ from tunebench.registry import config_in_space, kernel_module
 from tunebench.shapes import Problem, bucket_key
 from tunebench.store import Store
 from tunebench.tune.run import interpreting
-from tunebench.tune.study import config_key, open_storage
+from tunebench.registry import config_key
+from tunebench.tune.study import open_storage
 from tunebench.inputs import Workload
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

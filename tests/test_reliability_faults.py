@@ -23,7 +23,8 @@ from tunebench.shapes import Problem  # noqa: E402
 from tunebench.store import Store  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import tune  # noqa: E402
-from tunebench.tune.study import config_key, open_storage, study_name  # noqa: E402
+from tunebench.registry import config_key  # noqa: E402
+from tunebench.tune.study import open_storage, study_name  # noqa: E402
 
 EXPECTED = {"ok": "ok", "out_of_resources": "out_of_resources", "compile_error": "compile_error",
             "hang": "timeout", "illegal_access": "crashed", "wrong": "incorrect", "unwritten": "incorrect",

@@ -27,7 +27,8 @@ from tunebench.store import Store  # noqa: E402
 from tunebench.commands.problems import select_problems  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import tune  # noqa: E402
-from tunebench.tune.study import config_key, open_storage, study_name  # noqa: E402
+from tunebench.registry import config_key  # noqa: E402
+from tunebench.tune.study import open_storage, study_name  # noqa: E402
 
 GRACE_S = "3600"
 

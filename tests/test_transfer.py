@@ -3,6 +3,7 @@ import math
 
 from hypothesis import given, strategies as st
 
+from tunebench.registry import config_key
 from tunebench.runtime import transfer
 from tunebench.shapes import Problem
 
@@ -73,6 +74,6 @@ def test_whatever_is_transferred_beat_default_in_every_neighbour(buckets, n, b):
     if choice is None:
         return
     assert len(near) >= transfer.MIN_NEIGHBOURS and choice.neighbours == tuple(e.bucket for e in near)
-    key, dkey = transfer.config_key(choice.config), transfer.config_key(DEFAULT)
+    key, dkey = config_key(choice.config), config_key(DEFAULT)
     for e in near:
         assert e.ms[dkey] / e.ms[key] >= transfer.MARGIN

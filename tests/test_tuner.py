@@ -21,7 +21,8 @@ from tunebench.store import Store  # noqa: E402
 from tunebench.commands.problems import select_problems  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import interpreting, tune  # noqa: E402
-from tunebench.tune.study import all_configs, config_key, open_storage  # noqa: E402
+from tunebench.registry import config_key  # noqa: E402
+from tunebench.tune.study import all_configs, open_storage  # noqa: E402
 from tunebench.inputs import Workload  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",

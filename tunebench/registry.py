@@ -212,6 +212,11 @@ def _is_constant(value) -> bool:
     return isinstance(value, (bool, int, float, str)) and not isinstance(value, type)
 
 
+def config_key(config: dict) -> tuple:
+    """A config as a hashable key: the same for the same values in any key order."""
+    return tuple(sorted(config.items()))
+
+
 def config_in_space(name: str, config: dict) -> str | None:
     """Why a config (e.g. read from a database) is outside the kernel's SPACE, or None when every value is allowed.
     Membership is by value and type: JSON's 1 does not pass for True, nor 64.0 for 64."""

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from .registry import config_key
 from .store import Store, Winner
 from .text import format_config, format_counts, format_duration, format_speedup, table
 
@@ -65,9 +66,9 @@ def margin(w: Winner, trials) -> float | None:
     best: dict[str, float] = {}
     for t in trials:
         if t.status == "ok" and t.median_ms:
-            key = repr(sorted(t.config.items()))
+            key = config_key(t.config)
             best[key] = min(best.get(key, t.median_ms), t.median_ms)
-    own = best.pop(repr(sorted(w.config.items())), None)
+    own = best.pop(config_key(w.config), None)
     return min(best.values()) / own if own and best else None
 
 

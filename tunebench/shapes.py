@@ -122,10 +122,15 @@ def bucket_key(problem: Problem) -> str:
             f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}" + (f"|page{b.page}" if b.paged else ""))
 
 
+def family(problem: Problem) -> tuple:
+    """What a config may be carried across: never kernel, dtype, head dim, causality or page size (a paged cache's
+    layout: a winner for one page says nothing safe about another)."""
+    return (problem.kernel, problem.dtype, problem.D, problem.causal, problem.page)
+
+
 def bucket_distance(a: Problem, b: Problem) -> float:
-    """How far apart two buckets are, in log2 steps of batch, heads and lengths. Infinite across kernel, dtype, head
-    dim, causality or page size, which the dispatcher never substitutes for each other."""
-    if (a.kernel, a.dtype, a.D, a.causal, a.page) != (b.kernel, b.dtype, b.D, b.causal, b.page):
+    """How far apart two buckets are, in log2 steps of batch, heads and lengths; infinite across families."""
+    if family(a) != family(b):
         return math.inf
     return sum(abs(math.log2(getattr(a, f)) - math.log2(getattr(b, f))) for f in ("B", "Hq", "Hkv", "Nq", "Nk"))
 

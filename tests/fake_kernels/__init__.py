@@ -18,7 +18,8 @@ import tunebench.reference as ref
 def admitted_grid_order(module, seed: int, problem) -> list[dict]:
     """The configs `tune --sampler grid` evaluates, in order: the tuner's grid order without repeats or configs
     keep() rejects."""
-    from tunebench.tune.study import config_key, grid_order
+    from tunebench.registry import config_key
+    from tunebench.tune.study import grid_order
     order, keys = [], set()
     for config in grid_order(module.SPACE, module.DEFAULT, seed):
         if config_key(config) not in keys and module.keep(config, problem) is None:

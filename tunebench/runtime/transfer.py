@@ -15,16 +15,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..shapes import Problem, bucket_key
+from ..registry import config_key
+from ..shapes import Problem, bucket_key, family
 
 NEIGHBOURS = 3
 MIN_NEIGHBOURS = 2
 MAX_DISTANCE = 6.0
 MARGIN = 1.02          # trials are timed one at a time, a few % apart run to run: a "win" must clear that
-
-
-def config_key(config: dict) -> tuple:
-    return tuple(sorted(config.items()))
 
 
 @dataclass
@@ -38,7 +35,6 @@ class Evidence:
         key = config_key(config)
         if median_ms > 0 and math.isfinite(median_ms) and median_ms < self.ms.get(key, math.inf):
             self.ms[key], self.configs[key] = median_ms, dict(config)
-
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ def features(problem: Problem) -> tuple[float, ...]:
 
 
 def distance(a: Problem, b: Problem) -> float:
-    if (a.kernel, a.dtype, a.D, a.causal, a.page) != (b.kernel, b.dtype, b.D, b.causal, b.page):
+    if family(a) != family(b):
         return math.inf
     return sum(abs(x - y) for x, y in zip(features(a), features(b)))
 

@@ -12,7 +12,7 @@ import os
 from importlib import resources
 
 from ..registry import checked_config, kernel_identity
-from ..shapes import Problem, bucket, bucket_key
+from ..shapes import Problem, bucket, bucket_key, family
 from . import transfer
 from .warn import warn_user
 
@@ -58,12 +58,6 @@ def current_device_name() -> str:
 class Choice:
     config: dict
     why: str
-
-
-def family(problem: Problem) -> tuple:
-    """What a config may be transferred across: never kernel, dtype, head dim, causality or page size (a paged
-    cache's layout: a winner for one page says nothing safe about another)."""
-    return (problem.kernel, problem.dtype, problem.D, problem.causal, problem.page)
 
 
 class Winners:

@@ -14,7 +14,8 @@ from ..shapes import Problem, bucket_key
 from ..text import format_config
 from .protocol import Event, Retime
 from .shared import Seen, SharedStudy
-from .study import config_key, record_winner
+from ..registry import config_key
+from .study import record_winner
 from . import timing, trace
 
 if TYPE_CHECKING:

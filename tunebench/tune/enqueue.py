@@ -14,7 +14,7 @@ import math
 from typing import Callable
 
 from .shared import SharedStudy
-from .study import config_key
+from ..registry import config_key
 
 ASK_FACTOR, ASK_SLACK = 4, 20   # TPE: at most ASK_FACTOR x trials + ASK_SLACK asks per problem and run
 NEIGHBOUR_WINNERS = 3           # winners of the nearest tuned buckets of the family queued after DEFAULT

@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from ..registry import kernel_identity, kernel_module, module_path
+from ..registry import config_key, kernel_identity, kernel_module, module_path
 from ..shapes import Problem
 from .confirm import Confirmation, ProblemResult, confirm
 from .options import TuneOptions
@@ -26,7 +26,7 @@ from .progress import Progress
 from .protocol import Compile, Event, Outcome, Run, Setup
 from .shared import Candidate, SharedStudy
 from .enqueue import StudyQueue, neighbour_winners
-from .study import all_configs, config_key, grid_order, make_sampler, suggest_config, tpe_startup
+from .study import all_configs, grid_order, make_sampler, suggest_config, tpe_startup
 from . import trace
 
 DEFAULT_TRIALS = 24

@@ -21,9 +21,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from ..registry import config_key
 from ..shapes import Problem
 from .protocol import Outcome
-from .study import config_key, open_study
+from .study import open_study
 from . import trace
 
 HOST = f"{socket.gethostname()}:{os.getpid()}"

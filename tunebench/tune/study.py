@@ -28,10 +28,6 @@ def suggest_config(trial, space: dict) -> dict:
     return {name: trial.suggest_categorical(name, list(values)) for name, values in space.items()}
 
 
-def config_key(config: dict) -> tuple:
-    return tuple(sorted(config.items()))
-
-
 def all_configs(space: dict) -> list[dict]:
     """Every combination of SPACE's values (kept or not), in SPACE's order."""
     import itertools
