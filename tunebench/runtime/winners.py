@@ -62,9 +62,11 @@ class Choice:
 
 class Winners:
     """One device's winners by exact bucket, and its ok trials by family and bucket (the evidence for transfer).
-    ``times`` holds each exact winner's median ms where the rows give it (the page-size recommendation reads it)."""
+    ``times`` holds each exact winner's median ms where the rows give it (the page-size recommendation reads it).
+    The trials are read only when a call first misses an exact winner (``read_timings``): a process whose shapes
+    are all tuned never pays for them (about 0.15 s for the shipped results.db's 1,300 ok trials on a CPU)."""
 
-    def __init__(self, device_name: str, rows, timings=()):
+    def __init__(self, device_name: str, rows, timings=(), read_timings=None):
         self.device_name = device_name
         self.exact: dict[str, tuple[Problem, dict, str]] = {}
         self.times: dict[str, float] = {}
@@ -74,16 +76,24 @@ class Winners:
                 self.exact[key] = (problem, config, origin)
                 if ms:
                     self.times[key] = ms[0]
-        self.evidence: dict[tuple, dict[str, transfer.Evidence]] = {}
-        for problem, config, median_ms in timings:
-            buckets = self.evidence.setdefault(family(problem), {})
-            buckets.setdefault(bucket_key(problem), transfer.Evidence(bucket(problem))).add(config, median_ms)
+        self._timings, self._read_timings = timings, read_timings
+        self._evidence: dict[tuple, dict[str, transfer.Evidence]] | None = None
+
+    @property
+    def evidence(self) -> dict[tuple, dict[str, transfer.Evidence]]:
+        if self._evidence is None:
+            timings = self._read_timings() if self._read_timings else self._timings
+            self._evidence = {}
+            for problem, config, median_ms in timings:
+                buckets = self._evidence.setdefault(family(problem), {})
+                buckets.setdefault(bucket_key(problem), transfer.Evidence(bucket(problem))).add(config, median_ms)
+        return self._evidence
 
     @classmethod
     def load(cls, device_name: str | None = None, urls: list[str] | None = None) -> "Winners":
         from ..store import Store, StoreError
         device_name = device_name or current_device_name()
-        rows, timings, stale, identity = [], [], set(), {}
+        rows, stale, identity, readable = [], set(), {}, []
 
         def current(kernel: str, source_hash: str) -> bool:
             if kernel not in identity:
@@ -91,27 +101,36 @@ class Winners:
             return source_hash == identity[kernel]
         for url in database_urls() if urls is None else urls:
             try:
-                store = Store(url, readonly=True)
-                found = store.winners(device_name=device_name, check_config=checked_config)
-                timed = store.timings(device_name)
+                found = Store(url, readonly=True).winners(device_name=device_name, check_config=checked_config)
             except StoreError as e:
                 warn_user(f"tunebench: ignoring results database: {e}")
                 continue
+            readable.append(url)
             for w in found:
                 if current(w.kernel, w.source_hash):
                     rows.append((w.problem, w.config, url, w.median_ms))
                 else:
                     stale.add(w.kernel)
-            for kernel, shash, problem, config, ms in timed:
-                try:
-                    if current(kernel, shash):                   # a config outside SPACE is never evidence
-                        timings.append((problem, checked_config(kernel, config), ms))
-                except ValueError:
-                    continue
         if stale:
             warn_user(f"tunebench: ignoring stored winners for {', '.join(sorted(stale))}: the kernel source changed "
                       f"since they were tuned; {tune_hint(device_name)}")
-        return cls(device_name, rows, timings)
+
+        def read_timings() -> list:
+            timings = []
+            for url in readable:
+                try:
+                    timed = Store(url, readonly=True).timings(device_name)
+                except StoreError as e:
+                    warn_user(f"tunebench: ignoring the trials of a results database: {e}")
+                    continue
+                for kernel, shash, problem, config, ms in timed:
+                    try:
+                        if current(kernel, shash):               # a config outside SPACE is never evidence
+                            timings.append((problem, checked_config(kernel, config), ms))
+                    except ValueError:
+                        continue
+            return timings
+        return cls(device_name, rows, read_timings=read_timings)
 
     def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:
         """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer from
