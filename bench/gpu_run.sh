@@ -33,7 +33,7 @@ for step in "$@"; do
                | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
     loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
-    hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" 2>&1 | tee "$OUT/hf.log"; r=$? ;;
+    hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"

@@ -9,6 +9,12 @@ once per implementation (Triton compiles, caches allocate), then timed --repeats
 median counts. Token agreement compares the two greedy outputs position by position: with random weights and bf16,
 a near-tie between the top two logits can flip one token, and greedy decoding then diverges for the rest of the row.
 --tiny is a smoke check of the plumbing, not a measurement.
+
+--check-logits separates a kernel error from a bf16 tie: sdpa's greedy tokens are fed back (teacher forcing, prefill
+then one decode step per token through the KV cache) to models with attn_implementation "tunebench", "sdpa" and
+"eager" in the benchmark's dtype and to a float64 copy ("sdpa"). Every model then sees the same tokens, so each
+next-token logit can be held to the tolerance rule (tunebench.correctness.close_enough, sdpa's error the yardstick),
+and the argmax disagreements of tunebench and of eager with sdpa can be counted side by side.
 """
 import argparse
 import json
@@ -35,6 +41,9 @@ def parse_args():
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, fp32, short prompts: a smoke check")
     p.add_argument("--interpret", action="store_true", help="run the kernels under the Triton interpreter (CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--check-logits", action="store_true",
+                   help="teacher-forced next-token logits of tunebench, sdpa and eager against a float64 model, "
+                        "at the first batch and prompt (see above)")
     args = p.parse_args()
     if args.tiny:
         args.batch, args.prompt, args.new, args.repeats, args.dtype = [1, 2], [12], 4, 1, "float32"
@@ -89,6 +98,41 @@ def measure(model, batch, prompt, new, repeats, device, vocab) -> dict:
     return row | agreement(tokens["tunebench"], tokens["sdpa"])
 
 
+def check_logits(model, batch, prompt, new, device, vocab) -> dict:
+    """Teacher-forced logits of each implementation against a float64 copy of the model (see the module docstring)."""
+    import copy
+    import torch
+    from tunebench.correctness import close_enough
+    from tunebench.integrations.transformers import teacher_forced_logits
+    ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch * prompt)).to(device)
+    seq = timed_generate(model, "sdpa", ids, new)[1]
+    seq = torch.cat([ids, seq], 1)
+    reference = copy.deepcopy(model).double()
+    reference.set_attn_implementation("sdpa")
+    ref = teacher_forced_logits(reference, seq, prompt)
+    logits = {}
+    for impl in ("sdpa", "tunebench", "eager"):
+        model.set_attn_implementation(impl)
+        logits[impl] = teacher_forced_logits(model, seq, prompt)
+    top2 = ref.topk(2, -1).values
+    margin = top2[..., 0] - top2[..., 1]
+    row = dict(batch=batch, prompt=prompt, new=new, positions=margin.numel(),
+               ref_margin_median=margin.median().item())
+    for impl, lg in logits.items():
+        verdict = close_enough(lg, ref, logits["sdpa"])
+        err = (lg.double() - ref).abs()
+        row[impl] = dict(max_err=verdict.err, allowed=verdict.allowed, ok=verdict.ok,
+                         argmax_vs_ref=(lg.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                         argmax_vs_sdpa=(lg.argmax(-1) == logits["sdpa"].argmax(-1)).float().mean().item(),
+                         # a flip where float64's top two are further apart than twice this model's max error
+                         clear_flips=int(((lg.argmax(-1) != ref.argmax(-1)) & (margin > 2 * err.amax(-1))).sum()))
+        print(f"  {impl:>9}: max err {verdict.err:.3g} (allowed {verdict.allowed:.3g}, {'ok' if verdict.ok else 'FAIL'})"
+              f"  argmax = float64's {row[impl]['argmax_vs_ref']:.1%}, = sdpa's {row[impl]['argmax_vs_sdpa']:.1%},"
+              f" clear flips {row[impl]['clear_flips']}", flush=True)
+    print(f"  float64 top-two margin: median {row['ref_margin_median']:.3g} over {row['positions']} positions")
+    return row
+
+
 def print_row(row: dict) -> None:
     print(f"{row['batch']:>5} {row['prompt']:>6} {row['new']:>4} {row['sdpa_tok_s']:>11.1f} "
           f"{row['tunebench_tok_s']:>15.1f} {row['speedup']:>7.2f}x {row['agree']:>7.1%} "
@@ -112,7 +156,11 @@ def main():
           f"Llama {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), {args.dtype}")
     print(f"{'batch':>5} {'prompt':>6} {'new':>4} {'sdpa tok/s':>11} {'tunebench tok/s':>15} {'speedup':>8} "
           f"{'agree':>7} {'rows eq':>7} {'eq prefix':>8}")
-    rows = []
+    rows, checks = [], []
+    if args.check_logits:
+        print(f"teacher-forced logits, batch {args.batch[0]}, prompt {args.prompt[0]}, {args.new} tokens:")
+        checks.append(check_logits(model, args.batch[0], args.prompt[0], args.new, device,
+                                   PRESETS[preset]["vocab_size"]))
     for batch in args.batch:
         for prompt in args.prompt:
             rows.append(measure(model, batch, prompt, args.new, args.repeats, device, PRESETS[preset]["vocab_size"]))
@@ -120,7 +168,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                           transformers=transformers.__version__, preset=preset, dtype=args.dtype, rows=rows), f,
+                           transformers=transformers.__version__, preset=preset, dtype=args.dtype, rows=rows,
+                           checks=checks), f,
                       indent=1)
 
 

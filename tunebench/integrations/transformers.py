@@ -69,6 +69,20 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+def teacher_forced_logits(model, seq: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The next-token logits [B, len(seq) - prompt, V] a causal LM gives after the first ``prompt`` tokens of ``seq``
+    and after each later token but the last, fed one at a time through the KV cache (a prefill, then decode steps) as
+    ``generate()`` feeds them, but with the tokens given. Fed the same tokens, two attention implementations can be
+    compared step by step, where greedy decoding would part them for good at the first near-tie."""
+    with torch.no_grad():
+        out = model(seq[:, :prompt], use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(prompt, seq.shape[1] - 1):
+            out = model(seq[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
 def _fallback(reason: str, eager: bool, module, query, key, value, mask, is_causal: bool, **kwargs):
     _warn_once(reason, "the model's eager attention" if eager else "SDPA")
     if eager:
