@@ -1,5 +1,6 @@
-"""Host cost of tunebench's dispatch, on a GPU: import time over torch + triton, and per-call overhead of
-tunebench.flash_attention / paged_attention over a direct launch of the same config.
+"""Host cost of tunebench's dispatch, on a GPU: import time over torch + triton, per-call overhead of
+tunebench.flash_attention / paged_attention over a direct launch of the same config, and the cost per call of
+recording (tunebench.record) once the call's bucket has been seen (goal: under 1 us).
 
 Both paths launch the same kernel on a tiny problem, so the host is the bottleneck and the difference in wall time
 per call is the dispatcher's own cost (shape key, dict lookup, Python call). Median of several rounds.
@@ -45,6 +46,25 @@ def paired_us(direct, dispatched, n=2000, rounds=15) -> tuple[float, float, floa
     return statistics.median(a), statistics.median(b), statistics.median(d2 - d1 for d1, d2 in zip(a, b))
 
 
+def recording_us(call, n=2000, rounds=15) -> float:
+    """Extra host time per call while tunebench.record is active, for a call whose bucket it has seen: rounds
+    alternate recording off and on, and the median of the per-round differences counts."""
+    import tempfile
+    from tunebench.runtime import record
+    with tempfile.TemporaryDirectory() as tmp, record.record(f"{tmp}/shapes.json") as recorder:
+        for _ in range(200):
+            call()
+        diffs = []
+        for r in range(rounds):
+            times = {}
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                record._ACTIVE = recorder if on else None
+                times[on] = _round(call, n)
+            diffs.append(times[True] - times[False])
+        record._ACTIVE = recorder
+    return statistics.median(diffs)
+
+
 def main():
     import tunebench
     from tunebench.runtime import dispatch
@@ -61,6 +81,8 @@ def main():
                                     lambda: tunebench.flash_attention(q, k, v))
     print(f"flash_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
           f"overhead {over:.1f} us (median of paired rounds)")
+    print(f"flash_attention while recording: {recording_us(lambda: tunebench.flash_attention(q, k, v)):+.2f} us/call "
+          f"(goal < 1 us)")
     qd = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
     kd = torch.randn(2, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((2,), 40, dtype=torch.int32, device="cuda")
@@ -71,6 +93,8 @@ def main():
                                     lambda: tunebench.paged_attention(qd, kc, vc, tables, lens))
     print(f"paged_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
           f"overhead {over:.1f} us (median of paired rounds)")
+    print(f"paged_attention while recording: "
+          f"{recording_us(lambda: tunebench.paged_attention(qd, kc, vc, tables, lens)):+.2f} us/call (goal < 1 us)")
 
 
 if __name__ == "__main__":

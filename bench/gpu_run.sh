@@ -8,6 +8,7 @@
 #   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
 #   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
 #           the headline suite
+#   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
@@ -33,6 +34,7 @@ for step in "$@"; do
                | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
     loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
+    overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac

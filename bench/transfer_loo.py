@@ -7,13 +7,13 @@ interleaved rounds (the median of the round medians; do_bench, L2 flushed). Rati
 shape's own winner, measured in the same run.
 
 With --dispatch SUITE it then times what the dispatcher itself chooses (exact winner, safe transfer or DEFAULT) for
-every dense shape of SUITE against DEFAULT, head to head: the check that no call of that suite runs slower than
-DEFAULT.
+every shape of SUITE against DEFAULT, head to head: the check that no call of that suite runs slower than DEFAULT.
+Paged decode shapes are timed by CUDA-graph replay, as the tuner times them.
 
 Usage (GPU, after `tunebench tune --suite transfer --db DB`):
     python3 bench/transfer_loo.py --db DB --out benchmarks/h200 --dispatch headline
     python3 bench/transfer_loo.py --db DB --interpret --limit 3       # a check of the script on a CPU
-Writes OUT/transfer-loo.csv and prints the table and the distribution.
+Writes OUT/transfer-loo.csv (transfer-loo-SUITE.csv for another suite) and prints the table and the distribution.
 """
 from __future__ import annotations
 
@@ -49,21 +49,20 @@ def nearest_winner(problem, evidence: list, default: dict) -> dict:
 
 
 def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> list[float]:
-    import torch
+    """Each config's median time on one set of inputs, rounds interleaved. Paged decode is timed by graph replay,
+    as the tuner times it (tunebench.tune.timing.bench_for)."""
+    from tunebench.inputs import make_inputs
+    from tunebench.registry import config_key, kernel_module
     from tunebench.tune import timing
-    from tunebench.registry import kernel_module
-    device = "cpu" if interpret else "cuda"
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=problem.torch_dtype)
-    q = randn(problem.B, problem.Hq, problem.Nq, problem.D)
-    k, v = randn(problem.B, problem.Hkv, problem.Nk, problem.D), randn(problem.B, problem.Hkv, problem.Nk, problem.D)
+    inp = make_inputs(problem, "cpu" if interpret else "cuda")
     launch = kernel_module(problem.kernel).launch
-    from tunebench.registry import config_key
     distinct = list({config_key(c): c for c in configs}.values())   # one config is timed once
-    fns = [lambda c=c: launch(q, k, v, config=c, causal=problem.causal) for c in distinct]
-    bench = timing.wall_bench if interpret else timing.gpu_bench
+    if problem.paged:
+        args = (inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens)
+        fns = [lambda c=c: launch(*args, config=c) for c in distinct]
+    else:
+        fns = [lambda c=c: launch(inp.q, inp.k, inp.v, config=c, causal=problem.causal) for c in distinct]
+    bench = timing.bench_for(interpret, problem.paged)
     per_round = [[bench(fn).median_ms for fn in fns] for _ in range(rounds)]
     ms = {config_key(c): statistics.median(r[i] for r in per_round) for i, c in enumerate(distinct)}
     return [ms[config_key(c)] for c in configs]
@@ -72,13 +71,13 @@ def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", required=True, help="the results database the suite was tuned into")
-    parser.add_argument("--suite", default="transfer", help="the tuned suite (dense problems)")
+    parser.add_argument("--suite", default="transfer", help="the tuned suite")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per shape")
     parser.add_argument("--limit", type=int, default=None, help="only the first N shapes")
     parser.add_argument("--out", default=None, help="folder for transfer-loo.csv")
     parser.add_argument("--interpret", action="store_true", help="check the script on a CPU (not a measurement)")
     parser.add_argument("--dispatch", default=None, metavar="SUITE",
-                        help="also time the dispatcher's own choice for each dense shape of SUITE against DEFAULT")
+                        help="also time the dispatcher's own choice for each shape of SUITE against DEFAULT")
     args = parser.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -87,7 +86,7 @@ def main() -> int:
     from tunebench.shapes import bucket_key, suite
     from tunebench.store import Store
     device_name = "cpu-interpreter" if args.interpret else __import__("torch").cuda.get_device_name()
-    problems = [p for p in suite(args.suite) if not p.paged][:args.limit]
+    problems = suite(args.suite)[:args.limit]
     with Store(args.db, readonly=True) as store:
         evidence = evidence_by_bucket(store, device_name, problems, kernel_identity)
         winners = {bucket_key(w.problem): w.config for w in store.winners(device_name=device_name)
@@ -116,20 +115,20 @@ def main() -> int:
               f"{r['chosen_vs_own']:.3f}  nearest/DEFAULT {r['nearest_vs_default']:.3f}  "
               f"{'transferred' if choice else 'DEFAULT'}", flush=True)
     report(rows)
-    write(rows, args.out, "transfer-loo.csv")
+    write(rows, args.out, "transfer-loo.csv" if args.suite == "transfer" else f"transfer-loo-{args.suite}.csv")
     if args.dispatch:
         write(dispatch_check(args.db, args.dispatch, args.rounds, args.interpret), args.out, "dispatch-vs-default.csv")
     return 0
 
 
 def dispatch_check(db: str, suite_name: str, rounds: int, interpret: bool) -> list[dict]:
-    """The dispatcher's choice (reading ``db`` over the shipped results) against DEFAULT, per dense shape."""
+    """The dispatcher's choice (reading ``db`` over the shipped results) against DEFAULT, per shape."""
     os.environ["TUNEBENCH_DB"] = db
     from tunebench.registry import kernel_module
     from tunebench.runtime.dispatch import Dispatcher
     from tunebench.shapes import suite
     dispatcher, rows = Dispatcher(), []
-    for p in [p for p in suite(suite_name) if not p.paged]:
+    for p in suite(suite_name):
         if interpret and p.dtype == "bfloat16":
             continue
         choice, default = dispatcher.choose(p), dict(kernel_module(p.kernel).DEFAULT)

@@ -44,6 +44,23 @@ def test_suites_and_presets_are_well_formed():
         suite("nope")
 
 
+def test_the_default_suite_covers_the_default_presets_prefill_and_decode_grids():
+    from tunebench.shapes import DECODE_MAX_TOKENS, DEFAULT_PRESETS, PAGES
+    default = suite("default")
+    keys = [bucket_key(p) for p in default]
+    assert len(keys) == len(set(keys))                                  # one problem per bucket
+    for name in DEFAULT_PRESETS:
+        for p in preset_problems(name, ("flash_v2", "paged_attention")):
+            assert bucket_key(p) in keys, (name, p.label())
+    llama = [p for p in default if (p.Hq, p.Hkv, p.D, p.dtype) == (32, 8, 128, "bfloat16")]
+    assert {p.Nk for p in llama if p.kernel == "flash_v2" and p.causal} == {512 << i for i in range(7)}  # 512-32k
+    decode = [p for p in llama if p.paged and p.page == 16]
+    assert {1, 8, 64, 256} <= {p.B for p in decode} and {1024, 131072} <= {p.Nk for p in decode}
+    assert all(p.B * p.Nk <= DECODE_MAX_TOKENS for p in decode)
+    assert {p.page for p in default if p.paged} == set(PAGES)
+    assert {p.D for p in default if p.kernel == "flash_v2"} == {64, 128}
+
+
 def test_flops_and_bytes():
     p = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16")
     assert p.flops == 4 * 4 * 16 * 4096 * 4096 * 128

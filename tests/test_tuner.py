@@ -300,7 +300,7 @@ def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():
 
 
 def test_problems_whose_timings_cost_most_are_tuned_first():
-    # Paged decode is timed by graph replay (~1 s a timing, against ~0.1 s): those problems go first, so the last
+    # Paged decode is timed by graph replay (~0.25 s a timing, against ~0.1 s): those problems go first, so the last
     # problem's re-timing, which nothing overlaps, is a short one. Otherwise the given order stands.
     from tunebench.tune.run import schedule
     problems = suite("default")

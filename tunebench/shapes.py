@@ -135,18 +135,26 @@ def bucket_distance(a: Problem, b: Problem) -> float:
     return sum(abs(math.log2(getattr(a, f)) - math.log2(getattr(b, f))) for f in ("B", "Hq", "Hkv", "Nq", "Nk"))
 
 
-# Model presets as plain data: attention geometry plus the prefill lengths and decode grid worth tuning for.
+# Model presets as plain data: attention geometry plus the prefill lengths and decode grid worth tuning for. The
+# decode grid is batch x context, less the pairs whose whole cache exceeds DECODE_MAX_TOKENS.
+_LONG = dict(prefill=(512, 1024, 2048, 4096, 8192, 16384, 32768), decode_batch=(1, 8, 64, 256),
+             decode_ctx=(1024, 8192, 32768, 131072))
+_SPARSE = dict(prefill=(512, 2048, 8192, 32768), decode_batch=(1, 16, 256), decode_ctx=(2048, 32768))
 PRESETS = {
-    "llama-3-8b": dict(Hq=32, Hkv=8, D=128, prefill=(1024, 4096, 8192), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096, 16384)),
+    "llama-3-8b": dict(Hq=32, Hkv=8, D=128, **_LONG),
+    "mistral-7b": dict(Hq=32, Hkv=8, D=128, **_LONG),
+    "qwen-2.5-7b": dict(Hq=28, Hkv=4, D=128, **_SPARSE),
+    "llama-3.2-1b": dict(Hq=32, Hkv=8, D=64, **_SPARSE),
     "llama-2-7b": dict(Hq=32, Hkv=32, D=128, prefill=(1024, 4096), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096)),
-    "mistral-7b": dict(Hq=32, Hkv=8, D=128, prefill=(1024, 4096, 8192), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096, 16384)),
-    "qwen-2.5-7b": dict(Hq=28, Hkv=4, D=128, prefill=(1024, 4096, 8192), decode_batch=(1, 16, 64), decode_ctx=(1024, 4096, 16384)),
     "tiny-test": dict(Hq=8, Hkv=2, D=64, prefill=(256,), decode_batch=(4,), decode_ctx=(256,)),
 }
+DEFAULT_PRESETS = ("llama-3-8b", "mistral-7b", "qwen-2.5-7b", "llama-3.2-1b")   # what the shipped results.db covers
+PREFILL_TOKENS = 16384          # a preset's prefill batch: B x N about this many tokens (B >= 1)
+DECODE_MAX_TOKENS = 1 << 21     # a decode batch's cache at most 2M tokens (8 GiB at Hkv 8, D 128, bf16)
 
 
 def preset_problems(name: str, kernels=DENSE_KERNELS + PAGED_KERNELS, dtype: str = "bfloat16",
-                    prefill_tokens: int = 16384, page: int = DEFAULT_PAGE) -> list[Problem]:
+                    prefill_tokens: int = PREFILL_TOKENS, page: int = DEFAULT_PAGE) -> list[Problem]:
     """Prefill problems at each length (batch chosen so B x N ~ prefill_tokens, causal) and the decode grid, whose
     cache has pages of ``page`` tokens."""
     if name not in PRESETS:
@@ -156,25 +164,33 @@ def preset_problems(name: str, kernels=DENSE_KERNELS + PAGED_KERNELS, dtype: str
     for kernel in kernels:
         if kernel in PAGED_KERNELS:
             out += [Problem(kernel, b, p["Hq"], p["Hkv"], 1, ctx, p["D"], dtype, page=page)
-                    for b in p["decode_batch"] for ctx in p["decode_ctx"]]
+                    for b in p["decode_batch"] for ctx in p["decode_ctx"] if b * ctx <= DECODE_MAX_TOKENS]
         else:
             out += [Problem(kernel, max(1, prefill_tokens // n), p["Hq"], p["Hkv"], n, n, p["D"], dtype, causal=True)
                     for n in p["prefill"]]
     return out
 
 
+def distinct_buckets(problems: list[Problem]) -> list[Problem]:
+    """The problems less those whose bucket an earlier one has, in order."""
+    seen: dict[str, Problem] = {}
+    for p in problems:
+        seen.setdefault(bucket_key(p), p)
+    return list(seen.values())
+
+
 def _default_suite() -> list[Problem]:
-    # Common prefill (causal, GQA 4, D 128 and 64) and decode shapes, sized so `tunebench tune` fits ~15 min on an H100.
-    out = []
+    # What the shipped results.db holds: the default presets' prefill (flash_v2, bf16, causal, 512-32k) and decode
+    # grids (batch 1-256 x context 1k-128k, page 16), decode at every page size (the pages suite), and a few fp16,
+    # non-causal, MHA and flash_v1 buckets. Sized so `tunebench tune` fits 20 minutes on one H200 from a cold cache.
+    out = [p for name in DEFAULT_PRESETS for p in preset_problems(name, ("flash_v2", "paged_attention"))]
     for dtype in ("float16", "bfloat16"):
-        for n in (1024, 4096, 16384):
-            out.append(Problem("flash_v2", max(1, 16384 // n), 32, 8, n, n, 128, dtype, causal=True))
         out.append(Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, dtype, causal=False))
         out.append(Problem("flash_v2", 4, 32, 32, 4096, 4096, 64, dtype, causal=True))
+    out += [Problem("flash_v2", max(1, PREFILL_TOKENS // n), 32, 8, n, n, 128, "float16", causal=True)
+            for n in (1024, 4096, 16384)]
     out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for n in (1024, 4096) for c in (False, True)]
-    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=16)
-            for b, ctx in ((1, 32768), (16, 16384), (64, 4096), (128, 1024))]
-    return out
+    return distinct_buckets(out + _pages_suite())
 
 
 def _pages_suite() -> list[Problem]:
@@ -239,7 +255,7 @@ SUITES = {
     "headline": _headline_suite,
     "tiny": _tiny_suite,
     "prefill": lambda: [p for p in _default_suite() if not p.paged],
-    "decode": lambda: [p for p in _default_suite() if p.paged],
+    "decode": lambda: [p for p in _default_suite() if p.paged and p.page == DEFAULT_PAGE],
     "pages": _pages_suite,
 }
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 QUANTILES = (0.5, 0.2, 0.8)     # median, p20, p80: the order do_bench returns them in
+GRAPH_REP_MS = 25               # per replayed graph: 10 replays of 25 ms, 0.25 s a decode timing (was 100 ms, 1 s)
 INTERPRET_REPS = 2              # the interpreter is slow (~0.1-0.5 s a tiny launch); the check launch warmed it up
 
 
@@ -36,9 +37,10 @@ def graph_bench(fn: Callable[[], object]) -> Timing:
     """CUDA-graph replay (triton.testing.do_bench_cudagraph): the launches' host overhead is left out, as it is when a
     serving engine replays its decode step from a graph. Used for paged decode, whose kernels take tens of
     microseconds: timed one launch at a time, with compile workers loading the host, their host overhead would rank
-    the configs rather than the GPU time."""
+    the configs rather than the GPU time. Each of do_bench_cudagraph's 10 replays is a graph of GRAPH_REP_MS of
+    launches (hundreds of launches at tens of microseconds each), so one timing takes about 10 x GRAPH_REP_MS."""
     from triton.testing import do_bench_cudagraph
-    median, p20, p80 = do_bench_cudagraph(fn, rep=100, quantiles=list(QUANTILES))
+    median, p20, p80 = do_bench_cudagraph(fn, rep=GRAPH_REP_MS, quantiles=list(QUANTILES))
     return Timing(median, p20, p80)
 
 
@@ -53,9 +55,9 @@ def wall_bench(fn: Callable[[], object], reps: int = INTERPRET_REPS) -> Timing:
 
 
 # About how long one timing takes on a GPU (bench_for), in seconds: do_bench's 25 ms warm-up and 100 ms of launches,
-# or a graph of 100 ms of launches replayed 10 times. For ordering work (tunebench.tune.run.schedule), not for
+# or a graph of GRAPH_REP_MS of launches replayed 10 times. For ordering work (tunebench.tune.run.schedule), not for
 # reporting.
-TYPICAL_S = {"launches": 0.1, "graph": 1.0}
+TYPICAL_S = {"launches": 0.1, "graph": 10 * GRAPH_REP_MS / 1e3}
 
 
 def typical_s(paged: bool) -> float:
