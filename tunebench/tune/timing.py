@@ -32,13 +32,15 @@ def gpu_bench(fn: Callable[[], object]) -> Timing:
     return Timing(median, p20, p80)
 
 
-def graph_bench(fn: Callable[[], object]) -> Timing:
+def graph_bench(fn: Callable[[], object], rep: float = 100) -> Timing:
     """CUDA-graph replay (triton.testing.do_bench_cudagraph): the launches' host overhead is left out, as it is when a
     serving engine replays its decode step from a graph. Used for paged decode, whose kernels take tens of
     microseconds: timed one launch at a time, with compile workers loading the host, their host overhead would rank
-    the configs rather than the GPU time."""
+    the configs rather than the GPU time. ``rep``: ms of launches captured in the graph, which is replayed 10 times.
+    The L2 cache is not flushed between replays (unlike do_bench): inputs that fit in L2 are read partly from it.
+    `tunebench bench` times every decode provider with this function too."""
     from triton.testing import do_bench_cudagraph
-    median, p20, p80 = do_bench_cudagraph(fn, rep=100, quantiles=list(QUANTILES))
+    median, p20, p80 = do_bench_cudagraph(fn, rep=rep, quantiles=list(QUANTILES))
     return Timing(median, p20, p80)
 
 
