@@ -461,3 +461,22 @@ def test_tuning_times_and_counts_formatting():
     assert tuning_times([trials[1]]) == (None, None)
     assert format_counts({"timeout": 1, "ok": 3, "weird": 2}) == "ok 3, timeout 1, weird 2"
     assert [format_duration(timedelta(seconds=s)) for s in (59, 600, 9000)] == ["59 s", "10.0 min", "2.5 h"]
+
+
+@pytest.mark.gpu
+def test_headline_decode_rows_are_graph_timed_and_not_slower_than_launch_by_launch(tmp_path):
+    names = ["tunebench-paged", "tunebench-paged-default", "sdpa-dense-flash", "sdpa-dense-cudnn", "sdpa-padded",
+             "sdpa-loop"]
+    argv = ["bench", "--suite", "headline", "--kernel", "paged_attention", "--out", str(tmp_path), "--rep-ms", "30",
+            "--warmup-ms", "10"] + [a for n in names for a in ("--provider", n)]
+    assert main(argv) == 0
+    with open(tmp_path / "bench.csv") as f:
+        read = list(csv.DictReader(f))
+    assert len({r["problem"] for r in read}) == 5 and any(r["ragged"] for r in read)
+    paged = [r for r in read if r["provider"] == "tunebench-paged"]
+    assert len(paged) == 5 and all(r["status"] == "ok" for r in paged), [r["note"] for r in paged]
+    for r in (r for r in read if r["status"] == "ok"):
+        graph, launch = float(r["graph_ms"]), float(r["launch_ms"])
+        assert r["timed_by"] == "graph" and graph > 0 and launch > 0
+        assert graph <= launch * 1.2, (r["problem"], r["provider"], graph, launch)
+        assert float(r["throughput"]) == pytest.approx(float(r["kv_tokens"]) * 2 * 8 * 128 * 2 / graph / 1e6)

@@ -78,7 +78,7 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _build(problem: Problem, device, seed: int):
+def build_inputs(problem: Problem, device, seed: int):
     """The problem's shared inputs and the reference of the rows the bench checks (a ragged batch has its own)."""
     if isinstance(problem, ragged.RaggedDecode):
         inputs = ragged.make_inputs(problem, device, seed)
@@ -90,7 +90,7 @@ def _build(problem: Problem, device, seed: int):
 def _l2_note(problem: Problem, device) -> str:
     """A warning for graph-timed decode whose K/V could stay in L2 between replays (graph replay does not flush)."""
     import torch
-    if not problem.paged or getattr(device, "type", str(device)) != "cuda":
+    if not problem.paged or torch.device(device).type != "cuda":
         return ""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
     if not l2 or problem.kv_bytes >= 2 * l2:
@@ -125,7 +125,7 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
     phase = "decode" if problem.paged else "prefill"
     chosen = [pr for pr in providers if pr.applies(problem)]
     try:
-        inputs, reference = _build(problem, device, seed)
+        inputs, reference = build_inputs(problem, device, seed)
     except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this problem is lost, not the run
         inputs = reference = None
         _release(device)
