@@ -125,7 +125,7 @@ def test_command_flow_writes_after_every_problem_and_stops_on_a_sticky_cuda_erro
                 Measurement(problem, "sdpa-dense-flash", True, FAILED if note else OK, None if note else 0.6, note=note)]
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(command, "measure_ceilings", lambda dtypes, timer=None: CEILINGS)
+    monkeypatch.setattr(command, "measure_ceilings", lambda dtypes, timer=None, copy_timer=None: CEILINGS)
     monkeypatch.setattr(command, "environment", lambda: {"device": "fake H100", "command": "tunebench bench"})
     monkeypatch.setattr(command, "run_problem", fake_run)
     assert main(["bench", "--kernel", "paged_attention", "--out", str(tmp_path)]) == 1
@@ -260,6 +260,9 @@ def test_ceilings_count_bytes_read_and_written():
     assert set(c.matmul_flops_per_s) == {"float16", "bfloat16"}
     assert c.matmul_flops_per_s["float16"] == pytest.approx(2 * 64 ** 3 / 2e-3)
     assert c.for_problem(DECODE) == (pytest.approx(c.copy_bytes_per_s / 1e9), "copy GB/s")
+    graphed = measure.measure_ceilings([], device="cpu", timer=lambda fn: (fn(), 2.0)[1:] * 3, copy_bytes=1 << 20,
+                                       matmul_n=64, copy_timer=lambda fn: (fn(), 1.0)[1:] * 3)
+    assert graphed.copy_bytes_per_s == pytest.approx(2 * c.copy_bytes_per_s) and "graph" in graphed.notes["copy"]
 
 
 def test_a_provider_whose_timing_fails_is_reported():

@@ -7,7 +7,8 @@ How a provider is timed (median with the 20th and 80th percentiles):
   replays its decode step), and launch by launch beside it (launch_ms). Decode calls take tens of microseconds, so
   launch by launch a provider's host overhead and its number of launches (tunebench's split-K reduce is a second
   launch) are part of its time; the graph figure leaves them out. Throughput, ratios against peers and % of the copy
-  ceiling come from the graph figure; the launch-by-launch one shows what host overhead and extra launches cost.
+  ceiling (the bench graph-times the copy too) come from the graph figure; the launch-by-launch one shows what host
+  overhead and extra launches cost.
   Graph replay does not flush L2: a problem whose K/V fits in twice the L2 cache says so in its notes.
 """
 from __future__ import annotations
@@ -207,11 +208,13 @@ def matmul_rate(n: int, dtype: str, device, timer) -> float:
 
 
 def measure_ceilings(dtypes, device="cuda", timer=None, copy_bytes: int = COPY_BYTES,
-                     matmul_n: int = MATMUL_N) -> Ceilings:
-    """The copy bandwidth, and the matmul rate of bf16 and of each dtype the problems use."""
+                     matmul_n: int = MATMUL_N, copy_timer=None) -> Ceilings:
+    """The copy bandwidth, and the matmul rate of bf16 and of each dtype the problems use. copy_timer (default:
+    timer): the bench gives its graph timer, so that decode's % of copy compares two graph-timed figures."""
     timer = timer or do_bench_timer()
-    ceilings = Ceilings(copy_rate(copy_bytes, device, timer),
-                        notes={"copy": f"{copy_bytes >> 20} MiB device-to-device copy, read + write"})
+    how = "" if copy_timer is None else ", CUDA-graph replay"
+    ceilings = Ceilings(copy_rate(copy_bytes, device, copy_timer or timer),
+                        notes={"copy": f"{copy_bytes >> 20} MiB device-to-device copy, read + write{how}"})
     for dtype in sorted(set(dtypes) | {"bfloat16"}):
         ceilings.matmul_flops_per_s[dtype] = matmul_rate(matmul_n, dtype, device, timer)
         ceilings.notes[f"matmul {dtype}"] = f"torch.matmul {matmul_n}^3, random data"

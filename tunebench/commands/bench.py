@@ -47,7 +47,7 @@ def bench_command(args) -> int:
     graph_timer = graph_replay_timer(args.rep_ms)
     _log(f"tunebench bench on {meta.get('device')} (torch {meta.get('torch')}, triton {meta.get('triton')}): "
          f"{len(problems)} problems, writing to {out_dir}")
-    ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer)
+    ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer, copy_timer=graph_timer)
     print(format_ceilings(ceilings), flush=True)
     started = time.perf_counter()
     measurements, sticky = _measure_all(problems, providers, (timer, graph_timer), ceilings, meta, out_dir)
