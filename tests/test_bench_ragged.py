@@ -110,3 +110,17 @@ def test_the_padding_bias_masks_exactly_each_sequences_padding():
     assert bias.shape == (SMALL.B, 1, 1, SMALL.Nk) and bias.dtype == torch.float32
     for b, n in enumerate(SMALL.lengths):
         assert (bias[b, 0, 0, :n] == 0).all() and torch.isinf(bias[b, 0, 0, n:]).all()
+
+
+def test_a_ragged_rows_throughput_and_goal_count_the_sum_of_lengths():
+    from tunebench.bench import tables
+    from tunebench.bench.measure import GRAPH, Ceilings, Measurement
+    r = ragged.headline()[0]
+    ms = [Measurement(r, "tunebench-paged", False, OK, r.kv_bytes / 3.0e12 * 1e3, timed_by=GRAPH, launch_ms=1.0),
+          Measurement(r, "sdpa-loop", True, OK, r.kv_bytes / 1.5e12 * 1e3, timed_by=GRAPH, launch_ms=2.0)]
+    rows = tables.rows(ms, Ceilings(4.0e12))
+    paged = next(x for x in rows if x["provider"] == "tunebench-paged")
+    assert paged["throughput"] == pytest.approx(3000) and paged["kv_tokens"] == 64 * 2048
+    assert paged["ragged"] == r.recipe and paged["vs_best_peer"] == pytest.approx(2.0)
+    (line,) = tables.summary(rows)
+    assert "75% of copy bandwidth (goal >= 90%" in line and "2.00x best peer sdpa-loop (goal >= 1.2)" in line
