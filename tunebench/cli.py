@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add("bench", help="tuned kernels against SDPA, FlexAttention and others, with measured ceilings",
                 description="On one GPU, in one process: measures the copy bandwidth and the matmul rate, then runs "
                             "every provider on the same inputs per problem, checks their outputs against a float64 "
-                            "reference, times the correct ones (do_bench median) and writes tables, CSV, JSON and "
-                            "plots.")
+                            "reference, times the correct ones (do_bench median; decode by CUDA-graph replay, "
+                            "with do_bench launch by launch beside it) and writes tables, CSV, JSON and plots.")
     b.add_argument("--suite", default=None, help="named suite (default: 'headline')")
     b.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")
     b.add_argument("--out", default="bench-results", help="directory for bench.csv, bench.json, bench.md and PNG plots")
@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only problems of these dtypes (repeatable), e.g. to split a suite across runs")
     b.add_argument("--provider", action="append", default=None,
                    help="only these providers (repeatable; default all), e.g. tunebench-v2, sdpa-cudnn, flex")
-    b.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per provider, ms")
+    b.add_argument("--rep-ms", type=float, default=100.0,
+                   help="do_bench repetition time per provider, ms (decode: also the ms of launches per CUDA graph)")
     b.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per provider, ms")
     b.set_defaults(func=_bench)
 

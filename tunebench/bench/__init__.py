@@ -7,7 +7,8 @@ run is reported with its reason; the rest go on. The copy bandwidth and the matm
 so "% of ceiling" compares like with like.
 
 - providers: tunebench's kernels and the peers (SDPA backends, FlexAttention, FlashInfer, flash-attn, ...);
-- measure: timers, run_problem, the measured ceilings;
+- measure: timers (decode by CUDA-graph replay, with launch by launch beside it), run_problem, the measured ceilings;
+- ragged: a decode batch of mixed sequence lengths (seeded), its inputs and its reference;
 - tables: rows, tables, the summary, CSV/JSON/Markdown: pure functions of measurements, testable on synthetic
   numbers;
 - plots: throughput and roofline PNGs (matplotlib, optional).

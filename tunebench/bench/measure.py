@@ -1,6 +1,15 @@
-"""Measuring for `tunebench bench`: every provider of a problem checked first, then the correct ones timed
-(triton.testing.do_bench: median with the 20th and 80th percentiles); and the machine's ceilings measured in the
-same run (copy bandwidth, matmul rate).
+"""Measuring for `tunebench bench`: every provider of a problem checked first, then the correct ones timed; and the
+machine's ceilings measured in the same run (copy bandwidth, matmul rate).
+
+How a provider is timed (median with the 20th and 80th percentiles):
+- prefill: launch by launch (triton.testing.do_bench: CUDA events, L2 flushed before each launch);
+- decode: by CUDA-graph replay (tunebench.tune.timing.graph_bench, as the tuner times decode and as a serving engine
+  replays its decode step), and launch by launch beside it (launch_ms). Decode calls take tens of microseconds, so
+  launch by launch a provider's host overhead and its number of launches (tunebench's split-K reduce is a second
+  launch) are part of its time; the graph figure leaves them out. Throughput, ratios against peers and % of the copy
+  ceiling (the bench graph-times the copy too) come from the graph figure; the launch-by-launch one shows what host
+  overhead and extra launches cost.
+  Graph replay does not flush L2: a problem whose K/V fits in twice the L2 cache says so in its notes.
 """
 from __future__ import annotations
 
@@ -13,11 +22,13 @@ from dataclasses import dataclass, field
 
 from ..inputs import make_inputs, reference_for
 from ..shapes import Problem
+from . import ragged
 from .providers import Provider, Runner, Skip, first_line
 
 COPY_BYTES = 1 << 30
 MATMUL_N = 8192
 OK, WRONG, SKIPPED, FAILED = "ok", "wrong", "skipped", "failed"
+GRAPH, LAUNCHES = "graph", "launches"     # what a measurement's median_ms was timed by
 # After these a CUDA context is unusable: every later launch in the process fails, so the run stops there.
 STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "device-side assert",
                       "misaligned address", "illegal instruction")
@@ -29,11 +40,13 @@ class Measurement:
     provider: str
     peer: bool
     status: str                             # ok, wrong, skipped, failed
-    median_ms: float | None = None
+    median_ms: float | None = None          # the figure throughput and ratios come from (timed_by says how)
     p20_ms: float | None = None
     p80_ms: float | None = None
     err_ratio: float | None = None          # error / allowed (<= 1 passes)
     note: str = ""
+    timed_by: str = ""                      # GRAPH (decode) or LAUNCHES (prefill)
+    launch_ms: float | None = None          # launch-by-launch median (do_bench); decode reports it beside the graph
 
 
 def do_bench_timer(warmup_ms: float = 25.0, rep_ms: float = 100.0):
@@ -41,6 +54,15 @@ def do_bench_timer(warmup_ms: float = 25.0, rep_ms: float = 100.0):
     def timer(fn) -> tuple[float, float, float]:
         from triton.testing import do_bench
         return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+    return timer
+
+
+def graph_replay_timer(rep_ms: float = 100.0):
+    """(median, p20, p80) in ms by CUDA-graph replay: the tuner's own graph_bench, ``rep_ms`` of launches per graph."""
+    def timer(fn) -> tuple[float, float, float]:
+        from ..tune.timing import graph_bench
+        t = graph_bench(fn, rep=rep_ms)
+        return t.median_ms, t.p20_ms, t.p80_ms
     return timer
 
 
@@ -57,18 +79,54 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", timer=None, seed: int = 0,
-                log=None) -> list[Measurement]:
+def build_inputs(problem: Problem, device, seed: int):
+    """The problem's shared inputs and the reference of the rows the bench checks (a ragged batch has its own)."""
+    if isinstance(problem, ragged.RaggedDecode):
+        inputs = ragged.make_inputs(problem, device, seed)
+        return inputs, ragged.reference_for(inputs, seed)
+    inputs = make_inputs(problem, device, seed)              # a paged cache in pages of problem.page
+    return inputs, reference_for(inputs, seed)
+
+
+def _l2_note(problem: Problem, device) -> str:
+    """A warning for graph-timed decode whose K/V could stay in L2 between replays (graph replay does not flush)."""
+    import torch
+    if not problem.paged or torch.device(device).type != "cuda":
+        return ""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    if not l2 or problem.kv_bytes >= 2 * l2:
+        return ""
+    return f"; K/V {problem.kv_bytes / 2**20:.0f} MiB < 2 x L2 ({l2 >> 20} MiB): graph replay may read it from L2"
+
+
+def _time(m: Measurement, fn, phase: str, timer, graph_timer) -> None:
+    """Prefill: launch by launch. Decode: launch by launch, then by graph replay, the figure the ratios use."""
+    timing = [float(x) for x in timer(fn)]
+    m.launch_ms, m.timed_by = timing[0], LAUNCHES
+    if phase == "decode":
+        try:
+            timing = [float(x) for x in graph_timer(fn)]
+        except Exception as e:  # noqa: BLE001 -- e.g. a provider that syncs cannot be captured; its row says so
+            m.status = FAILED
+            m.note = f"graph timing failed ({type(e).__name__}: {first_line(e)}); launch by launch only. {m.note}"
+            return
+        m.timed_by = GRAPH
+    m.median_ms, m.p20_ms, m.p80_ms = timing
+
+
+def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", timer=None, graph_timer=None,
+                seed: int = 0, log=None) -> list[Measurement]:
     """Every applicable provider on the same inputs: prepare, run once and check against the reference (all of them
-    first), then time the correct ones. Failures are recorded with their reason and never stop the others."""
+    first), then time the correct ones (timer: launch by launch; graph_timer: graph replay, decode only).
+    Failures are recorded with their reason and never stop the others."""
     import torch
     timer = timer or do_bench_timer()
+    graph_timer = graph_timer or graph_replay_timer()
     log = log or (lambda msg: None)
     phase = "decode" if problem.paged else "prefill"
-    chosen = [pr for pr in providers if pr.phase == phase]
+    chosen = [pr for pr in providers if pr.applies(problem)]
     try:
-        inputs = make_inputs(problem, device, seed)          # a paged cache in pages of problem.page
-        reference = reference_for(inputs, seed)
+        inputs, reference = build_inputs(problem, device, seed)
     except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this problem is lost, not the run
         inputs = reference = None
         _release(device)
@@ -105,10 +163,12 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
             m.status, m.note = FAILED, f"{type(e).__name__}: {first_line(e)}"
             _release(device)
         log(f"  {pr.name:<26} {m.status:<8} ({time.perf_counter() - t0:.1f} s) {m.note[:100]}")
+    l2 = _l2_note(problem, device)
     for name, runner in runners.items():
         m = results[name]
         try:
-            m.median_ms, m.p20_ms, m.p80_ms = (float(x) for x in timer(runner.fn))
+            _time(m, runner.fn, phase, timer, graph_timer)
+            m.note += l2 if m.timed_by == GRAPH else ""
         except Exception as e:  # noqa: BLE001
             m.status, m.note = FAILED, f"timing failed: {type(e).__name__}: {first_line(e)}"
             _release(device)
@@ -148,11 +208,13 @@ def matmul_rate(n: int, dtype: str, device, timer) -> float:
 
 
 def measure_ceilings(dtypes, device="cuda", timer=None, copy_bytes: int = COPY_BYTES,
-                     matmul_n: int = MATMUL_N) -> Ceilings:
-    """The copy bandwidth, and the matmul rate of bf16 and of each dtype the problems use."""
+                     matmul_n: int = MATMUL_N, copy_timer=None) -> Ceilings:
+    """The copy bandwidth, and the matmul rate of bf16 and of each dtype the problems use. copy_timer (default:
+    timer): the bench gives its graph timer, so that decode's % of copy compares two graph-timed figures."""
     timer = timer or do_bench_timer()
-    ceilings = Ceilings(copy_rate(copy_bytes, device, timer),
-                        notes={"copy": f"{copy_bytes >> 20} MiB device-to-device copy, read + write"})
+    how = "" if copy_timer is None else ", CUDA-graph replay"
+    ceilings = Ceilings(copy_rate(copy_bytes, device, copy_timer or timer),
+                        notes={"copy": f"{copy_bytes >> 20} MiB device-to-device copy, read + write{how}"})
     for dtype in sorted(set(dtypes) | {"bfloat16"}):
         ceilings.matmul_flops_per_s[dtype] = matmul_rate(matmul_n, dtype, device, timer)
         ceilings.notes[f"matmul {dtype}"] = f"torch.matmul {matmul_n}^3, random data"

@@ -24,7 +24,7 @@ def plot_throughput(rows_: list[dict], out_dir: Path) -> list[Path]:
         return []
     groups: dict[tuple, list[dict]] = {}
     for r in rows_:
-        if r["throughput"] is None:
+        if r["throughput"] is None or r.get("ragged"):      # a ragged batch has no one length to plot against
             continue
         key = (r["phase"], r["dtype"], r["Hq"], r["Hkv"], r["D"], r["causal"]) + ((r["B"],) if r["phase"] == "prefill"
                                                                                   else ())

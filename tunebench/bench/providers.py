@@ -2,6 +2,11 @@
 
 Each provider prepares everything outside the timed region from the problem's shared Inputs and returns a Runner
 whose fn() is what is timed, or raises Skip with the reason it does not apply.
+
+A ragged decode batch (bench/ragged.py: sequences of different lengths) is run by the paged providers, which take
+per-sequence context lengths, and by the peers a user of dense attention has for it: SDPA on K/V padded to the
+longest sequence with a key mask (sdpa-padded*), and a loop of SDPA over the sequences (sdpa-loop). Those peers are
+for ragged batches only (on a uniform batch they are the dense peers again); the dense peers say why they skip one.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..inputs import Inputs, pack_paged
+from .ragged import RaggedDecode, padding_bias
 
 V1_MAX_N = 8192                           # FlashAttention-1 rewrites O, m, l in HBM per K/V step: slow beyond this
 NAIVE_MAX_SCORES = 1 << 28                # naive attention materialises B x Hq x Nq x Nk scores
@@ -35,6 +41,12 @@ class Provider:
     peer: bool              # False for tunebench's own kernels: the best peer is the best of the others
     make: Callable          # Inputs -> Runner; raises Skip(reason)
     about: str
+    ragged_only: bool = False   # a peer for ragged decode batches only (left out of uniform ones)
+
+    def applies(self, problem) -> bool:
+        """Whether this provider is run on (and listed for) a problem."""
+        phase = "decode" if problem.paged else "prefill"
+        return self.phase == phase and (isinstance(problem, RaggedDecode) or not self.ragged_only)
 
 
 def _tuned_flash(variant: str):
@@ -218,6 +230,12 @@ def _paged_default(inp: Inputs) -> Runner:
     return Runner(lambda: module.launch(q, kc, vc, bt, cl, config=config, out=out), out=out, note=str(config))
 
 
+def _uniform_only(inp: Inputs) -> None:
+    if isinstance(inp.problem, RaggedDecode):
+        raise Skip("one dense call takes every sequence at one length: a ragged batch needs padding and a mask "
+                   "(sdpa-padded*) or a loop over sequences (sdpa-loop)")
+
+
 def _grouped_q(inp: Inputs):
     """Decode q [B, Hq, D] seen as [B, Hkv, G, D]: a KV head's G query heads become its query rows, which is the
     same computation without repeating K/V (non-causal, one token per query head)."""
@@ -229,6 +247,7 @@ def _dense_decode(backend_name: str):
     def make(inp: Inputs) -> Runner:
         from torch.nn.attention import SDPBackend
         backend = getattr(SDPBackend, backend_name)
+        _uniform_only(inp)
         p = inp.problem
         q4, k, v = _grouped_q(inp), inp.k, inp.v
         why = _try_sdpa(backend, q4, k, v, False, False)
@@ -241,6 +260,7 @@ def _dense_decode(backend_name: str):
 
 def _gather_then_sdpa(inp: Inputs) -> Runner:
     from torch.nn.attention import SDPBackend
+    _uniform_only(inp)
     p = inp.problem
     q4, kc, vc = _grouped_q(inp), inp.k_cache, inp.v_cache
     tables = inp.block_tables.long()
@@ -261,6 +281,56 @@ def _gather_then_sdpa(inp: Inputs) -> Runner:
         return _sdpa_call(backend, q4, k, v, False, False)().reshape(p.B, p.Hq, p.D)
     note = "gather timed with SDPA " + ("flash" if backend is not None else "(PyTorch's choice of backend)")
     return Runner(fn, note=note)
+
+
+def _padded_decode(backend_name: str | None):
+    """SDPA on K/V padded to the longest sequence, with an additive key mask built once per batch: what a user of
+    dense attention does with a ragged batch in one call. backend_name None: PyTorch's own choice, the plain call."""
+    def make(inp: Inputs) -> Runner:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        p = inp.problem
+        q4, k, v, bias = _grouped_q(inp), inp.k, inp.v, padding_bias(inp)
+
+        def call():
+            return F.scaled_dot_product_attention(q4, k, v, attn_mask=bias).reshape(p.B, p.Hq, p.D)
+        fn = call
+        if backend_name is not None:
+            backend = getattr(SDPBackend, backend_name)
+
+            def fn():
+                with sdpa_kernel(backend):
+                    return call()
+            try:
+                fn()
+            except RuntimeError as e:
+                raise Skip(f"backend unavailable for these inputs: {first_line(e)}")
+        return Runner(fn, note=f"K/V padded to {p.Nk} (reads B x {p.Nk} tokens), additive key mask built once "
+                               f"(untimed); GQA folded into query rows")
+    return make
+
+
+def _sdpa_loop(inp: Inputs) -> Runner:
+    """One SDPA call per sequence on its own tokens (views of the padded K/V, no copy), then the outputs stacked."""
+    import torch
+    from torch.nn.attention import SDPBackend
+    p = inp.problem
+    q4 = _grouped_q(inp)
+    per_seq = [(q4[b:b + 1], inp.k[b:b + 1, :, :n], inp.v[b:b + 1, :, :n]) for b, n in enumerate(p.lengths)]
+    backend = SDPBackend.FLASH_ATTENTION
+    if _try_sdpa(backend, *per_seq[0], False, False) is not None:
+        backend = None
+
+    def one(q, k, v):
+        if backend is None:
+            import torch.nn.functional as F
+            return F.scaled_dot_product_attention(q, k, v)
+        return _sdpa_call(backend, q, k, v, False, False)()
+
+    def fn():
+        return torch.cat([one(*t) for t in per_seq]).reshape(p.B, p.Hq, p.D)
+    which = "flash" if backend is not None else "PyTorch's choice of backend"
+    return Runner(fn, note=f"{p.B} SDPA calls ({which}) on each sequence's own tokens, then a cat")
 
 
 def _flex_paged(inp: Inputs) -> Runner:
@@ -303,12 +373,15 @@ def _flashinfer(inp: Inputs) -> Runner:
     except ImportError:
         raise Skip("flashinfer is not installed (optional peer)")
     p, bs = inp.problem, inp.block_size
-    nb = inp.block_tables.shape[1]
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=inp.device)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-    indptr = torch.arange(p.B + 1, dtype=torch.int32, device=inp.device) * nb
-    indices = inp.block_tables.reshape(-1).contiguous()
-    last_len = torch.full((p.B,), p.Nk - (nb - 1) * bs, dtype=torch.int32, device=inp.device)
+    # Each sequence's own pages (a ragged batch's differ in number): CSR over the block table's used columns.
+    lens = inp.context_lens.to(torch.long)
+    pages = (lens + bs - 1) // bs
+    indptr = torch.cat([pages.new_zeros(1), pages.cumsum(0)]).to(torch.int32)
+    used = torch.arange(inp.block_tables.shape[1], device=inp.device)[None, :] < pages[:, None]
+    indices = inp.block_tables[used].contiguous()
+    last_len = (lens - (pages - 1) * bs).to(torch.int32)
     plan = getattr(wrapper, "plan", None) or wrapper.begin_forward
     params = inspect.signature(plan).parameters
     dtype_kw = ({"q_data_type": inp.q.dtype, "kv_data_type": inp.q.dtype} if "q_data_type" in params
@@ -360,6 +433,14 @@ PROVIDERS = [
     Provider("vllm-flash-attn", "decode", True, _fa_kvcache("vllm.vllm_flash_attn"),
              "vLLM's flash_attn_with_kvcache (if installed)"),
     Provider("flash-attn", "decode", True, _fa_kvcache("flash_attn"), "flash-attn's flash_attn_with_kvcache"),
+    Provider("sdpa-padded", "decode", True, _padded_decode(None),
+             "ragged batch: SDPA on K/V padded to the longest, key mask, PyTorch's choice of backend", True),
+    Provider("sdpa-padded-efficient", "decode", True, _padded_decode("EFFICIENT_ATTENTION"),
+             "ragged batch: SDPA memory-efficient on padded K/V with a key mask", True),
+    Provider("sdpa-padded-cudnn", "decode", True, _padded_decode("CUDNN_ATTENTION"),
+             "ragged batch: SDPA cuDNN on padded K/V with a key mask", True),
+    Provider("sdpa-loop", "decode", True, _sdpa_loop, "ragged batch: one SDPA call per sequence, outputs stacked",
+             True),
 ]
 PROVIDER_NAMES = [pr.name for pr in PROVIDERS]
 

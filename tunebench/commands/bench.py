@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..bench.measure import FAILED, STICKY_CUDA_ERRORS, do_bench_timer, environment, measure_ceilings, run_problem
+from ..bench import ragged
+from ..bench.measure import (FAILED, STICKY_CUDA_ERRORS, do_bench_timer, environment, graph_replay_timer,
+                             measure_ceilings, run_problem)
 from ..bench.plots import plot_roofline, plot_throughput
 from ..bench.providers import select_providers
 from ..bench.tables import format_ceilings, format_table, rows, summary, write_outputs
@@ -20,9 +22,13 @@ DEFAULT_SUITE = "headline"
 def bench_problems(suite_name: str | None, preset: str | None, kernels: list[str] | None,
                    dtypes: list[str] | None = None) -> list[Problem]:
     """The suite's (or preset's) problems, filtered by kernel and dtype (commands/problems.py). Dense problems that
-    differ only in kernel name are one prefill problem (every prefill provider runs on it)."""
+    differ only in kernel name are one prefill problem (every prefill provider runs on it). The headline suite also
+    gets the bench's ragged decode batch (bench/ragged.py), after the uniform decode rows, under the same filters."""
     problems = select_problems(kernels, suite_name, preset, dtypes=dtypes, default_suite=DEFAULT_SUITE,
                                per_bucket=False)
+    if preset is None and (suite_name or DEFAULT_SUITE) == "headline":
+        problems += [p for p in ragged.headline()
+                     if (not kernels or p.kernel in kernels) and (not dtypes or p.dtype in dtypes)]
     return list(dict.fromkeys(p if p.kernel in PAGED_KERNELS else dataclasses.replace(p, kernel="flash_v2")
                               for p in problems))
 
@@ -38,12 +44,13 @@ def bench_command(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = environment()
     timer = do_bench_timer(args.warmup_ms, args.rep_ms)
+    graph_timer = graph_replay_timer(args.rep_ms)
     _log(f"tunebench bench on {meta.get('device')} (torch {meta.get('torch')}, triton {meta.get('triton')}): "
          f"{len(problems)} problems, writing to {out_dir}")
-    ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer)
+    ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer, copy_timer=graph_timer)
     print(format_ceilings(ceilings), flush=True)
     started = time.perf_counter()
-    measurements, sticky = _measure_all(problems, providers, timer, ceilings, meta, out_dir)
+    measurements, sticky = _measure_all(problems, providers, (timer, graph_timer), ceilings, meta, out_dir)
     _log(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
     _finish(rows(measurements, ceilings), ceilings, out_dir)
     if sticky is not None:
@@ -57,14 +64,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _measure_all(problems, providers, timer, ceilings, meta, out_dir: Path):
+def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path):
     """(measurements, the measurement that left the CUDA context unusable or None): problems in turn, each one's
-    table printed and every output rewritten after it, stopping at a sticky CUDA error."""
+    table printed and every output rewritten after it, stopping at a sticky CUDA error. timers: (launch by launch,
+    graph replay)."""
+    timer, graph_timer = timers
     measurements = []
     for i, problem in enumerate(problems, 1):
         t0 = time.perf_counter()
         _log(f"[{i}/{len(problems)}] {problem.label()}")
-        measured = run_problem(problem, providers, timer=timer, log=_log)
+        measured = run_problem(problem, providers, timer=timer, graph_timer=graph_timer, log=_log)
         measurements += measured
         _log(f"  ({time.perf_counter() - t0:.0f} s)")
         print("\n" + format_table(rows(measured, ceilings)), flush=True)

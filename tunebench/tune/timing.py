@@ -33,14 +33,16 @@ def gpu_bench(fn: Callable[[], object]) -> Timing:
     return Timing(median, p20, p80)
 
 
-def graph_bench(fn: Callable[[], object]) -> Timing:
+def graph_bench(fn: Callable[[], object], rep: float = GRAPH_REP_MS) -> Timing:
     """CUDA-graph replay (triton.testing.do_bench_cudagraph): the launches' host overhead is left out, as it is when a
     serving engine replays its decode step from a graph. Used for paged decode, whose kernels take tens of
     microseconds: timed one launch at a time, with compile workers loading the host, their host overhead would rank
-    the configs rather than the GPU time. Each of do_bench_cudagraph's 10 replays is a graph of GRAPH_REP_MS of
-    launches (hundreds of launches at tens of microseconds each), so one timing takes about 10 x GRAPH_REP_MS."""
+    the configs rather than the GPU time. ``rep``: ms of launches captured in the graph, which is replayed 10 times,
+    so one timing takes about 10 x rep (GRAPH_REP_MS for the tuner: hundreds of launches at tens of microseconds).
+    The L2 cache is not flushed between replays (unlike do_bench): inputs that fit in L2 are read partly from it.
+    `tunebench bench` times every decode provider with this function too."""
     from triton.testing import do_bench_cudagraph
-    median, p20, p80 = do_bench_cudagraph(fn, rep=GRAPH_REP_MS, quantiles=list(QUANTILES))
+    median, p20, p80 = do_bench_cudagraph(fn, rep=rep, quantiles=list(QUANTILES))
     return Timing(median, p20, p80)
 
 
