@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (ELEMENT_BYTES, check_config, check_float_dtype, check_group, check_head_dim, check_like,
-                      check_out, check_runnable, check_same_shape, check_scale, check_tensor, dot_precision,
-                      padded_head_dim, qk_scale, shared_memory_limit)
+from ._launch import (ELEMENT_BYTES, check_config, check_float_dtype, check_like, check_out, check_paged_cache,
+                      check_runnable, check_scale, check_tensor, dot_precision, padded_head_dim, qk_scale,
+                      shared_memory_limit)
 
 
 @triton.jit
@@ -252,26 +252,11 @@ def check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, 
         check_tensor(name, t, rank, layout)
         check_like(name, t, "q", q, dtype=False)
     check_float_dtype("q", q)
-    check_like("k_cache", k_cache, "q", q)
-    check_like("v_cache", v_cache, "q", q)
-    for name, t in (("block_tables", block_tables), ("cu_seqlens_q", cu_seqlens_q), ("context_lens", context_lens)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
-    D = q.shape[2]
-    page = k_cache.shape[1]
-    if page < 1 or page & (page - 1):
-        raise ValueError(f"k_cache's block size (shape[1]) must be a power of two, got {page}")
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache/v_cache head dim {k_cache.shape[3]} must equal q head dim {D}")
-    check_head_dim(D)
-    check_group(q.shape[1], k_cache.shape[2], "cache")
+    check_paged_cache(q, k_cache, v_cache, block_tables, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     B = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != B + 1 or block_tables.shape[0] != B:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} must have B + 1 entries and block_tables "
                          f"{tuple(block_tables.shape)} B rows, for context_lens's B={B} sequences")
-    if block_tables.shape[1] < 1:
-        raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
     check_runnable("q", q)
     check_scale(scale)
     check_out(out, "q", q)

@@ -393,13 +393,19 @@ def paged_prefill_references(q, k_cache, v_cache, block_tables, cu_seqlens_q, co
 
 class PagedPrefillWorkload(Workload):
     """The tuner's inputs for a paged prefill problem: every sequence has problem.Nq new tokens and a context of
-    problem.Nk, contiguous tensors, and the values are not re-checked on each launch (a sync would be timed)."""
+    problem.Nk, contiguous tensors, and the values are not re-checked on each launch (a sync would be timed).
+    fill is accepted for workload_for's sake: the inputs are always drawn (the pages are laid out from them)."""
 
     def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda", fill: bool = True):
         self.problem, self.device = problem, torch.device(device)
         self._args = paged_prefill_inputs(problem, self.device, seed, q_lens=[problem.Nq] * problem.B,
                                           context_lens=[problem.Nk] * problem.B, shared_blocks=0, extra_columns=0,
                                           strided=False)
+        for cache in self._args[1:3]:
+            # Random values, not NaN, in the rows no sequence reads: the worker's check that a kernel left its inputs
+            # as they were compares them with torch.equal, to which NaN never equals itself.
+            unread = cache.isnan()
+            cache[unread] = torch.randn(int(unread.sum()), device=cache.device).to(cache.dtype)
         self.out = torch.empty_like(self._args[0])
         self._refs = None
 

@@ -12,6 +12,7 @@ from ..bench.plots import plot_roofline, plot_throughput
 from ..bench.providers import select_providers
 from ..bench.tables import format_ceilings, format_table, rows, summary, write_outputs
 from ..shapes import PAGED_KERNELS, Problem
+from ..shapes import PAGED_PREFILL_KERNELS
 from .problems import select_problems
 
 DEFAULT_SUITE = "headline"
@@ -23,6 +24,7 @@ def bench_problems(suite_name: str | None, preset: str | None, kernels: list[str
     differ only in kernel name are one prefill problem (every prefill provider runs on it)."""
     problems = select_problems(kernels, suite_name, preset, dtypes=dtypes, default_suite=DEFAULT_SUITE,
                                per_bucket=False)
+    problems = [p for p in problems if p.kernel not in PAGED_PREFILL_KERNELS]     # no bench provider runs it yet
     return list(dict.fromkeys(p if p.kernel in PAGED_KERNELS else dataclasses.replace(p, kernel="flash_v2")
                               for p in problems))
 
