@@ -93,6 +93,38 @@ def test_public_api_dispatches_and_buckets(device):
     assert bucket_key(chosen).endswith("Nq8|Nk64|page16") and "causal" in bucket_key(chosen)
 
 
+def test_stored_winner_is_dispatched_per_page(tmp_path, monkeypatch, device):
+    from tunebench.device import DeviceIdentity
+    from tunebench.registry import kernel_identity
+    from tunebench.runtime import dispatch, winners
+    from tunebench.store import Store
+    monkeypatch.setenv("TUNEBENCH_DB", f"sqlite:///{tmp_path / 'user.db'}")
+    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
+    args = paged_prefill_inputs(Problem("paged_prefill", 2, 8, 2, 6, 20, 32, causal=True, page=8), device, seed=2,
+                                q_lens=[6, 1], context_lens=[20, 9], extra_columns=0)
+    tuned = _cfg(BLOCK_M=16, BLOCK_N=64, num_stages=1)
+    problem = _paged_prefill_problem(args[0], args[1], args[3], args[4])
+    Store(f"sqlite:///{tmp_path / 'user.db'}").upsert_winner(
+        DeviceIdentity.current(interpret=not torch.cuda.is_available()), "paged_prefill",
+        kernel_identity("paged_prefill"), problem, tuned, 1.0, 1.3)
+    dispatch.reload()
+    try:
+        assert "exact winner" in tunebench.explain(problem) and "page8" in tunebench.explain(problem)
+        assert tunebench.tuned_config(problem) == tuned
+        assert close_enough(tunebench.paged_prefill(*args), *paged_prefill_references(*args)).ok
+        assert "exact winner" not in tunebench.explain(dataclasses.replace(problem, page=16))
+    finally:
+        dispatch.reload()
+
+
+def test_gate_runs_the_kernel(device):
+    from tunebench.gate import check_case, run_kernel_gate
+    problem = Problem("paged_prefill", 3, 4, 1, 7, 33, 16, "float32", True, 16)
+    assert check_case(problem, pp.DEFAULT, device, seed=4, layout="bnhd").ok
+    stats = run_kernel_gate("paged_prefill", device, examples=3)
+    assert stats.examples == 3 and not stats.failures
+
+
 def test_problem_rules():
     with pytest.raises(ValueError, match="Nq .* <= Nk"):
         Problem("paged_prefill", 1, 8, 2, 65, 64, 32, causal=True)
@@ -185,3 +217,15 @@ def test_gpu_gate_cached_context_gqa8(shard, data):
     config = data.draw(configs(pp, problem), label="config")
     layout = data.draw(paged_prefill_layouts(problem), label="layout")
     check_prefill(problem, config, "cuda", seed=data.draw(st.integers(0, 2**16), label="seed"), **layout)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph():
+    problem = Problem("paged_prefill", 3, 16, 2, 100, 300, 128, "bfloat16", True, 16)
+    args = paged_prefill_inputs(problem, "cuda", seed=9, q_lens=[100, 1, 37], context_lens=[300, 64, 37])
+
+    @torch.compile(fullgraph=True)
+    def attend(q, *rest):
+        return tunebench.paged_prefill(q * 1.0, *rest, check_values=False) * 2.0
+
+    torch.testing.assert_close(attend(*args), tunebench.paged_prefill(*args) * 2.0)

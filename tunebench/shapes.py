@@ -259,6 +259,18 @@ SUITES = {
 }
 
 
+def _paged_prefill_suite() -> list[Problem]:
+    # Chunked prefill over a cached context (issue 20's goal: chunks of 512-4k over 4k-32k, bf16 D128), a whole
+    # prompt, and many short chunks (speculative verification, mixed batches' buckets); GQA 4, page 16.
+    shapes = ((1, 512, 4096), (1, 2048, 8192), (1, 4096, 32768), (2, 1024, 16384), (1, 4096, 4096),
+              (4, 512, 4096), (16, 128, 2048), (32, 64, 4096), (64, 8, 4096))
+    return [Problem("paged_prefill", b, 32, 8, nq, nk, 128, "bfloat16", causal=True, page=DEFAULT_PAGE)
+            for b, nq, nk in shapes]
+
+
+SUITES["paged-prefill"] = _paged_prefill_suite
+
+
 def suite(name: str) -> list[Problem]:
     if name not in SUITES:
         raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
