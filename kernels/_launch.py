@@ -178,3 +178,25 @@ def check_config(config, space: dict, **powers_of_two: int) -> dict:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_paged_cache(q, k_cache, v_cache, block_tables, **int32_tensors) -> None:
+    """The paged cache q reads (q's last two dims [Hq, D]): k_cache and v_cache [num_blocks, block_size, Hkv, D] of
+    one shape, q's dtype and head dim, a power-of-two block size, Hq a multiple of Hkv; block_tables
+    [B, max_blocks >= 1] and the named integer tensors int32. Ranks and devices are checked before (check_tensor,
+    check_like)."""
+    check_like("k_cache", k_cache, "q", q)
+    check_like("v_cache", v_cache, "q", q)
+    for name, t in (("block_tables", block_tables), *int32_tensors.items()):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
+    page, D = k_cache.shape[1], q.shape[-1]
+    if page < 1 or page & (page - 1):
+        raise ValueError(f"k_cache's block size (shape[1]) must be a power of two, got {page}")
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache/v_cache head dim {k_cache.shape[3]} must equal q head dim {D}")
+    check_head_dim(D)
+    check_group(q.shape[-2], k_cache.shape[2], "cache")
+    if block_tables.shape[1] < 1:
+        raise ValueError("block_tables must have at least one column (max_blocks >= 1)")

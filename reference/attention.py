@@ -75,3 +75,25 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: floa
         v = gather_paged_kv(v_cache, block_tables[b], n)[None]
         out[b] = attention(q[b, :, None, :][None], k, v, causal=False, scale=scale, dtype=dtype)[0, :, 0, :]
     return out
+
+
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: float | None = None,
+                  dtype=torch.float64) -> torch.Tensor:
+    """Varlen attention over a paged KV cache, by gathering each sequence into a dense cache and calling
+    ``attention`` with the bottom-right causal mask.
+
+    q: [total_q, Hq, D], sequence b's new tokens at rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1; context_lens
+    counts cached plus new tokens. Returns [total_q, Hq, D] in ``dtype``: new token i of a sequence with n_new new
+    tokens and L in all sees keys 0 .. L - n_new + i.
+    """
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b in range(len(cu) - 1):
+        s, e, n = cu[b], cu[b + 1], int(context_lens[b])
+        if e == s:
+            continue
+        k = gather_paged_kv(k_cache, block_tables[b], n)[None]        # [1, Hkv, n, D]
+        v = gather_paged_kv(v_cache, block_tables[b], n)[None]
+        qb = q[s:e].transpose(0, 1)[None]                               # [1, Hq, n_new, D]
+        out[s:e] = attention(qb, k, v, causal=True, scale=scale, dtype=dtype)[0].transpose(0, 1)
+    return out

@@ -23,7 +23,7 @@ from tunebench.tune.options import TuneOptions  # noqa: E402
 from tunebench.tune.run import interpreting, tune  # noqa: E402
 from tunebench.registry import config_key  # noqa: E402
 from tunebench.tune.study import all_configs, open_storage  # noqa: E402
-from tunebench.inputs import Workload  # noqa: E402
+from tunebench.inputs import workload_for  # noqa: E402
 
 FAKES = {"fake_behaviours": "fake_kernels.behaviours", "fake_faulty": "fake_kernels.faulty",
          "fake_plain": "fake_kernels.plain", "fake_lagging": "fake_kernels.lagging"}
@@ -75,7 +75,7 @@ def test_tune_store_lookup_end_to_end(tmp_path, capsys, device):
         for problem in problems:
             w, module = winners[bucket_key(problem)], kernel_module(problem.kernel)
             assert module.keep(w.config, problem) is None and config_in_space(problem.kernel, w.config) is None
-            assert Workload(problem, seed=1, device=device).check(module, w.config).ok
+            assert workload_for(problem, module, seed=1, device=device).check(module, w.config).ok
             assert w.speedup_vs_default is not None and w.speedup_vs_default >= 1.0
             assert Dispatcher(lookup).choose(problem).config == w.config
             counts = store.trial_counts(kernel=problem.kernel, problem=problem)

@@ -23,6 +23,8 @@ from .inputs import DomainWorkload, draw_qkv, paged_inputs, paged_references, re
 from .kernel_protocol import is_domain_kernel
 from .registry import BUILT_IN, kernel_module, module_path
 from .shapes import Problem
+from .inputs import paged_prefill_inputs, paged_prefill_references
+from .shapes import PAGED_PREFILL_KERNELS
 from .text import format_config, table
 
 LAYOUTS = ("bhnd", "bnhd")
@@ -53,6 +55,16 @@ def check_paged_case(problem: Problem, config: dict, device, seed: int = 0, layo
     return close_enough(out, *paged_references(*args))
 
 
+def check_paged_prefill_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
+    """One paged prefill case: a ragged batch (problem.Nq new tokens and problem.Nk in all for the first sequence,
+    decode rows, idle rows and shorter chunks for the others) over pages of problem.page tokens in random order;
+    layout 'bnhd' gives strided views of every tensor, the integer ones included."""
+    args = paged_prefill_inputs(problem, device, seed, strided=layout == "bnhd")
+    out = poison(torch.empty_like(args[0]))
+    kernel_module(problem.kernel).launch(*args, config=config, out=out)
+    return close_enough(out, *paged_prefill_references(*args))
+
+
 def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: str = "bhnd") -> Verdict:
     """One case of any registered kernel. A kernel of another domain builds its own inputs and reference
     (tunebench.kernel_protocol; the layout is attention's and does not apply to it)."""
@@ -62,6 +74,8 @@ def check_case(problem: Problem, config: dict, device, seed: int = 0, layout: st
     if is_domain_kernel(module):
         return DomainWorkload(problem, module, seed, device).check(module, config)
     check = check_paged_case if problem.paged else check_dense_case
+    if problem.kernel in PAGED_PREFILL_KERNELS:
+        check = check_paged_prefill_case
     return check(problem, config, device, seed, layout)
 
 

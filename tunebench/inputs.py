@@ -12,6 +12,8 @@ yardstick of tunebench.correctness.close_enough.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -20,6 +22,7 @@ import torch
 
 from .correctness import Verdict, close_enough, poison
 from .shapes import Problem
+from .shapes import PAGED_KERNELS, PAGED_PREFILL_KERNELS
 from . import reference as ref
 
 CHECK_ROWS = 32                           # query rows per checked window (prefill)
@@ -252,6 +255,8 @@ def workload_for(problem: Problem, module, seed: int = 0, device: str | torch.de
     from .kernel_protocol import is_domain_kernel
     if module is not None and is_domain_kernel(module):
         return DomainWorkload(problem, module, seed, device)
+    if problem.kernel in PAGED_PREFILL_KERNELS:
+        return PagedPrefillWorkload(problem, seed, device, fill)
     return Workload(problem, seed, device, fill=fill)
 
 
@@ -345,3 +350,72 @@ def reference_for(inputs: Inputs, seed: int = 0) -> Reference:
         parts.append(references(inputs.q[:, :, s:e], inputs.k[:, :, :kv_end], inputs.v[:, :, :kv_end], p.causal))
     return Reference(torch.cat([r for r, _ in parts], dim=2), torch.cat([lo for _, lo in parts], dim=2),
                      lambda out: torch.cat([out[:, :, s:e] for s, e in windows], dim=2))
+
+
+# --- paged prefill (varlen queries over a paged cache) ----------------------------------------------------------
+
+def paged_prefill_inputs(problem: Problem, device, seed: int, *, q_lens=None, context_lens=None, shared_blocks=None,
+                         extra_columns=None, strided=None):
+    """(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens) for a paged prefill case, fresh random values.
+
+    The cache, the tables and the context lengths are paged_inputs' (the same layout, NaN in the rows no sequence
+    reaches, a random permutation of the pool), so problem.Nk is the longest context. q_lens are the new tokens per
+    sequence (each at most its context): left as None, the first sequence has problem.Nq and the others are drawn
+    from 0, 1 (decode rows), Nq and anything in between. With ``strided``, q is a slice of a fused QKV tensor, K/V
+    the halves of one tensor, cu_seqlens_q and context_lens every other element of a larger tensor and block_tables
+    column-major.
+    """
+    rng = random.Random(seed + 1)
+    strided = rng.random() < 0.5 if strided is None else strided
+    decode = dataclasses.replace(problem, kernel=PAGED_KERNELS[0], Nq=1, causal=False)
+    _, k_cache, v_cache, tables, lens = paged_inputs(decode, device, seed, context_lens=context_lens,
+                                                     shared_blocks=shared_blocks, extra_columns=extra_columns,
+                                                     strided=strided)
+    ctx = lens.tolist()
+    if q_lens is None:
+        q_lens = [problem.Nq] + [rng.choice((0, 1, min(problem.Nq, n), rng.randint(1, min(problem.Nq, n))))
+                                 for n in ctx[1:]]
+    g = torch.Generator().manual_seed(seed + 1)
+    total, Hq, Hkv = sum(q_lens), problem.Hq, problem.Hkv
+    q = torch.randn(total, Hq + 2 * Hkv if strided else Hq, problem.D, generator=g).to(problem.torch_dtype)[:, :Hq]
+    cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
+    if strided:
+        cu, lens = (torch.stack([t, torch.full_like(t, -7)], dim=1)[:, 0] for t in (cu.to(device), lens))
+        tables = tables.t().contiguous().t()
+    return q.to(device), k_cache, v_cache, tables, cu.to(device), lens
+
+
+def paged_prefill_references(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale=None):
+    """(float64 reference, naive in q's dtype) of a paged prefill, gathered through the block table."""
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    return tuple(ref.paged_prefill(*args, scale=scale, dtype=d) for d in (torch.float64, q.dtype))
+
+
+class PagedPrefillWorkload(Workload):
+    """The tuner's inputs for a paged prefill problem: every sequence has problem.Nq new tokens and a context of
+    problem.Nk, contiguous tensors, and the values are not re-checked on each launch (a sync would be timed).
+    fill is accepted for workload_for's sake: the inputs are always drawn (the pages are laid out from them)."""
+
+    def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda", fill: bool = True):
+        self.problem, self.device = problem, torch.device(device)
+        self._args = paged_prefill_inputs(problem, self.device, seed, q_lens=[problem.Nq] * problem.B,
+                                          context_lens=[problem.Nk] * problem.B, shared_blocks=0, extra_columns=0,
+                                          strided=False)
+        for cache in self._args[1:3]:
+            # Random values, not NaN, in the rows no sequence reads: the worker's check that a kernel left its inputs
+            # as they were compares them with torch.equal, to which NaN never equals itself.
+            unread = cache.isnan()
+            cache[unread] = torch.randn(int(unread.sum()), device=cache.device).to(cache.dtype)
+        self.out = torch.empty_like(self._args[0])
+        self._refs = None
+
+    def args(self, config: dict) -> tuple:
+        return self._args
+
+    def kwargs(self) -> dict:
+        return {"check_values": False}
+
+    def references(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._refs is None:
+            self._refs = paged_prefill_references(*self._args)
+        return self._refs

@@ -2,7 +2,7 @@
 
 A kernel is registered in one of three ways, and each maps a name to a module that follows the kernel convention
 (tunebench.kernel_protocol, checked when the module is first imported):
-- built in: flash_v2, flash_v1, paged_attention (`KERNELS` below);
+- built in: flash_v2, flash_v1, paged_attention, paged_prefill (`KERNELS` below);
 - an installed package's entry point in the group `tunebench.kernels` (``rmsnorm = "my_pkg.rmsnorm"``), found when
   a name is looked up (known_kernels); an entry point cannot take a built-in kernel's name;
 - `--kernel-module [NAME=]pkg.mod` on `tunebench tune` and `tunebench check` (register_modules).
@@ -41,6 +41,7 @@ KERNELS = {
     "flash_v2": "tunebench.kernels.flash_v2",
     "flash_v1": "tunebench.kernels.flash_v1",
     "paged_attention": "tunebench.kernels.paged_attention",
+    "paged_prefill": "tunebench.kernels.paged_prefill",
 }
 BUILT_IN = tuple(KERNELS)
 ENTRY_POINT_GROUP = "tunebench.kernels"

@@ -15,6 +15,10 @@ DENSE_KERNELS = ("flash_v2", "flash_v1")
 PAGED_KERNELS = ("paged_attention",)
 PAGES = (8, 16, 32, 64, 128)       # KV page sizes (tokens per cache block) a paged problem may have
 DEFAULT_PAGE = 16                  # vLLM's default block size: a paged Problem given no page has this one
+# Varlen queries over a paged cache. Its Problem is uniform across the batch, for tuning and bucketing (the kernel
+# takes ragged batches): B sequences, each with Nq new tokens and a context of Nk tokens (cached plus new, so
+# Nq <= Nk), always causal (bottom-right), with the cache's page. It is not `paged` (that means decode, Nq == 1).
+PAGED_PREFILL_KERNELS = ("paged_prefill",)
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,13 @@ class Problem:
             raise ValueError(f"Hq ({self.Hq}) must be a multiple of Hkv ({self.Hkv})")
         if self.paged and (self.Nq != 1 or self.causal):
             raise ValueError("paged decode problems have Nq == 1 and causal == False")
+        if self.kernel in PAGED_PREFILL_KERNELS and (self.Nq > self.Nk or not self.causal):
+            raise ValueError(f"paged prefill problems have causal == True and Nq (new tokens per sequence) <= Nk "
+                             f"(cached plus new tokens), got causal={self.causal}, Nq={self.Nq}, Nk={self.Nk}")
         self._check_page()
 
     def _check_page(self) -> None:
-        if not self.paged:
+        if not self.has_pages:
             if self.page is not None:
                 raise ValueError(f"page is the KV page size of a paged problem; {self.kernel} is dense and takes "
                                  f"page=None, got {self.page!r}")
@@ -64,6 +71,11 @@ class Problem:
         return self.kernel in PAGED_KERNELS
 
     @property
+    def has_pages(self) -> bool:
+        """Whether the problem reads a paged cache (decode or prefill), so has a page size."""
+        return self.paged or self.kernel in PAGED_PREFILL_KERNELS
+
+    @property
     def group(self) -> int:
         return self.Hq // self.Hkv
 
@@ -76,6 +88,8 @@ class Problem:
     def flops(self) -> float:
         """Matmul FLOPs (QK^T and PV), halved for causal where Nq == Nk, as FlashAttention's benchmarks count."""
         f = 4.0 * self.B * self.Hq * self.Nq * self.Nk * self.D
+        if self.kernel in PAGED_PREFILL_KERNELS:      # each new token sees the cached keys and the new ones up to it
+            return 4.0 * self.B * self.Hq * self.D * (self.Nq * (self.Nk - self.Nq) + self.Nq * (self.Nq + 1) / 2)
         return f / 2 if self.causal else f
 
     @property
@@ -101,7 +115,7 @@ class Problem:
 
     def label(self) -> str:
         c = " causal" if self.causal else ""
-        page = f" page{self.page}" if self.paged else ""
+        page = f" page{self.page}" if self.has_pages else ""
         return (f"{self.kernel} {self.dtype} B{self.B} H{self.Hq}/{self.Hkv} "
                 f"Nq{self.Nq} Nk{self.Nk} D{self.D}{c}{page}")
 
@@ -119,7 +133,7 @@ def bucket(problem: Problem) -> Problem:
 def bucket_key(problem: Problem) -> str:
     b = bucket(problem)
     return (f"{b.kernel}|{b.dtype}|D{b.D}|{'causal' if b.causal else 'full'}|"
-            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}" + (f"|page{b.page}" if b.paged else ""))
+            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}" + (f"|page{b.page}" if b.has_pages else ""))
 
 
 def family(problem: Problem) -> tuple:
@@ -208,6 +222,7 @@ def _tiny_suite() -> list[Problem]:
         Problem("flash_v1", 1, 1, 1, 40, 40, 16, "float32"),
         Problem("paged_attention", 2, 4, 2, 1, 70, 32, "float16", page=16),
         Problem("paged_attention", 1, 2, 2, 1, 33, 16, "float16", page=8),
+        Problem("paged_prefill", 2, 4, 2, 9, 40, 16, "float16", causal=True, page=8),
     ]
 
 
@@ -258,6 +273,18 @@ SUITES = {
     "decode": lambda: [p for p in _default_suite() if p.paged and p.page == DEFAULT_PAGE],
     "pages": _pages_suite,
 }
+
+
+def _paged_prefill_suite() -> list[Problem]:
+    # Chunked prefill over a cached context (issue 20's goal: chunks of 512-4k over 4k-32k, bf16 D128), a whole
+    # prompt, and many short chunks (speculative verification, mixed batches' buckets); GQA 4, page 16.
+    shapes = ((1, 512, 4096), (1, 2048, 8192), (1, 4096, 32768), (2, 1024, 16384), (1, 4096, 4096),
+              (4, 512, 4096), (16, 128, 2048), (32, 64, 4096), (64, 8, 4096))
+    return [Problem("paged_prefill", b, 32, 8, nq, nk, 128, "bfloat16", causal=True, page=DEFAULT_PAGE)
+            for b, nq, nk in shapes]
+
+
+SUITES["paged-prefill"] = _paged_prefill_suite
 
 
 def suite(name: str) -> list[Problem]:

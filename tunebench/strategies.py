@@ -34,7 +34,9 @@ DEFAULT_EXAMPLES = 200 if ON_GPU else 12
 
 def problems(kernel: str):
     """Problems for any registered kernel: dense prefill shapes, or paged decode shapes."""
-    from .shapes import PAGED_KERNELS
+    from .shapes import PAGED_KERNELS, PAGED_PREFILL_KERNELS
+    if kernel in PAGED_PREFILL_KERNELS:
+        return paged_prefill_problems(kernel)
     return paged_problems(kernel) if kernel in PAGED_KERNELS else dense_problems(kernel)
 
 
@@ -103,3 +105,41 @@ def paged_layouts(draw, problem: Problem):
     lens = [n] + [draw(other) for _ in range(problem.B - 1)]
     return dict(context_lens=lens, shared_blocks=draw(st.integers(0, -(-n // block_size))),
                 extra_columns=draw(st.integers(0, 2)), strided=draw(st.booleans()))
+
+
+# --- paged prefill ------------------------------------------------------------------------------------------------
+# New tokens per sequence (Nq) next to context lengths (Nk, cached plus new): decode (1), short chunks, whole prompts.
+PREFILL_NEW_CPU = (1, 2, 7, 16, 33)
+PREFILL_NEW_GPU = (1, 7, 64, 128, 255, 513, 1024, 2048, 4096)
+PREFILL_CTX_GPU = PAGED_CTX_GPU[:-1]
+# New tokens x context x KV heads summed over the batch, capped so an interpreted example stays within a second or two.
+PREFILL_WORK_CPU = 4000
+
+
+@st.composite
+def paged_prefill_problems(draw, kernel: str = "paged_prefill", head_dims=None, groups=(1, 2, 4, 8), pages=None):
+    """A paged prefill Problem: the first sequence of a drawn batch has Nq new tokens and Nk in all (Nq <= Nk, so
+    Nk - Nq are cached); GQA ratios 1-8; page sizes from shapes.PAGES. The other sequences' lengths are drawn by
+    paged_prefill_layouts (or the gate's seed)."""
+    D = draw(st.sampled_from(head_dims or (HEAD_DIMS_GPU if ON_GPU else HEAD_DIMS_CPU)))
+    Nk = draw(st.sampled_from(PREFILL_CTX_GPU if ON_GPU else PAGED_CTX_CPU))
+    Nq = min(Nk, draw(st.sampled_from(PREFILL_NEW_GPU if ON_GPU else PREFILL_NEW_CPU)))
+    Hkv = draw(st.sampled_from((1, 2)))
+    group = draw(st.sampled_from(groups))
+    B = draw(st.integers(1, 4))
+    while not ON_GPU and B > 1 and B * Hkv * Nq * Nk > PREFILL_WORK_CPU:
+        B -= 1
+    page = draw(st.sampled_from(pages or PAGES))
+    return Problem(kernel, B, Hkv * group, Hkv, Nq, Nk, D, draw(st.sampled_from(DTYPES)), causal=True, page=page)
+
+
+@st.composite
+def paged_prefill_layouts(draw, problem: Problem):
+    """paged_layouts' keyword arguments plus q_lens, the new tokens per sequence: the first has problem.Nq, the
+    others mix idle rows (0), decode rows (1), whole contexts (no cache; on the CPU at most Nq new tokens) and
+    chunks over a cached prefix."""
+    layout = draw(paged_layouts(problem))
+    lens = layout["context_lens"]
+    caps = [n if ON_GPU else min(n, problem.Nq) for n in lens[1:]]     # the interpreter's time goes with tokens
+    new = [problem.Nq] + [draw(st.one_of(st.sampled_from((0, 1, cap)), st.integers(0, cap))) for cap in caps]
+    return dict(layout, q_lens=new)

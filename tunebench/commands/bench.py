@@ -14,6 +14,7 @@ from ..bench.plots import plot_roofline, plot_throughput
 from ..bench.providers import select_providers
 from ..bench.tables import format_ceilings, format_table, rows, summary, write_outputs
 from ..shapes import PAGED_KERNELS, Problem
+from ..shapes import PAGED_PREFILL_KERNELS
 from .problems import select_problems
 
 DEFAULT_SUITE = "headline"
@@ -26,6 +27,7 @@ def bench_problems(suite_name: str | None, preset: str | None, kernels: list[str
     gets the bench's ragged decode batch (bench/ragged.py), after the uniform decode rows, under the same filters."""
     problems = select_problems(kernels, suite_name, preset, dtypes=dtypes, default_suite=DEFAULT_SUITE,
                                per_bucket=False)
+    problems = [p for p in problems if p.kernel not in PAGED_PREFILL_KERNELS]     # no bench provider runs it yet
     if preset is None and (suite_name or DEFAULT_SUITE) == "headline":
         problems += [p for p in ragged.headline()
                      if (not kernels or p.kernel in kernels) and (not dtypes or p.dtype in dtypes)]

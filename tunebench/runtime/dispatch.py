@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..registry import kernel_module
-from ..shapes import Problem
+from ..shapes import PAGES, Problem
 from . import record
 from .warn import warn_user
 from .winners import INTERPRETER, Choice, Winners, tune_hint
@@ -186,6 +186,72 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: floa
     if torch.compiler.is_compiling():
         return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale)
     return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
+    """The bucketing Problem of a ragged call, from shapes alone (no device sync): B sequences, Nq their mean number
+    of new tokens (rounded up, at most Nk), Nk the longest context the table addresses; its page is the cache's."""
+    if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2 or cu_seqlens_q.dim() != 1:
+        raise ValueError(f"expected q [total_q, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables "
+                         f"[B, max_blocks], cu_seqlens_q [B + 1]; got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(block_tables.shape)}, {tuple(cu_seqlens_q.shape)}")
+    total_q, Hq, D = q.shape
+    B = max(1, cu_seqlens_q.shape[0] - 1)
+    nk = max(1, block_tables.shape[1] * k_cache.shape[1])
+    nq = min(nk, max(1, -(-total_q // B)))
+    if k_cache.shape[1] not in PAGES:
+        raise ValueError(f"k_cache's block size (shape[1]) must be one of shapes.PAGES {PAGES}, got {k_cache.shape[1]}")
+    return Problem("paged_prefill", B, Hq, k_cache.shape[2], nq, nk, D, _dtype_name(q), True, page=k_cache.shape[1])
+
+
+def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: Optional[float],
+                   check_values: bool) -> torch.Tensor:
+    key = ("paged_prefill", q.shape, k_cache.shape, block_tables.shape, cu_seqlens_q.shape, q.dtype)
+    recorder = record.active()
+
+    def problem():
+        return _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q)
+    if recorder is not None:
+        recorder.count(key, problem)
+    def resolve():
+        # The inputs are checked before their shape becomes a Problem, so that a bad one is named as such.
+        kernel_module("paged_prefill").check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                                    None, scale)
+        return _DISPATCHER.choose(problem()).config
+    config = _DISPATCHER.config_for(key, resolve)
+    return _launcher("paged_prefill")(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config=config,
+                                      scale=scale, check_values=check_values)
+
+
+@torch.library.custom_op("tunebench::paged_prefill", mutates_args=())
+def _prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: Optional[float],
+                check_values: bool) -> torch.Tensor:
+    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
+
+
+@_prefill_op.register_fake
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values):
+    return q.new_empty(q.shape)
+
+
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: float | None = None, *,
+                  check_values: bool = True) -> torch.Tensor:
+    """Tuned varlen attention over a paged KV cache: chunked prefill, cached prefixes, decode rows, in one launch.
+
+    q: [total_q, Hq, D], the new tokens of B sequences packed, sequence b's at rows cu_seqlens_q[b] ..
+    cu_seqlens_q[b + 1] - 1 (int32 [B + 1]); k_cache, v_cache: [num_blocks, block_size, Hkv, D] with block_size in
+    shapes.PAGES, the new tokens' K/V already written; block_tables: int32 [B, max_blocks]; context_lens: int32 [B],
+    cached plus new tokens. Causal, aligned bottom-right per sequence. Returns [total_q, Hq, D] in q's dtype.
+    check_values=False skips the check of cu_seqlens_q and context_lens (a device sync), e.g. under CUDA graphs.
+
+    A function of its own, not paged_attention with an optional cu_seqlens_q: q's first dimension means tokens
+    here and sequences there, the kernels differ (split-K decode vs tiles of tokens x heads), and each is tuned and
+    bucketed as its own Problem; paged_attention's signature and torch.compile op stay as they were.
+    """
+    if torch.compiler.is_compiling():
+        return _prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
+    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
 
 
 def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_tables=None) -> str:
