@@ -1,4 +1,5 @@
 """Naive PyTorch attention references. Imports only torch: never a kernel, never tunebench."""
 from .attention import attention, paged_attention, gather_paged_kv
+from .quantize import dequantize_fp8, quantize_fp8
 
-__all__ = ["attention", "paged_attention", "gather_paged_kv"]
+__all__ = ["attention", "paged_attention", "gather_paged_kv", "quantize_fp8", "dequantize_fp8"]
