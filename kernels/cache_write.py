@@ -6,17 +6,16 @@
   block allocator returns). A negative slot means "skip this token" (padding in a batch).
 - Any strides on all tensors. fp16, bf16, fp32; head dims 16..256 (padded to a power of two and masked).
 - One program per (tile of BLOCK_T tokens, KV head) copies a [BLOCK_T, D] tile of K and of V.
-
 - fp8 cache (float8_e4m3fn or float8_e5m2, both caches the same) with k_scale and v_scale (a positive finite float, a
   0-d or 1-element float32 tensor, or float32 [Hkv]; see paged_attention): each value is quantised as key / scale
-  (IEEE division in fp32), saturated to the format's largest finite value, rounded to nearest even. A NaN stays NaN.
-  The rounding is done in fp32 arithmetic on the fp8 grid before the cast, so the cast itself is exact: Triton
-  3.6's interpreter rounds fp32 -> fp8 half-up without carrying into the exponent (124.8 -> 64 in e4m3), and this
-  keeps the CPU gate and the GPU's cvt.rn.satfinite on the same numbers. Without scales, key and the cache share a
-  dtype (fp16, bf16, fp32).
+  (IEEE division in fp32), saturated to the format's largest finite value and rounded to nearest even. A NaN stays
+  NaN on the GPU (Triton 3.6's interpreter writes it as 384). The rounding is done in fp32 arithmetic on the fp8
+  grid before the cast, so the cast itself is exact: Triton 3.6's interpreter rounds fp32 -> fp8 half-up without
+  carrying into the exponent (124.8 -> 64 in e4m3), and this keeps the CPU gate and the GPU's cvt.rn.satfinite on
+  the same numbers. Without scales, key and the cache share a dtype (fp16, bf16, fp32).
 
-Not supported: other dtype conversions, int8 caches, writing one token to several slots. Slot values are not checked (that would need a device sync): a slot past the
-cache writes out of bounds, and two tokens with the same slot race.
+Not supported: other dtype conversions, int8 caches, writing one token to several slots. Slot values are not checked
+(that would need a device sync): a slot past the cache writes out of bounds, and two tokens with the same slot race.
 """
 import math
 
