@@ -118,7 +118,8 @@ def test_written_fp8_tokens_decode_like_the_reference(device):
     ks, vs = fp8_scales(kc, torch.float8_e4m3fn, True), fp8_scales(vc, torch.float8_e4m3fn, True)
     k8, v8 = (torch.zeros(kc.shape, device=device).to(torch.float8_e4m3fn) for _ in range(2))
     slots = torch.arange(kc.shape[0] * kc.shape[1], device=device)
-    cache_write.launch(kc.flatten(0, 1), vc.flatten(0, 1), k8, v8, slots, k_scale=ks, v_scale=vs)
+    cache_write.launch(kc.flatten(0, 1), vc.flatten(0, 1), k8, v8, slots, dict(BLOCK_T=16, num_warps=1),
+                       k_scale=ks, v_scale=vs)
     finite = ~torch.isnan(kc)        # rows no sequence reads hold NaN (Triton 3.6's interpreter writes it as 384)
     want = ref.quantize_fp8(kc, ks, torch.float8_e4m3fn)
     assert torch.equal(k8.view(torch.uint8)[finite], want.view(torch.uint8)[finite])
