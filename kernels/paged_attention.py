@@ -36,9 +36,9 @@ of two padded to the next power of two and masked); GQA/MQA (query head h reads 
 context length >= 1 up to max_blocks * block_size (a length of 0 gives zeros).
 
 Not supported: more than one query token per sequence (prefill, speculative decoding), sliding windows, ALiBi or
-soft-capping, int8 caches or fp8 scales per token or block, returning the log-sum-exp. The values of block_tables and context_lens are
-not checked (that would need a device sync): a length above max_blocks * block_size or a block id out of range reads
-out of bounds.
+soft-capping, int8 caches, fp8 scales per token or block, returning the log-sum-exp. The values of block_tables and
+context_lens are not checked (that would need a device sync): a length above max_blocks * block_size or a block id
+out of range reads out of bounds.
 """
 import torch
 import triton

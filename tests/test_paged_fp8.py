@@ -90,8 +90,9 @@ def test_cache_write_quantises_like_the_reference_bit_for_bit(device, kv_dtype, 
     v_cache = k_cache.clone()
     slots = torch.randperm(num_blocks * bs, generator=g)[:T]
     slots[::5] = -1
+    v_arg = v_scale if isinstance(v_scale, float) else v_scale.to(device)           # a float or a tensor
     cache_write.launch(key.to(device), value.to(device), k_cache, v_cache, slots.to(device), config,
-                       k_scale=k_scale.to(device), v_scale=v_scale if isinstance(v_scale, float) else v_scale.to(device))
+                       k_scale=k_scale.to(device), v_scale=v_arg)
     ok = slots >= 0
     for cache, x, s in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
         got = cache.flatten(0, 1).cpu()[slots[ok]]
