@@ -9,9 +9,15 @@
 A dense reference (plain PyTorch SDPA over a contiguous per-sample cache) generates the same tokens:
 `run(...)` returns both. Random weights, seeded; nothing is downloaded.
 
+With `--kv-dtype fp8` the paged cache holds float8_e4m3fn with one scale per layer and KV head, taken from the
+prompt's K/V amax at prefill (scale = amax / 448; later tokens beyond it saturate). The dense reference then attends
+over the same quantised-then-dequantised values, so tunebench must still match it token for token; and the same
+prompt is generated a second time on a cache in the model's dtype, to count how many greedy tokens fp8 changes.
+
     python examples/generate.py                # GPU: float32 token-for-token check, plus tokens/s
     TRITON_INTERPRET=1 python examples/generate.py --small    # CPU, under the Triton interpreter
     python examples/generate.py --record shapes.json            # then: tunebench tune --from-record shapes.json
+    python examples/generate.py --dtype bfloat16 --kv-dtype fp8   # fp8 cache vs a bf16 cache, same prompt
 """
 from __future__ import annotations
 
@@ -24,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 import tunebench
+import tunebench.reference as ref
 from tunebench.kernels import cache_write
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_scales(x: torch.Tensor) -> torch.Tensor:
+    """One float32 scale per KV head of x [T, Hkv, D]: its amax over the tokens maps onto e4m3's largest value."""
+    return (x.float().abs().amax(dim=(0, 2)).clamp_min(1e-6) / torch.finfo(FP8).max).contiguous()
 
 
 @dataclass(frozen=True)
@@ -79,17 +93,21 @@ class TinyLM:
 class PagedRunner:
     """Generation through tunebench: flash_attention prefill, paged decode, shared prompt blocks."""
 
-    def __init__(self, model: TinyLM, num_blocks: int, block_size: int | None = None):
+    def __init__(self, model: TinyLM, num_blocks: int, block_size: int | None = None, fp8: bool = False):
         c = model.cfg
-        self.model = model
+        self.model, self.fp8 = model, fp8
         self.alloc = tunebench.BlockAllocator(num_blocks, block_size, kv_heads=c.Hkv, head_dim=c.D,
                                               dtype=str(model.dtype).removeprefix("torch."))
         shape = (num_blocks, self.alloc.block_size, c.Hkv, c.D)
-        self.k_cache = [torch.randn(shape, device=model.device).to(model.dtype) for _ in range(c.layers)]
-        self.v_cache = [torch.randn(shape, device=model.device).to(model.dtype) for _ in range(c.layers)]
+        cache_dtype = FP8 if fp8 else model.dtype
+        self.k_cache = [torch.randn(shape, device=model.device).to(cache_dtype) for _ in range(c.layers)]
+        self.v_cache = [torch.randn(shape, device=model.device).to(cache_dtype) for _ in range(c.layers)]
+        self.scales: list[dict] = [{} for _ in range(c.layers)]     # fp8: k_scale, v_scale per layer, set at prefill
 
     def _write(self, layer, k, v, slots):
-        cache_write.launch(k, v, self.k_cache[layer], self.v_cache[layer], slots)
+        if self.fp8 and not self.scales[layer]:
+            self.scales[layer] = dict(k_scale=fp8_scales(k), v_scale=fp8_scales(v))
+        cache_write.launch(k, v, self.k_cache[layer], self.v_cache[layer], slots, **self.scales[layer])
 
     def prefill(self, seq, prompt: torch.Tensor) -> torch.Tensor:
         slots = torch.tensor(self.alloc.allocate(seq, len(prompt)), dtype=torch.int64, device=self.model.device)
@@ -116,23 +134,38 @@ class PagedRunner:
 
         def attend(layer, q, k, v):
             self._write(layer, k, v, slots)
-            return tunebench.paged_attention(q, self.k_cache[layer], self.v_cache[layer], tables, lens)
+            return tunebench.paged_attention(q, self.k_cache[layer], self.v_cache[layer], tables, lens,
+                                             **self.scales[layer])
 
         return self.model.forward(tokens, attend)
 
 
 class DenseRunner:
-    """The reference: plain SDPA over a contiguous cache per sample, no tunebench."""
+    """The reference: plain SDPA over a contiguous cache per sample, no tunebench. With fp8, the cache keeps the
+    e4m3 round trip of each K/V (reference quantiser, the paged run's scales); prefill attends to the exact values,
+    as the paged run's flash_attention does."""
 
-    def __init__(self, model: TinyLM):
-        self.model = model
+    def __init__(self, model: TinyLM, fp8: bool = False):
+        self.model, self.fp8 = model, fp8
         self.cache: dict = {}          # seq -> per layer [k [Hkv, T, D], v [Hkv, T, D]]
+        self.scales: list = [None] * len(model.layers)
+
+    def _stored(self, layer, k, v):
+        if not self.fp8:
+            return k, v
+        if self.scales[layer] is None:
+            self.scales[layer] = (fp8_scales(k), fp8_scales(v))
+        return tuple(ref.dequantize_fp8(ref.quantize_fp8(x, s, FP8), s, x.dtype)
+                     for x, s in zip((k, v), self.scales[layer]))
 
     def _attend_one(self, seq, layer, q, k, v, causal):
         kv = self.cache.setdefault(seq, [[None, None] for _ in self.model.layers])[layer]
-        kv[0] = k.transpose(0, 1) if kv[0] is None else torch.cat([kv[0], k.transpose(0, 1)], 1)
-        kv[1] = v.transpose(0, 1) if kv[1] is None else torch.cat([kv[1], v.transpose(0, 1)], 1)
-        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], kv[0][None], kv[1][None], is_causal=causal,
+        prefill = kv[0] is None
+        ks, vs = (t.transpose(0, 1) for t in self._stored(layer, k, v))
+        kv[0] = ks if prefill else torch.cat([kv[0], ks], 1)
+        kv[1] = vs if prefill else torch.cat([kv[1], vs], 1)
+        keys, values = (k.transpose(0, 1), v.transpose(0, 1)) if prefill else kv
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=causal,
                                               enable_gqa=True)[0].transpose(0, 1)
 
     def prefill(self, seq, prompt):
@@ -164,13 +197,17 @@ def generate(runner, prompt: torch.Tensor, n: int, steps: int, fork) -> list[lis
 
 def run(cfg: ModelConfig = ModelConfig(), prompt_len: int = 100, n: int = 4, steps: int = 32, device=None,
         dtype=torch.float32, num_blocks: int = 256, block_size: int | None = None, seed: int = 0,
-        record: str | None = None) -> dict:
+        record: str | None = None, kv_dtype: str | None = None) -> dict:
     """Generates with tunebench and with the dense reference. ``record``: a file that tunebench.record() writes the
-    tunebench calls' buckets to (the reference makes none)."""
+    tunebench calls' buckets to (the reference makes none). ``kv_dtype="fp8"``: an e4m3 paged cache; then also
+    ``baseline`` (the tokens of the same run on a cache in ``dtype``) and ``agree`` (how many of them fp8 kept)."""
+    if kv_dtype not in (None, "fp8"):
+        raise ValueError(f"kv_dtype must be None (the model's dtype) or 'fp8', got {kv_dtype!r}")
+    fp8 = kv_dtype == "fp8"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = TinyLM(cfg, device, dtype, seed)
     prompt = torch.randint(0, cfg.vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed)).to(device)
-    paged = PagedRunner(model, num_blocks, block_size)
+    paged = PagedRunner(model, num_blocks, block_size, fp8)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -179,10 +216,15 @@ def run(cfg: ModelConfig = ModelConfig(), prompt_len: int = 100, n: int = 4, ste
     sync()
     seconds = time.perf_counter() - t0
     stats = paged.alloc.stats()
-    dense = DenseRunner(model)
+    dense = DenseRunner(model, fp8)
     expected = generate(dense, prompt, n, steps, dense.fork)
-    return dict(tokens=tokens, expected=expected, seconds=seconds, tokens_per_s=n * steps / seconds, stats=stats,
-                block_size=paged.alloc.block_size, block_size_source=paged.alloc.block_size_source)
+    result = dict(tokens=tokens, expected=expected, seconds=seconds, tokens_per_s=n * steps / seconds, stats=stats,
+                  block_size=paged.alloc.block_size, block_size_source=paged.alloc.block_size_source)
+    if fp8:
+        plain = PagedRunner(model, num_blocks, block_size)
+        result["baseline"] = generate(plain, prompt, n, steps, plain.alloc.fork)
+        result["agree"] = sum(a == b for x, y in zip(tokens, result["baseline"]) for a, b in zip(x, y))
+    return result
 
 
 def main(argv=None) -> int:
@@ -193,12 +235,15 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=4, help="parallel samples sharing the prompt")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="float32 makes the token-for-token comparison with the dense reference meaningful")
+    p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                   help="auto: the paged cache in --dtype; fp8: float8_e4m3fn with per-head scales from the prompt's "
+                        "K/V amax, compared with the same prompt on an --dtype cache")
     p.add_argument("--record", default=None, metavar="FILE",
                    help="write the buckets of every tunebench call to FILE (tune them: tunebench tune --from-record)")
     args = p.parse_args(argv)
     cfg = SMALL if args.small else ModelConfig()
     r = run(cfg, args.prompt or (40 if args.small else 200), args.n, args.steps or (8 if args.small else 64),
-            dtype=getattr(torch, args.dtype), record=args.record)
+            dtype=getattr(torch, args.dtype), record=args.record, kv_dtype=None if args.kv_dtype == "auto" else "fp8")
     s = r["stats"]
     print(f"block size {r['block_size']} ({r['block_size_source']})")
     print(f"{args.n} samples x {len(r['tokens'][0])} tokens in {r['seconds']:.3f} s: {r['tokens_per_s']:.1f} tokens/s "
@@ -206,7 +251,13 @@ def main(argv=None) -> int:
     print(f"blocks used {s.used_blocks} vs {s.unshared_blocks} unshared ({s.saved_pct:.1f}% saved by sharing); "
           f"waste in last blocks {s.waste_pct:.1f}%")
     same = r["tokens"] == r["expected"]
-    print(f"tokens equal to the dense SDPA reference: {same}")
+    print(f"tokens equal to the dense SDPA reference{' on the same fp8 values' if 'agree' in r else ''}: {same}")
+    if "agree" in r:
+        total = sum(len(t) for t in r["tokens"])
+        diverged = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+                    for x, y in zip(r["tokens"], r["baseline"])]
+        print(f"fp8 e4m3 cache vs a {args.dtype} cache, same prompt: {r['agree']} of {total} greedy tokens agree "
+              f"({100 * r['agree'] / total:.1f}%); first differing token per sample: {diverged}")
     return 0 if same else 1
 
 

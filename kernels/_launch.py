@@ -5,6 +5,7 @@ Each check raises TypeError for a value of the wrong kind and ValueError for a v
 range, with a message that names the argument. Like the kernels, this module imports only torch and triton.
 """
 import math
+import weakref
 from functools import lru_cache
 
 import torch
@@ -12,6 +13,7 @@ import triton
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): scores are scaled into log2 units for exp2
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)     # KV cache formats, with a caller's scale (vLLM's "fp8")
 ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_GRID_YZ = 65535          # CUDA's limit on the second and third grid axes
@@ -115,6 +117,66 @@ def check_scale(scale) -> None:
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def check_kv_cache_dtypes(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
+    """Whether the caches are fp8 (then both need a scale) or of another dtype (then neither takes one); k_cache and
+    v_cache always share a dtype."""
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache dtype {v_cache.dtype} must match k_cache dtype {k_cache.dtype}")
+    fp8 = k_cache.dtype in FP8_DTYPES
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if fp8 and scale is None:
+            raise TypeError(f"{name} is required for an fp8 cache ({k_cache.dtype}): pass the scale the cache was "
+                            f"quantised with (real value = stored value * scale)")
+        if not fp8 and scale is not None:
+            raise TypeError(f"{name} is given but the cache is {k_cache.dtype}: scales apply only to an fp8 cache "
+                            f"(float8_e4m3fn or float8_e5m2)")
+    return fp8
+
+
+def kv_scale(name: str, scale, kv_heads: int, device) -> tuple[torch.Tensor, int]:
+    """(a float32 tensor on `device`, the stride between KV heads: 0 for one scale for all) for an fp8 cache's
+    scale: a positive finite float, a 0-d or 1-element float32 tensor, or a float32 tensor [kv_heads]."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {scale!r}")
+        # A fill kernel, not a host-to-device copy: no sync, and capturable in a CUDA graph.
+        return torch.full((1,), float(scale), dtype=torch.float32, device=device), 0
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a float32 tensor, got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {scale.dtype}")
+    if scale.device != torch.device(device):
+        raise ValueError(f"{name} is on {scale.device} but the cache is on {device}; all tensors must share one device")
+    if scale.dim() <= 1 and scale.numel() == 1:
+        stride = 0
+    elif scale.dim() == 1 and scale.shape[0] == kv_heads:
+        stride = scale.stride(0)
+    else:
+        raise ValueError(f"{name} must be 0-d or [1] (per tensor) or [Hkv] = [{kv_heads}] (per KV head), got shape "
+                         f"{tuple(scale.shape)}")
+    _check_scale_values(name, scale)
+    return scale, stride
+
+
+# id(scale tensor) -> its version counter when its values were last checked. Reading a GPU tensor's values costs a
+# device sync, so a scale is read once, and again only after an in-place write (which bumps its version); the entry
+# goes when the tensor does, before its id can be reused.
+_CHECKED_SCALES: dict[int, int] = {}
+
+
+def _check_scale_values(name: str, scale: torch.Tensor) -> None:
+    if _CHECKED_SCALES.get(id(scale)) == scale._version:
+        return
+    if scale.is_cuda and torch.cuda.is_current_stream_capturing():
+        return                                          # no sync possible inside a CUDA graph capture
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite and > 0 everywhere, got {scale.flatten().tolist()[:8]}")
+    if id(scale) not in _CHECKED_SCALES:
+        weakref.finalize(scale, _CHECKED_SCALES.pop, id(scale), None)
+    _CHECKED_SCALES[id(scale)] = scale._version
 
 
 def check_causal(causal) -> None:

@@ -5,7 +5,15 @@ Layout:
   context_lens int32 [B]. Token i of sequence b lives in block block_tables[b, i // block_size], row
   i % block_size. Blocks may appear in any order and several sequences may share blocks.
 - out [B, Hq, D] in q's dtype, optionally given by the caller, is fully written.
-- Any strides (e.g. q sliced out of a fused QKV projection, K and V as halves of one [num_blocks, 2, ...] tensor).
+- Any strides on every tensor, block_tables and context_lens included (e.g. q sliced out of a fused QKV projection,
+  K and V as halves of one [num_blocks, 2, ...] tensor, context_lens a column of a [B, n] metadata tensor).
+- fp8 cache (vLLM's kv_cache_dtype="fp8"): k_cache and v_cache float8_e4m3fn or float8_e5m2 (both the same), with
+  k_scale and v_scale given by the caller: real value = stored value * scale. Each scale is a positive finite float, a
+  0-d or 1-element float32 tensor (per tensor) or a float32 [Hkv] tensor (per KV head). q and out stay
+  fp16/bf16/fp32. The tiles are converted from fp8 to q's dtype on load (exact: every fp8 value is representable);
+  K's scale joins the score scale and V's multiplies the fp32 accumulator, once per program (one KV head each).
+  The fp8 handling is constexpr (KV_FP8): the fp16/bf16/fp32 specialisations compile without it. A scale tensor's
+  values are read (one device sync) on its first use and after an in-place write, not on every call.
 
 Schedule:
 - One program per (KV head, partition, sequence) handles all query heads of that KV group, so each KV byte is read
@@ -28,17 +36,17 @@ of two padded to the next power of two and masked); GQA/MQA (query head h reads 
 context length >= 1 up to max_blocks * block_size (a length of 0 gives zeros).
 
 Not supported: more than one query token per sequence (prefill, speculative decoding), sliding windows, ALiBi or
-soft-capping, quantised (fp8/int8) caches, returning the log-sum-exp. The values of block_tables and context_lens are
-not checked (that would need a device sync): a length above max_blocks * block_size or a block id out of range reads
-out of bounds.
+soft-capping, int8 caches, fp8 scales per token or block, returning the log-sum-exp. The values of block_tables and
+context_lens are not checked (that would need a device sync): a length above max_blocks * block_size or a block id
+out of range reads out of bounds.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import (ELEMENT_BYTES, LOG2E, check_config, check_float_dtype, check_grid, check_group, check_head_dim,
-                      check_like, check_out, check_runnable, check_same_shape, check_scale, check_tensor,
-                      dot_precision, padded_head_dim, qk_scale, shared_memory_limit)
+                      check_kv_cache_dtypes, check_like, check_out, check_runnable, check_same_shape, check_scale,
+                      check_tensor, dot_precision, kv_scale, padded_head_dim, qk_scale, shared_memory_limit)
 
 
 @triton.jit
@@ -54,23 +62,23 @@ def _tile_blocks(table, n0, end, offs_n, stride_btn, BLOCK_SIZE: tl.constexpr, B
 
 
 @triton.jit
-def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_parts,
+def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale, qk_scale, num_parts,
                   stride_qb, stride_qh, stride_qd,
                   stride_kb, stride_ks, stride_kh, stride_kd,
                   stride_vb, stride_vs, stride_vh, stride_vd,
-                  stride_btb, stride_btn,
+                  stride_btb, stride_btn, stride_cl, stride_ksc, stride_vsc,
                   stride_ob, stride_oh, stride_od,
                   Hq, N_SUB: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     # KV heads vary fastest over the grid: programs running side by side read neighbouring 256-byte rows of the same
     # tokens ([block, row, head, D] layout), which keeps DRAM accesses close together.
     kv_head = tl.program_id(0) // N_SUB
     sub = tl.program_id(0) % N_SUB
     part = tl.program_id(1)
     b = tl.program_id(2)
-    ctx = tl.load(CL + b)
+    ctx = tl.load(CL + b * stride_cl)
     if SPLIT:
         start = part * PARTITION
         end = tl.minimum(start + PARTITION, ctx)
@@ -96,6 +104,11 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_pa
     table = BT + b.to(tl.int64) * stride_btb
     k_head = K + kv_head.to(tl.int64) * stride_kh
     v_head = V + kv_head.to(tl.int64) * stride_vh
+    if KV_FP8:
+        # One KV head per program, so its scales are scalars: K's joins the score scale, V's multiplies the
+        # accumulator once at the end, and the tiles are only converted (exactly) from fp8 to q's dtype.
+        qk_scale = qk_scale * tl.load(K_scale + kv_head * stride_ksc)
+        v_scale = tl.load(V_scale + kv_head * stride_vsc)
 
     # The block ids of the next tile are loaded one iteration ahead: the K/V loads then depend on no load of their
     # own iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the table load in the same
@@ -117,6 +130,8 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_pa
             kv_mask = visible[:, None] & d_ok[None, :]
         # Masked rows read as 0, never as the stale (possibly NaN) rows past the context in a last page.
         k = tl.load(k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(Q.dtype.element_ty)
         # -- scores in base 2, new running max
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(visible[None, :], s, float("-inf"))
@@ -126,8 +141,12 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_pa
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(Q.dtype.element_ty)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * v_scale
 
     if SPLIT:
         # Partials of a partition with no tokens are never read by the reduce, so they are not written either.
@@ -144,14 +163,14 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, qk_scale, num_pa
 
 
 @triton.jit
-def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts,
+def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts, stride_cl,
                   stride_ob, stride_oh, stride_od,
                   Hq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr,
                   BLOCK_P: tl.constexpr):
     """Merges the partitions of one (sequence, query head): out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
     head = tl.program_id(0)
     b = tl.program_id(1)
-    ctx = tl.load(CL + b)
+    ctx = tl.load(CL + b * stride_cl)
     used = (ctx + PARTITION - 1) // PARTITION                      # partitions that hold tokens
     base = (b * Hq + head).to(tl.int64) * num_parts
     offs_p = tl.arange(0, BLOCK_P)
@@ -181,13 +200,17 @@ def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scale=None, out=None):
+def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scale=None, out=None, k_scale=None,
+           v_scale=None):
     """Paged decode attention. q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> out [B, Hq, D].
 
     scale defaults to 1/sqrt(D). config None means DEFAULT. The block (page) size is the cache's layout, fixed when
-    it was built: it is read from k_cache.shape[1] (a power of two), never from the config.
+    it was built: it is read from k_cache.shape[1] (a power of two), never from the config. An fp8 cache needs
+    k_scale and v_scale (see the module docstring).
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale)
+    fp8 = _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale, k_scale, v_scale)
+    k_scale, stride_ksc = kv_scale("k_scale", k_scale, k_cache.shape[2], q.device) if fp8 else (None, 0)
+    v_scale, stride_vsc = kv_scale("v_scale", v_scale, k_cache.shape[2], q.device) if fp8 else (None, 0)
     config = _check_config(dict(DEFAULT) if config is None else config)
     block_size = k_cache.shape[1]
     B, Hq, D = q.shape
@@ -212,17 +235,19 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
     else:
         m_part = l_part = acc_part = out                       # unused: the kernel writes out directly
     _paged_decode[(Hkv * n_sub, num_parts, B)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, qk_scale(scale, D), num_parts,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, k_scale, v_scale,
+        qk_scale(scale, D), num_parts,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), context_lens.stride(0),
+        stride_ksc, stride_vsc, *out.stride(),
         Hq, N_SUB=n_sub, GROUP=group, ROWS=rows, GROUP_PAD=group_pad,
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD,
         BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], PARTITION=partition if split else 0, SPLIT=split,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:
         _paged_reduce[(Hq, B)](
-            context_lens, out, m_part, l_part, acc_part, num_parts, *out.stride(),
+            context_lens, out, m_part, l_part, acc_part, num_parts, context_lens.stride(0), *out.stride(),
             Hq, HEAD_DIM=D, D_PAD=D_PAD, PARTITION=partition, BLOCK_P=_REDUCE_BLOCK_P,
             num_warps=_REDUCE_WARPS,
         )
@@ -253,7 +278,8 @@ def _check_config(config: dict) -> dict:
     return config
 
 
-def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
+def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale, k_scale, v_scale) -> bool:
+    """Checks every input; returns whether the cache is fp8 (whose scales kv_scale checks at launch)."""
     cache_layout = "[num_blocks, block_size, Hkv, D]"
     for name, t, rank, layout in (("q", q, 3, "[B, Hq, D]"), ("k_cache", k_cache, 4, cache_layout),
                                   ("v_cache", v_cache, 4, cache_layout),
@@ -262,8 +288,10 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
         check_tensor(name, t, rank, layout)
         check_like(name, t, "q", q, dtype=False)
     check_float_dtype("q", q)
-    check_like("k_cache", k_cache, "q", q)
-    check_like("v_cache", v_cache, "q", q)
+    fp8 = check_kv_cache_dtypes(k_cache, v_cache, k_scale, v_scale)
+    if not fp8:
+        check_like("k_cache", k_cache, "q", q)
+        check_like("v_cache", v_cache, "q", q)
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
@@ -285,6 +313,7 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale):
     check_runnable("q", q)
     check_scale(scale)
     check_out(out, "q", q)
+    return fp8
 
 
 # Per-thread 32-bit registers the streamed tiles (K, V, scores, probabilities) may take before spilling is likely;

@@ -419,3 +419,28 @@ class PagedPrefillWorkload(Workload):
         if self._refs is None:
             self._refs = paged_prefill_references(*self._args)
         return self._refs
+
+
+# --- fp8 paged caches ----------------------------------------------------------------------------------------------
+
+def fp8_scales(cache: torch.Tensor, dtype: torch.dtype, per_head: bool) -> torch.Tensor:
+    """float32 scales that map the finite values of a cache [num_blocks, block_size, Hkv, D] onto the fp8 format's
+    range (amax / max finite): [Hkv] per KV head, else [] (one for the whole cache). Never zero."""
+    amax = torch.nan_to_num(cache.float(), nan=0.0).abs().amax(dim=(0, 1, 3) if per_head else None)
+    return (amax.clamp_min(1e-6) / torch.finfo(dtype).max).to(torch.float32)
+
+
+def fp8_paged_inputs(problem: Problem, device, seed: int, kv_dtype: torch.dtype, per_head: bool, **layout):
+    """paged_inputs with the caches quantised to ``kv_dtype`` (float8_e4m3fn or float8_e5m2) by the reference
+    quantiser: (q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale). NaN rows stay NaN."""
+    q, k_cache, v_cache, tables, lens = paged_inputs(problem, device, seed, **layout)
+    k_scale, v_scale = (fp8_scales(c, kv_dtype, per_head) for c in (k_cache, v_cache))
+    k8, v8 = (ref.quantize_fp8(c, s, kv_dtype) for c, s in ((k_cache, k_scale), (v_cache, v_scale)))
+    return q, k8, v8, tables, lens, k_scale, v_scale
+
+
+def fp8_paged_references(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale, scale=None):
+    """paged_references on the dequantised fp8 cache (stored value * scale, exact in float64): the float64 reference,
+    and the naive computation in q's dtype on those values (tunebench.correctness states the rule)."""
+    k64, v64 = (ref.dequantize_fp8(c, s) for c, s in ((k_cache, k_scale), (v_cache, v_scale)))
+    return paged_references(q, k64, v64, block_tables, context_lens, scale)

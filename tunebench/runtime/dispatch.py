@@ -132,14 +132,16 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
     return _launcher(kernel)(q, k, v, config=config, causal=causal, scale=scale)
 
 
-def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float]) -> torch.Tensor:
+def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float], k_scale=None,
+                 v_scale=None) -> torch.Tensor:
     key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype)
     recorder = record.active()
     if recorder is not None:
         recorder.count(key, lambda: _paged_problem(q, k_cache, block_tables))
 
     config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_paged_problem(q, k_cache, block_tables)).config)
-    return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale)
+    return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale,
+                                        k_scale=k_scale, v_scale=v_scale)
 
 
 # torch.compile sees the kernels as opaque custom ops (fullgraph works); eager calls skip the op layer's overhead.
@@ -154,15 +156,28 @@ def _(q, k, v, causal, scale, variant):
     return q.new_empty(q.shape)
 
 
+# An fp8 cache's scales reach the op as a tensor or a float (its schema has no union): the unused one is None.
 @torch.library.custom_op("tunebench::paged_attention", mutates_args=())
 def _paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-              context_lens: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+              context_lens: torch.Tensor, scale: Optional[float], k_scale: Optional[torch.Tensor] = None,
+              v_scale: Optional[torch.Tensor] = None, k_scale_value: Optional[float] = None,
+              v_scale_value: Optional[float] = None) -> torch.Tensor:
+    k_scale = k_scale_value if k_scale is None else k_scale
+    v_scale = v_scale_value if v_scale is None else v_scale
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
 
 
 @_paged_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None, k_scale_value=None,
+      v_scale_value=None):
     return q.new_empty(q.shape)
+
+
+def _tensor_or_value(scale):
+    """(tensor, None) or (None, float) for the op's schema; anything else goes on to the launch's checks."""
+    if isinstance(scale, torch.Tensor) or scale is None:
+        return scale, None
+    return None, scale
 
 
 def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, variant: str = "v2") -> torch.Tensor:
@@ -177,15 +192,22 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, v
     return _flash_eager(q, k, v, causal, scale, variant)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None) -> torch.Tensor:
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, k_scale=None,
+                    v_scale=None) -> torch.Tensor:
     """Tuned decode attention over a paged KV cache.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: int32 [B, max_blocks];
     context_lens: int32 [B]. Returns [B, Hq, D] in q's dtype.
+
+    An fp8 cache (float8_e4m3fn or float8_e5m2, as vLLM's kv_cache_dtype="fp8") needs k_scale and v_scale: real
+    value = stored value * scale; each a positive float, a 0-d or 1-element float32 tensor, or float32 [Hkv] (per KV
+    head). It runs the config tuned for q's dtype. Write such a cache with tunebench.kernels.cache_write.launch(...,
+    k_scale=, v_scale=).
     """
     if torch.compiler.is_compiling():
-        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+        (ks, ks_value), (vs, vs_value) = _tensor_or_value(k_scale), _tensor_or_value(v_scale)
+        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale, ks, vs, ks_value, vs_value)
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
 
 
 def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
