@@ -43,6 +43,11 @@ KERNELS = {
     "paged_attention": "tunebench.kernels.paged_attention",
 }
 BUILT_IN = tuple(KERNELS)
+# Built-in kernels that run on some devices only: registered when a name is first looked up (known_kernels) if their
+# module's unavailable() returns None; otherwise the reason is kept, and require_kernels gives it. flash_v3 (Gluon,
+# sm_90) is not registered on a CPU, in the interpreter, or off Hopper, so the gate and the tuner never draw it there.
+DEVICE_KERNELS = {"flash_v3": "tunebench.kernels.flash_v3"}
+UNAVAILABLE: dict[str, str] = {}
 ENTRY_POINT_GROUP = "tunebench.kernels"
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names
 _state = {"entry_points_read": False, "checked": set()}
@@ -53,8 +58,21 @@ def known_kernels() -> dict[str, str]:
     installed packages' entry points (read once)."""
     if not _state["entry_points_read"]:
         _state["entry_points_read"] = True
+        _register_device_kernels()
         _read_entry_points()
     return KERNELS
+
+
+def _register_device_kernels() -> None:
+    for name, path in DEVICE_KERNELS.items():
+        try:
+            reason = importlib.import_module(path).unavailable()
+        except ImportError as e:
+            reason = f"its module {path} cannot be imported: {e}"
+        if reason:
+            UNAVAILABLE[name] = reason
+        else:
+            KERNELS.setdefault(name, path)
 
 
 def _read_entry_points() -> None:
@@ -108,6 +126,8 @@ def register_modules(specs: list[str] | None) -> list[str]:
 def require_kernels(names: list[str] | None) -> None:
     """KeyError naming every registered kernel if one of ``names`` is not registered."""
     unknown = [n for n in names or () if n not in known_kernels()]
+    if unknown and unknown[0] in UNAVAILABLE:
+        raise KeyError(f"kernel {unknown[0]!r} is not available here: {UNAVAILABLE[unknown[0]]}")
     if unknown:
         raise KeyError(f"unknown kernel {unknown[0]!r}; registered: {', '.join(known_kernels())} (register your own "
                        f"with --kernel-module pkg.mod or an entry point in the group {ENTRY_POINT_GROUP!r})")
