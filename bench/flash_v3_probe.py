@@ -195,7 +195,7 @@ def report(line: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--check-seconds", type=float, default=45)
+    parser.add_argument("--check-seconds", type=float, default=55)
     parser.add_argument("--bench-seconds", type=float, default=30)
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()

@@ -67,10 +67,9 @@ def test_refuses_what_it_cannot_run(case, make, exc, named):
 
 def test_keep_bounds_shared_memory_registers_and_warps():
     assert "shared memory" in flash_v3._unfit(
-        dict(flash_v3.DEFAULT, BLOCK_N=128, STAGES=4), "float16", 256)
+        dict(flash_v3.DEFAULT, BLOCK_N=128, STAGES=3), "float16", 256)
     assert "register" in flash_v3._unfit(dict(flash_v3.DEFAULT, num_warps=4), "float16", 128)
     assert "16 rows per warp" in flash_v3._unfit(dict(flash_v3.DEFAULT, BLOCK_M=64, num_warps=8), "float16", 64)
-    assert "WARP_SPECIALIZE" in flash_v3._unfit(dict(flash_v3.DEFAULT, PRODUCER_REGS=40), "float16", 64)
     assert "float16 or bfloat16" in flash_v3._unfit(flash_v3.DEFAULT, "float32", 64)
     for dtype, D in itertools.product(flash_v3.DTYPES, flash_v3.HEAD_DIMS):
         assert flash_v3._unfit(flash_v3.DEFAULT, dtype, D) is None, (dtype, D)
@@ -82,15 +81,19 @@ def test_bad_configs_are_refused():
         flash_v3.launch(q, q, q, dict(flash_v3.DEFAULT, STAGES=5))
     with pytest.raises(ValueError, match="WARP_SPECIALIZE"):
         flash_v3.launch(q, q, q, dict(flash_v3.DEFAULT, WARP_SPECIALIZE=1))
+    with pytest.raises(ValueError, match="OVERLAP"):
+        flash_v3.launch(q, q, q, dict(flash_v3.DEFAULT, OVERLAP=None))
 
 
 # -- CPU: compile for sm_90a ---------------------------------------------------------------------------------------
 
 FAST_CASES = [   # each structure once, on awkward shapes (tails, GQA, Nq != Nk)
     _case(flash_v3.DEFAULT, D=128, dtype="float16", causal=True),
-    _case(dict(flash_v3.DEFAULT, WARP_SPECIALIZE=True), D=128, dtype="bfloat16", causal=True, Nq=300, Nk=100),
-    _case(dict(flash_v3.DEFAULT, BLOCK_M=64, num_warps=4, STAGES=3), D=64, dtype="bfloat16", causal=False, Hkv=1),
-    _case(dict(flash_v3.DEFAULT, WARP_SPECIALIZE=True, PRODUCER_REGS=40), D=256, dtype="float16", causal=False),
+    _case(dict(flash_v3.DEFAULT, WARP_SPECIALIZE=True, OVERLAP=True), D=128, dtype="bfloat16", causal=True,
+          Nq=300, Nk=100),
+    _case(dict(flash_v3.DEFAULT, BLOCK_M=64, num_warps=4, STAGES=3, OVERLAP=True), D=64, dtype="bfloat16",
+          causal=False, Hkv=1),
+    _case(dict(flash_v3.DEFAULT, WARP_SPECIALIZE=True), D=256, dtype="float16", causal=False),
 ]
 
 
@@ -137,7 +140,8 @@ AWKWARD = [   # odd N, Nq != Nk causal (rows that see no key), GQA 8, head dim 2
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("problem", AWKWARD, ids=lambda p: p.label())
-@pytest.mark.parametrize("structure", [{}, {"WARP_SPECIALIZE": True}, {"BLOCK_M": 64, "num_warps": 4, "STAGES": 3}])
+@pytest.mark.parametrize("structure", [{}, {"WARP_SPECIALIZE": True}, {"OVERLAP": True},
+                                       {"BLOCK_M": 64, "num_warps": 4, "OVERLAP": True, "WARP_SPECIALIZE": True}])
 def test_awkward_shapes(problem, structure, device):
     config = dict(flash_v3.DEFAULT, **structure)
     assert flash_v3.keep(config, problem) is None
