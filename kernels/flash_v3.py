@@ -453,6 +453,10 @@ def _unfit(config: dict, dtype: str, D: int) -> str | None:
     acc_regs = block_m * (D + block_n) // (32 * warps)
     if acc_regs > _MAX_ACC_REGS:
         return f"register pressure: {acc_regs} fp32 accumulator values per thread > {_MAX_ACC_REGS}"
+    live = block_m * (D + 2 * block_n) // (32 * warps)          # OVERLAP keeps S_{j+1} and P_j beside O
+    if config["OVERLAP"] and config["WARP_SPECIALIZE"] and live > _MAX_ACC_REGS:
+        return (f"register pressure: OVERLAP keeps {live} fp32 values per thread live, and under WARP_SPECIALIZE's "
+                f"budget ptxas spills past {_MAX_ACC_REGS} (sm_90, triton 3.6)")
     return None
 
 

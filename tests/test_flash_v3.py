@@ -69,6 +69,8 @@ def test_keep_bounds_shared_memory_registers_and_warps():
     assert "shared memory" in flash_v3._unfit(
         dict(flash_v3.DEFAULT, BLOCK_N=128, STAGES=3), "float16", 256)
     assert "register" in flash_v3._unfit(dict(flash_v3.DEFAULT, num_warps=4), "float16", 128)
+    assert "spills" in flash_v3._unfit(dict(flash_v3.DEFAULT, BLOCK_N=128, OVERLAP=True, WARP_SPECIALIZE=True),
+                                       "bfloat16", 128)
     assert "16 rows per warp" in flash_v3._unfit(dict(flash_v3.DEFAULT, BLOCK_M=64, num_warps=8), "float16", 64)
     assert "float16 or bfloat16" in flash_v3._unfit(flash_v3.DEFAULT, "float32", 64)
     for dtype, D in itertools.product(flash_v3.DTYPES, flash_v3.HEAD_DIMS):
