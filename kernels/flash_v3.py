@@ -96,6 +96,26 @@ def _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, h
 
 
 @gluon.jit
+def _issue_qk(q_smem, k_bufs, k_bars, j, s_zero, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr):
+    """Starts S_j = Q K_j^T (async wgmma, K viewed transposed in shared memory) once K_j has landed."""
+    s = j % STAGES
+    mbarrier.wait(k_bars.index(s), (j // STAGES) & 1)
+    k_t = k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    return warpgroup_mma(q_smem, k_t, s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p, acc, v_bufs, v_bars, j, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr):
+    """Starts O += P_j V_j (async wgmma, P from registers) once V_j has landed."""
+    s = j % STAGES
+    p_op = gl.convert_layout(p.to(v_bufs.dtype), p_layout)
+    mbarrier.wait(v_bars.index(s), (j // STAGES) & 1)
+    return warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+
+
+@gluon.jit
 def _attend(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
             b, hkv, m0, lo, hi, n_blocks, Nk, shift, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
@@ -108,21 +128,13 @@ def _attend(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bar
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for j in range(lo, hi):
-        s = j % STAGES
-        phase = (j // STAGES) & 1
-        # -- S = Q K^T (K viewed transposed in shared memory)
-        mbarrier.wait(k_bars.index(s), phase)
-        k_smem = k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, j, s_zero,
+                                                                   BLOCK_N, HEAD_DIM, STAGES), ))
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
                                       BLOCK_N, MASK_N, MASK_CAUSAL)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        # -- O += P V, P from registers
-        p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-        mbarrier.wait(v_bars.index(s), phase)
-        acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_pv(p, acc, v_bufs, v_bars, j, p_layout,
+                                                                    BLOCK_N, HEAD_DIM, STAGES), ))
         _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, True,
                  BLOCK_N, STAGES, PRODUCER)
     return acc, l_i, m_i
@@ -141,44 +153,25 @@ def _attend_overlapped(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if hi > lo:
-        # -- prologue: S_lo
-        s = lo % STAGES
-        mbarrier.wait(k_bars.index(s), (lo // STAGES) & 1)
-        qk = warpgroup_mma(q_smem, k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                           use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        for j in range(lo, hi - 1):
-            s = j % STAGES
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, lo, s_zero,
+                                                                   BLOCK_N, HEAD_DIM, STAGES), ))
+        for j in range(lo, hi):
             p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
                                           BLOCK_N, MASK_N, MASK_CAUSAL)
-            # -- P_{j-1} V_{j-1} done: rescale O, free block j - 1's slot
+            # -- P_{j-1} V_{j-1} done: free block j - 1's slot, rescale O
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j - 1, b, hkv, n_blocks, j > lo,
                      BLOCK_N, STAGES, PRODUCER)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            # -- issue S_{j+1} = Q K_{j+1}^T, then O += P_j V_j; wait for S_{j+1} only
-            s_next = (j + 1) % STAGES
-            mbarrier.wait(k_bars.index(s_next), ((j + 1) // STAGES) & 1)
-            qk = warpgroup_mma(q_smem, k_bufs.index(s_next).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                               use_acc=False, is_async=True)
-            p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-            mbarrier.wait(v_bars.index(s), (j // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            qk, acc = warpgroup_mma_wait(num_outstanding=1, deps=(qk, acc))
-        # -- the last block
-        last = hi - 1
-        s = last % STAGES
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, last, rows, offs_n, Nk, shift, qk_scale,
-                                      BLOCK_N, MASK_N, MASK_CAUSAL)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, last - 1, b, hkv, n_blocks,
-                 last > lo, BLOCK_N, STAGES, PRODUCER)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-        mbarrier.wait(v_bars.index(s), (last // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, last, b, hkv, n_blocks, True,
+            if j + 1 < hi:
+                # -- S_{j+1} first, then P_j V_j; wait for S_{j+1} only
+                qk = _issue_qk(q_smem, k_bufs, k_bars, j + 1, s_zero, BLOCK_N, HEAD_DIM, STAGES)
+                acc = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+                qk, acc = warpgroup_mma_wait(num_outstanding=1, deps=(qk, acc))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_pv(p, acc, v_bufs, v_bars, j, p_layout,
+                                                                            BLOCK_N, HEAD_DIM, STAGES), ))
+        _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, hi - 1, b, hkv, n_blocks, True,
                  BLOCK_N, STAGES, PRODUCER)
     return acc, l_i, m_i
 
