@@ -177,6 +177,17 @@ def _attend_overlapped(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_
 
 
 @gluon.jit
+def _kv_blocks(m0, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many K/V blocks the Q tile at row m0 reads: all, or (causal) up to the key its last valid row sees,
+    j <= min(m0 + BLOCK_M, Nq) - 1 + (Nk - Nq)."""
+    if CAUSAL:
+        n_blocks = gl.cdiv(gl.minimum(Nk, gl.maximum(gl.minimum(m0 + BLOCK_M, Nq) + Nk - Nq, 0)), BLOCK_N)
+    else:
+        n_blocks = gl.cdiv(Nk, BLOCK_N)
+    return n_blocks
+
+
+@gluon.jit
 def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
              b, h, hkv, m0, Nq, Nk, qk_scale,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
@@ -188,15 +199,13 @@ def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_ba
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
-    # K/V blocks [0, full_hi) need no mask; [full_hi, diag_hi) are the diagonal and/or the Nk tail.
+    # K/V blocks [0, full_hi) need no mask; [full_hi, n_blocks) are the diagonal and/or the Nk tail.
+    n_blocks = _kv_blocks(m0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
     full_hi = Nk // BLOCK_N
-    n_blocks = gl.cdiv(Nk, BLOCK_N)
     shift = Nk - Nq
     if CAUSAL:
         # Row m0 (the tile's first) sees keys j <= m0 + shift: whole blocks below that need no mask.
         full_hi = gl.minimum(full_hi, gl.maximum(m0 + shift + 1, 0) // BLOCK_N)
-        # The tile's last valid row sees keys j <= min(m0 + BLOCK_M, Nq) - 1 + shift.
-        n_blocks = gl.cdiv(gl.minimum(Nk, gl.maximum(gl.minimum(m0 + BLOCK_M, Nq) + shift, 0)), BLOCK_N)
 
     if PRODUCER:
         for i in gl.static_range(STAGES):
@@ -240,10 +249,7 @@ def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_ba
 def _produce(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m0, Nq, Nk,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """The producer partition (WARP_SPECIALIZE): loads every K/V block the tile needs, waiting for a free slot."""
-    n_blocks = gl.cdiv(Nk, BLOCK_N)
-    if CAUSAL:
-        n_blocks = gl.cdiv(gl.minimum(Nk, gl.maximum(gl.minimum(m0 + BLOCK_M, Nq) + Nk - Nq, 0)), BLOCK_N)
-    for j in range(n_blocks):
+    for j in range(_kv_blocks(m0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)):
         # Barriers start in phase 0, so the first wait on each slot (parity 1) passes at once.
         mbarrier.wait(empty_bars.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
         _issue_kv_load(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j, b, hkv, True, BLOCK_N, STAGES)
