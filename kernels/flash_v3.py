@@ -413,7 +413,8 @@ def unavailable() -> str | None:
         return ("it is written in Gluon, which has no interpreter: it needs a Hopper GPU (compute capability 9.x, "
                 "H100/H200) and TRITON_INTERPRET unset; flash_v2 runs everywhere else")
     if not torch.cuda.is_available():
-        return "it needs a Hopper GPU (compute capability 9.x, H100/H200); no CUDA device is available"
+        return ("it needs a Hopper GPU (compute capability 9.x, H100/H200) and no CUDA device is available (it is "
+                "written in Gluon, which has no CPU interpreter); flash_v2 runs everywhere else")
     major, minor = torch.cuda.get_device_capability()
     if major != 9:
         return (f"it needs a Hopper GPU (compute capability 9.x, H100/H200: wgmma and TMA), the device has "
