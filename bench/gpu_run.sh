@@ -10,6 +10,8 @@
 #           the headline suite
 #   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
+#   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
+#   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,6 +38,9 @@ for step in "$@"; do
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
+    v3tests) python3 -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
+               > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
+    v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"

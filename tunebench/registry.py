@@ -44,6 +44,12 @@ KERNELS = {
     "paged_prefill": "tunebench.kernels.paged_prefill",
 }
 BUILT_IN = tuple(KERNELS)
+# Built-in kernels that run on some devices only: registered when asked for by name (require_kernels, kernel_module)
+# if their module's unavailable() returns None; otherwise the reason is kept, and require_kernels gives it. They are
+# not in known_kernels() until then (so `tunebench check` without --kernel, and --help, neither import nor draw them),
+# and flash_v3 (Gluon, sm_90) is never registered on a CPU, in the interpreter, or off Hopper.
+DEVICE_KERNELS = {"flash_v3": "tunebench.kernels.flash_v3"}
+UNAVAILABLE: dict[str, str] = {}
 ENTRY_POINT_GROUP = "tunebench.kernels"
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names
 _state = {"entry_points_read": False, "checked": set()}
@@ -56,6 +62,18 @@ def known_kernels() -> dict[str, str]:
         _state["entry_points_read"] = True
         _read_entry_points()
     return KERNELS
+
+
+def _register_device_kernel(name: str) -> None:
+    path = DEVICE_KERNELS[name]
+    try:
+        reason = importlib.import_module(path).unavailable()
+    except ImportError as e:
+        reason = f"its module {path} cannot be imported: {e}"
+    if reason:
+        UNAVAILABLE[name] = reason
+    else:
+        KERNELS.setdefault(name, path)
 
 
 def _read_entry_points() -> None:
@@ -76,6 +94,8 @@ def _name_problem(name: str, path: str) -> str | None:
         return f"a kernel name is letters, digits, '_', '.' and '-' (starting with a letter or '_'), got {name!r}"
     if name in KERNELS and KERNELS[name] != path:
         return f"the name {name!r} is taken by {KERNELS[name]}"
+    if name in DEVICE_KERNELS and DEVICE_KERNELS[name] != path:
+        return f"the name {name!r} is taken by {DEVICE_KERNELS[name]}"
     return None
 
 
@@ -108,7 +128,12 @@ def register_modules(specs: list[str] | None) -> list[str]:
 
 def require_kernels(names: list[str] | None) -> None:
     """KeyError naming every registered kernel if one of ``names`` is not registered."""
+    for name in names or ():
+        if name not in known_kernels() and name in DEVICE_KERNELS and name not in UNAVAILABLE:
+            _register_device_kernel(name)
     unknown = [n for n in names or () if n not in known_kernels()]
+    if unknown and unknown[0] in UNAVAILABLE:
+        raise KeyError(f"kernel {unknown[0]!r} is not available here: {UNAVAILABLE[unknown[0]]}")
     if unknown:
         raise KeyError(f"unknown kernel {unknown[0]!r}; registered: {', '.join(known_kernels())} (register your own "
                        f"with --kernel-module pkg.mod or an entry point in the group {ENTRY_POINT_GROUP!r})")

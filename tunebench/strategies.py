@@ -37,7 +37,18 @@ def problems(kernel: str):
     from .shapes import PAGED_KERNELS, PAGED_PREFILL_KERNELS
     if kernel in PAGED_PREFILL_KERNELS:
         return paged_prefill_problems(kernel)
-    return paged_problems(kernel) if kernel in PAGED_KERNELS else dense_problems(kernel)
+    if kernel in PAGED_KERNELS:
+        return paged_problems(kernel)
+    return dense_problems(kernel, **_declared_domain(kernel))
+
+
+def _declared_domain(kernel: str) -> dict:
+    """The head dims and dtypes a dense kernel module declares it runs (HEAD_DIMS, DTYPES; flash_v3 does), so that
+    its gate draws only problems it accepts; {} for a kernel that runs them all."""
+    from .registry import kernel_module
+    mod = kernel_module(kernel)
+    domain = {"head_dims": getattr(mod, "HEAD_DIMS", None), "dtypes": getattr(mod, "DTYPES", None)}
+    return {key: value for key, value in domain.items() if value}
 
 
 def all_configs(module, problem) -> list[dict]:
@@ -54,7 +65,7 @@ def configs(module, problem):
 
 
 @st.composite
-def dense_problems(draw, kernel: str, head_dims=None, gqa=True):
+def dense_problems(draw, kernel: str, head_dims=None, gqa=True, dtypes=None):
     seqs = SEQ_GPU if ON_GPU else SEQ_CPU
     D = draw(st.sampled_from(head_dims or (HEAD_DIMS_GPU if ON_GPU else HEAD_DIMS_CPU)))
     Nq, Nk = draw(st.sampled_from(seqs)), draw(st.sampled_from(seqs))
@@ -67,7 +78,7 @@ def dense_problems(draw, kernel: str, head_dims=None, gqa=True):
         Hkv, group = 1, 1
     if Nq * Nk > MAX_SCORES:
         Nk = max(1, MAX_SCORES // Nq)
-    return Problem(kernel, B, Hkv * group, Hkv, Nq, Nk, D, draw(st.sampled_from(DTYPES)),
+    return Problem(kernel, B, Hkv * group, Hkv, Nq, Nk, D, draw(st.sampled_from(dtypes or DTYPES)),
                    causal=draw(st.booleans()))
 
 

@@ -1,0 +1,485 @@
+"""FlashAttention-3-style forward for Hopper (sm_90: H100/H200), written in Triton 3.6's Gluon dialect.
+
+The schedule, as far as Gluon on Hopper allows it:
+- one program per (Q tile, batch * head), the K/V loop inside (FlashAttention-2's order); causal tiles are started
+  from the bottom so that the last wave is made of short tiles;
+- the Q tile and every K/V block arrive by TMA (host-side rank-4 descriptors over [B, H, N, D], so each head's tail is
+  zero-filled and the output store is clipped per head) into a ring of STAGES shared-memory buffers, each guarded by
+  an mbarrier;
+- S = Q K^T and O += P V are asynchronous warpgroup MMAs (wgmma): Q, K and V are read from shared memory, P from
+  registers; the online softmax (exp2, scale folded into one FMA) stays in registers;
+- OVERLAP=False: each MMA is waited for at once (S, softmax, P V, one block after the other); OVERLAP=True:
+  FlashAttention-3's intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before P_j V_j, and the softmax of
+  block j + 1 runs while P_j V_j is in the tensor cores (more registers live: S_{j+1}, P_j and O);
+- WARP_SPECIALIZE=False: the compute warps also issue the TMA loads, STAGES blocks ahead (a block's slot is reloaded
+  as soon as its P V completes); WARP_SPECIALIZE=True: a producer partition of one warp (PRODUCER_REGS registers)
+  issues the loads and the compute warps (the default partition, which gets the registers left over) hand each slot
+  back with an mbarrier arrive;
+- Causal attention is aligned bottom-right (FlashAttention >= 2.1): query i sees key j iff j <= i + (Nk - Nq). Blocks
+  that every row of a tile sees in full run without mask math; only the diagonal and the Nk tail are masked. A query
+  row that sees no key at all (Nq > Nk) outputs zeros.
+
+Supported: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (GQA/MQA: query head h reads kv head h // (Hq // Hkv)), any Nq and Nk,
+fp16 and bf16, head dims 64, 128 and 256, on a device of compute capability 9.x. TMA needs a contiguous last dim, a
+16-byte-aligned base and 16-byte-aligned strides: launch refuses other inputs (ValueError) rather than copy them
+(flash_v2 runs those); `out` must satisfy the same.
+Not supported (launch raises ValueError/TypeError; flash_v2 runs them): fp32, other head dims, other GPUs (Ampere
+has no wgmma or TMA, Blackwell no wgmma), the Triton interpreter (Gluon has none), backward, dropout, masks other
+than causal, returning the log-sum-exp, Nk = 0.
+
+Not done yet (FlashAttention-3 has them): two consumer warpgroups ping-ponging on separate Q tiles (with num_warps=8
+the two warpgroups split one Q tile, and two CTAs per SM give some of that overlap when registers and shared memory
+allow), a persistent grid with a causal-balanced tile order, fp8.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._launch import check_config, check_dense_inputs, check_grid, interpreting, qk_scale
+
+
+@gluon.jit
+def _issue_kv_load(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j, b, hkv, pred,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Starts the TMA loads of K/V block j into ring slot j % STAGES (skipped where pred is false)."""
+    s = j % STAGES
+    k_bar = k_bars.index(s)
+    v_bar = v_bars.index(s)
+    mbarrier.expect(k_bar, k_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [b, hkv, j * BLOCK_N, 0], k_bar, k_bufs.index(s), pred=pred)
+    mbarrier.expect(v_bar, v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(v_desc, [b, hkv, j * BLOCK_N, 0], v_bar, v_bufs.index(s), pred=pred)
+
+
+@gluon.jit
+def _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
+             BLOCK_N: gl.constexpr, MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr):
+    """The online softmax of block j's scores: (P, alpha, new m_i, new l_i), in log2 units (the scale is folded into
+    the exp2 argument). MASK_N masks keys >= Nk; MASK_CAUSAL masks key c for row r when c > r + shift."""
+    if MASK_N or MASK_CAUSAL:
+        cols = j * BLOCK_N + offs_n
+        if MASK_N and MASK_CAUSAL:
+            visible = (cols[None, :] < Nk) & (cols[None, :] <= rows[:, None] + shift)
+        elif MASK_N:
+            visible = (cols[None, :] < Nk) & (rows[:, None] >= 0)
+        else:
+            visible = cols[None, :] <= rows[:, None] + shift
+        qk = gl.where(visible, qk * qk_scale, float("-inf"))
+        m_ij = gl.maximum(m_i, gl.max(qk, 1))
+        # A row that has seen no key yet keeps p = 0 and l = 0 instead of exp2(-inf - -inf) = NaN. (Visibility is a
+        # prefix of the keys, so such a row sees no key in any later block either.)
+        m_ij = gl.where(m_ij == float("-inf"), 0.0, m_ij)
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = gl.exp2(qk)
+    alpha = gl.exp2(m_i - m_ij)
+    return p, alpha, m_ij, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, pred,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PRODUCER: gl.constexpr):
+    """Block j's slot is free (its P V completed): PRODUCER reuses it for block j + STAGES, which it loads now;
+    otherwise the producer partition is told (skipped where pred is false)."""
+    if PRODUCER:
+        ahead = j + STAGES
+        _issue_kv_load(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, ahead, b, hkv, (ahead < n_blocks) & pred,
+                       BLOCK_N, STAGES)
+    else:
+        mbarrier.arrive(empty_bars.index(j % STAGES), count=1, pred=pred)
+
+
+@gluon.jit
+def _issue_qk(q_smem, k_bufs, k_bars, j, s_zero, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr):
+    """Starts S_j = Q K_j^T (async wgmma, K viewed transposed in shared memory) once K_j has landed."""
+    s = j % STAGES
+    mbarrier.wait(k_bars.index(s), (j // STAGES) & 1)
+    k_t = k_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    return warpgroup_mma(q_smem, k_t, s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p, acc, v_bufs, v_bars, j, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr):
+    """Starts O += P_j V_j (async wgmma, P from registers) once V_j has landed."""
+    s = j % STAGES
+    p_op = gl.convert_layout(p.to(v_bufs.dtype), p_layout)
+    mbarrier.wait(v_bars.index(s), (j // STAGES) & 1)
+    return warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+
+
+@gluon.jit
+def _attend(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+            b, hkv, m0, lo, hi, n_blocks, Nk, shift, qk_scale,
+            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+            MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr):
+    """K/V blocks [lo, hi) folded into (acc, l_i, m_i), one block at a time: S = Q K^T, softmax, O += P V, each MMA
+    waited for at once. Block j's slot is released (reloaded with block j + STAGES where PRODUCER, else handed to
+    the producer partition) when its P V completes."""
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    for j in range(lo, hi):
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, j, s_zero,
+                                                                   BLOCK_N, HEAD_DIM, STAGES), ))
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
+                                      BLOCK_N, MASK_N, MASK_CAUSAL)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_pv(p, acc, v_bufs, v_bars, j, p_layout,
+                                                                    BLOCK_N, HEAD_DIM, STAGES), ))
+        _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, True,
+                 BLOCK_N, STAGES, PRODUCER)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _attend_overlapped(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                       b, hkv, m0, lo, hi, n_blocks, Nk, shift, qk_scale,
+                       s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                       MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr):
+    """_attend with FlashAttention-3's intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before O += P_j V_j,
+    and the softmax of block j + 1 runs while P_j V_j is still in the tensor cores; O is rescaled once that MMA is
+    waited for. Block j's slot is released (reloaded, or handed to the producer) when its P V completes."""
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if hi > lo:
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, lo, s_zero,
+                                                                   BLOCK_N, HEAD_DIM, STAGES), ))
+        for j in range(lo, hi):
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
+                                          BLOCK_N, MASK_N, MASK_CAUSAL)
+            # -- P_{j-1} V_{j-1} done: free block j - 1's slot, rescale O
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j - 1, b, hkv, n_blocks, j > lo,
+                     BLOCK_N, STAGES, PRODUCER)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            if j + 1 < hi:
+                # -- S_{j+1} first, then P_j V_j; wait for S_{j+1} only
+                qk = _issue_qk(q_smem, k_bufs, k_bars, j + 1, s_zero, BLOCK_N, HEAD_DIM, STAGES)
+                acc = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+                qk, acc = warpgroup_mma_wait(num_outstanding=1, deps=(qk, acc))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_pv(p, acc, v_bufs, v_bars, j, p_layout,
+                                                                            BLOCK_N, HEAD_DIM, STAGES), ))
+        _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, hi - 1, b, hkv, n_blocks, True,
+                 BLOCK_N, STAGES, PRODUCER)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _kv_blocks(m0, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many K/V blocks the Q tile at row m0 reads: all, or (causal) up to the key its last valid row sees,
+    j <= min(m0 + BLOCK_M, Nq) - 1 + (Nk - Nq)."""
+    if CAUSAL:
+        n_blocks = gl.cdiv(gl.minimum(Nk, gl.maximum(gl.minimum(m0 + BLOCK_M, Nq) + Nk - Nq, 0)), BLOCK_N)
+    else:
+        n_blocks = gl.cdiv(Nk, BLOCK_N)
+    return n_blocks
+
+
+@gluon.jit
+def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+             b, h, hkv, m0, Nq, Nk, qk_scale,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+             CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PRODUCER: gl.constexpr, num_warps: gl.constexpr):
+    """The compute warps: the whole K/V loop of one Q tile, then the output store."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    # K/V blocks [0, full_hi) need no mask; [full_hi, n_blocks) are the diagonal and/or the Nk tail.
+    n_blocks = _kv_blocks(m0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    full_hi = Nk // BLOCK_N
+    shift = Nk - Nq
+    if CAUSAL:
+        # Row m0 (the tile's first) sees keys j <= m0 + shift: whole blocks below that need no mask.
+        full_hi = gl.minimum(full_hi, gl.maximum(m0 + shift + 1, 0) // BLOCK_N)
+
+    if PRODUCER:
+        for i in gl.static_range(STAGES):
+            _issue_kv_load(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hkv, i < n_blocks,
+                           BLOCK_N, STAGES)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_bar, 0)
+    if OVERLAP:
+        acc, l_i, m_i = _attend_overlapped(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars,
+                                           empty_bars, b, hkv, m0, 0, full_hi, n_blocks, Nk, shift, qk_scale,
+                                           s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                                           False, False, PRODUCER)
+        acc, l_i, m_i = _attend_overlapped(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars,
+                                           empty_bars, b, hkv, m0, full_hi, n_blocks, n_blocks, Nk, shift, qk_scale,
+                                           s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                                           True, CAUSAL, PRODUCER)
+    else:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                                b, hkv, m0, 0, full_hi, n_blocks, Nk, shift, qk_scale,
+                                s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                                False, False, PRODUCER)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                                b, hkv, m0, full_hi, n_blocks, n_blocks, Nk, shift, qk_scale,
+                                s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                                True, CAUSAL, PRODUCER)
+
+    # -- epilogue: rows that saw no key (l == 0) output 0, not 0/0; Q's buffer is reused to stage O for the TMA store
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    q_tile.store(out.to(o_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, h, m0, 0], q_smem)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _produce(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m0, Nq, Nk,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """The producer partition (WARP_SPECIALIZE): loads every K/V block the tile needs, waiting for a free slot."""
+    for j in range(_kv_blocks(m0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)):
+        # Barriers start in phase 0, so the first wait on each slot (parity 1) passes at once.
+        mbarrier.wait(empty_bars.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+        _issue_kv_load(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j, b, hkv, True, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _flash_v3_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, Hq, GROUP, Nq, Nk,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
+                  PRODUCER_REGS: gl.constexpr,
+                  num_warps: gl.constexpr):
+    if CAUSAL:
+        # Tiles further down see more keys: start them first so the last wave is made of short tiles.
+        start_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    else:
+        start_m = gl.program_id(0)
+    off_bh = gl.program_id(1)
+    b = off_bh // Hq
+    h = off_bh % Hq
+    hkv = h // GROUP
+    m0 = start_m * BLOCK_M
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=1)
+
+    # -- the Q tile, loaded once; it stays in shared memory (wgmma's A operand) for the whole K/V loop
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_smem)
+
+    if WARP_SPECIALIZE:
+        gl.warp_specialize([
+            (_consume, (q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                        b, h, hkv, m0, Nq, Nk, qk_scale,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, False, num_warps)),
+            (_produce, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m0, Nq, Nk,
+                        BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+        ], [1], [PRODUCER_REGS])
+    else:
+        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                 b, h, hkv, m0, Nq, Nk, qk_scale,
+                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, True, num_warps)
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+        mbarrier.invalidate(empty_bars.index(i))
+
+
+def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
+    """Attention forward. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> out [B, Hq, Nq, D] (q's dtype).
+
+    scale defaults to 1/sqrt(D). config None means DEFAULT. Raises ValueError/TypeError for what flash_v3 cannot run
+    (see the module docstring); it never copies an input.
+    """
+    config = _check_config(DEFAULT if config is None else config)
+    check_dense_inputs(q, k, v, out, causal, scale)
+    check_grid("B * Hq", q.shape[0] * q.shape[1])
+    dtype = str(q.dtype).removeprefix("torch.")
+    if reason := _input_refusal(dtype, q.shape[-1]):
+        raise (TypeError if dtype not in DTYPES else ValueError)(f"flash_v3: {reason}")
+    _check_tma(q=q, k=k, v=v, out=out)
+    if k.shape[2] == 0 and q.shape[2] > 0:
+        raise ValueError("flash_v3: k/v must hold at least one key (Nk >= 1): a TMA descriptor has no empty dims")
+    if reason := unavailable():
+        raise ValueError(f"flash_v3: {reason}")
+    if reason := _unfit(config, dtype, q.shape[-1]):
+        raise ValueError(f"flash_v3: config {config} cannot run: {reason}")
+    if out is None:
+        out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    kernel, grid, args, options = _arguments(q, k, v, out, config, causal, scale)
+    kernel[grid](*args, **options)
+    return out
+
+
+def _arguments(q, k, v, out, config, causal, scale):
+    """(kernel, grid, positional args, keyword args) of one launch; also what the sm_90 compile tests compile."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    descs = [_descriptor(t, block) for t, block in ((q, block_m), (k, block_n), (v, block_n), (out, block_m))]
+    options = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, STAGES=config["STAGES"], CAUSAL=causal,
+                   OVERLAP=config["OVERLAP"],
+                   WARP_SPECIALIZE=config["WARP_SPECIALIZE"], PRODUCER_REGS=config["PRODUCER_REGS"],
+                   num_warps=config["num_warps"])
+    if config["WARP_SPECIALIZE"]:
+        options["maxnreg"] = _maxnreg(config["num_warps"])
+    grid = (triton.cdiv(Nq, block_m), B * Hq)
+    return _flash_v3_fwd, grid, (*descs, qk_scale(scale, D), Hq, Hq // Hkv, Nq, Nk), options
+
+
+def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """A rank-4 TMA descriptor over [B, H, N, D] with [1, 1, block_rows, D] boxes. A size-1 dim's stride is never
+    used, so it is replaced by an aligned one (TMA checks every stride)."""
+    shape, strides = list(t.shape), list(t.stride())
+    for i in range(2, -1, -1):
+        if shape[i] == 1:
+            strides[i] = strides[i + 1] * shape[i + 1]
+    block = [1, 1, block_rows, shape[3]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, shape, strides, block, layout)
+
+
+def _maxnreg(num_warps: int) -> int:
+    """Registers per thread that let the compute warps plus the producer's warpgroup fit the SM's 64K registers (one
+    CTA per SM); warp_specialize moves the producer's unused share to the compute warps."""
+    return min(240, 65536 // (32 * (num_warps + 4)) // 8 * 8)
+
+
+def _check_config(config: dict) -> dict:
+    check_config(config, SPACE, BLOCK_M=64, BLOCK_N=16)
+    for key in ("WARP_SPECIALIZE", "OVERLAP"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"config[{key!r}] must be a bool, got {config[key]!r}")
+    for key in ("STAGES", "PRODUCER_REGS"):
+        if config[key] not in SPACE[key] or isinstance(config[key], bool):
+            raise ValueError(f"config[{key!r}] must be one of {SPACE[key]}, got {config[key]!r}")
+    return config
+
+
+def _check_tma(**tensors: torch.Tensor) -> None:
+    """TMA reads and writes through descriptors: a contiguous last dim, a 16-byte-aligned base and 16-byte-aligned
+    strides (of dims longer than 1). flash_v3 refuses the rest rather than copying them; flash_v2 runs any strides."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        es = t.element_size()
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"flash_v3: {name} must have a contiguous last dim for TMA (stride 1), got strides "
+                             f"{tuple(t.stride())}; use flash_v2, or pass {name}.contiguous()")
+        if t.data_ptr() % 16:
+            raise ValueError(f"flash_v3: {name}'s data pointer must be 16-byte aligned for TMA; use flash_v2, or "
+                             f"pass {name}.contiguous()")
+        bad = [s for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1 and (s <= 0 or (s * es) % 16)]
+        if bad:
+            raise ValueError(f"flash_v3: {name}'s strides {tuple(t.stride())} must be positive multiples of 16 bytes "
+                             f"({16 // es} elements) for TMA; use flash_v2, or pass {name}.contiguous()")
+
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+HEAD_DIMS = (64, 128, 256)
+DTYPES = ("float16", "bfloat16")
+
+
+def unavailable() -> str | None:
+    """Why flash_v3 cannot run here, or None: it needs a compiled sm_90 (Hopper) kernel."""
+    if interpreting():
+        return ("it is written in Gluon, which has no interpreter: it needs a Hopper GPU (compute capability 9.x, "
+                "H100/H200) and TRITON_INTERPRET unset; flash_v2 runs everywhere else")
+    if not torch.cuda.is_available():
+        return ("it needs a Hopper GPU (compute capability 9.x, H100/H200) and no CUDA device is available (it is "
+                "written in Gluon, which has no CPU interpreter); flash_v2 runs everywhere else")
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return (f"it needs a Hopper GPU (compute capability 9.x, H100/H200: wgmma and TMA), the device has "
+                f"{major}.{minor}")
+    return None
+
+
+def _input_refusal(dtype: str, D: int) -> str | None:
+    if dtype not in DTYPES:
+        return f"dtype must be float16 or bfloat16 (wgmma on 16-bit inputs), got {dtype}; flash_v2 runs fp32"
+    if D not in HEAD_DIMS:
+        return f"head dim must be one of {HEAD_DIMS}, got {D}; flash_v2 runs the others"
+    return None
+
+
+# Shared memory per CTA beyond the tiles: mbarriers and the compiler's scratch.
+_SMEM_SLACK = 1024
+# The opt-in shared memory per block of an H100/H200.
+_HOPPER_SHARED_MEMORY = 227 * 1024
+# fp32 scores plus output accumulator per thread beyond which ptxas spills on sm_90 (as flash_v2 measured).
+_MAX_ACC_REGS = 160
+
+
+def _unfit(config: dict, dtype: str, D: int) -> str | None:
+    """Why a config cannot compile or fit an sm_90 SM for this dtype and head dim, or None; the device aside."""
+    if reason := _input_refusal(dtype, D):
+        return reason
+    block_m, block_n, warps = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]
+    if block_m < 16 * warps:
+        return f"BLOCK_M={block_m} < 16 rows per warp * num_warps={warps}: wgmma gives each warp 16 rows"
+    if not config["WARP_SPECIALIZE"] and config["PRODUCER_REGS"] != SPACE["PRODUCER_REGS"][0]:
+        return "PRODUCER_REGS only matters with WARP_SPECIALIZE (the same kernel as its first value)"
+    smem = (block_m + 2 * config["STAGES"] * block_n) * D * 2 + _SMEM_SLACK
+    if smem > _HOPPER_SHARED_MEMORY:
+        return f"shared memory ~{smem} B > the H100/H200's {_HOPPER_SHARED_MEMORY} B"
+    acc_regs = block_m * (D + block_n) // (32 * warps)
+    if acc_regs > _MAX_ACC_REGS:
+        return f"register pressure: {acc_regs} fp32 accumulator values per thread > {_MAX_ACC_REGS}"
+    live = block_m * (D + 2 * block_n) // (32 * warps)          # OVERLAP keeps S_{j+1} and P_j beside O
+    if config["OVERLAP"] and config["WARP_SPECIALIZE"] and live > _MAX_ACC_REGS:
+        return (f"register pressure: OVERLAP keeps {live} fp32 values per thread live, and under WARP_SPECIALIZE's "
+                f"budget ptxas spills past {_MAX_ACC_REGS} (sm_90, triton 3.6)")
+    return None
+
+
+SPACE = {
+    "BLOCK_M": [64, 128],
+    "BLOCK_N": [64, 128],
+    "num_warps": [4, 8],
+    "STAGES": [2, 3],
+    "OVERLAP": [False, True],
+    "WARP_SPECIALIZE": [False, True],
+    # The producer's register budget under WARP_SPECIALIZE (it only issues TMA loads: 24 is the hardware minimum).
+    # Larger budgets compile (40 was checked) but only take registers from the compute warps; kept to one value so
+    # that a probe of every config fits one short GPU call.
+    "PRODUCER_REGS": [24],
+}
+
+
+def keep(config, problem):
+    """Why this config would not compile, run or fit for this problem (a string), or None. Off Hopper and in the
+    interpreter every config is rejected with the reason."""
+    return unavailable() or _unfit(config, problem.dtype, problem.D)
+
+
+# Admitted for every problem flash_v3 runs: D 256 needs BLOCK_N 64 to fit two stages and the registers.
+DEFAULT = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "STAGES": 2, "OVERLAP": False,
+           "WARP_SPECIALIZE": False, "PRODUCER_REGS": 24}
