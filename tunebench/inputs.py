@@ -99,6 +99,20 @@ def pack_paged(k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, blo
     return k_cache, v_cache, tables
 
 
+def compile_only_paged(problem: Problem, device, spare_blocks: int = 3):
+    """(k_cache, v_cache, block_tables) with what Triton specialises a paged launch on (dtypes, 16-byte alignment,
+    strides, the table's width, and the block count's class: 1, a multiple of 16, or neither) equal to pack_paged's
+    for the same problem, but with at most 17 uninitialised blocks and a table of zeros. For compiling only: a
+    launch would read blocks that are not there."""
+    p = problem
+    width = max(-(-p.Nk // p.page), 1)
+    num_blocks = p.B * -(-p.Nk // p.page) + spare_blocks
+    small = num_blocks if num_blocks == 1 else 16 if num_blocks % 16 == 0 else 17
+    k_cache = torch.empty(small, p.page, p.Hkv, p.D, dtype=p.torch_dtype, device=device)
+    tables = torch.zeros(p.B, width, dtype=torch.int32, device=device)
+    return k_cache, torch.empty_like(k_cache), tables
+
+
 def _shared_tables(context_lens, block_size: int, shared: int, extra_columns: int, perm):
     """Block tables (-1 past a sequence's blocks) taking physical blocks from perm in order, the first ``shared``
     blocks of sequence 0 reused by every later sequence; and the rows of each block that some sequence reads."""
@@ -177,12 +191,19 @@ class Workload:
     def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda", fill: bool = True):
         self.problem, self.device = problem, torch.device(device)
         self._gen = torch.Generator(device="cpu").manual_seed(seed)    # the paged blocks' order
-        self.q, self.k, self.v = draw_qkv(problem, self.device, seed, fill=fill)
-        if problem.paged:
-            self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
-        self.out = torch.empty_like(self.q)
         self._refs = None
         self._packed: tuple | None = None
+        if problem.paged:
+            self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
+        if problem.paged and not fill:
+            # A compile worker of a 2M-token cache would hold it twice (dense, then packed) in each of its processes
+            # and run the GPU out of memory: it gets the launch's specialisation at a few blocks' cost instead.
+            self.q = torch.empty(problem.B, problem.Hq, problem.D, dtype=problem.torch_dtype, device=self.device)
+            self.k = self.v = None
+            self._packed = compile_only_paged(problem, self.device)
+        else:
+            self.q, self.k, self.v = draw_qkv(problem, self.device, seed, fill=fill)
+        self.out = torch.empty_like(self.q)
 
     def args(self, config: dict) -> tuple:
         """Positional arguments for the kernel module's ``launch``. A paged cache (pages of problem.page tokens) is
