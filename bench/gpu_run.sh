@@ -6,6 +6,8 @@
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
 #   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
+#   retune  the paged kernel's shipped buckets (the headline's four decode shapes, then every page size of the pages
+#           suite) into ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale
 #   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
 #           the headline suite
 #   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
@@ -25,7 +27,7 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   start=$(date +%s)
   case "$step" in
-    tests)   python3 -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
+    tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
     tune)    tunebench tune --db results.db ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
     bench)   tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
@@ -34,11 +36,14 @@ for step in "$@"; do
                tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db results.db &&
                tunebench pages --preset llama-3-8b --db results.db; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
                | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
+    retune)  { tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db results.db &&
+               tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db; } 2>&1 | tr '\r' '\n' \
+               | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?; grep -v '^  #' "$OUT/retune.log" | tail -n 40 ;;
     loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
-    v3tests) python3 -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
+    v3tests) python3 -P -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
                > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
