@@ -15,7 +15,11 @@ from . import record
 from .warn import warn_user
 from .winners import INTERPRETER, Choice, Winners, tune_hint
 
-VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
+VARIANTS = {"v2": "flash_v2", "v1": "flash_v1", "v3": "flash_v3", "auto": None}
+# What variant="auto" compares, by their exact winners' tuned times for the call's bucket: the last runs every shape
+# and is the fallback; the others only where they can take the inputs (flash_v3: Hopper, fp16/bf16, D 64/128/256,
+# TMA-friendly strides).
+AUTO_KERNELS = ("flash_v3", "flash_v2")
 record.start_from_environment()
 
 
@@ -115,15 +119,54 @@ def _launcher(kernel: str):
     return launch
 
 
-def _variant_kernel(variant: str) -> str:
-    kernel = VARIANTS.get(variant)
-    if kernel is None:
+def _variant_kernel(variant: str) -> str | None:
+    """The kernel a variant forces, or None for "auto"."""
+    if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    return kernel
+    return VARIANTS[variant]
+
+
+def _refusal(kernel: str, q, k, v) -> str | None:
+    """Why an auto candidate cannot take these inputs here, or None."""
+    if kernel == AUTO_KERNELS[-1]:
+        return None
+    try:
+        return kernel_module(kernel).refusal(q, k, v)
+    except KeyError as e:                      # not registered here (flash_v3 off Hopper, in the interpreter)
+        return str(e.args[0])
+
+
+def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
+    """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the one whose exact winner
+    for the call's bucket was tuned fastest on this GPU; the fallback kernel when none has an exact winner."""
+    timed, skipped = [], []
+    for kernel in AUTO_KERNELS:
+        reason = _refusal(kernel, q, k, v)
+        if reason:
+            skipped.append(f"{kernel} cannot run it ({reason})")
+            continue
+        ms = _DISPATCHER.winners.exact_ms(_dense_problem(kernel, q, k, causal))
+        if ms is not None:
+            timed.append((ms, kernel))
+    if timed:
+        ms, kernel = min(timed)
+        others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
+        why = f"the fastest tuned winner for this bucket ({ms:.4g} ms{'; ' + others if others else ''})"
+    else:
+        kernel, why = AUTO_KERNELS[-1], "no kernel has an exact winner for this bucket, so the one that runs every shape"
+    return kernel, "; ".join([why] + skipped)
+
+
+def _auto_key(q, k, v, causal: bool) -> tuple:
+    # flash_v3's TMA needs 16-byte aligned bases and strides: a later call with other strides may be refused.
+    return ("auto", q.shape, k.shape, q.dtype, causal, q.stride(), k.stride(), v.stride(),
+            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
 
 
 def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
     kernel = _variant_kernel(variant)
+    if kernel is None:
+        kernel = _DISPATCHER.config_for(_auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
     key = (kernel, q.shape, k.shape, q.dtype, causal)
     recorder = record.active()
     if recorder is not None:
@@ -180,12 +223,14 @@ def _tensor_or_value(scale):
     return None, scale
 
 
-def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, variant: str = "v2") -> torch.Tensor:
+def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, variant: str = "auto") -> torch.Tensor:
     """Tuned FlashAttention forward.
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] (SDPA's layout, any strides; Hq a multiple of Hkv). Returns
-    [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1). variant "v1" runs the
-    FlashAttention-1 kernel.
+    [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1).
+    variant "auto" runs, of flash_v3 (Hopper only) and flash_v2, the one whose exact winner for the call's bucket was
+    tuned fastest on this GPU, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and "v1" (the
+    FlashAttention-1 schedule) force one.
     """
     if torch.compiler.is_compiling():
         return _flash_op(q, k, v, causal, scale, variant)
@@ -276,17 +321,23 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
     return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
 
 
-def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_tables=None) -> str:
+def explain(q, k=None, *, causal: bool = False, variant: str = "auto", block_tables=None, v=None) -> str:
     """Says which config a call with these inputs would launch, and why. Pass a Problem, or the call's tensors:
-    (q, k) for flash_attention, (q, k_cache, block_tables=...) for paged_attention."""
+    (q, k) for flash_attention (v too where its strides differ from k's, for variant="auto"), (q, k_cache,
+    block_tables=...) for paged_attention."""
+    kernel_why = ""
     if isinstance(q, Problem):
         problem = q
     elif block_tables is not None:
         problem = _paged_problem(q, k, block_tables)
     else:
-        problem = _dense_problem(_variant_kernel(variant), q, k, causal)
+        kernel = _variant_kernel(variant)
+        if kernel is None:
+            kernel, why = auto_kernel(q, k, k if v is None else v, causal)
+            kernel_why = f" [auto: {kernel}, {why}]"
+        problem = _dense_problem(kernel, q, k, causal)
     choice = _DISPATCHER.choose(problem)
-    return f"{problem.label()} -> {choice.config}: {choice.why}"
+    return f"{problem.label()} -> {choice.config}: {choice.why}{kernel_why}"
 
 
 def tuned_paged_block_size(kv_heads: int, head_dim: int, dtype) -> int | None:
