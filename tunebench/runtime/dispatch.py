@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..registry import kernel_module
-from ..shapes import PAGES, Problem
+from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
 from .warn import warn_user
 from .winners import INTERPRETER, Choice, Winners, tune_hint
@@ -91,14 +91,18 @@ def _dense_problem(kernel: str, q, k, causal: bool) -> Problem:
 
 
 def _paged_problem(q, k_cache, block_tables) -> Problem:
-    """The call's Problem; its page is the cache's block size (k_cache.shape[1]), so winners are per page size."""
+    """The call's Problem; its page is the cache's block size (k_cache.shape[1]) and its kv_dtype the cache's fp8
+    dtype, if any, so winners are per page size and per cache dtype. Any other cache dtype is left to the launch's
+    checks (a mismatch with q is named there)."""
     if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
         raise ValueError(f"expected q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables "
                          f"[B, max_blocks]; got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}")
     B, Hq, D = q.shape
     # The longest context the table can address: known on the host, with no device sync.
     nk = max(1, block_tables.shape[1] * k_cache.shape[1])
-    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q), page=k_cache.shape[1])
+    kv = _dtype_name(k_cache)
+    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q), page=k_cache.shape[1],
+                   kv_dtype=kv if kv in KV_DTYPES else None)
 
 
 def tuned_config(problem: Problem) -> dict:
@@ -177,7 +181,7 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
 
 def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float], k_scale=None,
                  v_scale=None) -> torch.Tensor:
-    key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype)
+    key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype, k_cache.dtype)
     recorder = record.active()
     if recorder is not None:
         recorder.count(key, lambda: _paged_problem(q, k_cache, block_tables))
@@ -246,7 +250,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: floa
 
     An fp8 cache (float8_e4m3fn or float8_e5m2, as vLLM's kv_cache_dtype="fp8") needs k_scale and v_scale: real
     value = stored value * scale; each a positive float, a 0-d or 1-element float32 tensor, or float32 [Hkv] (per KV
-    head). It runs the config tuned for q's dtype. Write such a cache with tunebench.kernels.cache_write.launch(...,
+    head). It runs the config tuned for that cache's dtype (its own buckets). Write such a cache with tunebench.kernels.cache_write.launch(...,
     k_scale=, v_scale=).
     """
     if torch.compiler.is_compiling():
