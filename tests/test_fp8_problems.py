@@ -153,3 +153,19 @@ def test_an_fp8_call_is_recorded_tuned_and_then_dispatched_its_exact_winner(tmp_
     assert choice.config == winner.config and "exact winner" in choice.why and "kvfloat8_e4m3fn" in choice.why
     fp16_call = dispatch._paged_problem(q, kc.to(torch.float16), bt)    # same shape, fp16 cache: not its winner
     assert Dispatcher(lookup).choose(fp16_call).why.startswith("DEFAULT: no exact winner")
+
+
+def test_the_bench_runs_an_fp8_row_with_the_providers_that_read_its_cache(device):
+    from tunebench.bench import providers
+    from tunebench.bench.measure import OK, run_problem
+    assert [pr.name for pr in providers.PROVIDERS if pr.applies(SMALL)] == ["tunebench-paged",
+                                                                             "tunebench-paged-default"]
+    assert "sdpa-dense-flash" in [pr.name for pr in providers.PROVIDERS if pr.applies(dataclasses.replace(
+        SMALL, kv_dtype=None))]
+    chosen = [pr for pr in providers.PROVIDERS if pr.applies(SMALL)]
+
+    def timer(fn):
+        fn()
+        return (1.0, 1.0, 1.0)
+    got = {m.provider: m for m in run_problem(SMALL, chosen, device=device, timer=timer, graph_timer=timer)}
+    assert all(m.status == OK for m in got.values()), {n: m.note for n, m in got.items()}
