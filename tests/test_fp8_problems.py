@@ -169,3 +169,12 @@ def test_the_bench_runs_an_fp8_row_with_the_providers_that_read_its_cache(device
         return (1.0, 1.0, 1.0)
     got = {m.provider: m for m in run_problem(SMALL, chosen, device=device, timer=timer, graph_timer=timer)}
     assert all(m.status == OK for m in got.values()), {n: m.note for n, m in got.items()}
+
+
+def test_the_page_recommendation_weighs_one_cache_dtype_at_a_time():
+    from tunebench.runtime.pages import recommend
+    from tunebench.runtime.winners import Winners
+    fast_fp8 = [(dataclasses.replace(FP8, page=page), PAGED_CONFIG, "test", ms) for page, ms in ((16, 9.0), (128, 0.1))]
+    w = Winners("gpu", [(BF16, PAGED_CONFIG, "test", 1.0), *fast_fp8])
+    assert [r.page for r in recommend(w, 8, 128, "bfloat16").rows] == [16]        # fp8 times say nothing of bf16
+    assert recommend(w, 8, 128, "bfloat16", kv_dtype="float8_e4m3fn").pick == 128
