@@ -231,7 +231,8 @@ def distinct_buckets(problems: list[Problem]) -> list[Problem]:
 def _default_suite() -> list[Problem]:
     # What the shipped results.db holds: the default presets' prefill (flash_v2, bf16, causal, 512-32k) and decode
     # grids (batch 1-256 x context 1k-128k, page 16), decode at every page size (the pages suite), and a few fp16,
-    # non-causal, MHA and flash_v1 buckets, and the headline's decode shapes with an fp8 cache (the fp8 suite). Sized so `tunebench tune` fits 20 minutes on one H200 from a cold cache.
+    # non-causal, MHA and flash_v1 buckets, and the headline's decode shapes with an fp8 cache (the fp8 suite). Sized
+    # so `tunebench tune` fits 20 minutes on one H200 from a cold cache.
     out = [p for name in DEFAULT_PRESETS for p in preset_problems(name, ("flash_v2", "paged_attention"))]
     for dtype in ("float16", "bfloat16"):
         out.append(Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, dtype, causal=False))

@@ -250,8 +250,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: floa
 
     An fp8 cache (float8_e4m3fn or float8_e5m2, as vLLM's kv_cache_dtype="fp8") needs k_scale and v_scale: real
     value = stored value * scale; each a positive float, a 0-d or 1-element float32 tensor, or float32 [Hkv] (per KV
-    head). It runs the config tuned for that cache's dtype (its own buckets). Write such a cache with tunebench.kernels.cache_write.launch(...,
-    k_scale=, v_scale=).
+    head). It runs the config tuned for that cache's dtype (an fp8 cache has buckets of its own). Write such a cache
+    with tunebench.kernels.cache_write.launch(..., k_scale=, v_scale=).
     """
     if torch.compiler.is_compiling():
         (ks, ks_value), (vs, vs_value) = _tensor_or_value(k_scale), _tensor_or_value(v_scale)

@@ -11,8 +11,9 @@ at once take turns (an advisory lock) instead of failing on PostgreSQL's non-ato
 A read-only open never creates or changes a file.
 
 Schema versions: 2 keys problems by the paged cache's page size too, 3 by the KV cache's dtype too (an fp8 cache; both
-issue 19). An older database is migrated when opened writable (migrate.py, in one transaction); opened read-only, a SQLite file is migrated in a private
-in-memory copy, and another database is refused with a StoreError saying how to migrate it.
+issue 19). An older database is migrated when opened writable (migrate.py, in one transaction); opened read-only, a
+SQLite file is migrated in a private in-memory copy, and another database is refused with a StoreError saying how to
+migrate it.
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def _migrated_copy(engine: Engine, path: pathlib.Path | None, where: str, versio
     """An older SQLite file opened read-only: an in-memory copy, migrated; the file is left as it is."""
     try:
         if path is None:
-            raise StoreError(f"{where} has results schema version {version}; open it writable once (e.g. `tunebench tune "
-                             f"--db ...`) to migrate it to version {SCHEMA_VERSION}")
+            raise StoreError(f"{where} has results schema version {version}; open it writable once (e.g. "
+                             f"`tunebench tune --db ...`) to migrate it to version {SCHEMA_VERSION}")
         copy = migrate.memory_copy(engine, _listen_sqlite)
     finally:
         engine.dispose()

@@ -128,7 +128,7 @@ class KernelModel(Base):
 
 
 NO_PAGE = 0   # the page column of a dense problem: 0, not NULL, since NULLs never collide in a unique constraint
-SAME_KV = ""  # the kv_dtype column of a problem whose K/V have its dtype (Problem.kv_dtype None): '' for the same reason
+SAME_KV = ""  # the kv_dtype column of a problem whose cache has its dtype (kv_dtype None): '', for the same reason
 
 
 class ProblemModel(Base):
