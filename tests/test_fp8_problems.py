@@ -178,3 +178,15 @@ def test_the_page_recommendation_weighs_one_cache_dtype_at_a_time():
     w = Winners("gpu", [(BF16, PAGED_CONFIG, "test", 1.0), *fast_fp8])
     assert [r.page for r in recommend(w, 8, 128, "bfloat16").rows] == [16]        # fp8 times say nothing of bf16
     assert recommend(w, 8, 128, "bfloat16", kv_dtype="float8_e4m3fn").pick == 128
+
+
+def test_the_bench_summary_states_the_fp8_caches_time_against_the_bf16_caches():
+    from tunebench.bench import tables
+    from tunebench.bench.measure import GRAPH, OK, Measurement
+    ms = [Measurement(p, "tunebench-paged", False, OK, t, timed_by=GRAPH, launch_ms=t * 1.2)
+          for p, t in ((BF16, 0.5), (FP8, 0.26))]
+    rs = tables.rows(ms, None)
+    assert [r["kv_dtype"] for r in rs] == [None, "float8_e4m3fn"]
+    (line,) = [x for x in tables.summary(rs) if x.startswith("fp8 ")]
+    assert "0.520x the time of the bfloat16 cache's row, graph-timed (goal <= 0.55x)" in line
+    assert "n/a (not timed in this run) the time" in tables.summary(tables.rows(ms[1:], None))[-1]
