@@ -8,6 +8,8 @@
 #   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
 #   retune  the paged kernel's shipped buckets (the headline's four decode shapes, then every page size of the pages
 #           suite) into ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale
+#   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into ./results.db, PAGED_TRIALS
+#           trials each, then bench/fp8_decode.py (fp8 against the bf16 cache, B16 x 16k; each runs its own bucket)
 #   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
 #           the headline suite
 #   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
@@ -39,6 +41,9 @@ for step in "$@"; do
     retune)  { tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db results.db &&
                tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db; } 2>&1 | tr '\r' '\n' \
                | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?; grep -v '^  #' "$OUT/retune.log" | tail -n 40 ;;
+    fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db results.db &&
+               TUNEBENCH_DB=results.db python3 bench/fp8_decode.py; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
+               | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
     loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
