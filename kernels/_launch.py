@@ -274,6 +274,27 @@ def check_paged_cache(q, k_cache, v_cache, block_tables, **int32_tensors) -> Non
 # -- bad values in the paged kernels: block ids masked in the kernels, error flags read back with check=True ------
 
 @triton.jit
+def no_bad_blocks(offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """checked_blocks' starting `bad`: False, shaped like a tile's block ids (a scalar when a tile lies in one page,
+    so that the loop carries one bit, else one per token)."""
+    if BLOCK_N <= PAGE:
+        bad = tl.full([], 0, tl.int1)
+    else:
+        bad = offs_n < 0
+    return bad
+
+
+@triton.jit
+def any_bad_block(bad, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether checked_blocks saw a bad block id, from its `bad`."""
+    if BLOCK_N <= PAGE:
+        seen = bad
+    else:
+        seen = tl.max(bad.to(tl.int32), 0) > 0
+    return seen
+
+
+@triton.jit
 def checked_blocks(blk, num_blocks, bad, SAFE: tl.constexpr):
     """(blk with ids outside [0, num_blocks) replaced by block 0, bad | which were outside). Two compares and one
     select per table entry (a scalar when the tile lies in one page): the K/V loads keep their masks as they were,

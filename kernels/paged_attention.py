@@ -35,19 +35,25 @@ Supported: fp16, bf16 and fp32 (fp32 dots use input_precision="ieee": exact but 
 of two padded to the next power of two and masked); GQA/MQA (query head h reads KV head h // (Hq // Hkv)); any
 context length >= 1 up to max_blocks * block_size (a length of 0 gives zeros).
 
+Bad values (issue 16): the kernels never read out of bounds, whatever block_tables and context_lens hold. A length
+outside [0, max_blocks * block_size] reads nothing; a block id outside [0, num_blocks) among the entries a sequence
+reads is replaced by block 0 (one select per table entry, the K/V masks as they were). Either way that sequence's
+output rows are NaN (the reduce propagates a partition's NaN and checks the length itself) and the others are
+computed as usual. With CHECK (launch(..., check=True)) the kernel also writes an error code per sequence (ERR_* in
+_launch.py), which launch reads back (a device sync) and raises as a ValueError naming the sequence and its value.
+SAFE=False (launch(..., _safe=False), for bench/paged_check_cost.py only) compiles the kernels without these checks.
+
 Not supported: more than one query token per sequence (prefill, speculative decoding), sliding windows, ALiBi or
-soft-capping, int8 caches, fp8 scales per token or block, returning the log-sum-exp. The values of block_tables and
-context_lens are not checked (that would need a device sync): a length above max_blocks * block_size or a block id
-out of range reads out of bounds.
+soft-capping, int8 caches, fp8 scales per token or block, returning the log-sum-exp.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, LOG2E, check_config, check_float_dtype, check_grid,
-                      check_group, check_head_dim, check_kv_cache_dtypes, check_like, check_out, check_runnable,
-                      check_same_shape, check_scale, check_tensor, checked_blocks, dot_precision, kv_scale,
-                      padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit)
+from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, LOG2E, any_bad_block, check_config, check_float_dtype,
+                      check_grid, check_group, check_head_dim, check_kv_cache_dtypes, check_like, check_out,
+                      check_runnable, check_same_shape, check_scale, check_tensor, checked_blocks, dot_precision,
+                      kv_scale, no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit)
 
 
 @triton.jit
@@ -121,7 +127,7 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
     # own iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the table load in the same
     # iteration it keeps one, triton 3.6).
     blk_next = _tile_blocks(table, start, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
-    bad = offs_n < 0                                     # per token of a tile: a bad block id was seen (all False)
+    bad = no_bad_blocks(offs_n, BLOCK_SIZE, BLOCK_N)
     # Every tile starts before `end`, so it holds at least one visible token and m_i is finite after the first.
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n
@@ -158,7 +164,7 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         acc = acc * v_scale
     if SAFE:
         # -- a bad block id or length: NaN for the whole sequence (the reduce propagates a partition's NaN)
-        bad_ids = tl.max(bad.to(tl.int32), 0) > 0
+        bad_ids = any_bad_block(bad, BLOCK_SIZE, BLOCK_N)
         acc = tl.where(bad_ids | (ctx_ok == 0), float("nan"), acc)
         if CHECK:
             code = tl.where(bad_ids, ERR_BLOCK_ID, tl.where(ctx_ok, 0, ERR_LENGTH))

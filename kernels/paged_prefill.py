@@ -31,19 +31,27 @@ Schedule:
 Supported: fp16, bf16 and fp32 (fp32 dots use input_precision="ieee"); head dims 16..256 (non-powers of two padded
 and masked); GQA/MQA; any power-of-two block size (tunebench.paged_prefill admits shapes.PAGES, 8..128).
 
+Bad values (issue 16): launch checks the values of cu_seqlens_q and context_lens against q and the table on the host
+(one device-to-host copy) unless check_values=False. The kernel itself never reads or writes out of bounds, checked
+or not: a sequence whose length is below its new tokens or above max_blocks * block_size reads nothing, a block id
+outside [0, num_blocks) among the entries it reads is replaced by block 0; either gives the sequence's rows NaN. A
+sequence whose cu_seqlens_q entries are out of order or outside [0, total_q] (from 0, to total_q) owns no rows and
+writes none; rows owned by no sequence are not written. With CHECK (launch(..., check=True)) an error code per
+sequence is written and raised as a ValueError naming it; the first B programs also check each sequence's
+cu_seqlens_q and length once, since a binary search over out-of-order entries may reach no program of it. Only the
+values a launch reads are checked: a block id of a sequence with no new token is never read.
+
 Not supported: split-K over the context (a decode row with a long context runs in one program: decode-only batches
-are faster through paged_attention), sliding windows, ALiBi, soft-capping, fp8 caches, the log-sum-exp. launch checks
-the values of cu_seqlens_q and context_lens against the table (one device-to-host copy) unless check_values=False;
-block ids are never checked.
+are faster through paged_attention), sliding windows, ALiBi, soft-capping, fp8 caches, the log-sum-exp.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, ERR_QUERY_ROWS, check_config, check_float_dtype,
-                      check_like, check_out, check_paged_cache, check_runnable, check_scale, check_tensor,
-                      checked_blocks, dot_precision, padded_head_dim, qk_scale, raise_paged_errors,
-                      shared_memory_limit)
+from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, ERR_QUERY_ROWS, any_bad_block, check_config,
+                      check_float_dtype, check_like, check_out, check_paged_cache, check_runnable, check_scale,
+                      check_tensor, checked_blocks, dot_precision, no_bad_blocks, padded_head_dim, qk_scale,
+                      raise_paged_errors, shared_memory_limit)
 
 
 @triton.jit
@@ -201,7 +209,7 @@ def _paged_prefill(Q, K, V, CU, CL, BT, O, Err, qk_scale, B, total_q, num_blocks
     table = BT + b.to(tl.int64) * stride_btb
     k_head = K + kv_head.to(tl.int64) * stride_kh
     v_head = V + kv_head.to(tl.int64) * stride_vh
-    bad = offs_n < 0                                  # per token of a tile: a bad block id was seen (all False)
+    bad = no_bad_blocks(offs_n, PAGE, BLOCK_N)
     # -- stage 1: whole tiles that every row sees (keys <= cached + q0, the first row's limit): no mask
     full_end = (cached + q0 + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(cached + q0 + BLOCK_Q, ctx)
@@ -220,7 +228,7 @@ def _paged_prefill(Q, K, V, CU, CL, BT, O, Err, qk_scale, B, total_q, num_blocks
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SAFE:
         # -- a bad block id or length: NaN rows for the sequence
-        bad_ids = tl.max(bad.to(tl.int32), 0) > 0
+        bad_ids = any_bad_block(bad, PAGE, BLOCK_N)
         out = tl.where(bad_ids | (len_ok == 0), float("nan"), out)
         if CHECK:
             tl.store(Err + b, ERR_BLOCK_ID, mask=bad_ids)
