@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import SHARDS
 from strategies import configs, paged_layouts, paged_prefill_layouts, paged_prefill_problems, paged_problems
 import tunebench
 from tunebench.correctness import close_enough, poison
@@ -130,30 +131,24 @@ def hostile_prefill(device, data):
                   lambda: pp.launch(q, k, v, tables, cu, lens, config=config, check_values=False, check=True))
 
 
+KERNELS = {"decode": hostile_decode, "prefill": hostile_prefill}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @settings(max_examples=CPU_EXAMPLES)
 @given(data=st.data())
-def test_hostile_decode(device, data):
-    hostile_decode(device, data)
+def test_hostile_inputs(device, kernel, data):
+    KERNELS[kernel](device, data)
 
 
-@settings(max_examples=CPU_EXAMPLES)
-@given(data=st.data())
-def test_hostile_prefill(device, data):
-    hostile_prefill(device, data)
-
-
+# On a GPU: GPU_EXAMPLES per kernel in all, split into SHARDS items so that `pytest -n 8` compiles on several cores.
 @pytest.mark.gpu
-@settings(max_examples=GPU_EXAMPLES)
+@pytest.mark.parametrize("shard", range(SHARDS))
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=max(1, GPU_EXAMPLES // SHARDS))
 @given(data=st.data())
-def test_hostile_decode_gpu(device, data):
-    hostile_decode(device, data)
-
-
-@pytest.mark.gpu
-@settings(max_examples=GPU_EXAMPLES)
-@given(data=st.data())
-def test_hostile_prefill_gpu(device, data):
-    hostile_prefill(device, data)
+def test_hostile_inputs_gpu(device, kernel, shard, data):
+    KERNELS[kernel](device, data)
 
 
 # -- pinned cases ----------------------------------------------------------------------------------------------------
