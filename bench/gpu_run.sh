@@ -48,9 +48,10 @@ for step in "$@"; do
     v3tests) python3 -P -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
                > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
-    hostile) python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_paged_hostile.py 2>&1 | tail -n 200 \
+    hostile) python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_paged_hostile.py 2>&1 | tail -n 200 \
                > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
-    checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"; r=$? ;;
+    checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
+             r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"

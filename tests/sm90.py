@@ -1,11 +1,12 @@
-"""Compiles flash_v3 launches (and, through compile_for, any Triton or Gluon kernel's) for sm_90a (Hopper) on a machine without a GPU: Triton lowers them to PTX and its
-bundled ptxas assembles the cubin, which catches syntax, layout, type and shared-memory errors. Nothing runs.
+"""Compiles flash_v3 launches (and, through compile_for, any Triton or Gluon kernel's) for sm_90a (Hopper) on a machine
+without a GPU: Triton lowers them to PTX and its bundled ptxas assembles the cubin, which catches syntax, layout,
+type and shared-memory errors. Nothing runs.
 
 The compiles run in a child process without TRITON_INTERPRET: under the interpreter (which tests/conftest.py switches
 on without a GPU), triton 3.6 builds its standard library (tl.max, tl.sum, cdiv, which Gluon re-exports) as
-interpreted functions, which the Gluon compiler refuses. `compile_for` follows what triton 3.6's JITFunction.run
-does before compiling (bind and specialize the arguments, pack the options), with the target given instead of read
-from the driver."""
+interpreted functions, which the Gluon compiler refuses. `compile_for` follows what triton 3.6's JITFunction.run does
+before compiling (bind and specialize the arguments, pack the options), with the target given instead of read from
+the driver."""
 import json
 import os
 import subprocess
