@@ -8,10 +8,6 @@ so a kernel that ignores a stride reads a hostile value. Then:
 - with check=True the launch raises a ValueError naming each bad sequence and its bad value.
 Never a crash (a segfault would end the test process). Malformed cu_seqlens_q has its own pinned cases.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -27,7 +23,7 @@ from tunebench.shapes import Problem
 from tunebench.kernels import paged_attention as pa, paged_prefill as pp
 
 HOSTILE = 2**31 - 1
-CPU_EXAMPLES = 6          # per kernel: the interpreter takes about a second per example
+CPU_EXAMPLES = 10         # per kernel: the interpreter takes about half a second per example
 GPU_EXAMPLES = 200
 
 
@@ -181,12 +177,10 @@ def test_public_api_check_and_environment(device, monkeypatch):
         tunebench.paged_prefill(q, k, v, tables, cu, lens, check_values=False)
 
 
-def test_environment_switch_is_read():
-    code = "import tunebench.runtime.dispatch as d; print(d.ENV_CHECK)"
-    for value, expected in (("1", "True"), ("0", "False"), ("", "False")):
-        env = dict(os.environ, TUNEBENCH_CHECK=value, PYTHONPATH=os.pathsep.join(sys.path))
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert done.stdout.strip() == expected, done.stderr
+def test_environment_switch():
+    for value, on in (("1", True), ("yes", True), ("0", False), ("", False)):
+        assert dispatch.check_from_environment({"TUNEBENCH_CHECK": value}) is on
+    assert dispatch.check_from_environment({}) is False
 
 
 PREFILL = Problem("paged_prefill", 3, 4, 2, 4, 30, 16, causal=True, page=8)

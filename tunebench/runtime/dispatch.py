@@ -22,8 +22,14 @@ VARIANTS = {"v2": "flash_v2", "v1": "flash_v1", "v3": "flash_v3", "auto": None}
 # TMA-friendly strides).
 AUTO_KERNELS = ("flash_v3", "flash_v2")
 record.start_from_environment()
-# TUNEBENCH_CHECK=1 turns check=True on for every paged call of the program (read once, at import).
-ENV_CHECK = os.environ.get("TUNEBENCH_CHECK", "") not in ("", "0")
+
+
+def check_from_environment(environ=os.environ) -> bool:
+    """TUNEBENCH_CHECK set to anything but "" or "0" turns check=True on for every paged call of the program."""
+    return environ.get("TUNEBENCH_CHECK", "") not in ("", "0")
+
+
+ENV_CHECK = check_from_environment()            # read once, at import
 
 
 class Dispatcher:
