@@ -20,7 +20,7 @@ from tunebench.inputs import (fp8_paged_inputs, fp8_paged_references, paged_inpu
                               paged_prefill_references, paged_references)
 from tunebench.runtime import dispatch
 from tunebench.shapes import Problem
-from tunebench.kernels import paged_attention as pa, paged_prefill as pp
+from tunebench.kernels import cache_write, paged_attention as pa, paged_prefill as pp
 
 HOSTILE = 2**31 - 1
 CPU_EXAMPLES = 10         # per kernel: the interpreter takes about half a second per example
@@ -217,3 +217,24 @@ def test_no_blocks_at_all(device):
     assert out.isnan().all()
     with pytest.raises(ValueError, match="the cache has no blocks"):
         pa.launch(q, k, v, tables, lens, check=True)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_cache_write_skips_slots_past_the_cache(device, slot_dtype):
+    """Slots at or past num_blocks x block_size write nothing (the cache's bytes are all as they were but the good
+    token's); check=True names them. A negative slot stays padding, never an error."""
+    kc = torch.zeros(4, 8, 2, 16, dtype=torch.float16, device=device)
+    vc = torch.zeros_like(kc)
+    key = torch.randn(5, 2, 16, device=device).to(torch.float16)
+    value = torch.randn_like(key)
+    slots = strided(torch.tensor([5, 32, HOSTILE, -1, 2**40 if slot_dtype == torch.int64 else -2**31],
+                                 dtype=slot_dtype, device=device))
+    cache_write.launch(key, value, kc, vc, slots, dict(BLOCK_T=2, num_warps=1))
+    expect_k, expect_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    expect_k.view(-1, 2, 16)[5], expect_v.view(-1, 2, 16)[5] = key[0], value[0]
+    assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
+    with pytest.raises(ValueError) as err:
+        cache_write.launch(key, value, kc, vc, slots, check=True)
+    named = "slot_mapping[1]=32, slot_mapping[2]=2147483647" + (", slot_mapping[4]=1099511627776"
+                                                               if slot_dtype == torch.int64 else "")
+    assert str(err.value).endswith(named) and "num_blocks 4 x block_size 8 = 32 slots" in str(err.value)
