@@ -16,6 +16,8 @@
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
 #   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
 #   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
+#   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel)
+#   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -51,6 +53,10 @@ for step in "$@"; do
     v3tests) python3 -P -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
                > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
+    hostile) python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_paged_hostile.py 2>&1 | tail -n 200 \
+               > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
+    checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
+             r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"

@@ -5,6 +5,7 @@ A GPU with no winners at all runs DEFAULT and says so once. Every call is counte
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -21,6 +22,14 @@ VARIANTS = {"v2": "flash_v2", "v1": "flash_v1", "v3": "flash_v3", "auto": None}
 # TMA-friendly strides).
 AUTO_KERNELS = ("flash_v3", "flash_v2")
 record.start_from_environment()
+
+
+def check_from_environment(environ=os.environ) -> bool:
+    """TUNEBENCH_CHECK set to anything but "" or "0" turns check=True on for every paged call of the program."""
+    return environ.get("TUNEBENCH_CHECK", "") not in ("", "0")
+
+
+ENV_CHECK = check_from_environment()            # read once, at import
 
 
 class Dispatcher:
@@ -180,7 +189,7 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
 
 
 def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float], k_scale=None,
-                 v_scale=None) -> torch.Tensor:
+                 v_scale=None, check: bool = False) -> torch.Tensor:
     key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype, k_cache.dtype)
     recorder = record.active()
     if recorder is not None:
@@ -188,7 +197,7 @@ def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optiona
 
     config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_paged_problem(q, k_cache, block_tables)).config)
     return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale,
-                                        k_scale=k_scale, v_scale=v_scale)
+                                        k_scale=k_scale, v_scale=v_scale, check=check or ENV_CHECK)
 
 
 # torch.compile sees the kernels as opaque custom ops (fullgraph works); eager calls skip the op layer's overhead.
@@ -208,15 +217,15 @@ def _(q, k, v, causal, scale, variant):
 def _paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               context_lens: torch.Tensor, scale: Optional[float], k_scale: Optional[torch.Tensor] = None,
               v_scale: Optional[torch.Tensor] = None, k_scale_value: Optional[float] = None,
-              v_scale_value: Optional[float] = None) -> torch.Tensor:
+              v_scale_value: Optional[float] = None, check: bool = False) -> torch.Tensor:
     k_scale = k_scale_value if k_scale is None else k_scale
     v_scale = v_scale_value if v_scale is None else v_scale
-    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, check)
 
 
 @_paged_op.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None, k_scale_value=None,
-      v_scale_value=None):
+      v_scale_value=None, check=False):
     return q.new_empty(q.shape)
 
 
@@ -242,11 +251,18 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, v
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, k_scale=None,
-                    v_scale=None) -> torch.Tensor:
+                    v_scale=None, *, check: bool = False) -> torch.Tensor:
     """Tuned decode attention over a paged KV cache.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: int32 [B, max_blocks];
-    context_lens: int32 [B]. Returns [B, Hq, D] in q's dtype.
+    context_lens: int32 [B]. Any strides, the integer tensors' included. Returns [B, Hq, D] in q's dtype.
+
+    Bad values are safe by construction: the kernel never reads out of bounds. A sequence whose context length is
+    negative or above max_blocks x block_size, or whose first ceil(length / block_size) table entries hold a block id
+    outside [0, num_blocks), gets NaN in its output rows and no crash; the other sequences are computed as usual.
+    check=True (or TUNEBENCH_CHECK=1 in the environment for the whole program) reads the kernel's error flags back
+    after the launch and raises a ValueError naming the sequence and its bad value (block id, or length vs the
+    table's capacity). It costs a device sync, so it is off by default and cannot run inside a CUDA graph.
 
     An fp8 cache (float8_e4m3fn or float8_e5m2, as vLLM's kv_cache_dtype="fp8") needs k_scale and v_scale: real
     value = stored value * scale; each a positive float, a 0-d or 1-element float32 tensor, or float32 [Hkv] (per KV
@@ -255,8 +271,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: floa
     """
     if torch.compiler.is_compiling():
         (ks, ks_value), (vs, vs_value) = _tensor_or_value(k_scale), _tensor_or_value(v_scale)
-        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale, ks, vs, ks_value, vs_value)
-    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale, ks, vs, ks_value, vs_value, check)
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, check)
 
 
 def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
@@ -276,7 +292,7 @@ def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
 
 
 def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: Optional[float],
-                   check_values: bool) -> torch.Tensor:
+                   check_values: bool, check: bool = False) -> torch.Tensor:
     key = ("paged_prefill", q.shape, k_cache.shape, block_tables.shape, cu_seqlens_q.shape, q.dtype)
     recorder = record.active()
 
@@ -291,23 +307,23 @@ def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
         return _DISPATCHER.choose(problem()).config
     config = _DISPATCHER.config_for(key, resolve)
     return _launcher("paged_prefill")(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config=config,
-                                      scale=scale, check_values=check_values)
+                                      scale=scale, check_values=check_values, check=check or ENV_CHECK)
 
 
 @torch.library.custom_op("tunebench::paged_prefill", mutates_args=())
 def _prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: Optional[float],
-                check_values: bool) -> torch.Tensor:
-    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
+                check_values: bool, check: bool = False) -> torch.Tensor:
+    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check)
 
 
 @_prefill_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check=False):
     return q.new_empty(q.shape)
 
 
 def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: float | None = None, *,
-                  check_values: bool = True) -> torch.Tensor:
+                  check_values: bool = True, check: bool = False) -> torch.Tensor:
     """Tuned varlen attention over a paged KV cache: chunked prefill, cached prefixes, decode rows, in one launch.
 
     q: [total_q, Hq, D], the new tokens of B sequences packed, sequence b's at rows cu_seqlens_q[b] ..
@@ -316,13 +332,20 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
     cached plus new tokens. Causal, aligned bottom-right per sequence. Returns [total_q, Hq, D] in q's dtype.
     check_values=False skips the check of cu_seqlens_q and context_lens (a device sync), e.g. under CUDA graphs.
 
+    Bad values are safe by construction, checked or not: the kernel never reads or writes out of bounds. A sequence
+    whose context length is below its new tokens or above max_blocks x block_size, or whose table holds a block id
+    outside [0, num_blocks) among the entries it reads, gets NaN rows; one whose cu_seqlens_q entries are out of
+    order or outside [0, total_q] writes no row; the other sequences are computed as usual. check=True (or
+    TUNEBENCH_CHECK=1 for the whole program) reads the kernel's error flags back after the launch (a device sync)
+    and raises a ValueError naming the sequence and its bad value.
+
     A function of its own, not paged_attention with an optional cu_seqlens_q: q's first dimension means tokens
     here and sequences there, the kernels differ (split-K decode vs tiles of tokens x heads), and each is tuned and
     bucketed as its own Problem; paged_attention's signature and torch.compile op stay as they were.
     """
     if torch.compiler.is_compiling():
-        return _prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
-    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
+        return _prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check)
+    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check)
 
 
 def explain(q, k=None, *, causal: bool = False, variant: str = "auto", block_tables=None, v=None) -> str:
