@@ -6,8 +6,10 @@
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
 #   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
-#   retune  the paged kernel's shipped buckets (the headline's four decode shapes, then every page size of the pages
-#           suite) into ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale
+#   retune  the paged kernel's headline buckets (its four decode shapes on a bf16 and on an e4m3 cache) into
+#           ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale first
+#   retune-pages  then every page size of the pages suite (the recommendation `tunebench pages` makes)
+#   fp8bench bench/fp8_decode.py alone (fp8 against the bf16 cache, B16 x 16k, each on its own bucket's winner)
 #   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into ./results.db, PAGED_TRIALS
 #           trials each, then bench/fp8_decode.py (fp8 against the bf16 cache, B16 x 16k; each runs its own bucket)
 #   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
@@ -40,9 +42,12 @@ for step in "$@"; do
                tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db results.db &&
                tunebench pages --preset llama-3-8b --db results.db; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
                | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
-    retune)  { tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db results.db &&
-               tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db; } 2>&1 | tr '\r' '\n' \
-               | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?; grep -v '^  #' "$OUT/retune.log" | tail -n 40 ;;
+    retune)  tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db results.db \
+               2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?
+             grep -v '^  #' "$OUT/retune.log" | tail -n 30 ;;
+    retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db 2>&1 | tr '\r' '\n' \
+               | grep -v '^\s*$' | tail -c 60000 > "$OUT/pages.log"; r=$?; grep -v '^  #' "$OUT/pages.log" | tail -n 30 ;;
+    fp8bench) TUNEBENCH_DB=results.db python3 bench/fp8_decode.py 2>&1 | tee "$OUT/fp8bench.log"; r=$? ;;
     fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db results.db &&
                TUNEBENCH_DB=results.db python3 bench/fp8_decode.py; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
                | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
