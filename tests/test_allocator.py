@@ -12,7 +12,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from tunebench.runtime.allocator import BlockAllocator, OutOfBlocks
+from tunebench.runtime.allocator import BlockAllocator, OutOfBlocks, block_hash
 
 
 def state(a: BlockAllocator):
@@ -409,24 +409,52 @@ def test_the_allocator_imports_nothing_heavy():
 # -- the state machine: the allocator against a model of each sequence's tokens and of physical memory
 
 STEPS = Counter()    # rules run, by name
-EVENTS = Counter()   # what the rules ran into: the machine must exercise copies and out-of-blocks often
+EVENTS = Counter()   # what the rules ran into: the machine must exercise copies, hits, evictions, out-of-blocks often
+MACHINE_EXAMPLES, MACHINE_STEPS = 320, 64
+TOKENS = st.integers(0, 1)                                   # a tiny vocabulary: prompts' tails repeat too
+PROMPTS = st.tuples(st.integers(0, 2), st.integers(0, 40), st.lists(TOKENS, max_size=10))
+
+
+def chain_keys(tokens, bs):
+    """The cache key of each full block of `tokens`, computed here from scratch."""
+    keys = []
+    for i in range(len(tokens) // bs):
+        keys.append(block_hash(tokens[i * bs:(i + 1) * bs], keys[-1] if keys else None))
+    return keys
 
 
 class AllocatorMachine(RuleBasedStateMachine):
-    """Tokens are unique ids. A step's writes and copies are pending until `flush`, which applies them as the GPU
-    would (copies first, then writes) and checks that every sequence reads its own tokens back through its table."""
+    """Token ids come from a tiny vocabulary and prompts start with one of a few system prompts, so prefixes repeat
+    and the pool is small, so freed cached blocks are evicted. A step's writes and copies are pending until `flush`,
+    which applies them as the GPU would (copies first, then writes) and checks that every sequence reads its own
+    tokens back through its table. The model's memory holds each slot's token, and `owner[block]` the tokens from
+    position 0 to the block's last written slot of the sequence that wrote it: the content its cache key must name."""
 
-    @initialize(num_blocks=st.integers(6, 32), block_size=st.sampled_from([8, 16]),
-                prompts=st.lists(st.integers(1, 20), min_size=1, max_size=3))
-    def setup(self, num_blocks, block_size, prompts):
-        self.a, self.bs, self.n = BlockAllocator(num_blocks, block_size), block_size, num_blocks
+    @initialize(num_blocks=st.integers(4, 16), block_size=st.sampled_from([8, 16]),
+                caching=st.sampled_from([True, True, True, False]),
+                systems=st.lists(st.lists(TOKENS, min_size=8, max_size=40), min_size=1, max_size=3),
+                prompts=st.lists(PROMPTS, min_size=1, max_size=3))
+    def setup(self, num_blocks, block_size, caching, systems, prompts):
+        self.a = BlockAllocator(num_blocks, block_size, prefix_caching=caching)
+        self.bs, self.n, self.caching, self.systems = block_size, num_blocks, caching, systems
         self.tokens = {}                 # seq -> its token ids, in order
+        self.known = {}                  # seq -> how many leading tokens the allocator was told (prefix caching)
+        self.written = {}                # seq -> positions whose K/V is in memory
+        self.computed = {}               # seq -> the most it was marked computed
+        self.settled = {}                # seq -> blocks the cache has seen of it: a lower bound of the allocator's
         self.memory = [[None] * block_size for _ in range(num_blocks)]
-        self.writes = []                 # pending (seq, slot, token)
+        self.owner = [None] * num_blocks
+        self.writes = []                 # pending (seq, slot, token, position)
         self.copies = []                 # expected pending (src, dst)
+        self.counts = Counter()          # expected prefix stats: queries, hits, live hits, evictions
+        self.finished = []               # the first 48 tokens of freed sequences: conversations that come back
         self.next_id = 0
-        for prompt_len in prompts:       # some sequences from the start, whichever rules this example enables
-            self._allocate(prompt_len)
+        for system, keep, tail in prompts:   # some sequences from the start, whichever rules this example enables
+            self._allocate(systems[system % len(systems)][:keep] + tail, True)
+
+    def _step(self, name):
+        STEPS[name] += 1
+        STEPS["with prefix caching"] += self.caching
 
     def _new_id(self):
         self.next_id += 1
@@ -435,61 +463,127 @@ class AllocatorMachine(RuleBasedStateMachine):
     def _pick(self, data):
         return data.draw(st.sampled_from(sorted(self.tokens)))
 
-    def _free_count(self):
-        return self.n - len({b for s in self.tokens for b in self.a.block_table(s)})
+    def _live(self):
+        return {b for s in self.tokens for b in self.a.block_table(s)}
 
-    def _expect_out_of_blocks(self, verb, *args):
+    def _expect_out_of_blocks(self, verb, *args, **kwargs):
         before = state(self.a)
         try:
-            verb(*args)
+            verb(*args, **kwargs)
         except OutOfBlocks:
             assert state(self.a) == before
         else:
             raise AssertionError(f"{verb.__name__}{args} should have run out of blocks")
 
-    def _write(self, seq, slot):
+    def _taking(self, verb, *args, revived=(), **kwargs):
+        """Runs a verb that takes blocks, checking what it evicts: only cached blocks nobody holds, least recently
+        used first, and only once the free list is empty."""
+        a = self.a
+        lru = [b for b in a.evictable if b not in revived]
+        free_before, hashed_before, refs_before = len(a.free_ids), set(a.block_hashes), list(a.ref_counts)
+        result = verb(*args, **kwargs)
+        evicted = hashed_before - set(a.block_hashes)
+        taken = [b for b in range(self.n) if refs_before[b] == 0 and a.ref_counts[b] > 0 and b not in revived]
+        assert all(refs_before[b] == 0 for b in evicted), "evicted a referenced block"
+        assert evicted == set(lru[:len(evicted)]) and len(evicted) == max(0, len(taken) - free_before)
+        self.counts["evictions"] += len(evicted)
+        EVENTS["evictions"] += len(evicted)
+        return result
+
+    def _write(self, seq, slot, token):
         """The allocator handed out `slot` for the sequence's next token: it must be that position's slot, in a block
         nobody else references (no shared block is written without a copy first)."""
         i = len(self.tokens[seq])
         table = self.a.block_table(seq)
         assert slot == table[i // self.bs] * self.bs + i % self.bs
         assert self.a.ref_counts[slot // self.bs] == 1
-        self.tokens[seq].append(self._new_id())
-        self.writes.append((seq, slot, self.tokens[seq][-1]))
+        self.tokens[seq].append(token)
+        self.writes.append((seq, slot, token, i))
 
-    @rule(prompt_len=st.integers(0, 20))
-    def allocate(self, prompt_len):
-        STEPS["allocate"] += 1
-        self._allocate(prompt_len)
+    def _expected_hits(self, prompt):
+        """The cached blocks holding the prompt's leading full blocks (all but its last token's), by content."""
+        by_content = {self.owner[b]: b for b in self.a.block_hashes}
+        hits = []
+        for i in range(max(len(prompt) - 1, 0) // self.bs):
+            block = by_content.get(tuple(prompt[:(i + 1) * self.bs]))
+            if block is None:
+                break
+            hits.append(block)
+        return hits
 
-    def _allocate(self, prompt_len):
-        seq, need = self._new_id(), -(-prompt_len // self.bs)
-        assert self.a.can_allocate(prompt_len) == (need <= self._free_count())
-        if need > self._free_count():
+    @rule(prompts=st.lists(PROMPTS, min_size=1, max_size=3), tell=st.booleans())
+    def allocate(self, prompts, tell):
+        """New requests, often with the same system prompt."""
+        self._step("allocate")
+        for system, keep, tail in prompts:
+            self._allocate(self.systems[system % len(self.systems)][:keep] + tail, tell)
+
+    @precondition(lambda self: self.finished)
+    @rule(data=st.data(), tail=st.lists(TOKENS, max_size=10))
+    def return_visit(self, data, tail):
+        """A conversation's next turn: a finished sequence's tokens (prompt and output) and a few new ones."""
+        self._step("return_visit")
+        self._allocate(data.draw(st.sampled_from(self.finished)) + tail, True)
+
+    @precondition(lambda self: self.a.evictable)
+    @rule(more=st.integers(1, 3), short=st.integers(0, 7), finish=st.booleans())
+    def pressure(self, more, short, finish):
+        """A long request of new tokens that needs more blocks than the free list holds: it evicts cached blocks (or
+        runs out), and may finish at once."""
+        self._step("pressure")
+        seq = self._allocate([2] * ((len(self.a.free_ids) + more) * self.bs - short), True)
+        if finish and seq is not None:
+            self._free(seq)
+
+    def _allocate(self, prompt, tell):
+        seq, size, bs = self._new_id(), len(prompt), self.bs
+        tokens = prompt if self.caching or tell else None    # optional (and ignored) without prefix caching
+        hits = self._expected_hits(prompt) if self.caching else []
+        live = self._live()
+        revived = [b for b in hits if b not in live]
+        need, available = -(-size // bs) - len(hits), self.n - len(live) - len(revived)
+        assert self.a.can_allocate(size, tokens=tokens) == (need <= available)
+        assert self.a.can_allocate(size) == (-(-size // bs) <= self.n - len(live))
+        if need > available:
             EVENTS["allocate out of blocks"] += 1
-            return self._expect_out_of_blocks(self.a.allocate, seq, prompt_len)
-        slots = self.a.allocate(seq, prompt_len)
-        self.tokens[seq] = []
-        for slot in slots:
-            self._write(seq, slot)
+            return self._expect_out_of_blocks(self.a.allocate, seq, size, tokens=tokens)
+        slots = self._taking(self.a.allocate, seq, size, tokens=tokens, revived=revived)
+        table, cached = self.a.block_table(seq), len(hits) * bs
+        assert table[:len(hits)] == hits and self.a.cached_prefix(seq) == cached
+        assert slots == [table[i // bs] * bs + i % bs for i in range(size)]
+        assert all(self.a.ref_counts[b] == 1 for b in table[len(hits):])
+        for i, block in enumerate(hits):                   # a hit holds this prompt's K/V, computed before
+            assert self.memory[block] == prompt[i * bs:(i + 1) * bs]
+        self.counts.update(queries=max(size - 1, 0) // bs if self.caching else 0, hits=len(hits),
+                           live_hits=len(hits) - len(revived))
+        EVENTS["prefix hits"] += len(hits)
+        EVENTS["revived hits"] += len(revived)
+        self.tokens[seq] = prompt[:cached]
+        self.known[seq] = size if self.caching else 0
+        self.written[seq] = self.computed[seq] = cached
+        self.settled[seq] = len(hits)
+        for position in range(cached, size):
+            self._write(seq, slots[position], prompt[position])
+        return seq
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def append(self, data):
         """A decode step: one token for each of a few sequences (forked siblings copy-on-write in turn)."""
-        STEPS["append"] += 1
+        self._step("append")
         for seq in data.draw(st.lists(st.sampled_from(sorted(self.tokens)), min_size=1, max_size=4, unique=True)):
-            self._append(seq)
+            self._append(seq, data.draw(TOKENS), data.draw(st.sampled_from([True, True, True, False])))
 
-    def _append(self, seq):
+    def _append(self, seq, token, tell):
         n, table = len(self.tokens[seq]), self.a.block_table(seq)
         shared_partial = n % self.bs != 0 and sum(self.a.block_table(s).count(table[-1]) for s in self.tokens) > 1
         need = 1 if n % self.bs == 0 or shared_partial else 0
-        assert self.a.can_append(seq) == (need <= self._free_count())
-        if need > self._free_count():
+        available = self.n - len(self._live())
+        assert self.a.can_append(seq) == (need <= available)
+        if need > available:
             EVENTS["append out of blocks"] += 1
-            return self._expect_out_of_blocks(self.a.append, seq)
-        slot = self.a.append(seq)
+            return self._expect_out_of_blocks(self.a.append, seq, token if tell else None)
+        slot = self._taking(self.a.append, seq, token if tell else None)
         after = self.a.block_table(seq)
         if n % self.bs == 0:
             assert after[:-1] == table and after[-1] not in table
@@ -499,51 +593,79 @@ class AllocatorMachine(RuleBasedStateMachine):
             EVENTS["copy-on-write"] += 1
         else:
             assert after == table
-        self._write(seq, slot)
+        if self.caching and tell and self.known[seq] == n:
+            self.known[seq] += 1
+        self._write(seq, slot, token)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), children=st.integers(1, 3), then_step=st.booleans())
     def fork(self, data, children, then_step):
         """Parallel sampling and beams: fork a few children, and often take the next step's token for the whole
         family at once (all but the last writer of a shared, partly filled block copy it)."""
-        STEPS["fork"] += 1
+        self._step("fork")
         parent = self._pick(data)
-        if any(s == parent for s, _, _ in self.writes):
+        if any(w[0] == parent for w in self.writes):
             self._flush(one_by_one=False)                  # fork between steps, once the parent's K/V is written
         family = [parent]
         for _ in range(children):
             family.append(self._new_id())
             self.a.fork(parent, family[-1])
+            for model in (self.known, self.written, self.computed, self.settled):
+                model[family[-1]] = model[parent]
             self.tokens[family[-1]] = list(self.tokens[parent])
             assert self.a.block_table(family[-1]) == self.a.block_table(parent)
         if then_step:
             for seq in family:
-                self._append(seq)
+                self._append(seq, data.draw(TOKENS), True)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def mark_computed(self, data):
+        """The caller says how far a sequence's K/V is written: any count up to what the model has flushed."""
+        self._step("mark_computed")
+        seq = self._pick(data)
+        self._mark(seq, data.draw(st.integers(0, self.written[seq]) | st.just(self.written[seq])))
+
+    def _mark(self, seq, n):
+        """After it, each newly computed full block of known tokens is findable: cached in its block or another."""
+        self.a.mark_computed(seq, n)
+        self.computed[seq] = max(self.computed[seq], n)
+        settled = min(self.computed[seq], self.known[seq]) // self.bs
+        cached = {self.owner[b] for b in self.a.block_hashes}
+        for i in range(self.settled[seq], settled):
+            assert tuple(self.tokens[seq][:(i + 1) * self.bs]) in cached, (seq, i)
+        EVENTS["blocks marked"] += max(settled - self.settled[seq], 0)
+        self.settled[seq] = max(self.settled[seq], settled)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def free(self, data):
         """A beam is pruned: any sequence."""
-        STEPS["free"] += 1
+        self._step("free")
         self._free(self._pick(data))
 
     @precondition(lambda self: self.tokens)
     @rule()
     def finish_oldest(self):
         """A request finishes. Frees blocks as often as the verbs take them, so the pool is not full all the time."""
-        STEPS["finish_oldest"] += 1
+        self._step("finish_oldest")
         self._free(min(self.tokens))
 
     def _free(self, seq):
+        lru, table = list(self.a.evictable), self.a.block_table(seq)
         self.a.free(seq)
-        del self.tokens[seq]
+        self.finished.append(self.tokens[seq][:48])
+        for model in (self.tokens, self.known, self.written, self.computed, self.settled):
+            del model[seq]
         self.writes = [w for w in self.writes if w[0] != seq]
-        live = {b for s in self.tokens for b in self.a.block_table(s)}
+        live = self._live()
         self.copies = [c for c in self.copies if c[1] in live]
+        released = [b for b in reversed(table) if b not in live and b in self.a.block_hashes]
+        assert list(self.a.evictable) == lru + released     # most recently used last, the sequence's tail first
 
     @rule(data=st.data())
     def block_tables(self, data):
-        STEPS["block_tables"] += 1
+        self._step("block_tables")
         seqs = data.draw(st.lists(st.sampled_from(sorted(self.tokens)), max_size=4)) if self.tokens else []
         t = self.a.block_tables(seqs)
         width = max((-(-len(self.tokens[s]) // self.bs) for s in seqs), default=0)
@@ -553,68 +675,101 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert row == table + [0] * (width - len(table))
         assert self.a.context_lens(seqs).tolist() == [len(self.tokens[s]) for s in seqs]
 
-    @rule(one_by_one=st.booleans())
-    def flush(self, one_by_one):
-        STEPS["flush"] += 1
+    @rule(one_by_one=st.booleans(), mark=st.sampled_from([True, True, True, False]))
+    def flush(self, one_by_one, mark):
+        """The GPU step; then, as a serving loop does, often mark every sequence computed."""
+        self._step("flush")
         self._flush(one_by_one)
+        if mark:
+            for seq in list(self.tokens):
+                self._mark(seq, self.written[seq])
 
     def _flush(self, one_by_one):
         copies = self.a.take_copies()
         assert copies == self.copies and len({dst for _, dst in copies}) == len(copies)
         if one_by_one:
             for src, dst in copies:
-                self.memory[dst] = list(self.memory[src])
+                self.memory[dst], self.owner[dst] = list(self.memory[src]), self.owner[src]
         else:                                              # gather every source, then scatter
-            for (_, dst), content in [(c, list(self.memory[c[0]])) for c in copies]:
-                self.memory[dst] = content
-        for seq, slot, token in self.writes:
+            for (_, dst), content in [(c, (list(self.memory[c[0]]), self.owner[c[0]])) for c in copies]:
+                self.memory[dst], self.owner[dst] = content
+        for seq, slot, token, position in self.writes:
             block = slot // self.bs
             assert [b for s in self.tokens for b in self.a.block_table(s)].count(block) == 1
+            assert block not in self.a.block_hashes            # a cached block is never written again
             self.memory[block][slot % self.bs] = token
+            self.owner[block] = tuple(self.tokens[seq][:position + 1])
         EVENTS["writes checked"] += len(self.writes)
         EVENTS["copies applied"] += len(copies)
         self.copies, self.writes = [], []
         for seq, tokens in self.tokens.items():
             table = self.a.block_table(seq)
             assert [self.memory[table[i // self.bs]][i % self.bs] for i in range(len(tokens))] == tokens
+            self.written[seq] = len(tokens)
 
     @invariant()
     def ref_counts_match_block_tables(self):
         refs = Counter(b for s in self.tokens for b in self.a.block_table(s))
         assert [self.a.ref_counts[b] for b in range(self.n)] == [refs[b] for b in range(self.n)]
-        free = list(self.a.free_ids)
-        assert len(free) == len(set(free)) and set(free).isdisjoint(refs)
-        assert len(free) + len(self.a.used_ids) == self.n and self.a.used_ids == set(refs)
+        free, lru = list(self.a.free_ids), list(self.a.evictable)
+        assert len(set(free)) + len(set(lru)) + len(refs) == len(free) + len(lru) + len(refs) == self.n
+        assert set(free).isdisjoint(refs) and set(lru).isdisjoint(refs) and self.a.used_ids == set(refs)
         for s, tokens in self.tokens.items():
             assert self.a.num_tokens(s) == len(tokens) and len(self.a.block_table(s)) == -(-len(tokens) // self.bs)
+
+    @invariant()
+    def cached_blocks_hold_what_their_keys_name(self):
+        """Every cached block is full, computed, never free-listed, found by its key alone, and its key is the chain
+        of its content's blocks computed here from scratch."""
+        hashes = self.a.block_hashes
+        assert {k: b for b, k in hashes.items()} == self.a.hash_to_block and set(self.a.evictable) <= set(hashes)
+        assert set(hashes).isdisjoint(self.a.free_ids) and (self.caching or not hashes)
+        for block, key in hashes.items():
+            content = self.owner[block]
+            assert content is not None and len(content) % self.bs == 0 and content
+            assert self.memory[block] == list(content[-self.bs:])
+            assert chain_keys(list(content), self.bs)[-1] == key
+
+    @invariant()
+    def stats_are_exact(self):
+        refs = Counter(b for s in self.tokens for b in self.a.block_table(s))
         st_ = self.a.stats()
-        assert (st_.used_blocks, st_.free_blocks) == (len(refs), len(free))
+        assert (st_.used_blocks, st_.free_blocks) == (len(refs), self.n - len(refs))
+        assert (st_.cached_blocks, st_.evictable_blocks) == (len(self.a.block_hashes), len(self.a.evictable))
         assert st_.logical_tokens == sum(map(len, self.tokens.values()))
         assert st_.saved_blocks == sum(refs.values()) - len(refs)
         stored = {self.a.slot(s, i) for s, tokens in self.tokens.items() for i in range(len(tokens))}
         assert st_.stored_tokens == len(stored)
         slots = len(refs) * self.bs
         assert st_.waste_pct == pytest.approx(100 * (slots - len(stored)) / slots if slots else 0.0)
+        c = self.counts
+        assert (st_.prefix_query_blocks, st_.prefix_hit_blocks, st_.prefix_saved_blocks, st_.evictions) == (
+            c["queries"], c["hits"], c["live_hits"], c["evictions"])
+        assert st_.prefix_hit_pct == pytest.approx(100 * c["hits"] / c["queries"] if c["queries"] else 0.0)
+        for s in self.tokens:
+            assert self.a.cached_prefix(s) % self.bs == 0
 
     def teardown(self):
         if not hasattr(self, "a"):
             return
         for seq in list(self.tokens):
             self.a.free(seq)
-        assert sorted(self.a.free_ids) == list(range(self.n)) and self.a.ref_counts == [0] * self.n
-        assert not self.a.used_ids and self.a.take_copies() == []
+        assert sorted(list(self.a.free_ids) + list(self.a.evictable)) == list(range(self.n))
+        assert self.a.ref_counts == [0] * self.n and not self.a.used_ids and self.a.take_copies() == []
+        assert set(self.a.evictable) == set(self.a.block_hashes)
 
 
 def test_allocator_state_machine_10k_steps():
+    """At least 10,000 steps with prefix caching on (and more with it off), in under a minute on a CPU."""
     STEPS.clear()
     EVENTS.clear()
     run_state_machine_as_test(AllocatorMachine, settings=settings(
-        max_examples=250, stateful_step_count=64, deadline=None))
-    total = sum(STEPS.values())
+        max_examples=MACHINE_EXAMPLES, stateful_step_count=MACHINE_STEPS, deadline=None))
+    total = sum(STEPS.values()) - STEPS["with prefix caching"]
     print(f"allocator state machine: {total} steps {dict(STEPS)}; {dict(EVENTS)}")
-    assert total >= 10_000, dict(STEPS)
-    assert min(EVENTS[e] for e in ("copy-on-write", "copies applied", "allocate out of blocks",
-                                   "append out of blocks")) >= 100, dict(EVENTS)
+    assert STEPS["with prefix caching"] >= 10_000, dict(STEPS)
+    assert min(EVENTS[e] for e in ("copy-on-write", "copies applied", "allocate out of blocks", "append out of blocks",
+                                   "prefix hits", "revived hits", "evictions", "blocks marked")) >= 100, dict(EVENTS)
 
 
 # -- synthetic workloads
