@@ -333,6 +333,13 @@ def test_bad_counts_page_sizes_and_tokens_are_refused():
     assert state(a) == before
     with pytest.raises(KeyError, match="unknown sequence 'x'"):
         a.cached_prefix("x")
+    with pytest.raises(ValueError, match="token id"):
+        a.allocate("t", 2, tokens=torch.tensor([True, False]))
+    a.mark_computed("s", 3)
+    a.allocate("t", 9, tokens=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9]))    # a tensor is read in one copy
+    a.mark_computed("t", 9)
+    a.allocate("u", 9, tokens=list(range(1, 10)))
+    assert a.cached_prefix("u") == 8
 
 
 # -- where the block size comes from

@@ -156,8 +156,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int | None = None, *, kv_heads: int | None = None,
                  head_dim: int | None = None, dtype=None, prefix_caching: bool = False):
         block_size, source = _resolve_block_size(block_size, kv_heads, head_dim, dtype)
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        _count("num_blocks", num_blocks, 1)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in PAGES:
             raise ValueError(f"block_size must be a page size the paged kernels support, one of {PAGES} "
                              f"(tunebench.shapes.PAGES), got {block_size!r} ({source})")
@@ -226,7 +225,7 @@ class BlockAllocator:
             raise KeyError(f"unknown sequence {seq_id!r}") from None
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-_count("tokens", tokens, 0) // self.block_size)
+        return -(-_count("a token count", tokens, 0) // self.block_size)
 
     # -- prefix cache
 
@@ -252,6 +251,8 @@ class BlockAllocator:
         """A sequence record for the prompt (no blocks yet), its hit blocks' keys computed as far as needed."""
         seq = _Sequence([], _count("prompt_len", prompt_len, 0))
         if tokens is not None:
+            if hasattr(tokens, "tolist"):                  # a tensor or array: one copy, not an item() per token
+                tokens = tokens.tolist()
             if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__"):
                 raise ValueError(f"tokens must be a sequence of token ids, got {type(tokens).__name__}")
             if len(tokens) != prompt_len:
