@@ -88,7 +88,8 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dty
     if dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name} dtype {t.dtype} must match {ref_name} dtype {ref.dtype}")
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must share one device")
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must share one "
+                         f"device")
 
 
 def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -274,6 +275,30 @@ def check_paged_cache(q, k_cache, v_cache, block_tables, **int32_tensors) -> Non
 # -- bad values in the paged kernels: block ids masked in the kernels, error flags read back with check=True ------
 
 @triton.jit
+def tile_blocks(table, n0, end, offs_n, stride_btn, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Physical block of each token of the tile that starts at n0 (0 for tokens at or past `end`, whose loads are
+    masked). When BLOCK_N <= PAGE the tile lies inside one page (tiles start at multiples of BLOCK_N), so one table
+    entry is read."""
+    if BLOCK_N <= PAGE:
+        blk = tl.load(table + (n0 // PAGE) * stride_btn, mask=n0 < end, other=0)
+    else:
+        tok = n0 + offs_n
+        blk = tl.load(table + (tok // PAGE) * stride_btn, mask=tok < end, other=0)
+    return blk
+
+
+@triton.jit
+def checked_length(CL, b, stride_cl, capacity, SAFE: tl.constexpr):
+    """(sequence b's context length, whether it lies in [0, capacity]); with SAFE a length outside reads as 0, so
+    nothing is read for it (the table's entries past its width would be another row's, or out of bounds)."""
+    ctx = tl.load(CL + b.to(tl.int64) * stride_cl)
+    ok = (ctx >= 0) & (ctx <= capacity)
+    if SAFE:
+        ctx = tl.where(ok, ctx, 0)
+    return ctx, ok
+
+
+@triton.jit
 def no_bad_blocks(offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """checked_blocks' starting `bad`: False, shaped like a tile's block ids (a scalar when a tile lies in one page,
     so that the loop carries one bit, else one per token)."""
@@ -304,7 +329,6 @@ def checked_blocks(blk, num_blocks, bad, SAFE: tl.constexpr):
         blk = tl.where(ok, blk, 0)
         bad = bad | (ok == 0)
     return blk, bad
-
 
 
 def raise_paged_errors(errors: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,

@@ -75,13 +75,15 @@ def _cache_write(Key, Value, KC, VC, Slots, K_scale, V_scale, Err, T, block_size
     if KV_FP8:
         k = _round_to_fp8(k.to(tl.float32), tl.load(K_scale + head * stride_ksc), FP8_MAX, MANTISSA, MIN_EXP)
         k = k.to(KC.dtype.element_ty)
-    k_dst = KC + blk[:, None] * stride_kcb + row[:, None] * stride_kcs + head * stride_kch + offs_d[None, :] * stride_kcd
+    k_dst = (KC + blk[:, None] * stride_kcb + row[:, None] * stride_kcs + head * stride_kch
+             + offs_d[None, :] * stride_kcd)
     tl.store(k_dst, k, mask=mask)
     v = tl.load(Value + toks[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
     if KV_FP8:
         v = _round_to_fp8(v.to(tl.float32), tl.load(V_scale + head * stride_vsc), FP8_MAX, MANTISSA, MIN_EXP)
         v = v.to(VC.dtype.element_ty)
-    v_dst = VC + blk[:, None] * stride_vcb + row[:, None] * stride_vcs + head * stride_vch + offs_d[None, :] * stride_vcd
+    v_dst = (VC + blk[:, None] * stride_vcb + row[:, None] * stride_vcs + head * stride_vch
+             + offs_d[None, :] * stride_vcd)
     tl.store(v_dst, v, mask=mask)
 
 

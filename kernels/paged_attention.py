@@ -52,20 +52,9 @@ import triton.language as tl
 
 from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, LOG2E, any_bad_block, check_config, check_float_dtype,
                       check_grid, check_group, check_head_dim, check_kv_cache_dtypes, check_like, check_out,
-                      check_runnable, check_same_shape, check_scale, check_tensor, checked_blocks, dot_precision,
-                      kv_scale, no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit)
-
-
-@triton.jit
-def _tile_blocks(table, n0, end, offs_n, stride_btn, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Physical block of each token of the tile that starts at n0 (0 for tokens at or past `end`). When BLOCK_N <=
-    BLOCK_SIZE the tile lies inside one page (tiles start at multiples of BLOCK_N), so one table entry is read."""
-    if BLOCK_N <= BLOCK_SIZE:
-        blk = tl.load(table + (n0 // BLOCK_SIZE) * stride_btn, mask=n0 < end, other=0)
-    else:
-        tok = n0 + offs_n
-        blk = tl.load(table + (tok // BLOCK_SIZE) * stride_btn, mask=tok < end, other=0)
-    return blk
+                      check_runnable, check_same_shape, check_scale, check_tensor, checked_blocks, checked_length,
+                      dot_precision, kv_scale, no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors,
+                      shared_memory_limit, tile_blocks)
 
 
 @triton.jit
@@ -86,12 +75,8 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
     sub = tl.program_id(0) % N_SUB
     part = tl.program_id(1)
     b = tl.program_id(2)
-    ctx = tl.load(CL + b.to(tl.int64) * stride_cl)
-    if SAFE:
-        # A length outside [0, table width x page size] reads nothing (the table's entries past its width would be
-        # another row's or out of bounds): the sequence's output is NaN.
-        ctx_ok = (ctx >= 0) & (ctx <= capacity)
-        ctx = tl.where(ctx_ok, ctx, 0)
+    # A length outside [0, table width x page size] reads nothing (SAFE): the sequence's output is NaN.
+    ctx, ctx_ok = checked_length(CL, b, stride_cl, capacity, SAFE)
     if SPLIT:
         start = part * PARTITION
         end = tl.minimum(start + PARTITION, ctx)
@@ -126,7 +111,7 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
     # The block ids of the next tile are loaded one iteration ahead: the K/V loads then depend on no load of their
     # own iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the table load in the same
     # iteration it keeps one, triton 3.6).
-    blk_next = _tile_blocks(table, start, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
+    blk_next = tile_blocks(table, start, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
     bad = no_bad_blocks(offs_n, BLOCK_SIZE, BLOCK_N)
     # Every tile starts before `end`, so it holds at least one visible token and m_i is finite after the first.
     for n0 in range(start, end, BLOCK_N):
@@ -135,7 +120,7 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         blk, bad = checked_blocks(blk_next, num_blocks, bad, SAFE)
         # int64: block id * block stride overflows int32 on large caches.
         blk = blk.to(tl.int64)
-        blk_next = _tile_blocks(table, n0 + BLOCK_N, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
+        blk_next = tile_blocks(table, n0 + BLOCK_N, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
         row = tok % BLOCK_SIZE
         k_rows = k_head + blk * stride_kb + row * stride_ks
         v_rows = v_head + blk * stride_vb + row * stride_vs
@@ -193,10 +178,7 @@ def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts, capacity, stride_c
     A partition's NaN (a bad block id) makes the output NaN; so does a length outside [0, capacity]."""
     head = tl.program_id(0)
     b = tl.program_id(1)
-    ctx = tl.load(CL + b.to(tl.int64) * stride_cl)
-    if SAFE:
-        ctx_ok = (ctx >= 0) & (ctx <= capacity)
-        ctx = tl.where(ctx_ok, ctx, 0)
+    ctx, ctx_ok = checked_length(CL, b, stride_cl, capacity, SAFE)
     used = (ctx + PARTITION - 1) // PARTITION                      # partitions that hold tokens
     base = (b * Hq + head).to(tl.int64) * num_parts
     offs_p = tl.arange(0, BLOCK_P)

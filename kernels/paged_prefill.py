@@ -51,7 +51,7 @@ import triton.language as tl
 from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, ERR_QUERY_ROWS, any_bad_block, check_config,
                       check_float_dtype, check_like, check_out, check_paged_cache, check_runnable, check_scale,
                       check_tensor, checked_blocks, dot_precision, no_bad_blocks, padded_head_dim, qk_scale,
-                      raise_paged_errors, shared_memory_limit)
+                      raise_paged_errors, shared_memory_limit, tile_blocks)
 
 
 @triton.jit
@@ -70,18 +70,6 @@ def _find_sequence(CU, stride_cu, block_idx, B, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _tile_blocks(table, n0, end, offs_n, stride_btn, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Physical block of each token of the tile starting at n0 (0 for tokens at or past `end`, whose loads are
-    masked). When BLOCK_N <= PAGE the tile lies in one page (tiles start at multiples of BLOCK_N): one entry."""
-    if BLOCK_N <= PAGE:
-        blk = tl.load(table + (n0 // PAGE) * stride_btn, mask=n0 < end, other=0)
-    else:
-        tok = n0 + offs_n
-        blk = tl.load(table + (tok // PAGE) * stride_btn, mask=tok < end, other=0)
-    return blk
-
-
-@triton.jit
 def _attend(acc, m_i, l_i, bad, q, k_head, v_head, table, lo, hi, limit, offs_n, offs_d, d_ok, qk_scale, num_blocks,
             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_btn,
             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
@@ -89,13 +77,13 @@ def _attend(acc, m_i, l_i, bad, q, k_head, v_head, table, lo, hi, limit, offs_n,
     """Online softmax over the keys [lo, hi). MASKED: key j is visible to a row only if j <= limit[row] (and
     j < hi); otherwise every key of every tile is visible to every row. A block id outside [0, num_blocks) reads
     block 0 instead and is recorded in bad (SAFE)."""
-    blk_next = _tile_blocks(table, lo, hi, offs_n, stride_btn, PAGE, BLOCK_N)
+    blk_next = tile_blocks(table, lo, hi, offs_n, stride_btn, PAGE, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + offs_n
         blk, bad = checked_blocks(blk_next, num_blocks, bad, SAFE)
         # int64: block id * block stride overflows int32 on large caches.
         blk = blk.to(tl.int64)
-        blk_next = _tile_blocks(table, n0 + BLOCK_N, hi, offs_n, stride_btn, PAGE, BLOCK_N)
+        blk_next = tile_blocks(table, n0 + BLOCK_N, hi, offs_n, stride_btn, PAGE, BLOCK_N)
         row = tok % PAGE
         k_ptrs = (k_head + blk * stride_kb + row * stride_ks)[:, None] + offs_d[None, :] * stride_kd
         v_ptrs = (v_head + blk * stride_vb + row * stride_vs)[:, None] + offs_d[None, :] * stride_vd
