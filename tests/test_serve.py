@@ -49,7 +49,7 @@ def test_the_script_exits_1_when_a_token_differs(small, monkeypatch, capsys):
     wrong = dict(small, expected={**small["expected"], rid: [t + 1 for t in small["expected"][rid]]})
     monkeypatch.setattr(serve, "run", lambda *a, **kw: wrong)
     assert serve.main(["--small"]) == 1
-    assert f"requests differing: [{rid}]" in capsys.readouterr().out
+    assert f"request {rid} differs from token 0 on" in capsys.readouterr().out
     monkeypatch.setattr(serve, "run", lambda *a, **kw: small)
     assert serve.main(["--small"]) == 0
 
