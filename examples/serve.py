@@ -50,11 +50,16 @@ class Request:
     max_tokens: int
     system_len: int = 0     # leading prompt tokens shared with other requests
 
+    def __post_init__(self):
+        if not self.prompt or self.max_tokens < 1:
+            raise ValueError(f"request {self.rid}: needs a prompt of >= 1 token and max_tokens >= 1, got "
+                             f"{len(self.prompt)} and {self.max_tokens}")
 
-@dataclass
+
+@dataclass(eq=False)
 class Sequence:
     request: Request
-    tokens: list[int] = field(default_factory=list)     # the prompt, then the generated tokens
+    tokens: list[int] = field(init=False)     # the prompt, then the generated tokens
     computed: int = 0           # leading tokens whose K/V the cache holds
     shared: int = 0             # leading tokens in cached blocks shared with others: never written again
     first_hit: int | None = None    # tokens found cached at the first admission

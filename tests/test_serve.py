@@ -6,6 +6,8 @@ import pathlib
 import sys
 
 import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
 _spec = importlib.util.spec_from_file_location(
     "serve", pathlib.Path(__file__).resolve().parents[1] / "examples" / "serve.py")
@@ -57,6 +59,51 @@ def test_the_script_exits_1_when_a_token_differs(small, monkeypatch, capsys):
 def test_a_request_larger_than_the_pool_is_refused(device):
     with pytest.raises(ValueError, match="needs more blocks than the pool's 2"):
         serve.run(serve.SMALL, device=device, **dict(SMALL_RUN, num_blocks=2))
+
+
+@st.composite
+def workloads(draw):
+    """Requests over a few system prompts, and a pool, budget and running limit that may be tight."""
+    block_size = draw(st.sampled_from([8, 16]), label="block_size")
+    requests = serve.make_requests(serve.SMALL.vocab, draw(st.integers(1, 16), label="n"),
+                                   draw(st.integers(0, 40), label="system_len"), draw(st.integers(1, 3)),
+                                   (1, draw(st.integers(1, 30))), (1, draw(st.integers(1, 20))), draw(st.integers(0, 99)))
+    largest = max(-(-(len(r.prompt) + r.max_tokens - 1) // block_size) for r in requests)
+    return dict(requests=requests, block_size=block_size, num_blocks=draw(st.integers(largest, 2 * largest)),
+                token_budget=draw(st.integers(1, 96)), max_seqs=draw(st.integers(1, 12)))
+
+
+def _fake_next(tokens):
+    """A stand-in model: the next token depends on every earlier token, so a lost or repeated one shows."""
+    return (sum(t * (i + 1) for i, t in enumerate(tokens)) + 7 * len(tokens)) % serve.SMALL.vocab
+
+
+@settings(max_examples=300)   # no kernel runs: 300 workloads take seconds
+@given(w=workloads())
+def test_the_scheduler_keeps_its_invariants_on_any_workload(w):
+    """Scheduling alone, with a stand-in for the model: every step respects the budget and the running limit, runs
+    only tokens that have slots, and every request ends with the tokens the stand-in generates for it alone."""
+    model = serve.TinyLM(serve.SMALL, "cpu")
+    pool = serve.KVPool(model, w["num_blocks"], w["block_size"], prefix_caching=False)
+    scheduler = serve.Scheduler(pool, w["token_budget"], w["max_seqs"])
+    seqs = [serve.Sequence(r) for r in w["requests"]]
+    for seq in seqs:
+        scheduler.add(seq)
+    while scheduler.waiting or scheduler.running:
+        batch = scheduler.schedule()
+        assert 0 < sum(n for _, n in batch) <= w["token_budget"] and len(batch) <= w["max_seqs"]
+        assert len({seq.rid for seq, _ in batch}) == len(batch) and all(seq in scheduler.running for seq, _ in batch)
+        for seq, n in batch:
+            assert n >= 1 and seq.computed + n <= len(seq.tokens) == pool.alloc.num_tokens(seq.rid)
+        assert set(pool.alloc.sequences) == {seq.rid for seq in scheduler.running}
+        scheduler.finish_step(batch, [_fake_next(seq.tokens) if seq.computed + n == len(seq.tokens) else None
+                                      for seq, n in batch], 0.0)
+    assert pool.alloc.stats().used_blocks == 0
+    for seq in seqs:
+        expected = list(seq.request.prompt)
+        for _ in range(seq.request.max_tokens):
+            expected.append(_fake_next(expected))
+        assert seq.tokens == expected
 
 
 @pytest.mark.gpu
