@@ -65,9 +65,10 @@ def test_a_request_larger_than_the_pool_is_refused(device):
 def workloads(draw):
     """Requests over a few system prompts, and a pool, budget and running limit that may be tight."""
     block_size = draw(st.sampled_from([8, 16]), label="block_size")
-    requests = serve.make_requests(serve.SMALL.vocab, draw(st.integers(1, 16), label="n"),
-                                   draw(st.integers(0, 40), label="system_len"), draw(st.integers(1, 3)),
-                                   (1, draw(st.integers(1, 30))), (1, draw(st.integers(1, 20))), draw(st.integers(0, 99)))
+    n, system_len, systems = draw(st.integers(1, 16)), draw(st.integers(0, 40)), draw(st.integers(1, 3))
+    suffix, max_tokens = (1, draw(st.integers(1, 30))), (1, draw(st.integers(1, 20)))
+    seed = draw(st.integers(0, 99))
+    requests = serve.make_requests(serve.SMALL.vocab, n, system_len, systems, suffix, max_tokens, seed)
     largest = max(-(-(len(r.prompt) + r.max_tokens - 1) // block_size) for r in requests)
     return dict(requests=requests, block_size=block_size, num_blocks=draw(st.integers(largest, 2 * largest)),
                 token_budget=draw(st.integers(1, 96)), max_seqs=draw(st.integers(1, 12)))
