@@ -410,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=None, help="tokens per block (default: tuned, else 16)")
     p.add_argument("--token-budget", type=int, default=None, help="new tokens per step (default 1024; --small 32)")
     p.add_argument("--max-seqs", type=int, default=64, help="running sequences at most")
-    p.add_argument("--prefix-caching", choices=("off", "on", "both"), default="off",
+    p.add_argument("--prefix-caching", choices=("off", "on", "both"), default="both",
                    help="serve without, with, or without and then with the allocator's prefix caching")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="float32 makes the token-for-token comparison with the dense reference meaningful")
@@ -426,6 +426,10 @@ def main(argv=None) -> int:
     print(f"{len(out['requests'])} requests, block size {r0['block_size']} ({r0['block_size_source']}), "
           f"wall clock{'' if small else ' after an untimed warm-up run'}")
     ok = [report(r, out["expected"], out["gaps"]) for r in out["runs"]]
+    if len(out["runs"]) == 2:
+        off, on = (sum(r["ttft"]) / len(r["ttft"]) for r in out["runs"])
+        print(f"prefix caching: mean time to first token {on * 1e3:.1f} ms vs {off * 1e3:.1f} ms without "
+              f"({off / on:.2f}x), {out['runs'][1]['tokens_per_s'] / out['runs'][0]['tokens_per_s']:.2f}x tokens/s")
     return 0 if all(ok) else 1
 
 

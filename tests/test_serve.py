@@ -1,6 +1,7 @@
 """Continuous batching end to end (examples/serve.py): chunked prefill, mixed decode + prefill steps through
-tunebench.paged_prefill, decode-only steps through tunebench.paged_attention, and preemption when blocks run out,
-every request's tokens equal to a dense SDPA reference's, token for token."""
+tunebench.paged_prefill, decode-only steps through tunebench.paged_attention, preemption when blocks run out and
+the allocator's prefix caching, every request's tokens equal to a dense SDPA reference's, token for token. The
+scheduler alone is also checked on Hypothesis workloads with a stand-in model."""
 import importlib.util
 import pathlib
 import sys
@@ -14,8 +15,11 @@ _spec = importlib.util.spec_from_file_location(
 serve = sys.modules["serve"] = importlib.util.module_from_spec(_spec)   # dataclasses look it up
 _spec.loader.exec_module(serve)
 
-# 5 requests over one 24-token system prompt, pages of 8, 16 new tokens a step: every prompt is prefilled in chunks.
-SMALL_RUN = dict(n=5, system_len=24, suffix=(3, 12), max_tokens=(2, 6), block_size=8, token_budget=16)
+# 6 requests over one 32-token system prompt (4 pages of 8), 16 new tokens a step: without prefix caching every
+# prompt is prefilled in chunks; with it, every request after the first finds the 4 pages cached (the first has
+# computed them by the time the second is admitted) and runs only its own tokens. Served both ways.
+SMALL_RUN = dict(n=6, system_len=32, suffix=(3, 12), max_tokens=(2, 6), block_size=8, token_budget=16,
+                 prefix_caching=(False, True))
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +28,37 @@ def small(device):
 
 
 def test_tokens_equal_the_dense_reference(small):
-    (r,) = small["runs"]
-    assert r["tokens"] == small["expected"]
-    assert [len(t) for t in r["tokens"].values()] == [q.max_tokens for q in small["requests"]]
-    assert len(r["ttft"]) == 5 and 0 < r["ttft"][0] <= r["ttft"][-1] <= r["seconds"]
+    for r in small["runs"]:
+        assert r["tokens"] == small["expected"]
+        assert [len(t) for t in r["tokens"].values()] == [q.max_tokens for q in small["requests"]]
+        assert len(r["ttft"]) == 6 and 0 < r["ttft"][0] <= r["ttft"][-1] <= r["seconds"]
 
 
 def test_prompts_are_chunked_and_steps_mix_decode_rows_with_prefill_chunks(small):
-    (r,) = small["runs"]
-    assert r["chunked"] == 5 and r["mixed_steps"] > 0 and r["decode_steps"] > 0
-    assert r["preemptions"] == 0 and r["stats"].used_blocks == 0          # every block is back at the end
+    for r in small["runs"]:
+        assert r["mixed_steps"] > 0 and r["decode_steps"] > 0
+        assert r["preemptions"] == 0 and r["stats"].used_blocks == 0          # every block is back at the end
+    assert small["runs"][0]["chunked"] == 6
+
+
+def test_prefix_caching_shares_the_system_prompt_and_computes_only_the_rest(small):
+    off, on = small["runs"]
+    assert off["shared_hit_rate"] == 0 and on["shared_hit_rate"] == 5 / 6
+    assert off["tokens_run"] - on["tokens_run"] == 5 * 32
+    assert on["stats"].prefix_hit_blocks == 5 * 4 and on["stats"].evictions == 0
 
 
 def test_a_tight_pool_preempts_and_the_recomputed_requests_still_match(device):
     """Two 19-token prompts take 3 pages of 8 each, all 6 of the pool; the first to decode past token 24 needs a 4th
-    page, so the other is preempted, then recomputed (prompt and generated tokens) once the first is done."""
+    page, so the other is preempted, then recomputed (prompt and generated tokens) once the first is done. Both are
+    admitted in the first step, before any page is computed, so prefix caching shares nothing then; but the
+    preempted request's recompute finds its own full pages still cached, and runs fewer tokens."""
     out = serve.run(serve.SMALL, n=2, system_len=16, suffix=(3, 3), max_tokens=(8, 8), block_size=8, token_budget=64,
-                    num_blocks=6, device=device)
-    (r,) = out["runs"]
-    assert r["preemptions"] > 0
-    assert r["tokens"] == out["expected"]
+                    num_blocks=6, device=device, prefix_caching=(False, True))
+    off, on = out["runs"]
+    assert off["preemptions"] == on["preemptions"] == 1
+    assert off["tokens"] == on["tokens"] == out["expected"]
+    assert on["stats"].prefix_hit_blocks == 3 and on["tokens_run"] == off["tokens_run"] - 3 * 8
 
 
 def test_the_script_exits_1_when_a_token_differs(small, monkeypatch, capsys):
@@ -79,13 +94,15 @@ def _fake_next(tokens):
     return (sum(t * (i + 1) for i, t in enumerate(tokens)) + 7 * len(tokens)) % serve.SMALL.vocab
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @settings(max_examples=300)   # no kernel runs: 300 workloads take seconds
 @given(w=workloads())
-def test_the_scheduler_keeps_its_invariants_on_any_workload(w):
+def test_the_scheduler_keeps_its_invariants_on_any_workload(prefix_caching, w):
     """Scheduling alone, with a stand-in for the model: every step respects the budget and the running limit, runs
-    only tokens that have slots, and every request ends with the tokens the stand-in generates for it alone."""
+    only tokens that have slots (never writing a shared cached one), and every request ends with the tokens the
+    stand-in generates for it alone."""
     model = serve.TinyLM(serve.SMALL, "cpu")
-    pool = serve.KVPool(model, w["num_blocks"], w["block_size"], prefix_caching=False)
+    pool = serve.KVPool(model, w["num_blocks"], w["block_size"], prefix_caching)
     scheduler = serve.Scheduler(pool, w["token_budget"], w["max_seqs"])
     seqs = [serve.Sequence(r) for r in w["requests"]]
     for seq in seqs:
@@ -96,6 +113,7 @@ def test_the_scheduler_keeps_its_invariants_on_any_workload(w):
         assert len({seq.rid for seq, _ in batch}) == len(batch) and all(seq in scheduler.running for seq, _ in batch)
         for seq, n in batch:
             assert n >= 1 and seq.computed + n <= len(seq.tokens) == pool.alloc.num_tokens(seq.rid)
+            assert seq.shared <= seq.computed and seq.shared % w["block_size"] == 0
         assert set(pool.alloc.sequences) == {seq.rid for seq in scheduler.running}
         scheduler.finish_step(batch, [_fake_next(seq.tokens) if seq.computed + n == len(seq.tokens) else None
                                       for seq, n in batch], 0.0)
@@ -108,7 +126,10 @@ def test_the_scheduler_keeps_its_invariants_on_any_workload(w):
 
 
 @pytest.mark.gpu
-def test_default_workload_on_gpu():
-    out = serve.run(serve.ModelConfig(), n=16, device="cuda")
-    (r,) = out["runs"]
-    assert r["tokens"] == out["expected"]
+def test_the_issue_workload_on_gpu():
+    """Issue 20's goal: 64 requests sharing a 1k-token system prompt; with prefix caching >= 90% of the shared blocks
+    hit, and both runs match the reference."""
+    out = serve.run(serve.ModelConfig(), device="cuda", prefix_caching=(False, True))
+    off, on = out["runs"]
+    assert off["tokens"] == on["tokens"] == out["expected"]
+    assert on["shared_hit_rate"] >= 0.9 and on["tokens_run"] < off["tokens_run"]
