@@ -12,7 +12,8 @@ examples/generate.py from one paged KV cache, every step's attention through tun
   recently admitted running sequence: its blocks are freed, and it goes back to the front of the queue, to be
   recomputed later (prompt plus the tokens generated so far; those tokens are kept).
 - With prefix caching the allocator shares the cached full blocks of a prompt's prefix, and computing starts after
-  them (KVPool is the one place that speaks that API).
+  them (KVPool is the one place that speaks that API). A block enters the cache once its K/V is computed: requests
+  admitted in the same step as the first one to hold a system prompt do not find it.
 
 Every request's tokens are checked against generate.py's dense reference (SDPA over a contiguous cache per request,
 greedy); the script exits 1 if any differs. Random weights, seeded; nothing is downloaded.
@@ -61,7 +62,6 @@ class Sequence:
     request: Request
     tokens: list[int] = field(init=False)     # the prompt, then the generated tokens
     computed: int = 0           # leading tokens whose K/V the cache holds
-    shared: int = 0             # leading tokens in cached blocks shared with others: never written again
     first_hit: int | None = None    # tokens found cached at the first admission
     first_token_s: float | None = None
     chunks: int = 0             # steps that ran part of the prompt
@@ -129,7 +129,7 @@ class KVPool:
 
     def admit(self, seq: Sequence) -> bool:
         """Blocks for all of seq's tokens, or False (nothing changed) when the pool lacks them. Computing starts
-        after the cached prefix, but always runs the last token: its logits give the next one."""
+        after the cached prefix, which the allocator keeps short of the last token: its logits give the next one."""
         try:
             if self.prefix_caching:
                 self.alloc.allocate(seq.rid, len(seq.tokens), tokens=seq.tokens)
@@ -139,7 +139,8 @@ class KVPool:
                 cached = 0
         except tunebench.OutOfBlocks:
             return False
-        seq.shared, seq.computed = cached, min(cached, len(seq.tokens) - 1)
+        assert cached < len(seq.tokens) and cached % self.alloc.block_size == 0, cached
+        seq.computed = cached
         if seq.first_hit is None:
             seq.first_hit = cached
         return True
@@ -163,7 +164,7 @@ class KVPool:
 
     def free(self, seq: Sequence) -> None:
         self.alloc.free(seq.rid)
-        seq.computed = seq.shared = 0
+        seq.computed = 0
 
 
 class Scheduler:
@@ -240,7 +241,7 @@ class Scheduler:
 class StepPlan:
     """What every layer of one step reuses: the new tokens, their cache slots and the kernels' metadata."""
     tokens: torch.Tensor        # [T] int64
-    slots: torch.Tensor         # [T] int64, -1 where a shared cached slot is recomputed (not written)
+    slots: torch.Tensor         # [T] int64
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, max_blocks] int32
@@ -259,9 +260,8 @@ class ModelRunner:
         alloc, dev = self.pool.alloc, self.model.device
         tokens, slots, cu, rows = [], [], [0], []
         for seq, n in batch:
-            positions = range(seq.computed, seq.computed + n)
             tokens += seq.tokens[seq.computed:seq.computed + n]
-            slots += [alloc.slot(seq.rid, p) if p >= seq.shared else -1 for p in positions]
+            slots += [alloc.slot(seq.rid, p) for p in range(seq.computed, seq.computed + n)]
             cu.append(cu[-1] + n)
             rows.append(cu[-1] - 1 if seq.computed + n == len(seq.tokens) else None)
         ids = [seq.rid for seq, _ in batch]

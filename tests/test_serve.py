@@ -113,7 +113,9 @@ def test_the_scheduler_keeps_its_invariants_on_any_workload(prefix_caching, w):
         assert len({seq.rid for seq, _ in batch}) == len(batch) and all(seq in scheduler.running for seq, _ in batch)
         for seq, n in batch:
             assert n >= 1 and seq.computed + n <= len(seq.tokens) == pool.alloc.num_tokens(seq.rid)
-            assert seq.shared <= seq.computed and seq.shared % w["block_size"] == 0
+            table = pool.alloc.block_table(seq.rid)        # the chunk's K/V go to blocks no one else holds
+            assert all(pool.alloc.ref_counts[table[p // w["block_size"]]] == 1
+                       for p in range(seq.computed, seq.computed + n))
         assert set(pool.alloc.sequences) == {seq.rid for seq in scheduler.running}
         scheduler.finish_step(batch, [_fake_next(seq.tokens) if seq.computed + n == len(seq.tokens) else None
                                       for seq, n in batch], 0.0)
