@@ -354,7 +354,8 @@ def run(cfg: ModelConfig = ModelConfig(), n: int = 64, system_len: int = 1024, s
         max_seqs: int = 64, prefix_caching=(False,), device=None, dtype=torch.float32, seed: int = 0,
         warmup: bool | None = None) -> dict:
     """Serves the same requests once per setting in ``prefix_caching`` (a tuple of bools) and computes the dense
-    reference once. Returns {"expected": reference tokens, "runs": [serve(...) result per setting]}. ``warmup``
+    reference once. Returns {"expected": reference tokens, "gaps": the reference's top-2 logit gaps, "runs":
+    [serve(...) result per setting], "requests", "warmup"}. ``warmup``
     (default: on a GPU) serves them once untimed first, so that compilation is not timed."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = TinyLM(cfg, device, dtype, seed)
@@ -367,7 +368,7 @@ def run(cfg: ModelConfig = ModelConfig(), n: int = 64, system_len: int = 1024, s
             serve(model, requests, prefix_caching=pc, **kw)
     runs = [serve(model, requests, prefix_caching=pc, **kw) for pc in prefix_caching]
     expected, gaps = reference(model, requests)
-    return dict(expected=expected, gaps=gaps, runs=runs, requests=requests)
+    return dict(expected=expected, gaps=gaps, runs=runs, requests=requests, warmup=warmup)
 
 
 def _percentile(xs: list[float], p: float) -> float:
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
               pc, dtype=getattr(torch, args.dtype))
     r0 = out["runs"][0]
     print(f"{len(out['requests'])} requests, block size {r0['block_size']} ({r0['block_size_source']}), "
-          f"wall clock{'' if small else ' after an untimed warm-up run'}")
+          f"wall clock{' after an untimed warm-up run' if out['warmup'] else ''}")
     ok = [report(r, out["expected"], out["gaps"]) for r in out["runs"]]
     if len(out["runs"]) == 2:
         off, on = (sum(r["ttft"]) / len(r["ttft"]) for r in out["runs"])
