@@ -248,7 +248,7 @@ class BlockAllocator:
         return hits
 
     def _prompt(self, prompt_len: int, tokens) -> _Sequence:
-        """A sequence record for the prompt (no blocks yet), its hit blocks' keys computed as far as needed."""
+        """A record for a new prompt (no blocks yet), holding its token ids when prefix caching is on."""
         seq = _Sequence([], _count("prompt_len", prompt_len, 0))
         if tokens is not None:
             if hasattr(tokens, "tolist"):                  # a tensor or array: one copy, not an item() per token
