@@ -20,7 +20,7 @@ greedy); the script exits 1 if any differs. Random weights, seeded; nothing is d
 
     python examples/serve.py                                  # GPU: without, then with prefix caching
     TRITON_INTERPRET=1 python examples/serve.py --small       # CPU, under the Triton interpreter
-    python examples/serve.py --num-blocks 1024                # a tighter pool: preemption
+    python examples/serve.py --num-blocks 300 --block-size 16   # a tight pool: preemption
 """
 from __future__ import annotations
 
