@@ -6,12 +6,18 @@
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
 #   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
+#   retune  the paged kernel's shipped buckets (the headline's four decode shapes, then every page size of the pages
+#           suite) into ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale
+#   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into ./results.db, PAGED_TRIALS
+#           trials each, then bench/fp8_decode.py (fp8 against the bf16 cache, B16 x 16k; each runs its own bucket)
 #   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
 #           the headline suite
 #   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
 #   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
 #   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
+#   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel)
+#   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,7 +31,7 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   start=$(date +%s)
   case "$step" in
-    tests)   python3 -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
+    tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
     tune)    tunebench tune --db results.db ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
     bench)   tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
@@ -34,13 +40,23 @@ for step in "$@"; do
                tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db results.db &&
                tunebench pages --preset llama-3-8b --db results.db; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
                | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
+    retune)  { tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db results.db &&
+               tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db; } 2>&1 | tr '\r' '\n' \
+               | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?; grep -v '^  #' "$OUT/retune.log" | tail -n 40 ;;
+    fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db results.db &&
+               TUNEBENCH_DB=results.db python3 bench/fp8_decode.py; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
+               | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
     loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
-    v3tests) python3 -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
+    v3tests) python3 -P -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
                > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
+    hostile) python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_paged_hostile.py 2>&1 | tail -n 200 \
+               > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
+    checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
+             r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"

@@ -5,7 +5,9 @@
 set -euo pipefail
 . "$(dirname "$0")/setup.sh"
 set +e
-python -m pytest -q "$@"
+# -P: the repo root is not put on sys.path, where its kernels/ folder (installed as tunebench.kernels) would shadow
+# the `kernels` distribution that transformers >= 5.2x imports.
+python -P -m pytest -q "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import torch
 import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): scores are scaled into log2 units for exp2
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -19,6 +20,12 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_GRID_YZ = 65535          # CUDA's limit on the second and third grid axes
 NUM_WARPS = (1, 2, 4, 8, 16)
 H100_SHARED_MEMORY = 227 * 1024  # the opt-in shared memory per block of an H100/H200, assumed without a GPU
+# Codes the paged kernels write to their int32 error buffer (one entry per sequence, or per token for cache_write)
+# when compiled with CHECK; 0 means none. raise_paged_errors turns them into a ValueError.
+ERR_LENGTH = tl.constexpr(1)       # a context length outside [0, table width x page size] (or below its new tokens)
+ERR_BLOCK_ID = tl.constexpr(2)     # a block id the sequence reads outside [0, num_blocks)
+ERR_QUERY_ROWS = tl.constexpr(3)   # cu_seqlens_q entries out of order or outside [0, total_q]
+ERR_SLOT = tl.constexpr(4)         # a cache_write slot past the cache
 
 
 def interpreting() -> bool:
@@ -262,3 +269,78 @@ def check_paged_cache(q, k_cache, v_cache, block_tables, **int32_tensors) -> Non
     check_group(q.shape[-2], k_cache.shape[2], "cache")
     if block_tables.shape[1] < 1:
         raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
+
+
+# -- bad values in the paged kernels: block ids masked in the kernels, error flags read back with check=True ------
+
+@triton.jit
+def no_bad_blocks(offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """checked_blocks' starting `bad`: False, shaped like a tile's block ids (a scalar when a tile lies in one page,
+    so that the loop carries one bit, else one per token)."""
+    if BLOCK_N <= PAGE:
+        bad = tl.full([], 0, tl.int1)
+    else:
+        bad = offs_n < 0
+    return bad
+
+
+@triton.jit
+def any_bad_block(bad, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether checked_blocks saw a bad block id, from its `bad`."""
+    if BLOCK_N <= PAGE:
+        seen = bad
+    else:
+        seen = tl.max(bad.to(tl.int32), 0) > 0
+    return seen
+
+
+@triton.jit
+def checked_blocks(blk, num_blocks, bad, SAFE: tl.constexpr):
+    """(blk with ids outside [0, num_blocks) replaced by block 0, bad | which were outside). Two compares and one
+    select per table entry (a scalar when the tile lies in one page): the K/V loads keep their masks as they were,
+    and a bad id reads block 0, in bounds, whose result the caller replaces with NaN."""
+    if SAFE:
+        ok = (blk >= 0) & (blk < num_blocks)
+        blk = tl.where(ok, blk, 0)
+        bad = bad | (ok == 0)
+    return blk, bad
+
+
+
+def raise_paged_errors(errors: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
+                       page: int, cu_seqlens_q: torch.Tensor | None = None, total_q: int | None = None) -> None:
+    """ValueError naming each sequence whose error flag the kernel set (errors: int32 [B], the ERR_* codes) and its
+    bad value, read back to the host (a device sync); nothing when no flag is set."""
+    codes = errors.tolist()
+    flagged = [b for b, code in enumerate(codes) if code]
+    if not flagged:
+        return
+    lens = context_lens.tolist()
+    cu = cu_seqlens_q.tolist() if cu_seqlens_q is not None else None
+    capacity = block_tables.shape[1] * page
+    lines = [_paged_error(b, codes[b], lens[b], block_tables[b].tolist(), num_blocks, page, capacity, cu, total_q)
+             for b in flagged[:8]]
+    more = f" (and {len(flagged) - 8} more)" if len(flagged) > 8 else ""
+    raise ValueError(f"bad paged inputs in {len(flagged)} of {len(codes)} sequences{more}; their outputs are NaN:\n"
+                     + "\n".join(lines))
+
+
+def _paged_error(b: int, code: int, ctx: int, table: list, num_blocks: int, page: int, capacity: int,
+                 cu: list | None, total_q: int | None) -> str:
+    if code == ERR_QUERY_ROWS.value:
+        return (f"sequence {b}: cu_seqlens_q[{b}]={cu[b]}, cu_seqlens_q[{b + 1}]={cu[b + 1]}: each sequence's "
+                f"rows must satisfy 0 <= start <= end <= total_q={total_q}, from 0 to total_q")
+    if code == ERR_LENGTH.value:
+        if cu is not None and ctx < cu[b + 1] - cu[b]:
+            return f"sequence {b}: context_lens[{b}]={ctx} is below its {cu[b + 1] - cu[b]} new tokens"
+        if num_blocks == 0:
+            return f"sequence {b}: context_lens[{b}]={ctx} but the cache has no blocks (num_blocks 0)"
+        return (f"sequence {b}: context_lens[{b}]={ctx} is outside [0, {capacity}], the tokens block_tables "
+                f"addresses (max_blocks {len(table)} x block_size {page})")
+    pages = -(-min(max(ctx, 0), capacity) // page)
+    bad = [(j, blk) for j, blk in enumerate(table[:pages]) if not 0 <= blk < num_blocks]
+    if code == ERR_BLOCK_ID.value and bad:
+        j, blk = bad[0]
+        return (f"sequence {b}: block_tables[{b}, {j}]={blk} is outside [0, num_blocks={num_blocks}) "
+                f"({len(bad)} bad ids among its first {pages} entries)")
+    return f"sequence {b}: error code {code} (its values changed after the launch?)"

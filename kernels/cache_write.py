@@ -14,8 +14,9 @@
   carrying into the exponent (124.8 -> 64 in e4m3), and this keeps the CPU gate and the GPU's cvt.rn.satfinite on
   the same numbers. Without scales, key and the cache share a dtype (fp16, bf16, fp32).
 
-Not supported: other dtype conversions, int8 caches, writing one token to several slots. Slot values are not checked
-(that would need a device sync): a slot past the cache writes out of bounds, and two tokens with the same slot race.
+Not supported: other dtype conversions, int8 caches, writing one token to several slots. A slot past the cache
+(>= num_blocks x block_size) is not written: launch(..., check=True) says which (a device sync). Two tokens with the
+same slot race.
 """
 import math
 
@@ -23,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (ELEMENT_BYTES, check_config, check_float_dtype, check_grid, check_head_dim, check_kv_cache_dtypes,
-                      check_like, check_runnable, check_same_shape, check_tensor, kv_scale, padded_head_dim)
+from ._launch import (ELEMENT_BYTES, ERR_SLOT, check_config, check_float_dtype, check_grid, check_head_dim,
+                      check_kv_cache_dtypes, check_like, check_runnable, check_same_shape, check_tensor, kv_scale,
+                      padded_head_dim)
 
 
 @triton.jit
@@ -47,19 +49,22 @@ def _round_to_fp8(x, scale, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_E
 
 
 @triton.jit
-def _cache_write(Key, Value, KC, VC, Slots, K_scale, V_scale, T, block_size,
+def _cache_write(Key, Value, KC, VC, Slots, K_scale, V_scale, Err, T, block_size, num_slots,
                  stride_kt, stride_kh, stride_kd,
                  stride_vt, stride_vh, stride_vd,
                  stride_kcb, stride_kcs, stride_kch, stride_kcd,
                  stride_vcb, stride_vcs, stride_vch, stride_vcd,
                  stride_slot, stride_ksc, stride_vsc,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, KV_FP8: tl.constexpr,
-                 FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+                 FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr, CHECK: tl.constexpr):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     slot = tl.load(Slots + toks * stride_slot, mask=toks < T, other=-1).to(tl.int64)
-    write = slot >= 0                                                  # negative: padding, skipped
+    inside = slot < num_slots                                          # past the cache: not written (flagged)
+    write = (slot >= 0) & inside                                       # negative: padding, skipped
+    if CHECK:
+        tl.store(Err + toks, ERR_SLOT, mask=(inside == 0) & (tl.program_id(1) == 0))
     slot = tl.where(write, slot, 0)
     blk = slot // block_size
     row = slot % block_size
@@ -80,11 +85,13 @@ def _cache_write(Key, Value, KC, VC, Slots, K_scale, V_scale, T, block_size,
     tl.store(v_dst, v, mask=mask)
 
 
-def launch(key, value, k_cache, v_cache, slot_mapping, config=None, *, k_scale=None, v_scale=None):
+def launch(key, value, k_cache, v_cache, slot_mapping, config=None, *, k_scale=None, v_scale=None, check=False):
     """k_cache[slot // block_size, slot % block_size] = key (and v_cache likewise) for every slot >= 0; into an fp8
     cache, quantised with k_scale and v_scale (required then, refused otherwise).
 
-    Writes in place and returns (k_cache, v_cache). config None means DEFAULT.
+    Writes in place and returns (k_cache, v_cache). config None means DEFAULT. A slot at or past num_blocks x
+    block_size is not written; check=True then raises a ValueError naming the token and its slot (reading the
+    kernel's flags back: a device sync).
     """
     config = check_config(DEFAULT if config is None else config, SPACE, BLOCK_T=1)
     fp8 = _check_inputs(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
@@ -95,16 +102,29 @@ def launch(key, value, k_cache, v_cache, slot_mapping, config=None, *, k_scale=N
         return k_cache, v_cache
     block_t = config["BLOCK_T"]
     fmt = torch.finfo(k_cache.dtype)
+    errors = torch.zeros(T, dtype=torch.int32, device=key.device) if check else slot_mapping   # unused unless check
     _cache_write[(triton.cdiv(T, block_t), Hkv)](
-        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, T, k_cache.shape[1],
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, errors, T, k_cache.shape[1],
+        k_cache.shape[0] * k_cache.shape[1],
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), slot_mapping.stride(0),
         stride_ksc, stride_vsc,
         HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_T=block_t, KV_FP8=fp8,
         FP8_MAX=fmt.max if fp8 else 0.0, MANTISSA=round(-math.log2(fmt.eps)) if fp8 else 0,
-        MIN_EXP=round(math.log2(fmt.smallest_normal)) if fp8 else 0,
+        MIN_EXP=round(math.log2(fmt.smallest_normal)) if fp8 else 0, CHECK=check,
         num_warps=config["num_warps"],
     )
+    if check:
+        _raise_slot_errors(errors, slot_mapping, k_cache.shape[0], k_cache.shape[1])
     return k_cache, v_cache
+
+
+def _raise_slot_errors(errors, slot_mapping, num_blocks: int, block_size: int) -> None:
+    flagged = errors.nonzero().flatten().tolist()
+    if flagged:
+        slots = slot_mapping.tolist()
+        named = ", ".join(f"slot_mapping[{t}]={slots[t]}" for t in flagged[:8])
+        raise ValueError(f"{len(flagged)} of {len(slots)} tokens have a slot past the cache's num_blocks {num_blocks} "
+                         f"x block_size {block_size} = {num_blocks * block_size} slots and were not written: {named}")
 
 
 def _check_inputs(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> bool:

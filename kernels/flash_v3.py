@@ -402,6 +402,22 @@ def _check_tma(**tensors: torch.Tensor) -> None:
                              f"({16 // es} elements) for TMA; use flash_v2, or pass {name}.contiguous()")
 
 
+def refusal(q, k, v) -> str | None:
+    """Why flash_v3 would refuse these inputs here (device, dtype, head dim, TMA layout, no keys), or None; what
+    tunebench.flash_attention(variant="auto") asks before it considers flash_v3's winners."""
+    dtype = str(q.dtype).removeprefix("torch.")
+    reason = unavailable() or _input_refusal(dtype, q.shape[-1])
+    if reason:
+        return reason
+    if q.dim() != 4 or k.dim() != 4 or k.shape[2] == 0:
+        return "q, k, v must be 4-d with at least one key"
+    try:
+        _check_tma(q=q, k=k, v=v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("float16", "bfloat16")

@@ -35,18 +35,25 @@ Supported: fp16, bf16 and fp32 (fp32 dots use input_precision="ieee": exact but 
 of two padded to the next power of two and masked); GQA/MQA (query head h reads KV head h // (Hq // Hkv)); any
 context length >= 1 up to max_blocks * block_size (a length of 0 gives zeros).
 
+Bad values (issue 16): the kernels never read out of bounds, whatever block_tables and context_lens hold. A length
+outside [0, max_blocks * block_size] reads nothing; a block id outside [0, num_blocks) among the entries a sequence
+reads is replaced by block 0 (one select per table entry, the K/V masks as they were). Either way that sequence's
+output rows are NaN (the reduce propagates a partition's NaN and checks the length itself) and the others are
+computed as usual. With CHECK (launch(..., check=True)) the kernel also writes an error code per sequence (ERR_* in
+_launch.py), which launch reads back (a device sync) and raises as a ValueError naming the sequence and its value.
+SAFE=False (launch(..., _safe=False), for bench/paged_check_cost.py only) compiles the kernels without these checks.
+
 Not supported: more than one query token per sequence (prefill, speculative decoding), sliding windows, ALiBi or
-soft-capping, int8 caches, fp8 scales per token or block, returning the log-sum-exp. The values of block_tables and
-context_lens are not checked (that would need a device sync): a length above max_blocks * block_size or a block id
-out of range reads out of bounds.
+soft-capping, int8 caches, fp8 scales per token or block, returning the log-sum-exp.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (ELEMENT_BYTES, LOG2E, check_config, check_float_dtype, check_grid, check_group, check_head_dim,
-                      check_kv_cache_dtypes, check_like, check_out, check_runnable, check_same_shape, check_scale,
-                      check_tensor, dot_precision, kv_scale, padded_head_dim, qk_scale, shared_memory_limit)
+from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, LOG2E, any_bad_block, check_config, check_float_dtype,
+                      check_grid, check_group, check_head_dim, check_kv_cache_dtypes, check_like, check_out,
+                      check_runnable, check_same_shape, check_scale, check_tensor, checked_blocks, dot_precision,
+                      kv_scale, no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit)
 
 
 @triton.jit
@@ -62,7 +69,8 @@ def _tile_blocks(table, n0, end, offs_n, stride_btn, BLOCK_SIZE: tl.constexpr, B
 
 
 @triton.jit
-def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale, qk_scale, num_parts,
+def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale, Err, qk_scale, num_parts,
+                  num_blocks, capacity,
                   stride_qb, stride_qh, stride_qd,
                   stride_kb, stride_ks, stride_kh, stride_kd,
                   stride_vb, stride_vs, stride_vh, stride_vd,
@@ -71,14 +79,19 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
                   Hq, N_SUB: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SAFE: tl.constexpr, CHECK: tl.constexpr):
     # KV heads vary fastest over the grid: programs running side by side read neighbouring 256-byte rows of the same
     # tokens ([block, row, head, D] layout), which keeps DRAM accesses close together.
     kv_head = tl.program_id(0) // N_SUB
     sub = tl.program_id(0) % N_SUB
     part = tl.program_id(1)
     b = tl.program_id(2)
-    ctx = tl.load(CL + b * stride_cl)
+    ctx = tl.load(CL + b.to(tl.int64) * stride_cl)
+    if SAFE:
+        # A length outside [0, table width x page size] reads nothing (the table's entries past its width would be
+        # another row's or out of bounds): the sequence's output is NaN.
+        ctx_ok = (ctx >= 0) & (ctx <= capacity)
+        ctx = tl.where(ctx_ok, ctx, 0)
     if SPLIT:
         start = part * PARTITION
         end = tl.minimum(start + PARTITION, ctx)
@@ -114,12 +127,14 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
     # own iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the table load in the same
     # iteration it keeps one, triton 3.6).
     blk_next = _tile_blocks(table, start, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
+    bad = no_bad_blocks(offs_n, BLOCK_SIZE, BLOCK_N)
     # Every tile starts before `end`, so it holds at least one visible token and m_i is finite after the first.
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n
         visible = tok < end
+        blk, bad = checked_blocks(blk_next, num_blocks, bad, SAFE)
         # int64: block id * block stride overflows int32 on large caches.
-        blk = blk_next.to(tl.int64)
+        blk = blk.to(tl.int64)
         blk_next = _tile_blocks(table, n0 + BLOCK_N, end, offs_n, stride_btn, BLOCK_SIZE, BLOCK_N)
         row = tok % BLOCK_SIZE
         k_rows = k_head + blk * stride_kb + row * stride_ks
@@ -147,6 +162,13 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         m_i = m_new
     if KV_FP8:
         acc = acc * v_scale
+    if SAFE:
+        # -- a bad block id or length: NaN for the whole sequence (the reduce propagates a partition's NaN)
+        bad_ids = any_bad_block(bad, BLOCK_SIZE, BLOCK_N)
+        acc = tl.where(bad_ids | (ctx_ok == 0), float("nan"), acc)
+        if CHECK:
+            code = tl.where(bad_ids, ERR_BLOCK_ID, tl.where(ctx_ok, 0, ERR_LENGTH))
+            tl.store(Err + b, code, mask=code != 0)
 
     if SPLIT:
         # Partials of a partition with no tokens are never read by the reduce, so they are not written either.
@@ -157,20 +179,24 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         tl.store(Acc_part + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=store_ok[:, None] & d_ok[None, :])
     else:
         # A sequence of length 0 has l = 0: write zeros rather than 0/0.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]           # NaN stays NaN (a bad sequence)
         o_ptrs = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts, stride_cl,
+def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts, capacity, stride_cl,
                   stride_ob, stride_oh, stride_od,
                   Hq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr,
-                  BLOCK_P: tl.constexpr):
-    """Merges the partitions of one (sequence, query head): out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
+                  BLOCK_P: tl.constexpr, SAFE: tl.constexpr):
+    """Merges the partitions of one (sequence, query head): out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p.
+    A partition's NaN (a bad block id) makes the output NaN; so does a length outside [0, capacity]."""
     head = tl.program_id(0)
     b = tl.program_id(1)
-    ctx = tl.load(CL + b * stride_cl)
+    ctx = tl.load(CL + b.to(tl.int64) * stride_cl)
+    if SAFE:
+        ctx_ok = (ctx >= 0) & (ctx <= capacity)
+        ctx = tl.where(ctx_ok, ctx, 0)
     used = (ctx + PARTITION - 1) // PARTITION                      # partitions that hold tokens
     base = (b * Hq + head).to(tl.int64) * num_parts
     offs_p = tl.arange(0, BLOCK_P)
@@ -196,17 +222,24 @@ def _paged_reduce(CL, O, M_part, L_part, Acc_part, num_parts, stride_cl,
         m_run = m_new
 
     out = acc / tl.where(l_run > 0, l_run, 1.0)
+    if SAFE:
+        out = tl.where(ctx_ok, out, float("nan"))
     o_ptrs = O + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_d * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
 
 
 def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scale=None, out=None, k_scale=None,
-           v_scale=None):
+           v_scale=None, check=False, _safe=True):
     """Paged decode attention. q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> out [B, Hq, D].
 
     scale defaults to 1/sqrt(D). config None means DEFAULT. The block (page) size is the cache's layout, fixed when
     it was built: it is read from k_cache.shape[1] (a power of two), never from the config. An fp8 cache needs
     k_scale and v_scale (see the module docstring).
+
+    Bad values never read out of bounds: a sequence whose context length is outside [0, max_blocks x block_size]
+    or that reads a block id outside [0, num_blocks) gets NaN rows, the others are unaffected. check=True also reads
+    the kernel's error flags back (a device sync, so not inside a CUDA graph) and raises a ValueError naming the
+    sequence and the bad value. _safe=False compiles the old unchecked kernel, for bench/paged_check_cost.py only.
     """
     fp8 = _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale, k_scale, v_scale)
     k_scale, stride_ksc = kv_scale("k_scale", k_scale, k_cache.shape[2], q.device) if fp8 else (None, 0)
@@ -234,23 +267,28 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
         acc_part = torch.empty(B, Hq, num_parts, D, dtype=torch.float32, device=q.device)
     else:
         m_part = l_part = acc_part = out                       # unused: the kernel writes out directly
+    num_blocks = k_cache.shape[0]
+    capacity = max_tokens if num_blocks else 0                 # no block: no token is readable
+    errors = torch.zeros(B, dtype=torch.int32, device=q.device) if check else out    # out: unused without CHECK
     _paged_decode[(Hkv * n_sub, num_parts, B)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, k_scale, v_scale,
-        qk_scale(scale, D), num_parts,
+        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part, k_scale, v_scale, errors,
+        qk_scale(scale, D), num_parts, num_blocks, capacity,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), context_lens.stride(0),
         stride_ksc, stride_vsc, *out.stride(),
         Hq, N_SUB=n_sub, GROUP=group, ROWS=rows, GROUP_PAD=group_pad,
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD,
         BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], PARTITION=partition if split else 0, SPLIT=split,
-        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8,
+        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8, SAFE=_safe, CHECK=check and _safe,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:
         _paged_reduce[(Hq, B)](
-            context_lens, out, m_part, l_part, acc_part, num_parts, context_lens.stride(0), *out.stride(),
-            Hq, HEAD_DIM=D, D_PAD=D_PAD, PARTITION=partition, BLOCK_P=_REDUCE_BLOCK_P,
+            context_lens, out, m_part, l_part, acc_part, num_parts, capacity, context_lens.stride(0), *out.stride(),
+            Hq, HEAD_DIM=D, D_PAD=D_PAD, PARTITION=partition, BLOCK_P=_REDUCE_BLOCK_P, SAFE=_safe,
             num_warps=_REDUCE_WARPS,
         )
+    if check:
+        raise_paged_errors(errors, block_tables, context_lens, num_blocks, block_size)
     return out
 
 

@@ -31,18 +31,27 @@ Schedule:
 Supported: fp16, bf16 and fp32 (fp32 dots use input_precision="ieee"); head dims 16..256 (non-powers of two padded
 and masked); GQA/MQA; any power-of-two block size (tunebench.paged_prefill admits shapes.PAGES, 8..128).
 
+Bad values (issue 16): launch checks the values of cu_seqlens_q and context_lens against q and the table on the host
+(one device-to-host copy) unless check_values=False. The kernel itself never reads or writes out of bounds, checked
+or not: a sequence whose length is below its new tokens or above max_blocks * block_size reads nothing, a block id
+outside [0, num_blocks) among the entries it reads is replaced by block 0; either gives the sequence's rows NaN. A
+sequence whose cu_seqlens_q entries are out of order or outside [0, total_q] (from 0, to total_q) owns no rows and
+writes none; rows owned by no sequence are not written. With CHECK (launch(..., check=True)) an error code per
+sequence is written and raised as a ValueError naming it; the first B programs also check each sequence's
+cu_seqlens_q and length once, since a binary search over out-of-order entries may reach no program of it. Only the
+values a launch reads are checked: a block id of a sequence with no new token is never read.
+
 Not supported: split-K over the context (a decode row with a long context runs in one program: decode-only batches
-are faster through paged_attention), sliding windows, ALiBi, soft-capping, fp8 caches, the log-sum-exp. launch checks
-the values of cu_seqlens_q and context_lens against the table (one device-to-host copy) unless check_values=False;
-block ids are never checked.
+are faster through paged_attention), sliding windows, ALiBi, soft-capping, fp8 caches, the log-sum-exp.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (ELEMENT_BYTES, check_config, check_float_dtype, check_like, check_out, check_paged_cache,
-                      check_runnable, check_scale, check_tensor, dot_precision, padded_head_dim, qk_scale,
-                      shared_memory_limit)
+from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, ERR_QUERY_ROWS, any_bad_block, check_config,
+                      check_float_dtype, check_like, check_out, check_paged_cache, check_runnable, check_scale,
+                      check_tensor, checked_blocks, dot_precision, no_bad_blocks, padded_head_dim, qk_scale,
+                      raise_paged_errors, shared_memory_limit)
 
 
 @triton.jit
@@ -73,17 +82,19 @@ def _tile_blocks(table, n0, end, offs_n, stride_btn, PAGE: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_head, v_head, table, lo, hi, limit, offs_n, offs_d, d_ok, qk_scale,
+def _attend(acc, m_i, l_i, bad, q, k_head, v_head, table, lo, hi, limit, offs_n, offs_d, d_ok, qk_scale, num_blocks,
             stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_btn,
             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr):
     """Online softmax over the keys [lo, hi). MASKED: key j is visible to a row only if j <= limit[row] (and
-    j < hi); otherwise every key of every tile is visible to every row."""
+    j < hi); otherwise every key of every tile is visible to every row. A block id outside [0, num_blocks) reads
+    block 0 instead and is recorded in bad (SAFE)."""
     blk_next = _tile_blocks(table, lo, hi, offs_n, stride_btn, PAGE, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         tok = n0 + offs_n
+        blk, bad = checked_blocks(blk_next, num_blocks, bad, SAFE)
         # int64: block id * block stride overflows int32 on large caches.
-        blk = blk_next.to(tl.int64)
+        blk = blk.to(tl.int64)
         blk_next = _tile_blocks(table, n0 + BLOCK_N, hi, offs_n, stride_btn, PAGE, BLOCK_N)
         row = tok % PAGE
         k_ptrs = (k_head + blk * stride_kb + row * stride_ks)[:, None] + offs_d[None, :] * stride_kd
@@ -113,11 +124,32 @@ def _attend(acc, m_i, l_i, q, k_head, v_head, table, lo, hi, limit, offs_n, offs
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, bad
 
 
 @triton.jit
-def _paged_prefill(Q, K, V, CU, CL, BT, O, qk_scale, B,
+def _validate_sequence(CU, CL, Err, s, B, total_q, capacity, stride_cu, stride_cl):
+    """Flags sequence s's rows (0 = cu_seqlens_q[0] <= ... <= cu_seqlens_q[B] = total_q locally) and its length
+    (new tokens <= context_lens[s] <= capacity). Under CHECK only: the programs that own a sequence's rows find it
+    by a binary search that entries out of order can mislead, so these values are checked once per sequence here."""
+    start = tl.load(CU + s.to(tl.int64) * stride_cu)
+    end = tl.load(CU + (s + 1).to(tl.int64) * stride_cu)
+    ctx = tl.load(CL + s.to(tl.int64) * stride_cl)
+    rows_ok = _rows_ok(start, end, s, B, total_q)
+    len_ok = (ctx >= end - start) & (ctx <= capacity)
+    code = tl.where(rows_ok, tl.where(len_ok, 0, ERR_LENGTH), ERR_QUERY_ROWS)
+    tl.store(Err + s, code, mask=code != 0)
+
+
+@triton.jit
+def _rows_ok(start, end, b, B, total_q):
+    """Sequence b's new tokens are rows start .. end - 1 of q, in bounds, the first from row 0, the last to total_q."""
+    return ((start >= 0) & (start <= end) & (end <= total_q) & ((b > 0) | (start == 0))
+            & ((b < B - 1) | (end == total_q)))
+
+
+@triton.jit
+def _paged_prefill(Q, K, V, CU, CL, BT, O, Err, qk_scale, B, total_q, num_blocks, capacity,
                    stride_qt, stride_qh, stride_qd,
                    stride_kb, stride_ks, stride_kh, stride_kd,
                    stride_vb, stride_vs, stride_vh, stride_vd,
@@ -125,17 +157,33 @@ def _paged_prefill(Q, K, V, CU, CL, BT, O, qk_scale, B,
                    stride_ot, stride_oh, stride_od,
                    GROUP: tl.constexpr, HEADS: tl.constexpr, N_SUB: tl.constexpr, BLOCK_Q: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   SAFE: tl.constexpr, CHECK: tl.constexpr):
     block_idx = tl.program_id(0)
     kv_head = tl.program_id(1) // N_SUB
     sub = tl.program_id(1) % N_SUB
+    if CHECK:
+        if (block_idx < B) & (tl.program_id(1) == 0):
+            _validate_sequence(CU, CL, Err, block_idx, B, total_q, capacity, stride_cu, stride_cl)
     b = _find_sequence(CU, stride_cu, block_idx, B, BLOCK_Q)
+    if SAFE:
+        if b < 0:
+            return                                    # cu_seqlens_q[0] > 0: rows before it belong to no sequence
     q_start = tl.load(CU + b.to(tl.int64) * stride_cu)
-    n_new = tl.load(CU + (b + 1).to(tl.int64) * stride_cu) - q_start
+    q_end = tl.load(CU + (b + 1).to(tl.int64) * stride_cu)
+    n_new = q_end - q_start
+    if SAFE:
+        # A sequence whose rows are out of order or out of q's bounds owns no rows: it writes nothing.
+        if _rows_ok(q_start, q_end, b, B, total_q) == 0:
+            return
     q0 = (block_idx - (q_start // BLOCK_Q + b)) * BLOCK_Q           # this tile's first new token, in its sequence
     if q0 >= n_new:
         return
     ctx = tl.load(CL + b.to(tl.int64) * stride_cl)
+    if SAFE:
+        # A length below the new tokens or past the table reads nothing (both stages below are empty): NaN rows.
+        len_ok = (ctx >= n_new) & (ctx <= capacity)
+        ctx = tl.where(len_ok, ctx, n_new)
     cached = ctx - n_new
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -161,30 +209,46 @@ def _paged_prefill(Q, K, V, CU, CL, BT, O, qk_scale, B,
     table = BT + b.to(tl.int64) * stride_btb
     k_head = K + kv_head.to(tl.int64) * stride_kh
     v_head = V + kv_head.to(tl.int64) * stride_vh
+    bad = no_bad_blocks(offs_n, PAGE, BLOCK_N)
     # -- stage 1: whole tiles that every row sees (keys <= cached + q0, the first row's limit): no mask
     full_end = (cached + q0 + 1) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_head, v_head, table, 0, full_end, limit, offs_n, offs_d, d_ok,
-                            qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_btn,
-                            PAGE, BLOCK_N, EVEN_D, False, DOT_PRECISION)
+    kv_end = tl.minimum(cached + q0 + BLOCK_Q, ctx)
+    if SAFE:
+        full_end = tl.where(len_ok, full_end, 0)
+        kv_end = tl.where(len_ok, kv_end, 0)
+    acc, m_i, l_i, bad = _attend(acc, m_i, l_i, bad, q, k_head, v_head, table, 0, full_end, limit, offs_n, offs_d,
+                                 d_ok, qk_scale, num_blocks, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs,
+                                 stride_vd, stride_btn, PAGE, BLOCK_N, EVEN_D, False, DOT_PRECISION, SAFE)
     # -- stage 2: the tiles on the diagonal, up to the last row's last key. Its first tile starts at or before every
     # row's limit, so each row's running max is finite after it.
-    kv_end = tl.minimum(cached + q0 + BLOCK_Q, ctx)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_head, v_head, table, full_end, kv_end, limit, offs_n, offs_d, d_ok,
-                            qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, stride_btn,
-                            PAGE, BLOCK_N, EVEN_D, True, DOT_PRECISION)
+    acc, m_i, l_i, bad = _attend(acc, m_i, l_i, bad, q, k_head, v_head, table, full_end, kv_end, limit, offs_n,
+                                 offs_d, d_ok, qk_scale, num_blocks, stride_kb, stride_ks, stride_kd, stride_vb,
+                                 stride_vs, stride_vd, stride_btn, PAGE, BLOCK_N, EVEN_D, True, DOT_PRECISION, SAFE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SAFE:
+        # -- a bad block id or length: NaN rows for the sequence
+        bad_ids = any_bad_block(bad, PAGE, BLOCK_N)
+        out = tl.where(bad_ids | (len_ok == 0), float("nan"), out)
+        if CHECK:
+            tl.store(Err + b, ERR_BLOCK_ID, mask=bad_ids)
     o_ptrs = O + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config=None, *, scale=None, out=None,
-           check_values=True):
+           check_values=True, check=False, _safe=True):
     """Paged varlen attention. q [total_q, Hq, D], caches [num_blocks, block_size, Hkv, D] -> out [total_q, Hq, D].
 
     scale defaults to 1/sqrt(D). config None means DEFAULT. check_values reads cu_seqlens_q and context_lens to the
     host (a device sync) and checks them against q and the block table; pass False where a sync is not allowed
     (CUDA graph capture, timing) and the values are known to be right.
+
+    Bad values never read or write out of bounds, checked or not: a sequence with a context length outside
+    [new tokens, max_blocks x block_size] or that reads a block id outside [0, num_blocks) gets NaN rows, the
+    others are unaffected; one whose cu_seqlens_q entries are out of order or out of q's rows writes no row.
+    check=True reads the kernel's error flags back (a device sync) and raises a ValueError naming the sequence and
+    the bad value. _safe=False compiles the unchecked kernel, for benchmarks only.
     """
     check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, scale)
     config = check_config(dict(DEFAULT) if config is None else config, SPACE, BLOCK_M=16, BLOCK_N=16)
@@ -203,15 +267,21 @@ def launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config
     grid = (total_q // block_q + B, Hkv * n_sub)
     if grid[1] > 65535:
         raise ValueError(f"Hkv x programs per group = {grid[1]} exceeds the grid limit 65535; use a larger BLOCK_M")
+    num_blocks = k_cache.shape[0]
+    capacity = block_tables.shape[1] * k_cache.shape[1] if num_blocks else 0   # no block: no token is readable
+    errors = torch.zeros(B, dtype=torch.int32, device=q.device) if check else out    # out: unused without CHECK
     _paged_prefill[grid](
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, qk_scale(scale, D), B,
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, errors, qk_scale(scale, D), B, total_q,
+        num_blocks, capacity,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), cu_seqlens_q.stride(0), context_lens.stride(0),
         *block_tables.stride(), *out.stride(),
         GROUP=group, HEADS=heads, N_SUB=n_sub, BLOCK_Q=block_q,
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD, PAGE=k_cache.shape[1],
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        SAFE=_safe, CHECK=check and _safe, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+    if check:
+        raise_paged_errors(errors, block_tables, context_lens, num_blocks, k_cache.shape[1], cu_seqlens_q, total_q)
     return out
 
 

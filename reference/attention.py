@@ -1,8 +1,9 @@
 """The plainest attention there is: S = QK^T * scale, mask, softmax, PV.
 
-Computed in ``dtype`` (float64 by default), for as many (batch, head) pairs at a time as keep the score matrices within
-MAX_SCORES elements (one pair at a time from 8k x 16k up). One pair per step made a small problem's reference thousands
-of steps of a few launches each (a paged decode of B=128 x 32 heads: 4096), which every tuning worker computes.
+Computed in ``dtype`` (float64 by default), for as many (batch, head) pairs at a time as keep the score matrices and
+the gathered K/V within MAX_SCORES elements (one pair at a time from 8k x 16k up). One pair per step made a small
+problem's reference thousands of steps of a few launches each (a paged decode of B=128 x 32 heads: 4096), which every
+tuning worker computes.
 """
 import math
 
@@ -37,7 +38,9 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, dtype=t
     qs, ks, vs = q.reshape(B * Hq, Nq, D), k.reshape(B * Hkv, Nk, D), v.reshape(B * Hkv, Nk, D)
     pair = torch.arange(B * Hq, device=q.device)
     kv_of = (pair // Hq) * Hkv + (pair % Hq) // group              # (b, h) -> (b, h // group)
-    step = max(1, MAX_SCORES // max(1, Nq * Nk))
+    # Bound the scores [pairs, Nq, Nk] and the gathered K/V [pairs, Nk, D] alike: at decode (Nq = 1) K/V are D times
+    # the scores, and a B256 x 8k batch's were 64 GiB each in float64.
+    step = max(1, MAX_SCORES // max(1, Nk * max(Nq, D)))
     for start in range(0, B * Hq, step):
         rows = slice(start, min(start + step, B * Hq))
         qi = qs[rows].to(dtype)

@@ -1,11 +1,12 @@
-"""Compiles flash_v3 launches for sm_90a (Hopper) on a machine without a GPU: Triton lowers them to PTX and its
-bundled ptxas assembles the cubin, which catches syntax, layout, type and shared-memory errors. Nothing runs.
+"""Compiles flash_v3 launches (and, through compile_for, any Triton or Gluon kernel's) for sm_90a (Hopper) on a machine
+without a GPU: Triton lowers them to PTX and its bundled ptxas assembles the cubin, which catches syntax, layout,
+type and shared-memory errors. Nothing runs.
 
 The compiles run in a child process without TRITON_INTERPRET: under the interpreter (which tests/conftest.py switches
 on without a GPU), triton 3.6 builds its standard library (tl.max, tl.sum, cdiv, which Gluon re-exports) as
-interpreted functions, which the Gluon compiler refuses. `compile_for` follows what triton 3.6's JITFunction.run
-does before compiling (bind and specialize the arguments, pack the options), with the target given instead of read
-from the driver."""
+interpreted functions, which the Gluon compiler refuses. `compile_for` follows what triton 3.6's JITFunction.run does
+before compiling (bind and specialize the arguments, pack the options), with the target given instead of read from
+the driver."""
 import json
 import os
 import subprocess
@@ -30,15 +31,16 @@ def compile_for(kernel, args, options, target=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     from triton.runtime.jit import create_function_from_signature
     target = target or GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, parsed = binder(*args, **options)
     parsed, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, parsed)
-    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target,
-                          options=parsed.__dict__)
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource      # Gluon or Triton kernel
+    return triton.compile(source(kernel, signature, constexprs, attrs), target=target, options=parsed.__dict__)
 
 
 def _compile_case(case: dict) -> dict:

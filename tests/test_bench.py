@@ -151,7 +151,8 @@ def test_plots_are_written_or_skipped_when_matplotlib_is_missing(tmp_path):
 def test_problem_selection_filters_and_merges_v1_into_prefill():
     headline = command.bench_problems(None, None, None)
     assert len(headline) == len(set(headline)) and all(p.kernel in ("flash_v2", "paged_attention") for p in headline)
-    assert sum(p.paged for p in headline) == 5                      # four uniform decode rows and the ragged batch
+    # four uniform decode rows with a bf16 cache, the same four with an fp8 one, and the ragged batch
+    assert sum(p.paged for p in headline) == 9 and sum(p.kv_dtype == "float8_e4m3fn" for p in headline) == 4
     decode = command.bench_problems("headline", None, ["paged_attention"])
     assert decode and all(p.paged for p in decode) and decode[-1] == ragged.headline()[0]
     assert all(p.dtype == "float16" for p in command.bench_problems("headline", None, None, ["float16"]))

@@ -1,4 +1,5 @@
 """The runtime dispatcher: which config a call gets, from which database, and that the call is right."""
+import dataclasses
 import sys
 import subprocess
 import warnings
@@ -144,7 +145,7 @@ def test_user_db_takes_precedence_over_packaged(tmp_path, monkeypatch):
 def test_bad_inputs_and_variant_are_rejected(device):
     q = torch.randn(1, 2, 8, 16).half().to(device)
     with pytest.raises(ValueError, match="variant"):
-        tunebench.flash_attention(q, q, q, variant="v3")
+        tunebench.flash_attention(q, q, q, variant="v9")
     with pytest.raises(ValueError, match="4-d"):
         tunebench.flash_attention(q[0], q[0], q[0])
 
@@ -184,3 +185,66 @@ def test_both_entry_points_work_under_torch_compile_fullgraph():
         return tunebench.paged_attention(q, kc, vc, tables, lens) * 2.0
 
     torch.testing.assert_close(decode(qd, kc, vc, tables, lens), tunebench.paged_attention(qd, kc, vc, tables, lens) * 2.0)
+
+
+# --- variant="auto": the tuner picks the kernel ---------------------------------------------------------------------
+
+V3_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "STAGES": 2, "OVERLAP": False, "WARP_SPECIALIZE": False,
+             "PRODUCER_REGS": 24}
+
+
+def _auto_winners(monkeypatch, times: dict[str, float]):
+    """A dispatcher whose winners are exact for the auto test shape, one per kernel, with these tuned times."""
+    rows = [(dataclasses.replace(_problem(), kernel=kernel), V3_CONFIG if kernel == "flash_v3" else V2_TUNED, "test",
+             ms) for kernel, ms in times.items()]
+    monkeypatch.setattr(dispatch, "_DISPATCHER", dispatch.Dispatcher(winners.Winners(_device().name, rows)))
+
+
+def _auto_inputs(device):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(1, h, 40, 32, generator=g).half().to(device) for h in (2, 1, 1)]
+
+
+@pytest.mark.parametrize("v3_ms, expected", [(1.0, "flash_v3"), (3.0, "flash_v2")])
+def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, v3_ms, expected):
+    monkeypatch.setattr(dispatch, "_refusal", lambda kernel, q, k, v: None)     # as on a Hopper GPU
+    _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": v3_ms})
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
+    other = "flash_v2 2 ms" if expected == "flash_v3" else "flash_v3 3 ms"
+    assert kernel == expected and "fastest tuned winner" in why and other in why, why
+
+
+def test_auto_without_exact_winners_runs_flash_v2(monkeypatch, device):
+    monkeypatch.setattr(dispatch, "_refusal", lambda kernel, q, k, v: None)
+    _auto_winners(monkeypatch, {})
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
+    assert kernel == "flash_v2" and "no kernel has an exact winner" in why
+
+
+def test_auto_never_runs_flash_v3_where_it_cannot_run(monkeypatch, device):
+    """Off Hopper (and in the interpreter) flash_v3 is not registered: even a faster flash_v3 winner for the bucket
+    leaves the call on flash_v2, which computes it right, and explain says why."""
+    if torch.cuda.is_available():
+        import tunebench.kernels.flash_v3 as v3
+        monkeypatch.setattr(v3, "unavailable", lambda: "it needs a Hopper GPU (this test pretends there is none)")
+    _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": 1.0})
+    q, k, v = _auto_inputs(device)
+    kernel, why = dispatch.auto_kernel(q, k, v, True)
+    assert kernel == "flash_v2" and "flash_v3 cannot run it" in why and "Hopper" in why, why
+    assert "[auto: flash_v2" in tunebench.explain(q, k, causal=True)
+    out = tunebench.flash_attention(q, k, v, causal=True)
+    ref64 = ref.attention(q, k, v, True)
+    verdict = close_enough(out, ref64, ref.attention(q, k, v, True, dtype=q.dtype))
+    assert verdict.ok, verdict.reason
+
+
+def test_auto_asks_flash_v3_about_these_tensors(monkeypatch, device):
+    """A layout flash_v3's TMA refuses (a last dim with stride 2) is refused by name, so auto stays on flash_v2."""
+    module = pytest.importorskip("tunebench.kernels.flash_v3")
+    monkeypatch.setattr(module, "unavailable", lambda: None)
+    q = torch.randn(1, 2, 40, 128, device=device).half()
+    assert module.refusal(q, q, q) is None
+    strided = torch.randn(1, 2, 40, 256, device=device).half()[..., ::2]
+    assert "contiguous last dim" in module.refusal(strided, q, q)
+    assert "head dim" in module.refusal(q[..., :96], q[..., :96], q[..., :96])
+    assert "float16 or bfloat16" in module.refusal(q.float(), q.float(), q.float())

@@ -352,7 +352,8 @@ def running(pid: int) -> bool:
 
 
 def test_a_version_1_schema_is_migrated_in_place_and_refused_read_only(pg_url):
-    """Schema 1 -> 2 on PostgreSQL: the problems table gains its page column and a unique key with it (issue 19)."""
+    """Schema 1 -> 3 on PostgreSQL: the problems table gains its page and kv_dtype columns and a unique key with them
+    (issue 19)."""
     import sqlalchemy
     from tunebench.shapes import Problem
     from tunebench.store import SCHEMA_VERSION, StoreError
@@ -365,9 +366,9 @@ def test_a_version_1_schema_is_migrated_in_place_and_refused_read_only(pg_url):
         store.upsert_winner(H100, "flash_v2", "h", dense, {"BLOCK_M": 16}, 0.5, 1.2)  # store never checks SPACE
         store.upsert_winner(H100, "paged_attention", "h", paged, config, 0.5, 1.2)
     engine = sqlalchemy.create_engine(pg_url)
-    with engine.begin() as c:                 # back to schema 1: no page column, the unique key without it
+    with engine.begin() as c:                 # back to schema 1: no page or kv_dtype column, the unique key without
         c.exec_driver_sql(f"SET search_path TO {PG_SCHEMA}")
-        c.exec_driver_sql("ALTER TABLE problems DROP COLUMN page")
+        c.exec_driver_sql("ALTER TABLE problems DROP COLUMN page, DROP COLUMN kv_dtype")
         c.exec_driver_sql('ALTER TABLE problems ADD UNIQUE (kernel, "B", "Hq", "Hkv", "Nq", "Nk", "D", dtype, causal)')
         c.exec_driver_sql("UPDATE schema_version SET version = 1")
     with pytest.raises(StoreError, match="schema version 1; open it writable once"):

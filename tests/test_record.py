@@ -1,4 +1,5 @@
 """Recording a program's buckets and reading the record back: round trip, counts, and clear errors."""
+import dataclasses
 import json
 
 import pytest
@@ -44,7 +45,8 @@ def write(tmp_path, data) -> str:
 
 
 def entry(**problem):
-    fields = dict(kernel="flash_v2", B=1, Hq=8, Hkv=2, Nq=64, Nk=64, D=64, dtype="float16", causal=False, page=None)
+    fields = dict(kernel="flash_v2", B=1, Hq=8, Hkv=2, Nq=64, Nk=64, D=64, dtype="float16", causal=False, page=None,
+                  kv_dtype=None)
     return {"problem": dict(fields, **problem), "calls": 1}
 
 
@@ -64,6 +66,8 @@ def doc(*entries):
     (doc(entry(page=16)), "entry 0: page is the KV page size of a paged problem"),
     (doc(entry(kernel="paged_attention", Nq=1, page=24)), "entry 0: page .* must be a power of two in 8..128"),
     (doc(entry(kernel="paged_attention", Nq=1, page="16")), "entry 0: page must be an integer or null"),
+    (doc(entry(kernel="paged_attention", Nq=1, kv_dtype="int8")), "entry 0: kv_dtype must be null or one of"),
+    (doc(entry(kv_dtype="float8_e4m3fn")), "entry 0: kv_dtype is the KV cache's dtype of a paged decode"),
     (doc({"problem": entry()["problem"], "calls": -3}), "entry 0: 'calls' must be a positive integer"),
     ("[" * 100_000, "not a readable record"),
 ])
@@ -102,7 +106,30 @@ def test_the_page_round_trips_and_each_page_is_its_own_bucket(tmp_path):
 
 
 def test_a_version_1_record_without_pages_loads_with_page_16(tmp_path):
-    old = {k: v for k, v in entry(kernel="paged_attention", Nq=1)["problem"].items() if k != "page"}
+    old = {k: v for k, v in entry(kernel="paged_attention", Nq=1)["problem"].items() if k not in ("page", "kv_dtype")}
     path = write(tmp_path, {"format": record.FORMAT, "version": 1, "entries": [{"problem": old, "calls": 2}]})
     ((problem, calls),) = record.load(path, KNOWN)
     assert (problem.page, calls) == (16, 2)
+
+
+def test_a_version_2_record_without_kv_dtype_loads_as_a_cache_of_the_problems_dtype(tmp_path):
+    old = {k: v for k, v in entry(kernel="paged_attention", Nq=1, page=32)["problem"].items() if k != "kv_dtype"}
+    path = write(tmp_path, {"format": record.FORMAT, "version": 2, "entries": [{"problem": old, "calls": 3}]})
+    ((problem, calls),) = record.load(path, KNOWN)
+    assert (problem.page, problem.kv_dtype, calls) == (32, None, 3)
+
+
+def test_an_fp8_call_records_its_own_bucket_beside_the_fp16_one(tmp_path):
+    import torch
+    import tunebench
+    from tunebench.inputs import fp8_paged_inputs
+    fp8 = Problem("paged_attention", 2, 4, 2, 1, 40, 16, "float16", page=8, kv_dtype="float8_e5m2")
+    q, kc, vc, bt, cl, ks, vs = fp8_paged_inputs(fp8, "cpu", 0, torch.float8_e5m2, per_head=False,
+                                                 context_lens=[40, 40], extra_columns=0)
+    path = tmp_path / "shapes.json"
+    with tunebench.record(path):
+        for _ in range(2):
+            tunebench.paged_attention(q, kc, vc, bt, cl, k_scale=ks, v_scale=vs)
+        tunebench.paged_attention(q, kc.to(torch.float16), vc.to(torch.float16), bt, cl)
+    assert json.loads(path.read_text())["entries"][0]["problem"]["kv_dtype"] == "float8_e5m2"
+    assert record.load(path, KNOWN) == [(bucket(fp8), 2), (bucket(dataclasses.replace(fp8, kv_dtype=None)), 1)]

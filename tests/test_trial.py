@@ -191,3 +191,25 @@ def test_a_trace_file_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(trace, "_file", None)
     with pytest.raises(RuntimeError, match="TUNEBENCH_TRACE names a file that cannot be written: .*no-such-folder"):
         trace.event("tune")
+
+
+def _class(n: int) -> str:
+    return "one" if n == 1 else "x16" if n % 16 == 0 else "other"
+
+
+@pytest.mark.parametrize("B,Nk,page", [(1, 40, 8), (3, 100, 16), (13, 16, 16), (2, 1, 8)])
+def test_a_compile_workers_paged_layout_specialises_like_the_run_workers(B, Nk, page):
+    """What Triton specialises a launch on (dtype, 16-byte alignment, strides, sizes, an int's class) is the same
+    for the compile worker's few-block cache as for the run worker's packed one; only the block count shrinks."""
+    problem = Problem("paged_attention", B, 4, 2, 1, Nk, 16, "float16", page=page)
+    run = Workload(problem, device="cpu", fill=True).args({})
+    compiled = Workload(problem, device="cpu", fill=False).args({})
+    assert len(run) == len(compiled)
+    for i, (a, b) in enumerate(zip(run, compiled)):
+        assert (a.dtype, a.stride(), a.data_ptr() % 16 == 0) == (b.dtype, b.stride(), b.data_ptr() % 16 == 0), i
+        if i in (1, 2):   # the caches: fewer blocks of the same class
+            assert a.shape[1:] == b.shape[1:] and _class(a.shape[0]) == _class(b.shape[0]), (a.shape, b.shape)
+            assert b.shape[0] <= 17
+        else:
+            assert a.shape == b.shape, i
+    assert torch.equal(run[4], compiled[4])   # context_lens decide the launch's partitions

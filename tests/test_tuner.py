@@ -1,6 +1,7 @@
 """`tunebench tune` end to end on the CPU (--interpret): real spawned workers, the real results store and Optuna
 studies in SQLite files under tmp_path. Planted faults come from test-only kernel modules (tests/fake_kernels)
 registered into the kernel registry for the test."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -426,3 +427,19 @@ def test_tpe_times_the_neighbouring_winners_of_the_family_so_transfer_has_eviden
     with Store(str(tmp_path / "results.db"), readonly=True) as store:
         timed = [t.config for t in store.trials(kernel="flash_v2", problem=target)]
     assert timed[:3] == [module.DEFAULT, x, y]
+
+
+def test_tune_kernel_flash_v3_tunes_the_flash_v2_problems_it_can_run(monkeypatch):
+    """flash_v3 has no problems of its own in the suites: named, it takes the flash_v2 ones its keep() admits (as on
+    a Hopper GPU, pretended here), so that variant="auto" has both kernels' winners per bucket to compare."""
+    import tunebench.registry as registry
+    module = pytest.importorskip("tunebench.kernels.flash_v3")
+    monkeypatch.setattr(module, "unavailable", lambda: None)
+    monkeypatch.setattr(registry, "KERNELS", dict(registry.KERNELS))
+    monkeypatch.setattr(registry, "UNAVAILABLE", {})
+    v2 = [p for p in suite("headline") if p.kernel == "flash_v2"]
+    got = select_problems(["flash_v3"], "headline", None)
+    assert got and {p.kernel for p in got} == {"flash_v3"}
+    assert [dataclasses.replace(p, kernel="flash_v2") for p in got] == [p for p in v2 if p.D in (64, 128, 256)]
+    both = select_problems(["flash_v2", "flash_v3"], "headline", None)
+    assert {p.kernel for p in both} == {"flash_v2", "flash_v3"} and len(both) == len(v2) + len(got)

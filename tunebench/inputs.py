@@ -5,7 +5,9 @@ brings its own inputs and reference (tunebench.kernel_protocol): DomainWorkload 
 Values are standard normal, drawn in float32 on the device the tensors live on by a generator seeded there, then cast
 to the problem's dtype: fresh random inputs, never zeros (a kernel can look right on zeros). Dense kernels take
 q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]. The paged kernel takes q [B, Hq, D] and a cache of pages of problem.page
-tokens: the logical K/V are drawn once and packed into pages in random order.
+tokens: the logical K/V are drawn once and packed into pages in random order. A problem with an fp8 kv_dtype packs
+its cache quantised (per-KV-head scales, passed to the launch as k_scale / v_scale), and its references are taken on
+the dequantised values (the rule in tunebench.correctness).
 
 A reference is a pair: the float64 result and the same naive computation in the problem's dtype, whose error is the
 yardstick of tunebench.correctness.close_enough.
@@ -99,6 +101,20 @@ def pack_paged(k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor, blo
     return k_cache, v_cache, tables
 
 
+def compile_only_paged(problem: Problem, device, spare_blocks: int = 3):
+    """(k_cache, v_cache, block_tables) with what Triton specialises a paged launch on (dtypes, 16-byte alignment,
+    strides, the table's width, and the block count's class: 1, a multiple of 16, or neither) equal to pack_paged's
+    for the same problem, but with at most 17 uninitialised blocks and a table of zeros. For compiling only: a
+    launch would read blocks that are not there. An fp8 problem's cache has its kv_dtype."""
+    p = problem
+    width = max(-(-p.Nk // p.page), 1)
+    num_blocks = p.B * -(-p.Nk // p.page) + spare_blocks
+    small = num_blocks if num_blocks == 1 else 16 if num_blocks % 16 == 0 else 17
+    k_cache = torch.empty(small, p.page, p.Hkv, p.D, dtype=p.torch_cache_dtype, device=device)
+    tables = torch.zeros(p.B, width, dtype=torch.int32, device=device)
+    return k_cache, torch.empty_like(k_cache), tables
+
+
 def _shared_tables(context_lens, block_size: int, shared: int, extra_columns: int, perm):
     """Block tables (-1 past a sequence's blocks) taking physical blocks from perm in order, the first ``shared``
     blocks of sequence 0 reused by every later sequence; and the rows of each block that some sequence reads."""
@@ -177,12 +193,21 @@ class Workload:
     def __init__(self, problem: Problem, seed: int = 0, device: str | torch.device = "cuda", fill: bool = True):
         self.problem, self.device = problem, torch.device(device)
         self._gen = torch.Generator(device="cpu").manual_seed(seed)    # the paged blocks' order
-        self.q, self.k, self.v = draw_qkv(problem, self.device, seed, fill=fill)
-        if problem.paged:
-            self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
-        self.out = torch.empty_like(self.q)
         self._refs = None
         self._packed: tuple | None = None
+        if problem.paged:
+            self.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=self.device)
+        if problem.paged and not fill:
+            # A compile worker of a 2M-token cache would hold it twice (dense, then packed) in each of its processes
+            # and run the GPU out of memory: it gets the launch's specialisation at a few blocks' cost instead.
+            self.q = torch.empty(problem.B, problem.Hq, problem.D, dtype=problem.torch_dtype, device=self.device)
+            self.k = self.v = None
+            self._packed = compile_only_paged(problem, self.device)
+            self.scales = fp8_scales_like(problem, self.device)
+        else:
+            self.q, self.k, self.v = draw_qkv(problem, self.device, seed, fill=fill)
+            self.scales = kv_scales(problem, self.k, self.v)
+        self.out = torch.empty_like(self.q)
 
     def args(self, config: dict) -> tuple:
         """Positional arguments for the kernel module's ``launch``. A paged cache (pages of problem.page tokens) is
@@ -190,12 +215,15 @@ class Workload:
         if not self.problem.paged:
             return (self.q, self.k, self.v)
         if self._packed is None:
-            self._packed = pack_paged(self.k, self.v, self.context_lens, self.problem.page, self._gen)
+            k_cache, v_cache, tables = pack_paged(self.k, self.v, self.context_lens, self.problem.page, self._gen)
+            self._packed = (*quantised(self.problem, (k_cache, v_cache), self.scales), tables)
         k_cache, v_cache, tables = self._packed
         return (self.q, k_cache, v_cache, tables, self.context_lens)
 
     def kwargs(self) -> dict:
-        return {} if self.problem.paged else {"causal": self.problem.causal}
+        if self.problem.paged:
+            return {} if self.scales is None else dict(zip(("k_scale", "v_scale"), self.scales))
+        return {"causal": self.problem.causal}
 
     def run(self, module, config: dict) -> torch.Tensor:
         """Launches once into a NaN-poisoned output."""
@@ -204,9 +232,11 @@ class Workload:
 
     def references(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(float64 reference, the same naive computation in the problem's dtype), computed once. A paged problem's
-        reference is that of its logical (dense) K/V, whatever the block layout."""
+        reference is that of its logical (dense) K/V, whatever the block layout; an fp8 cache's, of its dequantised
+        values."""
         if self._refs is None:
-            self._refs = references(self.q, self.k, self.v, self.problem.causal)
+            k, v = dequantised(self.problem, (self.k, self.v), self.scales)
+            self._refs = references(self.q, k, v, self.problem.causal)
         return self._refs
 
     def check(self, module, config: dict) -> Verdict:
@@ -275,6 +305,8 @@ class Inputs:
     v_cache: object = None
     block_tables: object = None
     context_lens: object = None
+    k_scale: object = None          # an fp8 cache's scales (float32 [Hkv]); None for a cache in the problem's dtype
+    v_scale: object = None
     _expanded: Optional[tuple] = None
 
     @property
@@ -299,8 +331,11 @@ def make_inputs(problem: Problem, device, seed: int = 0) -> Inputs:
     inputs = Inputs(problem, *draw_qkv(problem, device, seed))
     if problem.paged:
         inputs.context_lens = torch.full((problem.B,), problem.Nk, dtype=torch.int32, device=device)
-        inputs.k_cache, inputs.v_cache, inputs.block_tables = pack_paged(
+        k_cache, v_cache, inputs.block_tables = pack_paged(
             inputs.k, inputs.v, inputs.context_lens, problem.page, torch.Generator().manual_seed(seed))
+        scales = kv_scales(problem, inputs.k, inputs.v)
+        inputs.k_cache, inputs.v_cache = quantised(problem, (k_cache, v_cache), scales)
+        inputs.k_scale, inputs.v_scale = scales or (None, None)
     return inputs
 
 
@@ -342,7 +377,9 @@ def reference_for(inputs: Inputs, seed: int = 0) -> Reference:
     p = inputs.problem
     if p.paged:
         idx = _decode_rows(p, inputs.device, seed)
-        return Reference(*references(inputs.q[idx], inputs.k[idx], inputs.v[idx]), lambda out: out[idx])
+        scales = None if p.kv_dtype is None else (inputs.k_scale, inputs.v_scale)
+        k, v = dequantised(p, (inputs.k[idx], inputs.v[idx]), scales)
+        return Reference(*references(inputs.q[idx], k, v), lambda out: out[idx])
     windows = check_windows(p.Nq, seed=seed)
     parts = []
     for s, e in windows:
@@ -444,3 +481,38 @@ def fp8_paged_references(q, k_cache, v_cache, block_tables, context_lens, k_scal
     and the naive computation in q's dtype on those values (tunebench.correctness states the rule)."""
     k64, v64 = (ref.dequantize_fp8(c, s) for c, s in ((k_cache, k_scale), (v_cache, v_scale)))
     return paged_references(q, k64, v64, block_tables, context_lens, scale)
+
+
+# The tuner's and the bench's fp8 problems (Problem.kv_dtype): the logical K/V [B, Hkv, N, D] are drawn in the
+# problem's dtype as for any problem, then quantised per KV head with fp8_scales; the packed cache holds exactly the
+# values the dense K/V quantise to (quantisation is elementwise), so one dense reference checks it.
+
+def kv_scales(problem: Problem, k, v) -> tuple | None:
+    """(k_scale, v_scale), float32 [Hkv], of a problem with an fp8 kv_dtype, from its dense K/V; else None."""
+    if problem.kv_dtype is None:
+        return None
+    return tuple(fp8_scales(x.transpose(1, 2), problem.torch_cache_dtype, per_head=True) for x in (k, v))
+
+
+def fp8_scales_like(problem: Problem, device) -> tuple | None:
+    """Scales of the launch's shape and dtype for a compile worker, which needs no values (ones); None unless fp8."""
+    if problem.kv_dtype is None:
+        return None
+    return tuple(torch.ones(problem.Hkv, dtype=torch.float32, device=device) for _ in range(2))
+
+
+def quantised(problem: Problem, caches: tuple, scales: tuple | None) -> tuple:
+    """The caches [num_blocks, block_size, Hkv, D] in the problem's kv_dtype (unchanged when it has none)."""
+    if scales is None:
+        return tuple(caches)
+    return tuple(ref.quantize_fp8(c, s, problem.torch_cache_dtype) for c, s in zip(caches, scales))
+
+
+def dequantised(problem: Problem, kv: tuple, scales: tuple | None) -> tuple:
+    """Dense K/V [B, Hkv, N, D] as an fp8 cache of the problem holds them, dequantised exactly in float64 (unchanged
+    when it has no fp8 kv_dtype)."""
+    if scales is None:
+        return tuple(kv)
+    dt = problem.torch_cache_dtype
+    return tuple(ref.dequantize_fp8(ref.quantize_fp8(x.transpose(1, 2), s, dt), s).transpose(1, 2)
+                 for x, s in zip(kv, scales))

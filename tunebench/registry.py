@@ -49,6 +49,9 @@ BUILT_IN = tuple(KERNELS)
 # not in known_kernels() until then (so `tunebench check` without --kernel, and --help, neither import nor draw them),
 # and flash_v3 (Gluon, sm_90) is never registered on a CPU, in the interpreter, or off Hopper.
 DEVICE_KERNELS = {"flash_v3": "tunebench.kernels.flash_v3"}
+# A kernel that the suites hold no problems for, because it replaces another where it can run: `tune --kernel
+# flash_v3` tunes the suite's flash_v2 problems whose DEFAULT it keeps, and variant="auto" compares the two winners.
+REPLACES = {"flash_v3": "flash_v2"}
 UNAVAILABLE: dict[str, str] = {}
 ENTRY_POINT_GROUP = "tunebench.kernels"
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names

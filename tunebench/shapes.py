@@ -10,7 +10,10 @@ import math
 from dataclasses import dataclass
 
 DTYPES = ("float16", "bfloat16", "float32")
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
+# The KV cache dtypes a paged decode problem may have besides its query's (vLLM's kv_cache_dtype="fp8"): the cache is
+# read at half the bytes, so it is a problem of its own, with its own winners.
+KV_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 DENSE_KERNELS = ("flash_v2", "flash_v1")
 PAGED_KERNELS = ("paged_attention",)
 PAGES = (8, 16, 32, 64, 128)       # KV page sizes (tokens per cache block) a paged problem may have
@@ -27,7 +30,12 @@ class Problem:
 
     ``page`` is the KV cache's page size (tokens per block) of a paged problem: a layout the allocator fixes for the
     whole cache, so it is part of the problem (winners are tuned and stored per page), not of a kernel's config. A
-    paged problem given no page gets DEFAULT_PAGE (16); a dense problem has none (None)."""
+    paged problem given no page gets DEFAULT_PAGE (16); a dense problem has none (None).
+
+    ``kv_dtype`` is the KV cache's dtype where it differs from ``dtype`` (the query's and output's): one of KV_DTYPES,
+    for paged decode only. None means the cache has ``dtype``; given equal to ``dtype``, it is stored as None, so one
+    cache layout has one bucket. It is part of the bucket: an fp8 cache moves half the bytes per tile, so a config
+    tuned for the bf16 cache says nothing safe about it."""
     kernel: str
     B: int
     Hq: int
@@ -38,6 +46,7 @@ class Problem:
     dtype: str = "float16"
     causal: bool = False
     page: int | None = None
+    kv_dtype: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -53,6 +62,7 @@ class Problem:
             raise ValueError(f"paged prefill problems have causal == True and Nq (new tokens per sequence) <= Nk "
                              f"(cached plus new tokens), got causal={self.causal}, Nq={self.Nq}, Nk={self.Nk}")
         self._check_page()
+        self._check_kv_dtype()
 
     def _check_page(self) -> None:
         if not self.has_pages:
@@ -65,6 +75,18 @@ class Problem:
         elif type(self.page) is not int or self.page not in PAGES:
             raise ValueError(f"page (the KV cache's tokens per block) must be a power of two in "
                              f"{PAGES[0]}..{PAGES[-1]} ({', '.join(map(str, PAGES))}), got {self.page!r}")
+
+    def _check_kv_dtype(self) -> None:
+        if self.kv_dtype == self.dtype:
+            object.__setattr__(self, "kv_dtype", None)        # frozen: set once, here
+        if self.kv_dtype is None:
+            return
+        if not self.paged:
+            raise ValueError(f"kv_dtype is the KV cache's dtype of a paged decode problem; {self.kernel} takes "
+                             f"kv_dtype=None (its K/V have dtype {self.dtype}), got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype (the KV cache's dtype) must be None (the same as dtype, {self.dtype}) or one "
+                             f"of {KV_DTYPES}, got {self.kv_dtype!r}")
 
     @property
     def paged(self) -> bool:
@@ -85,6 +107,16 @@ class Problem:
         return getattr(torch, self.dtype)
 
     @property
+    def cache_dtype(self) -> str:
+        """The dtype K and V are stored in: kv_dtype, else dtype."""
+        return self.kv_dtype or self.dtype
+
+    @property
+    def torch_cache_dtype(self):
+        import torch
+        return getattr(torch, self.cache_dtype)
+
+    @property
     def flops(self) -> float:
         """Matmul FLOPs (QK^T and PV), halved for causal where Nq == Nk, as FlashAttention's benchmarks count."""
         f = 4.0 * self.B * self.Hq * self.Nq * self.Nk * self.D
@@ -94,14 +126,14 @@ class Problem:
 
     @property
     def min_bytes(self) -> float:
-        """Each input read once, the output written once."""
-        elems = self.B * (2 * self.Hq * self.Nq + 2 * self.Hkv * self.Nk) * self.D
-        return float(elems * DTYPE_BYTES[self.dtype])
+        """Each input read once, the output written once (K and V in the cache's dtype)."""
+        return float(2 * self.B * self.Hq * self.Nq * self.D * DTYPE_BYTES[self.dtype]) + self.kv_bytes
 
     @property
     def kv_bytes(self) -> float:
-        """Bytes of K and V read once: what decode must move, and what its bandwidth is counted in."""
-        return float(2 * self.B * self.Hkv * self.Nk * self.D * DTYPE_BYTES[self.dtype])
+        """Bytes of K and V read once, in the cache's dtype: what decode must move, and what its bandwidth is counted
+        in (an fp8 cache's GB/s count one byte per element)."""
+        return float(2 * self.B * self.Hkv * self.Nk * self.D * DTYPE_BYTES[self.cache_dtype])
 
     @property
     def unit(self) -> str:
@@ -116,8 +148,9 @@ class Problem:
     def label(self) -> str:
         c = " causal" if self.causal else ""
         page = f" page{self.page}" if self.has_pages else ""
+        kv = f" kv {self.kv_dtype}" if self.kv_dtype else ""
         return (f"{self.kernel} {self.dtype} B{self.B} H{self.Hq}/{self.Hkv} "
-                f"Nq{self.Nq} Nk{self.Nk} D{self.D}{c}{page}")
+                f"Nq{self.Nq} Nk{self.Nk} D{self.D}{c}{page}{kv}")
 
 
 def _pow2_ceil(n: int) -> int:
@@ -125,21 +158,23 @@ def _pow2_ceil(n: int) -> int:
 
 
 def bucket(problem: Problem) -> Problem:
-    """The one shape-to-bucket map: batch and sequence lengths round up to powers of two; all else (the page size
-    included) is exact."""
+    """The one shape-to-bucket map: batch and sequence lengths round up to powers of two; all else (the page size and
+    the cache's dtype included) is exact."""
     return dataclasses.replace(problem, B=_pow2_ceil(problem.B), Nq=_pow2_ceil(problem.Nq), Nk=_pow2_ceil(problem.Nk))
 
 
 def bucket_key(problem: Problem) -> str:
     b = bucket(problem)
     return (f"{b.kernel}|{b.dtype}|D{b.D}|{'causal' if b.causal else 'full'}|"
-            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}" + (f"|page{b.page}" if b.has_pages else ""))
+            f"B{b.B}|H{b.Hq}/{b.Hkv}|Nq{b.Nq}|Nk{b.Nk}" + (f"|page{b.page}" if b.has_pages else "")
+            + (f"|kv{b.kv_dtype}" if b.kv_dtype else ""))
 
 
 def family(problem: Problem) -> tuple:
-    """What a config may be carried across: never kernel, dtype, head dim, causality or page size (a paged cache's
-    layout: a winner for one page says nothing safe about another)."""
-    return (problem.kernel, problem.dtype, problem.D, problem.causal, problem.page)
+    """What a config may be carried across: never kernel, dtype, head dim, causality, page size or cache dtype (a paged
+    cache's layout: a winner for one page says nothing safe about another; an fp8 cache moves half the bytes per
+    tile of a bf16 one, so the tile and partition sizes that keep the memory busy differ)."""
+    return (problem.kernel, problem.dtype, problem.D, problem.causal, problem.page, problem.kv_dtype)
 
 
 def bucket_distance(a: Problem, b: Problem) -> float:
@@ -196,7 +231,8 @@ def distinct_buckets(problems: list[Problem]) -> list[Problem]:
 def _default_suite() -> list[Problem]:
     # What the shipped results.db holds: the default presets' prefill (flash_v2, bf16, causal, 512-32k) and decode
     # grids (batch 1-256 x context 1k-128k, page 16), decode at every page size (the pages suite), and a few fp16,
-    # non-causal, MHA and flash_v1 buckets. Sized so `tunebench tune` fits 20 minutes on one H200 from a cold cache.
+    # non-causal, MHA and flash_v1 buckets, and the headline's decode shapes with an fp8 cache (the fp8 suite). Sized
+    # so `tunebench tune` fits 20 minutes on one H200 from a cold cache.
     out = [p for name in DEFAULT_PRESETS for p in preset_problems(name, ("flash_v2", "paged_attention"))]
     for dtype in ("float16", "bfloat16"):
         out.append(Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, dtype, causal=False))
@@ -204,7 +240,7 @@ def _default_suite() -> list[Problem]:
     out += [Problem("flash_v2", max(1, PREFILL_TOKENS // n), 32, 8, n, n, 128, "float16", causal=True)
             for n in (1024, 4096, 16384)]
     out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for n in (1024, 4096) for c in (False, True)]
-    return distinct_buckets(out + _pages_suite())
+    return distinct_buckets(out + _pages_suite() + _fp8_suite())
 
 
 def _pages_suite() -> list[Problem]:
@@ -226,18 +262,29 @@ def _tiny_suite() -> list[Problem]:
     ]
 
 
+HEADLINE_DECODE = ((64, 4096), (16, 16384), (128, 1024), (1, 32768))     # (B, context) of the headline's decode
+
+
 def _headline_suite() -> list[Problem]:
     # What `tunebench bench` reports by default (BENCHMARKS.md): D 128 across lengths, D 64, the decode grid, and
-    # FlashAttention-1 up to 8k for the V1-vs-V2 ratio.
+    # FlashAttention-1 up to 8k for the V1-vs-V2 ratio; the decode shapes with a bf16 and an fp8 (e4m3) cache.
     out = [Problem("flash_v2", 4, 16, 16, n, n, 128, dtype, causal=c)
            for dtype in ("float16", "bfloat16") for c in (False, True) for n in (1024, 2048, 4096, 8192, 16384)]
     out += [Problem("flash_v2", 4, 32, 32, n, n, 64, dtype, causal=c)
             for dtype in ("float16", "bfloat16") for c in (False, True) for n in (4096, 16384)]
     out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for c in (False, True)
             for n in (1024, 4096, 8192)]
-    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=16)
-            for b, ctx in ((64, 4096), (16, 16384), (128, 1024), (1, 32768))]
+    out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=16, kv_dtype=kv)
+            for kv in (None, "float8_e4m3fn") for b, ctx in HEADLINE_DECODE]
     return out
+
+
+def _fp8_suite() -> list[Problem]:
+    # The headline's decode shapes with an fp8 (e4m3) cache (issue 19's goal: fp8 at <= 0.55x the bf16 cache's time
+    # at B16 x 16k). Its own suite, so that `tunebench tune --suite fp8` tunes just these buckets; the headline has
+    # them too, so that one `tunebench bench` run times both caches side by side.
+    return [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=DEFAULT_PAGE, kv_dtype="float8_e4m3fn")
+            for b, ctx in HEADLINE_DECODE]
 
 
 # (B, Hq, Hkv, N) per family of the transfer suite: 4-64 programs' worth of batch x heads, GQA 1-8, 512-32k tokens.
@@ -272,6 +319,7 @@ SUITES = {
     "prefill": lambda: [p for p in _default_suite() if not p.paged],
     "decode": lambda: [p for p in _default_suite() if p.paged and p.page == DEFAULT_PAGE],
     "pages": _pages_suite,
+    "fp8": _fp8_suite,
 }
 
 

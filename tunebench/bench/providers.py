@@ -42,10 +42,14 @@ class Provider:
     make: Callable          # Inputs -> Runner; raises Skip(reason)
     about: str
     ragged_only: bool = False   # a peer for ragged decode batches only (left out of uniform ones)
+    fp8_cache: bool = False     # reads a problem's fp8 KV cache (Problem.kv_dtype) with its scales
 
     def applies(self, problem) -> bool:
-        """Whether this provider is run on (and listed for) a problem."""
+        """Whether this provider is run on (and listed for) a problem. An fp8-cache problem is run by the providers
+        that read that cache only: the dense peers would read the bf16 K/V, another problem (its own row)."""
         phase = "decode" if problem.paged else "prefill"
+        if problem.kv_dtype is not None and not self.fp8_cache:
+            return False
         return self.phase == phase and (isinstance(problem, RaggedDecode) or not self.ragged_only)
 
 
@@ -198,9 +202,11 @@ def _naive(inp: Inputs) -> Runner:
 
 def _tuned_paged(inp: Inputs) -> Runner:
     import tunebench
-    q, kc, vc, bt, cl = inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
+    q, kc, vc, bt, cl, ks, vs = (inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens, inp.k_scale,
+                                 inp.v_scale)
     note = tunebench.explain(q, kc, block_tables=bt).split(" -> ", 1)[-1]
-    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl), note=f"page {inp.block_size}; {note}")
+    return Runner(lambda: tunebench.paged_attention(q, kc, vc, bt, cl, k_scale=ks, v_scale=vs),
+                  note=f"page {inp.block_size}; {note}")
 
 
 def _tuned_paged_own_block(inp: Inputs) -> Runner:
@@ -225,9 +231,11 @@ def _paged_default(inp: Inputs) -> Runner:
     why = module.keep(config, inp.problem)
     if why:
         raise Skip(f"keep() rejects DEFAULT at page {inp.block_size}: {why}")
-    q, kc, vc, bt, cl = inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens
+    q, kc, vc, bt, cl, ks, vs = (inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens, inp.k_scale,
+                                 inp.v_scale)
     out = torch.empty_like(q)
-    return Runner(lambda: module.launch(q, kc, vc, bt, cl, config=config, out=out), out=out, note=str(config))
+    return Runner(lambda: module.launch(q, kc, vc, bt, cl, config=config, out=out, k_scale=ks, v_scale=vs), out=out,
+                  note=str(config))
 
 
 def _uniform_only(inp: Inputs) -> None:
@@ -412,6 +420,8 @@ def _fa_kvcache(module_name: str):
 
 PROVIDERS = [
     Provider("tunebench-v2", "prefill", False, _tuned_flash("v2"), "tunebench.flash_attention (tuned flash_v2)"),
+    Provider("tunebench-auto", "prefill", False, _tuned_flash("auto"),
+             "tunebench.flash_attention(variant='auto'): flash_v3 or flash_v2, whichever was tuned faster here"),
     Provider("tunebench-v2-default", "prefill", False, _flash_v2_default, "flash_v2 with its DEFAULT config"),
     Provider("tunebench-v1", "prefill", False, _tuned_flash("v1"), "tunebench.flash_attention(variant='v1')"),
     Provider("sdpa-flash", "prefill", True, _sdpa("FLASH_ATTENTION"), "SDPA, FlashAttention-2 backend"),
@@ -419,10 +429,11 @@ PROVIDERS = [
     Provider("sdpa-efficient", "prefill", True, _sdpa("EFFICIENT_ATTENTION"), "SDPA, memory-efficient backend"),
     Provider("flex", "prefill", True, _flex, "FlexAttention, torch.compile'd"),
     Provider("naive", "prefill", True, _naive, "naive PyTorch (small sizes only)"),
-    Provider("tunebench-paged", "decode", False, _tuned_paged, "tunebench.paged_attention (tuned)"),
+    Provider("tunebench-paged", "decode", False, _tuned_paged, "tunebench.paged_attention (tuned)", fp8_cache=True),
     Provider("tunebench-paged-own-block", "decode", False, _tuned_paged_own_block,
              "tunebench.paged_attention on a cache in the recommended page size (tunebench pages)"),
-    Provider("tunebench-paged-default", "decode", False, _paged_default, "paged_attention with its DEFAULT config"),
+    Provider("tunebench-paged-default", "decode", False, _paged_default, "paged_attention with its DEFAULT config",
+             fp8_cache=True),
     Provider("sdpa-dense-flash", "decode", True, _dense_decode("FLASH_ATTENTION"), "SDPA flash on contiguous K/V"),
     Provider("sdpa-dense-efficient", "decode", True, _dense_decode("EFFICIENT_ATTENTION"),
              "SDPA memory-efficient on contiguous K/V"),

@@ -40,7 +40,7 @@ def rows(measurements: list[Measurement], ceilings: Ceilings | None) -> list[dic
             tp = problem.throughput(m.median_ms) if m.status == OK else None
             out.append({
                 "problem": problem.label(), "phase": "decode" if problem.paged else "prefill",
-                "dtype": problem.dtype, "B": problem.B, "Hq": problem.Hq, "Hkv": problem.Hkv, "Nq": problem.Nq,
+                "dtype": problem.dtype, "kv_dtype": problem.kv_dtype, "B": problem.B, "Hq": problem.Hq, "Hkv": problem.Hkv, "Nq": problem.Nq,
                 "Nk": problem.Nk, "D": problem.D, "causal": problem.causal,
                 "provider": m.provider, "peer": m.peer, "status": m.status,
                 "median_ms": m.median_ms, "p20_ms": m.p20_ms, "p80_ms": m.p80_ms,
@@ -115,7 +115,18 @@ def summary(rows_: list[dict]) -> list[str]:
             if paged is None:
                 continue
             lines.append(_decode_summary(label, paged))
+            if r["kv_dtype"]:
+                lines.append(_fp8_summary(rows_, label, r["kv_dtype"], paged))
     return lines
+
+
+def _fp8_summary(rows_: list[dict], label: str, kv_dtype: str, paged: dict) -> str:
+    """Issue 19's fp8 goal: the fp8 cache's graph-timed time against the bf16 cache's of the same shape and run."""
+    base = label.removesuffix(f" kv {kv_dtype}")
+    bf16 = next((x for x in rows_ if x["problem"] == base and x["provider"] == "tunebench-paged"), None)
+    ratio = paged["graph_ms"] / bf16["graph_ms"] if bf16 and bf16["graph_ms"] and paged["graph_ms"] else None
+    text = f"{ratio:.3f}x" if ratio else "n/a (not timed in this run)"
+    return f"fp8 {label}: {text} the time of the {base.split()[1]} cache's row, graph-timed (goal <= 0.55x)"
 
 
 def _decode_summary(label: str, paged: dict) -> str:

@@ -5,9 +5,10 @@ which needs the registry, and the registry's convention check needs shapes.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
-from ..registry import declared_problems
+from ..registry import REPLACES, declared_problems, kernel_module
 from ..shapes import SUITES, Problem, bucket_key, preset_problems, suite
 
 
@@ -29,6 +30,7 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
         declared = declared_problems(kernels, name)
         problems = (suite(name) if name in SUITES or not declared else []) + declared
     if kernels:
+        problems += replacement_problems(kernels, problems)
         problems = [p for p in problems if p.kernel in kernels]
     if dtypes:
         problems = [p for p in problems if p.dtype in dtypes]
@@ -51,3 +53,16 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
               f"skipped (one winner is stored per bucket)", file=sys.stderr)
     return list(by_bucket.values())
 
+
+
+def replacement_problems(kernels: list[str], problems: list[Problem]) -> list[Problem]:
+    """For each named kernel that replaces another (registry.REPLACES), the other's problems it can run (its keep()
+    admits its DEFAULT there), as its own."""
+    out = []
+    for name in kernels:
+        if name not in REPLACES:
+            continue
+        module = kernel_module(name)
+        twins = (dataclasses.replace(p, kernel=name) for p in problems if p.kernel == REPLACES[name])
+        out += [p for p in twins if module.keep(dict(module.DEFAULT), p) is None]
+    return out

@@ -5,18 +5,31 @@ A GPU with no winners at all runs DEFAULT and says so once. Every call is counte
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from ..registry import kernel_module
-from ..shapes import PAGES, Problem
+from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
 from .warn import warn_user
 from .winners import INTERPRETER, Choice, Winners, tune_hint
 
-VARIANTS = {"v2": "flash_v2", "v1": "flash_v1"}
+VARIANTS = {"v2": "flash_v2", "v1": "flash_v1", "v3": "flash_v3", "auto": None}
+# What variant="auto" compares, by their exact winners' tuned times for the call's bucket: the last runs every shape
+# and is the fallback; the others only where they can take the inputs (flash_v3: Hopper, fp16/bf16, D 64/128/256,
+# TMA-friendly strides).
+AUTO_KERNELS = ("flash_v3", "flash_v2")
 record.start_from_environment()
+
+
+def check_from_environment(environ=os.environ) -> bool:
+    """TUNEBENCH_CHECK set to anything but "" or "0" turns check=True on for every paged call of the program."""
+    return environ.get("TUNEBENCH_CHECK", "") not in ("", "0")
+
+
+ENV_CHECK = check_from_environment()            # read once, at import
 
 
 class Dispatcher:
@@ -87,14 +100,18 @@ def _dense_problem(kernel: str, q, k, causal: bool) -> Problem:
 
 
 def _paged_problem(q, k_cache, block_tables) -> Problem:
-    """The call's Problem; its page is the cache's block size (k_cache.shape[1]), so winners are per page size."""
+    """The call's Problem; its page is the cache's block size (k_cache.shape[1]) and its kv_dtype the cache's fp8
+    dtype, if any, so winners are per page size and per cache dtype. Any other cache dtype is left to the launch's
+    checks (a mismatch with q is named there)."""
     if q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2:
         raise ValueError(f"expected q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables "
                          f"[B, max_blocks]; got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(block_tables.shape)}")
     B, Hq, D = q.shape
     # The longest context the table can address: known on the host, with no device sync.
     nk = max(1, block_tables.shape[1] * k_cache.shape[1])
-    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q), page=k_cache.shape[1])
+    kv = _dtype_name(k_cache)
+    return Problem("paged_attention", B, Hq, k_cache.shape[2], 1, nk, D, _dtype_name(q), page=k_cache.shape[1],
+                   kv_dtype=kv if kv in KV_DTYPES else None)
 
 
 def tuned_config(problem: Problem) -> dict:
@@ -115,15 +132,54 @@ def _launcher(kernel: str):
     return launch
 
 
-def _variant_kernel(variant: str) -> str:
-    kernel = VARIANTS.get(variant)
-    if kernel is None:
+def _variant_kernel(variant: str) -> str | None:
+    """The kernel a variant forces, or None for "auto"."""
+    if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    return kernel
+    return VARIANTS[variant]
+
+
+def _refusal(kernel: str, q, k, v) -> str | None:
+    """Why an auto candidate cannot take these inputs here, or None."""
+    if kernel == AUTO_KERNELS[-1]:
+        return None
+    try:
+        return kernel_module(kernel).refusal(q, k, v)
+    except KeyError as e:                      # not registered here (flash_v3 off Hopper, in the interpreter)
+        return str(e.args[0])
+
+
+def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
+    """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the one whose exact winner
+    for the call's bucket was tuned fastest on this GPU; the fallback kernel when none has an exact winner."""
+    timed, skipped = [], []
+    for kernel in AUTO_KERNELS:
+        reason = _refusal(kernel, q, k, v)
+        if reason:
+            skipped.append(f"{kernel} cannot run it ({reason})")
+            continue
+        ms = _DISPATCHER.winners.exact_ms(_dense_problem(kernel, q, k, causal))
+        if ms is not None:
+            timed.append((ms, kernel))
+    if timed:
+        ms, kernel = min(timed)
+        others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
+        why = f"the fastest tuned winner for this bucket ({ms:.4g} ms{'; ' + others if others else ''})"
+    else:
+        kernel, why = AUTO_KERNELS[-1], "no kernel has an exact winner for this bucket, so the one that runs every shape"
+    return kernel, "; ".join([why] + skipped)
+
+
+def _auto_key(q, k, v, causal: bool) -> tuple:
+    # flash_v3's TMA needs 16-byte aligned bases and strides: a later call with other strides may be refused.
+    return ("auto", q.shape, k.shape, q.dtype, causal, q.stride(), k.stride(), v.stride(),
+            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
 
 
 def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
     kernel = _variant_kernel(variant)
+    if kernel is None:
+        kernel = _DISPATCHER.config_for(_auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
     key = (kernel, q.shape, k.shape, q.dtype, causal)
     recorder = record.active()
     if recorder is not None:
@@ -133,15 +189,15 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
 
 
 def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float], k_scale=None,
-                 v_scale=None) -> torch.Tensor:
-    key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype)
+                 v_scale=None, check: bool = False) -> torch.Tensor:
+    key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype, k_cache.dtype)
     recorder = record.active()
     if recorder is not None:
         recorder.count(key, lambda: _paged_problem(q, k_cache, block_tables))
 
     config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_paged_problem(q, k_cache, block_tables)).config)
     return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale,
-                                        k_scale=k_scale, v_scale=v_scale)
+                                        k_scale=k_scale, v_scale=v_scale, check=check or ENV_CHECK)
 
 
 # torch.compile sees the kernels as opaque custom ops (fullgraph works); eager calls skip the op layer's overhead.
@@ -161,15 +217,15 @@ def _(q, k, v, causal, scale, variant):
 def _paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               context_lens: torch.Tensor, scale: Optional[float], k_scale: Optional[torch.Tensor] = None,
               v_scale: Optional[torch.Tensor] = None, k_scale_value: Optional[float] = None,
-              v_scale_value: Optional[float] = None) -> torch.Tensor:
+              v_scale_value: Optional[float] = None, check: bool = False) -> torch.Tensor:
     k_scale = k_scale_value if k_scale is None else k_scale
     v_scale = v_scale_value if v_scale is None else v_scale
-    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, check)
 
 
 @_paged_op.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None, k_scale_value=None,
-      v_scale_value=None):
+      v_scale_value=None, check=False):
     return q.new_empty(q.shape)
 
 
@@ -180,12 +236,14 @@ def _tensor_or_value(scale):
     return None, scale
 
 
-def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, variant: str = "v2") -> torch.Tensor:
+def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, variant: str = "auto") -> torch.Tensor:
     """Tuned FlashAttention forward.
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] (SDPA's layout, any strides; Hq a multiple of Hkv). Returns
-    [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1). variant "v1" runs the
-    FlashAttention-1 kernel.
+    [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1).
+    variant "auto" runs, of flash_v3 (Hopper only) and flash_v2, the one whose exact winner for the call's bucket was
+    tuned fastest on this GPU, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and "v1" (the
+    FlashAttention-1 schedule) force one.
     """
     if torch.compiler.is_compiling():
         return _flash_op(q, k, v, causal, scale, variant)
@@ -193,21 +251,28 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, v
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, k_scale=None,
-                    v_scale=None) -> torch.Tensor:
+                    v_scale=None, *, check: bool = False) -> torch.Tensor:
     """Tuned decode attention over a paged KV cache.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: int32 [B, max_blocks];
-    context_lens: int32 [B]. Returns [B, Hq, D] in q's dtype.
+    context_lens: int32 [B]. Any strides, the integer tensors' included. Returns [B, Hq, D] in q's dtype.
+
+    Bad values are safe by construction: the kernel never reads out of bounds. A sequence whose context length is
+    negative or above max_blocks x block_size, or whose first ceil(length / block_size) table entries hold a block id
+    outside [0, num_blocks), gets NaN in its output rows and no crash; the other sequences are computed as usual.
+    check=True (or TUNEBENCH_CHECK=1 in the environment for the whole program) reads the kernel's error flags back
+    after the launch and raises a ValueError naming the sequence and its bad value (block id, or length vs the
+    table's capacity). It costs a device sync, so it is off by default and cannot run inside a CUDA graph.
 
     An fp8 cache (float8_e4m3fn or float8_e5m2, as vLLM's kv_cache_dtype="fp8") needs k_scale and v_scale: real
     value = stored value * scale; each a positive float, a 0-d or 1-element float32 tensor, or float32 [Hkv] (per KV
-    head). It runs the config tuned for q's dtype. Write such a cache with tunebench.kernels.cache_write.launch(...,
-    k_scale=, v_scale=).
+    head). It runs the config tuned for that cache's dtype (an fp8 cache has buckets of its own). Write such a cache
+    with tunebench.kernels.cache_write.launch(..., k_scale=, v_scale=).
     """
     if torch.compiler.is_compiling():
         (ks, ks_value), (vs, vs_value) = _tensor_or_value(k_scale), _tensor_or_value(v_scale)
-        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale, ks, vs, ks_value, vs_value)
-    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+        return _paged_op(q, k_cache, v_cache, block_tables, context_lens, scale, ks, vs, ks_value, vs_value, check)
+    return _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, check)
 
 
 def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
@@ -227,7 +292,7 @@ def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
 
 
 def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: Optional[float],
-                   check_values: bool) -> torch.Tensor:
+                   check_values: bool, check: bool = False) -> torch.Tensor:
     key = ("paged_prefill", q.shape, k_cache.shape, block_tables.shape, cu_seqlens_q.shape, q.dtype)
     recorder = record.active()
 
@@ -242,23 +307,23 @@ def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
         return _DISPATCHER.choose(problem()).config
     config = _DISPATCHER.config_for(key, resolve)
     return _launcher("paged_prefill")(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config=config,
-                                      scale=scale, check_values=check_values)
+                                      scale=scale, check_values=check_values, check=check or ENV_CHECK)
 
 
 @torch.library.custom_op("tunebench::paged_prefill", mutates_args=())
 def _prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: Optional[float],
-                check_values: bool) -> torch.Tensor:
-    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
+                check_values: bool, check: bool = False) -> torch.Tensor:
+    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check)
 
 
 @_prefill_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check=False):
     return q.new_empty(q.shape)
 
 
 def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: float | None = None, *,
-                  check_values: bool = True) -> torch.Tensor:
+                  check_values: bool = True, check: bool = False) -> torch.Tensor:
     """Tuned varlen attention over a paged KV cache: chunked prefill, cached prefixes, decode rows, in one launch.
 
     q: [total_q, Hq, D], the new tokens of B sequences packed, sequence b's at rows cu_seqlens_q[b] ..
@@ -267,26 +332,39 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
     cached plus new tokens. Causal, aligned bottom-right per sequence. Returns [total_q, Hq, D] in q's dtype.
     check_values=False skips the check of cu_seqlens_q and context_lens (a device sync), e.g. under CUDA graphs.
 
+    Bad values are safe by construction, checked or not: the kernel never reads or writes out of bounds. A sequence
+    whose context length is below its new tokens or above max_blocks x block_size, or whose table holds a block id
+    outside [0, num_blocks) among the entries it reads, gets NaN rows; one whose cu_seqlens_q entries are out of
+    order or outside [0, total_q] writes no row; the other sequences are computed as usual. check=True (or
+    TUNEBENCH_CHECK=1 for the whole program) reads the kernel's error flags back after the launch (a device sync)
+    and raises a ValueError naming the sequence and its bad value.
+
     A function of its own, not paged_attention with an optional cu_seqlens_q: q's first dimension means tokens
     here and sequences there, the kernels differ (split-K decode vs tiles of tokens x heads), and each is tuned and
     bucketed as its own Problem; paged_attention's signature and torch.compile op stay as they were.
     """
     if torch.compiler.is_compiling():
-        return _prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
-    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values)
+        return _prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check)
+    return _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, check_values, check)
 
 
-def explain(q, k=None, *, causal: bool = False, variant: str = "v2", block_tables=None) -> str:
+def explain(q, k=None, *, causal: bool = False, variant: str = "auto", block_tables=None, v=None) -> str:
     """Says which config a call with these inputs would launch, and why. Pass a Problem, or the call's tensors:
-    (q, k) for flash_attention, (q, k_cache, block_tables=...) for paged_attention."""
+    (q, k) for flash_attention (v too where its strides differ from k's, for variant="auto"), (q, k_cache,
+    block_tables=...) for paged_attention."""
+    kernel_why = ""
     if isinstance(q, Problem):
         problem = q
     elif block_tables is not None:
         problem = _paged_problem(q, k, block_tables)
     else:
-        problem = _dense_problem(_variant_kernel(variant), q, k, causal)
+        kernel = _variant_kernel(variant)
+        if kernel is None:
+            kernel, why = auto_kernel(q, k, k if v is None else v, causal)
+            kernel_why = f" [auto: {kernel}, {why}]"
+        problem = _dense_problem(kernel, q, k, causal)
     choice = _DISPATCHER.choose(problem)
-    return f"{problem.label()} -> {choice.config}: {choice.why}"
+    return f"{problem.label()} -> {choice.config}: {choice.why}{kernel_why}"
 
 
 def tuned_paged_block_size(kv_heads: int, head_dim: int, dtype) -> int | None:

@@ -54,19 +54,21 @@ class PageReport:
 
 
 def recommend(winners, kv_heads: int, head_dim: int, dtype: str, workload: list[tuple[Problem, int]] | None = None,
-              token_budget: int = TOKEN_BUDGET) -> PageReport:
+              token_budget: int = TOKEN_BUDGET, kv_dtype: str | None = None) -> PageReport:
     """The page-size table and pick for a geometry from ``winners`` (runtime.winners.Winners: ``exact`` and
-    ``times``). ``workload``: (decode Problem, calls) pairs; their page is ignored (every page is weighed)."""
+    ``times``). ``workload``: (decode Problem, calls) pairs; their page is ignored (every page is weighed). The
+    cache's dtype is part of the geometry: ``kv_dtype`` (None: dtype) picks its winners and workload only."""
     tuned: dict[int, list[tuple[Problem, float]]] = {}
     for key, (problem, _config, _origin) in winners.exact.items():
         same = (problem.kernel in PAGED_KERNELS and problem.Hkv == kv_heads and problem.D == head_dim
-                and problem.dtype == dtype)
+                and problem.dtype == dtype and problem.kv_dtype == kv_dtype)
         if same and key in winners.times:
             tuned.setdefault(problem.page, []).append((problem, winners.times[key]))
     if workload is None:
         shapes = {(p.B, p.Hq, p.Nk): p for group in tuned.values() for p, _ in group}     # once, whatever the page
         workload = [(p, 1) for p in shapes.values()]
-    workload = [(p, n) for p, n in workload if p.paged and p.Hkv == kv_heads and p.D == head_dim and p.dtype == dtype]
+    workload = [(p, n) for p, n in workload
+                if p.paged and p.Hkv == kv_heads and p.D == head_dim and p.dtype == dtype and p.kv_dtype == kv_dtype]
     rows = [_row(page, tuned[page], workload, token_budget) for page in sorted(tuned)] if workload else []
     pick = min(rows, key=lambda r: (r.cost, r.page)).page if rows else None
     return PageReport(rows, pick, workload, token_budget)
@@ -77,7 +79,7 @@ def _row(page: int, tuned: list[tuple[Problem, float]], workload, token_budget: 
     by_key = {bucket_key(p): ms for p, ms in tuned}
     for shape, calls in workload:
         at_page = bucket(Problem(shape.kernel, shape.B, shape.Hq, shape.Hkv, 1, shape.Nk, shape.D, shape.dtype,
-                                 page=page))
+                                 page=page, kv_dtype=shape.kv_dtype))
         ms = by_key.get(bucket_key(at_page))
         if ms is None:
             near, near_ms = min(tuned, key=lambda t: (bucket_distance(at_page, t[0]), bucket_key(t[0])))

@@ -18,11 +18,14 @@ import json
 import os
 import pathlib
 
-from ..shapes import DTYPES, Problem, bucket, bucket_key
+from ..shapes import DTYPES, KV_DTYPES, Problem, bucket, bucket_key
 
 FORMAT = "tunebench-record"
-VERSION = 2             # 2: problems have a page; version-1 files still load (a paged entry without one: page 16)
-VERSIONS = (1, 2)
+# 2: problems have a page; 3: and a kv_dtype (an fp8 cache). Older files still load: a paged entry without a page
+# has page 16, an entry without a kv_dtype has None (its cache in the problem's dtype).
+VERSION = 3
+VERSIONS = (1, 2, 3)
+ADDED = {1: {"page", "kv_dtype"}, 2: {"kv_dtype"}, 3: set()}     # the fields each older version's problems lack
 MAX_ENTRIES = 10_000
 MAX_FILE_BYTES = 16 * 1024 * 1024
 _LIMITS = {"B": 1 << 16, "Hq": 1024, "Hkv": 1024, "Nq": 1 << 22, "Nk": 1 << 24, "D": 1024}
@@ -127,7 +130,7 @@ def _entry(path, index: int, entry, known_kernels: set, version: int = VERSION) 
     fields, calls = entry["problem"], entry["calls"]
     if type(calls) is not int or calls < 1:
         raise RecordError(f"{where}: 'calls' must be a positive integer, got {str(calls)[:50]!r}")
-    names = {f.name for f in dataclasses.fields(Problem)} - ({"page"} if version == 1 else set())
+    names = {f.name for f in dataclasses.fields(Problem)} - ADDED[version]
     if not isinstance(fields, dict) or set(fields) != names:
         raise RecordError(f"{where}: 'problem' must have exactly the fields {sorted(names)}")
     if fields["kernel"] not in known_kernels:
@@ -137,6 +140,8 @@ def _entry(path, index: int, entry, known_kernels: set, version: int = VERSION) 
         raise RecordError(f"{where}: dtype must be one of {DTYPES} and causal a bool")
     if fields.get("page") is not None and type(fields["page"]) is not int:
         raise RecordError(f"{where}: page must be an integer or null, got {str(fields['page'])[:50]!r}")
+    if fields.get("kv_dtype") is not None and fields["kv_dtype"] not in KV_DTYPES:
+        raise RecordError(f"{where}: kv_dtype must be null or one of {KV_DTYPES}, got {str(fields['kv_dtype'])[:50]!r}")
     for name, limit in _LIMITS.items():
         value = fields[name]
         if type(value) is not int or not 1 <= value <= limit:

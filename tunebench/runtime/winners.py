@@ -132,6 +132,11 @@ class Winners:
             return timings
         return cls(device_name, rows, read_timings=read_timings)
 
+    def exact_ms(self, problem: Problem) -> float | None:
+        """The tuned median ms of the problem's exact winner, or None (no exact winner, or no time stored)."""
+        key = bucket_key(problem)
+        return self.times.get(key) if key in self.exact else None
+
     def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:
         """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer from
         buckets of the same family (a paged problem's page size included), else None: run DEFAULT."""

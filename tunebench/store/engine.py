@@ -10,9 +10,10 @@ at once take turns (an advisory lock) instead of failing on PostgreSQL's non-ato
 
 A read-only open never creates or changes a file.
 
-Schema versions: 2 keys problems by the paged cache's page size too (issue 19). A version-1 database is migrated
-when opened writable (migrate.py, in one transaction); opened read-only, a SQLite file is migrated in a private
-in-memory copy, and another database is refused with a StoreError saying how to migrate it.
+Schema versions: 2 keys problems by the paged cache's page size too, 3 by the KV cache's dtype too (an fp8 cache; both
+issue 19). An older database is migrated when opened writable (migrate.py, in one transaction); opened read-only, a
+SQLite file is migrated in a private in-memory copy, and another database is refused with a StoreError saying how to
+migrate it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .. import __version__
 from . import migrate
 from .models import Base, SchemaVersionModel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 PG_SCHEMA = "tunebench_results"     # on PostgreSQL the tables live in this schema (see _listen_postgresql)
 PG_CREATE_LOCK = 0x7475_6E65        # advisory lock key held while creating the tables ("tune")
@@ -81,8 +82,8 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
         raise StoreError(f"cannot use the results database URL {where}: {type(e).__name__}: {e}") from e
     try:
         _open(engine, where, readonly)
-    except _ReadOnlyOldSchema:
-        engine = _migrated_copy(engine, path, where)
+    except _ReadOnlyOldSchema as old:
+        engine = _migrated_copy(engine, path, where, old.version)
     except StoreError:
         engine.dispose()
         raise
@@ -102,15 +103,19 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
 
 
 class _ReadOnlyOldSchema(Exception):
-    """A version-1 database opened read-only: it is read through a migrated copy, or refused."""
+    """An older database opened read-only: it is read through a migrated copy, or refused."""
+
+    def __init__(self, version: int):
+        super().__init__(version)
+        self.version = version
 
 
-def _migrated_copy(engine: Engine, path: pathlib.Path | None, where: str) -> Engine:
-    """A version-1 SQLite file opened read-only: an in-memory copy, migrated; the file is left as it is."""
+def _migrated_copy(engine: Engine, path: pathlib.Path | None, where: str, version: int) -> Engine:
+    """An older SQLite file opened read-only: an in-memory copy, migrated; the file is left as it is."""
     try:
         if path is None:
-            raise StoreError(f"{where} has results schema version 1; open it writable once (e.g. `tunebench tune "
-                             f"--db ...`) to migrate it to version {SCHEMA_VERSION}")
+            raise StoreError(f"{where} has results schema version {version}; open it writable once (e.g. "
+                             f"`tunebench tune --db ...`) to migrate it to version {SCHEMA_VERSION}")
         copy = migrate.memory_copy(engine, _listen_sqlite)
     finally:
         engine.dispose()
@@ -236,7 +241,7 @@ def _open(engine: Engine, where: str, readonly: bool) -> None:
                          f"tables)")
     if old:
         if readonly:
-            raise _ReadOnlyOldSchema()
+            raise _ReadOnlyOldSchema(version)
         _migrate(engine)
         return _open(engine, where, readonly)
     if readonly and not complete:
@@ -269,14 +274,15 @@ def _schema_version(connection, where: str) -> int | None:
 
 
 def _migrate(engine: Engine) -> None:
-    """Migrates a version-1 database to SCHEMA_VERSION in one transaction (racing processes: one migrates)."""
+    """Migrates an older database to SCHEMA_VERSION in one transaction (racing processes: one migrates)."""
     if engine.dialect.name == "sqlite":
         migrate.migrate_sqlite(engine, SCHEMA_VERSION)
         return
     with engine.begin() as connection:
         _lock_for_creation(connection)
-        if _schema_version(connection, "") == 1:
-            migrate.migrate_postgresql(connection, SCHEMA_VERSION)
+        version = _schema_version(connection, "")
+        if version < SCHEMA_VERSION:
+            migrate.migrate_postgresql(connection, version, SCHEMA_VERSION)
 
 
 def _check_tables(connection, where: str, added: frozenset = frozenset()) -> bool:

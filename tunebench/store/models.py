@@ -128,14 +128,17 @@ class KernelModel(Base):
 
 
 NO_PAGE = 0   # the page column of a dense problem: 0, not NULL, since NULLs never collide in a unique constraint
+SAME_KV = ""  # the kv_dtype column of a problem whose cache has its dtype (kv_dtype None): '', for the same reason
 
 
 class ProblemModel(Base):
     """A bucketed Problem. ``page`` is the paged cache's page size, NO_PAGE for dense problems, and NULL for paged rows
     migrated from schema 1 (tuned while the page was a search dimension: their page is unknown, so nothing reads
-    them; see engine.py)."""
+    them; see engine.py). ``kv_dtype`` is the KV cache's dtype where it differs from dtype (an fp8 cache), else
+    SAME_KV; rows from before schema 3 get SAME_KV (they were all tuned on a cache of their dtype)."""
     __tablename__ = "problems"
-    __table_args__ = (UniqueConstraint("kernel", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal", "page"),)
+    __table_args__ = (UniqueConstraint("kernel", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal", "page",
+                                       "kv_dtype"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kernel: Mapped[str] = mapped_column(String(NAME_LENGTH))
     B: Mapped[int] = mapped_column(Integer)
@@ -147,12 +150,14 @@ class ProblemModel(Base):
     dtype: Mapped[str] = mapped_column(String(NAME_LENGTH))
     causal: Mapped[bool] = mapped_column(Boolean)
     page: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kv_dtype: Mapped[str] = mapped_column(String(NAME_LENGTH), default=SAME_KV)
 
     @classmethod
     def bucket_values(cls, problem: Problem) -> dict:
         b = bucket(problem)  # the one shape-to-bucket map, shared with the dispatcher
         return dict(kernel=b.kernel, B=b.B, Hq=b.Hq, Hkv=b.Hkv, Nq=b.Nq, Nk=b.Nk, D=b.D, dtype=b.dtype,
-                    causal=bool(b.causal), page=NO_PAGE if b.page is None else b.page)
+                    causal=bool(b.causal), page=NO_PAGE if b.page is None else b.page,
+                    kv_dtype=b.kv_dtype or SAME_KV)
 
     @classmethod
     def known_page(cls):
@@ -167,7 +172,8 @@ class ProblemModel(Base):
         if self.page is None:
             raise ValueError("a paged problem tuned before the page size was part of the problem (schema 1)")
         page = None if self.page == NO_PAGE else self.page
-        return Problem(self.kernel, self.B, self.Hq, self.Hkv, self.Nq, self.Nk, self.D, self.dtype, self.causal, page)
+        return Problem(self.kernel, self.B, self.Hq, self.Hkv, self.Nq, self.Nk, self.D, self.dtype, self.causal, page,
+                       self.kv_dtype or None)
 
 
 class TrialModel(Base):
