@@ -59,7 +59,7 @@ for step in "$@"; do
                > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
     checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
              r=$? ;;
-    serve)   { python3 examples/serve.py ${SERVE_ARGS:-} &&
+    serve)   { python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac

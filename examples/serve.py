@@ -25,6 +25,7 @@ greedy); the script exits 1 if any differs. Random weights, seeded; nothing is d
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import time
@@ -400,6 +401,16 @@ def report(r: dict, expected: dict, gaps: dict) -> bool:
     return not wrong
 
 
+def summary(r: dict) -> dict:
+    """One run's numbers as plain data (what --json writes)."""
+    t, s = r["ttft"], r["stats"]
+    return dict(prefix_caching=r["prefix_caching"], requests=len(t), seconds=r["seconds"],
+                tokens_per_s=r["tokens_per_s"], ttft_mean_s=sum(t) / len(t), ttft_p50_s=_percentile(t, 50),
+                ttft_p90_s=_percentile(t, 90), preemptions=r["preemptions"], steps=r["steps"],
+                tokens_run=r["tokens_run"], shared_hit_rate=r["shared_hit_rate"],
+                prefix_hit_pct=s.prefix_hit_pct, evictions=s.evictions, block_size=r["block_size"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="a tiny model and workload that the CPU interpreter runs")
@@ -415,6 +426,7 @@ def main(argv=None) -> int:
                    help="serve without, with, or without and then with the allocator's prefix caching")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="float32 makes the token-for-token comparison with the dense reference meaningful")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write each run's numbers to FILE")
     args = p.parse_args(argv)
     small = args.small
     pc = {"off": (False,), "on": (True,), "both": (False, True)}[args.prefix_caching]
@@ -431,6 +443,10 @@ def main(argv=None) -> int:
         off, on = (sum(r["ttft"]) / len(r["ttft"]) for r in out["runs"])
         print(f"prefix caching: mean time to first token {on * 1e3:.1f} ms vs {off * 1e3:.1f} ms without "
               f"({off / on:.2f}x), {out['runs'][1]['tokens_per_s'] / out['runs'][0]['tokens_per_s']:.2f}x tokens/s")
+    if args.json:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
+        pathlib.Path(args.json).write_text(json.dumps(dict(device=device, tokens_equal=all(ok),
+                                                           runs=[summary(r) for r in out["runs"]]), indent=1))
     return 0 if all(ok) else 1
 
 

@@ -3,6 +3,7 @@ tunebench.paged_prefill, decode-only steps through tunebench.paged_attention, pr
 the allocator's prefix caching, every request's tokens equal to a dense SDPA reference's, token for token. The
 scheduler alone is also checked on Hypothesis workloads with a stand-in model."""
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -61,14 +62,17 @@ def test_a_tight_pool_preempts_and_the_recomputed_requests_still_match(device):
     assert on["stats"].prefix_hit_blocks == 3 and on["tokens_run"] == off["tokens_run"] - 3 * 8
 
 
-def test_the_script_exits_1_when_a_token_differs(small, monkeypatch, capsys):
+def test_the_script_exits_1_when_a_token_differs_and_writes_its_numbers(small, monkeypatch, capsys, tmp_path):
     rid = small["requests"][0].rid
     wrong = dict(small, expected={**small["expected"], rid: [t + 1 for t in small["expected"][rid]]})
     monkeypatch.setattr(serve, "run", lambda *a, **kw: wrong)
     assert serve.main(["--small"]) == 1
     assert f"request {rid} differs from token 0 on" in capsys.readouterr().out
     monkeypatch.setattr(serve, "run", lambda *a, **kw: small)
-    assert serve.main(["--small"]) == 0
+    assert serve.main(["--small", "--json", str(tmp_path / "serve.json")]) == 0
+    written = json.loads((tmp_path / "serve.json").read_text())
+    assert written["tokens_equal"] and [r["prefix_caching"] for r in written["runs"]] == [False, True]
+    assert written["runs"][1]["shared_hit_rate"] == 5 / 6 and written["runs"][0]["requests"] == 6
 
 
 def test_a_request_larger_than_the_pool_is_refused(device):
