@@ -20,6 +20,8 @@
 #   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
 #   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel)
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call
+#   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
+#           prefix caching; SERVE_ARGS adds options), then tests/test_serve.py with its gpu test
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -62,6 +64,8 @@ for step in "$@"; do
                > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
     checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
              r=$? ;;
+    serve)   { python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
+               python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"
