@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels._launch import check_call
 from ..registry import kernel_module
 from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
@@ -177,6 +178,7 @@ def _auto_key(q, k, v, causal: bool) -> tuple:
 
 
 def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
+    check_call(q=q, k=k, v=v)
     kernel = _variant_kernel(variant)
     if kernel is None:
         kernel = _DISPATCHER.config_for(_auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
@@ -190,6 +192,7 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
 
 def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optional[float], k_scale=None,
                  v_scale=None, check: bool = False) -> torch.Tensor:
+    check_call(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
     key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype, k_cache.dtype)
     recorder = record.active()
     if recorder is not None:
@@ -293,6 +296,8 @@ def _paged_prefill_problem(q, k_cache, block_tables, cu_seqlens_q) -> Problem:
 
 def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: Optional[float],
                    check_values: bool, check: bool = False) -> torch.Tensor:
+    check_call(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
+               context_lens=context_lens)
     key = ("paged_prefill", q.shape, k_cache.shape, block_tables.shape, cu_seqlens_q.shape, q.dtype)
     recorder = record.active()
 
