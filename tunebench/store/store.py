@@ -162,8 +162,8 @@ class Store:
         """Stored trials, by number; filters as trial_counts."""
         query = self._filter_trials(select(TrialModel), device, kernel, source_hash, problem, device_name)
         with self.session(read_only=True) as session:
-            rows = _readable(self, "trials", lambda: list(session.scalars(
-                query.order_by(TrialModel.number, TrialModel.id))))
+            with self.reading("trials"):
+                rows = list(session.scalars(query.order_by(TrialModel.number, TrialModel.id)))
         out = []
         for row in rows:
             try:
@@ -193,7 +193,8 @@ class Store:
                  .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
                  .where(DeviceModel.name == device_name, TrialModel.status == "ok", ProblemModel.known_page()))
         with self.session(read_only=True) as session:
-            rows = _readable(self, "trials", lambda: session.execute(query).all())
+            with self.reading("trials"):
+                rows = session.execute(query).all()
         out, known = [], known_kernels()
         for kernel, source_hash, problem, config_json, median in rows:
             if kernel not in known or not (type(median) is float and 0 < median < math.inf):
@@ -226,7 +227,8 @@ class Store:
         if kernel is not None:
             query = query.where(KernelModel.name == kernel)
         with self.session(read_only=True) as session:
-            rows = _readable(self, "winners", lambda: session.execute(query).all())
+            with self.reading("winners"):
+                rows = session.execute(query).all()
         out = []
         for winner, device, kern, problem in rows:
             try:
@@ -238,24 +240,24 @@ class Store:
                 self._skip(f"winner #{winner.id}", e, stacklevel=3)
         return out
 
+    @contextmanager
+    def reading(self, what: str = "rows"):
+        """Turns any exception while reading (SQLite keeps any value in any column: a date that is not a date, ...)
+        into a StoreError naming the database, which the dispatcher reports and skips and the CLI prints."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a hostile file makes SQLAlchemy raise, name the file
+            raise StoreError(f"{self.where} has {what} that cannot be read ({type(e).__name__}: {clip(e)}): it was "
+                             f"not written by tunebench") from e
+
     def _skip(self, row: str, why, stacklevel: int = 3) -> None:
         """One StoreWarning for a row that is skipped: the database, the row, and why (an exception: its type and
         message), cut to 200 characters."""
         if isinstance(why, BaseException):
             why = f"cannot be read ({type(why).__name__}: {clip(why)})"
         warnings.warn(f"tunebench: skipping {row} in {self.where} {why}", StoreWarning, stacklevel=stacklevel)
-
-
-def _readable(store: "Store", table: str, read):
-    """``read()``, with a value SQLAlchemy cannot convert (SQLite keeps any value in any column: a date that is not
-    a date, ...) turned into a StoreError naming the database, which the dispatcher reports and skips."""
-    try:
-        return read()
-    except StoreError:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever a hostile file makes SQLAlchemy raise, name the file
-        raise StoreError(f"{store.where} has {table} that cannot be read ({type(e).__name__}: {clip(e)}): it was not "
-                         f"written by tunebench") from e
 
 
 class _Rejected(Exception):
