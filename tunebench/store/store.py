@@ -234,7 +234,7 @@ class Store:
             try:
                 out.append(_checked_winner(winner, device, kern, problem, check_config))
             except _Rejected as e:
-                self._skip(f"winner #{winner.id}", f"(device {clip(repr(device.name), 60)}, kernel "
+                self._skip(f"winner #{winner.id}", f" (device {clip(repr(device.name), 60)}, kernel "
                                                    f"{clip(repr(kern.name), 60)}): {clip(e)}", stacklevel=3)
             except Exception as e:  # noqa: BLE001 - a hostile row: skip it, never fail the read
                 self._skip(f"winner #{winner.id}", e, stacklevel=3)
@@ -256,8 +256,8 @@ class Store:
         """One StoreWarning for a row that is skipped: the database, the row, and why (an exception: its type and
         message), cut to 200 characters."""
         if isinstance(why, BaseException):
-            why = f"cannot be read ({type(why).__name__}: {clip(why)})"
-        warnings.warn(f"tunebench: skipping {row} in {self.where} {why}", StoreWarning, stacklevel=stacklevel)
+            why = f": cannot be read ({type(why).__name__}: {clip(why)})"
+        warnings.warn(f"tunebench: skipping {row} in {self.where}{why}", StoreWarning, stacklevel=stacklevel)
 
 
 class _Rejected(Exception):
