@@ -4,6 +4,7 @@ causal that is not a bool, an input that is not a tensor (a TypeError naming it,
 dispatch), an input that requires grad ("forward only: no autograd"), and bfloat16 under the Triton interpreter (where
 it computes garbage). The checks live in kernels/_launch.py (check_call, check_dense_inputs, check_scale)."""
 import math
+import types
 
 import pytest
 import torch
@@ -117,3 +118,25 @@ def test_the_bfloat16_rule_spares_the_cache_write_which_is_exact(device):
     k_cache, v_cache = (torch.zeros(2, 4, 1, H, dtype=torch.bfloat16, device=device) for _ in range(2))
     cache_write.launch(key, value, k_cache, v_cache, torch.arange(5, dtype=torch.int32, device=device))
     assert torch.equal(k_cache.view(-1, 1, H)[:5], key) and torch.equal(v_cache.view(-1, 1, H)[:5], value)
+
+
+@pytest.mark.parametrize("case", ["requires grad", "bfloat16"])
+def test_the_transformers_backend_falls_back_to_sdpa_where_the_rule_refuses(case, monkeypatch, device):
+    """Training through attn_implementation="tunebench" keeps its gradients (SDPA runs, with one warning), and bf16
+    on the interpreter gets SDPA's answer rather than an error or garbage."""
+    backend = pytest.importorskip("tunebench.integrations.transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if case == "bfloat16" and not _launch.interpreting():
+        pytest.skip("the Triton interpreter's rule (on a GPU bfloat16 runs)")
+    monkeypatch.setattr(backend, "_warned", set())
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=2)
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    q, k, v = (torch.randn(1, h, 8, H, dtype=dtype, device=device) for h in (4, 2, 2))
+    if case == "requires grad":
+        q.requires_grad_()
+    with pytest.warns(backend.FallbackWarning, match="require grad" if case == "requires grad" else "bfloat16"):
+        out, _ = backend.attention_forward(module, q, k, v, None)
+    assert torch.equal(out, sdpa_attention_forward(module, q, k, v, None, is_causal=True)[0])
+    if case == "requires grad":
+        out.sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -121,7 +121,7 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
 def connect_failed(error: BaseException) -> bool:
     """Whether a database error is a failure to connect (the server refused, timed out, is unknown)."""
     from sqlalchemy.exc import OperationalError
-    return isinstance(error, OperationalError) and getattr(error, "connection_invalidated", False) is False and \
+    return isinstance(error, OperationalError) and \
         any(word in str(error).lower() for word in ("connect", "timeout", "refused", "resolve", "host"))
 
 
@@ -252,7 +252,7 @@ def check_writable_file(path: pathlib.Path, what: str) -> None:
     if path.exists() and not path.is_file():
         raise StoreError(f"{what} {path} is not a file")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        raise StoreError(f"{what} {path} is read-only: tunebench tune writes it (give --db a file you can write)")
+        raise StoreError(f"{what} {path} is read-only, and tunebench tune writes it: give it a file you can write")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
