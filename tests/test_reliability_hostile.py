@@ -25,7 +25,7 @@ from tunebench import cli, registry
 from tunebench.device import DeviceIdentity
 from tunebench.runtime import dispatch, winners
 from tunebench.shapes import Problem
-from tunebench.store import Store, StoreError, TrialResult
+from tunebench.store import SCHEMA_VERSION, Store, StoreError, TrialResult
 from tunebench.text import CLIP_CHARS, MAX_JSON_DEPTH, clip, json_depth, loads_bounded, printable
 
 DEVICE = DeviceIdentity.current(interpret=not torch.cuda.is_available())
@@ -199,7 +199,7 @@ def newer_schema(path):
 
 REFUSED = {"foreign tables": (foreign_file, "holds tables that are not tunebench's ('users')"),
            "foreign beside ours": (foreign_beside_ours, "holds tables that are not tunebench's ('users')"),
-           "newer schema": (newer_schema, "schema version 99, newer than the 2")}
+           "newer schema": (newer_schema, f"schema version 99, newer than the {SCHEMA_VERSION}")}
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

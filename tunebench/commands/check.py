@@ -52,16 +52,17 @@ def _shape(text: str) -> dict:
     if unknown or missing:
         raise ValueError(f"--shape has unknown fields {sorted(unknown)} and lacks {sorted(missing)}; a shape has "
                          f"{[f.name for f in fields]}")
-    for name, value in shape.items():
-        if not isinstance(value, SHAPE_TYPES[name][0]) or (name != "causal" and isinstance(value, bool)):
-            raise ValueError(f"--shape field {name!r} must be {SHAPE_TYPES[name][1]}, got {clip(repr(value))}")
+    for f in fields:
+        expected, says = JSON_TYPES.get(str(f.type), (None, ""))
+        if f.name in shape and expected and type(shape[f.name]) not in expected:
+            raise ValueError(f"--shape field {f.name!r} must be {says}, got {clip(repr(shape[f.name]))}")
     return shape
 
 
-# What each field of a --shape must be in JSON (bool is an int in Python, so it is refused for the sizes by name).
-SHAPE_TYPES = {**{name: (int, "an integer") for name in ("B", "Hq", "Hkv", "Nq", "Nk", "D")},
-               "dtype": (str, "a dtype name"), "causal": (bool, "true or false"),
-               "page": ((int, type(None)), "an integer or null")}
+# What a Problem field of each annotated type may be in JSON, by exact type: true is not an integer here.
+JSON_TYPES = {"int": ((int,), "an integer"), "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+              "int | None": ((int, type(None)), "an integer or null"),
+              "str | None": ((str, type(None)), "a string or null")}
 
 
 def _config(kernel: str, text: str) -> dict:
