@@ -123,8 +123,38 @@ def check_runnable(name: str, t: torch.Tensor) -> None:
 def check_scale(scale) -> None:
     if isinstance(scale, bool) or not (scale is None or isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+
+
+def check_call(**tensors) -> None:
+    """What every public entry point checks first, before it reads a shape: each named input is a tensor, none asks
+    for a gradient (check_forward_only), and none is bfloat16 under the interpreter (check_interpretable)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_forward_only(**tensors)
+    for name, t in tensors.items():
+        check_interpretable(name, t)
+
+
+def check_forward_only(**tensors) -> None:
+    """The kernels have no backward: an input that requires grad (with grad enabled) would lose its gradient in
+    silence, so it is refused."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad, but tunebench's kernels are forward only: no autograd (call "
+                             f"under torch.no_grad() or torch.inference_mode(), or pass {name}.detach())")
+
+
+def check_interpretable(name: str, t: torch.Tensor) -> None:
+    """bfloat16 attention gives garbage under the Triton interpreter (3.6 and 3.9: errors ~1e8), so it is refused
+    there rather than computed wrong; a copy (the cache write) is exact and does not call this."""
+    if t.dtype == torch.bfloat16 and interpreting():
+        raise TypeError(f"{name} is bfloat16, which the Triton {triton.__version__} interpreter computes wrongly: "
+                        f"use float16 or float32 on the CPU, or run bfloat16 on a GPU")
 
 
 def check_kv_cache_dtypes(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
@@ -218,6 +248,8 @@ def check_dense_inputs(q, k, v, out, causal, scale) -> None:
     check_head_dim(D)
     check_group(Hq, k.shape[1], "k/v")
     check_runnable("q", q)
+    check_interpretable("q", q)
+    check_forward_only(q=q, k=k, v=v)
     check_causal(causal)
     check_scale(scale)
     check_out(out, "q", q)

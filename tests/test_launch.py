@@ -39,13 +39,14 @@ def test_kernels_keep_no_private_interpreter_rule():
 
 
 @pytest.mark.parametrize("scale, error", [(math.nan, ValueError), (math.inf, ValueError), (-math.inf, ValueError),
+                                          (-1.0, ValueError), (0, ValueError), (-0.0, ValueError),
                                           (True, TypeError), ("0.1", TypeError), (torch.tensor(0.1), TypeError)])
-def test_scale_must_be_a_finite_number(scale, error):
+def test_scale_must_be_a_finite_positive_number(scale, error):
     with pytest.raises(error, match="scale"):
         check_scale(scale)
 
 
-@pytest.mark.parametrize("scale", [None, 0.125, 2, -1.0])
+@pytest.mark.parametrize("scale", [None, 0.125, 2, 1e-30])
 def test_scale_accepts_numbers_and_none(scale):
     check_scale(scale)
 

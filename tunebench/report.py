@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .registry import config_key
 from .store import Store, Winner
-from .text import format_config, format_counts, format_duration, format_speedup, table
+from .text import format_config, format_counts, format_duration, format_speedup, printable, table
 
 
 @dataclass
@@ -92,7 +92,7 @@ def headroom(lines: list[WinnerLine]) -> list[str]:
 def device_label(w: Winner) -> str:
     """The device a winner was measured on, with the versions that measured it."""
     note = "" if w.is_speed_measurement else " [interpreter: not a speed measurement]"
-    return f"{w.device} (capability {w.capability}, torch {w.torch}, triton {w.triton}){note}"
+    return printable(f"{w.device} (capability {w.capability}, torch {w.torch}, triton {w.triton}){note}")
 
 
 def winner_record(w: Winner) -> dict:

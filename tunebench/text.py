@@ -7,8 +7,82 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from datetime import timedelta
+
+MAX_JSON_CHARS = 64 * 1024      # a config, shape or record read from a database or a file: far more than any needs
+MAX_JSON_DEPTH = 32             # nesting; Python's json recurses once per level, and a deep value ends in RecursionError
+CLIP_CHARS = 200                # of an untrusted value quoted in a message
+
+
+# -- untrusted text in: JSON bounded before parsing
+
+
+def loads_bounded(text, what: str = "JSON"):
+    """json.loads(text) of text no one vouches for (a database row, a file, an argument): ValueError, before any
+    parsing, when it is longer than MAX_JSON_CHARS or nests deeper than MAX_JSON_DEPTH, so that a hostile value costs
+    a scan, not a RecursionError or the memory of a huge object. ``what`` names it in the message."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise TypeError(f"{what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_JSON_CHARS:
+        raise ValueError(f"{what} is {len(text)} characters long, over the {MAX_JSON_CHARS} read")
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{what} nests {depth} levels deep, over the {MAX_JSON_DEPTH} read")
+    return json.loads(text)
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON text, brackets inside strings not counted (an upper bound for text that is
+    not valid JSON)."""
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth = depth + 1 if bracket in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+# -- untrusted text out: escaped and cut
+
+
+_BIDI = {0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069}
+
+
+def printable(value) -> str:
+    """str(value) with terminal control characters (C0, DEL, C1, bidi overrides) escaped as \\n, \\xNN or \\uNNNN,
+    so that a string read from a database cannot move the cursor, recolour, retitle the terminal it is printed on or
+    forge a line of output."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(_escape(c) for c in text)
+
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    if not (n < 0x20 or 0x7F <= n < 0xA0 or n in _BIDI):
+        return c
+    return _NAMED.get(c) or (f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}")
+
+
+def clip(value, limit: int = CLIP_CHARS) -> str:
+    """printable(value) cut to ``limit`` characters ('...' and the full length said), for quoting an untrusted value
+    in a message: a 20 MB config is not echoed whole."""
+    text = printable(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+# -- tunebench's values out
 
 
 def format_config(config: dict | None) -> str:
@@ -45,7 +119,7 @@ def table(header: list[str], rows: list[list], *, right: tuple[int, ...] = (), i
           markdown: bool = False) -> str:
     """The one table printer. Plain text: columns padded to their widest cell, a dashed rule under the header, the
     columns whose indices are in `right` right-aligned (numbers). markdown=True: a GitHub table instead."""
-    cells = [[str(c) for c in row] for row in [header] + rows]
+    cells = [[printable(c) for c in row] for row in [header] + rows]
     if markdown:
         lines = ["| " + " | ".join(row) + " |" for row in cells]
         lines.insert(1, "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|")

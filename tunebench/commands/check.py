@@ -6,12 +6,11 @@ the cases as JUnit XML too. Exit code 0 when every case passed, 1 when one faile
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
 from ..registry import known_kernels, register_modules, require_kernels
-from ..text import print_json
+from ..text import clip, loads_bounded, print_json
 from . import FAILED, OK, USAGE
 
 NO_HYPOTHESIS = ("`tunebench check` draws its cases with Hypothesis, which is not installed here: "
@@ -29,7 +28,7 @@ def check_command(args) -> int:
             raise ValueError("--shape and --config replay one case: give both, with exactly one --kernel")
         if args.junit:
             raise ValueError("--junit writes the gate's cases: it does not go with a replay (--shape/--config)")
-        return replay(args.kernel[0], _shape(args.shape), _json_object("--config", args.config), args.seed,
+        return replay(args.kernel[0], _shape(args.shape), _config(args.kernel[0], args.config), args.seed,
                       args.layout, as_json=args.json)
     require_hypothesis()
     return run_gate(args.kernel or list(known_kernels()), profile=args.profile, examples=args.examples, as_json=args.json,
@@ -53,16 +52,40 @@ def _shape(text: str) -> dict:
     if unknown or missing:
         raise ValueError(f"--shape has unknown fields {sorted(unknown)} and lacks {sorted(missing)}; a shape has "
                          f"{[f.name for f in fields]}")
+    for f in fields:
+        expected, says = JSON_TYPES.get(str(f.type), (None, ""))
+        if f.name in shape and expected and type(shape[f.name]) not in expected:
+            raise ValueError(f"--shape field {f.name!r} must be {says}, got {clip(repr(shape[f.name]))}")
     return shape
+
+
+# What a Problem field of each annotated type may be in JSON, by exact type: true is not an integer here.
+JSON_TYPES = {"int": ((int,), "an integer"), "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+              "int | None": ((int, type(None)), "an integer or null"),
+              "str | None": ((str, type(None)), "a string or null")}
+
+
+def _config(kernel: str, text: str) -> dict:
+    """The --config of a replay: a JSON object whose keys and values are in the kernel's SPACE."""
+    from ..registry import config_in_space, kernel_module
+    config = _json_object("--config", text)
+    why = config_in_space(kernel, config)
+    if why:
+        space = kernel_module(kernel).SPACE
+        missing, unknown = sorted(set(space) - set(config)), sorted(set(config) - set(space))
+        keys = (f"lacks {missing}" if missing else "") + (" and " if missing and unknown else "") + \
+               (f"has unknown keys {unknown}" if unknown else "")
+        raise ValueError(f"--config for {kernel} {keys or clip(why)}; {kernel}'s SPACE is {clip(space, 600)}")
+    return config
 
 
 def _json_object(flag: str, text: str) -> dict:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} is not JSON ({e}): {text!r}") from None
+        value = loads_bounded(text, flag)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError, and so is a value over the bounds
+        raise ValueError(f"{flag} is not JSON that tunebench reads ({clip(e)}): {clip(repr(text))}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+        raise ValueError(f"{flag} must be a JSON object, got {clip(repr(text))}")
     return value
 
 

@@ -18,7 +18,8 @@ def report_command(args) -> int:
     """Prints the report (or, with --json, its record); with --out, also writes report.md and speedups.png there."""
     store = Store(args.db, readonly=True)
     try:
-        lines, totals = collect(store)
+        with store.reading():
+            lines, totals = collect(store)
     finally:
         store.close()
     text = format_report(lines, totals, store.where)

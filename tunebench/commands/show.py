@@ -14,7 +14,8 @@ from . import OK
 def show_command(args) -> int:
     store = Store(args.db, readonly=True)
     try:
-        winners = store.winners(kernel=args.kernel)
+        with store.reading():
+            winners = store.winners(kernel=args.kernel)
     finally:
         store.close()
     if args.json:

@@ -16,9 +16,11 @@ Served (the Triton kernel runs):
 Falls back to transformers' own SDPA (`sdpa_attention_forward`), with one FallbackWarning per reason:
 - any other mask: padding (a batch with left padding), a static cache's empty slots in decode, packed sequences,
   a sliding window that excludes keys, a custom mask (checked once per mask tensor: one comparison, one sync);
-- dropout > 0 (training), a position bias (T5-style);
+- dropout > 0 (training), inputs that require grad (with grad enabled: the kernel is forward only), a position
+  bias (T5-style);
 - query/key/value whose dtypes or head dims differ, a dtype other than fp16/bf16/fp32, head dim > 256;
-- CPU tensors without TRITON_INTERPRET=1 (the kernel needs a GPU, or the slow interpreter).
+- CPU tensors without TRITON_INTERPRET=1 (the kernel needs a GPU, or the slow interpreter), and bfloat16 under
+  the interpreter (which computes it wrongly: tunebench.flash_attention refuses it there).
 Falls back to the model's own eager attention (SDPA refuses these): attention-logit soft-capping (Gemma-2 style) and
 attention sinks (`s_aux`).
 
@@ -110,8 +112,12 @@ def _unserved(query, key, value, mask, dropout, kwargs) -> tuple[str | None, boo
         return f"head dims q {query.shape[-1]}, k {key.shape[-1]}, v {value.shape[-1]} (needs equal, <= 256)", False
     if query.shape[1] % key.shape[1]:
         return f"{query.shape[1]} query heads not a multiple of {key.shape[1]} key heads", False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "inputs that require grad (training: the kernel is forward only)", False
     if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "CPU tensors without TRITON_INTERPRET=1", False
+    if query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "bfloat16 under the Triton interpreter (which computes it wrongly)", False
     if mask is not None and (mask.dim() != 4 or mask.shape[-2:] != (query.shape[2], key.shape[2])):
         return "a mask that is not 4-d [B or 1, H or 1, Nq, Nk]", False
     return None, False

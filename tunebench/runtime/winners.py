@@ -4,6 +4,9 @@ They are read once, lazily, on the first call: from the user's database (TUNEBEN
 `tunebench tune` writes) layered over the results.db shipped in the package; user winners take precedence. Only rows
 measured on this GPU, with the kernel's current identity, count. A bucket with a winner runs it; one without runs a
 config that safe transfer (transfer.py) finds in the neighbouring buckets' trials, or else DEFAULT.
+
+Reading them never raises into a user's call: a database that cannot be read is ignored with a warning naming it, and
+a row that cannot be read is skipped with one (the store's StoreWarning); DEFAULT then runs.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from importlib import resources
 
 from ..registry import checked_config, kernel_identity
 from ..shapes import Problem, bucket, bucket_key, family
+from ..text import clip
 from . import transfer
 from .warn import warn_user
 
@@ -52,6 +56,15 @@ def current_device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return INTERPRETER
+
+
+def _shown(url: str) -> str:
+    """A database URL for a message: without its password, control characters escaped."""
+    try:
+        from sqlalchemy.engine import make_url
+        return clip(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: say so rather than echo it
+        return "(an unreadable URL)"
 
 
 @dataclasses.dataclass
@@ -105,6 +118,9 @@ class Winners:
             except StoreError as e:
                 warn_user(f"tunebench: ignoring results database: {e}")
                 continue
+            except Exception as e:  # noqa: BLE001 - never into the user's call: whatever a hostile database raises
+                warn_user(f"tunebench: ignoring results database {_shown(url)}: {type(e).__name__}: {clip(e)}")
+                continue
             readable.append(url)
             for w in found:
                 if current(w.kernel, w.source_hash):
@@ -123,11 +139,15 @@ class Winners:
                 except StoreError as e:
                     warn_user(f"tunebench: ignoring the trials of a results database: {e}")
                     continue
+                except Exception as e:  # noqa: BLE001 - as above
+                    warn_user(f"tunebench: ignoring the trials of results database {_shown(url)}: "
+                              f"{type(e).__name__}: {clip(e)}")
+                    continue
                 for kernel, shash, problem, config, ms in timed:
                     try:
                         if current(kernel, shash):               # a config outside SPACE is never evidence
                             timings.append((problem, checked_config(kernel, config), ms))
-                    except ValueError:
+                    except Exception:  # noqa: BLE001 - ValueError: outside SPACE; anything else: not a config
                         continue
             return timings
         return cls(device_name, rows, read_timings=read_timings)

@@ -10,6 +10,12 @@ at once take turns (an advisory lock) instead of failing on PostgreSQL's non-ato
 
 A read-only open never creates or changes a file.
 
+Connections time out: a PostgreSQL (or MySQL) server that accepts and never answers fails after connect_timeout_s()
+(TUNEBENCH_CONNECT_TIMEOUT_S, default 10 s) with a message naming the host, where it would otherwise hang for minutes.
+
+Before `tunebench tune` writes anything, check_writable() inspects an SQLite results file read-only (no WAL switch):
+tables that are neither tunebench's nor Optuna's, a newer schema, a file or folder it cannot write are refused then.
+
 Schema versions: 2 keys problems by the paged cache's page size too, 3 by the KV cache's dtype too (an fp8 cache; both
 issue 19). An older database is migrated when opened writable (migrate.py, in one transaction); opened read-only, a
 SQLite file is migrated in a private in-memory copy, and another database is refused with a StoreError saying how to
@@ -17,6 +23,7 @@ migrate it.
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from urllib.request import pathname2url
@@ -34,6 +41,11 @@ SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 PG_SCHEMA = "tunebench_results"     # on PostgreSQL the tables live in this schema (see _listen_postgresql)
 PG_CREATE_LOCK = 0x7475_6E65        # advisory lock key held while creating the tables ("tune")
+CONNECT_TIMEOUT_S = 10.0            # a database server's connect timeout, unless TUNEBENCH_CONNECT_TIMEOUT_S says
+# Optuna's RDB storage tables (optuna 3.x-5.x, storages/_rdb/models.py, and alembic's): a results file may hold them.
+OPTUNA_TABLES = frozenset({"studies", "study_directions", "study_system_attributes", "study_user_attributes",
+                           "trial_heartbeats", "trial_intermediate_values", "trial_params", "trial_system_attributes",
+                           "trial_user_attributes", "trial_values", "trials", "version_info", "alembic_version"})
 
 
 class StoreError(RuntimeError):
@@ -75,6 +87,8 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
     path = _sqlite_path(parsed)
     if path is not None:
         where = str(path)
+        if not readonly:
+            check_writable(url)         # read-only first: a file that is not ours is refused untouched (no WAL switch)
         _prepare_file(path, readonly)
     try:
         engine = _make_engine(parsed, path, readonly)
@@ -89,6 +103,8 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
         raise
     except SQLAlchemyError as e:
         engine.dispose()
+        if path is None and connect_failed(e):
+            raise StoreError(describe_connect(where, parsed, e)) from e
         if not (readonly and path is not None and not os.access(path.parent, os.W_OK)):
             raise StoreError(describe(where, e)) from e
         # A WAL database in a read-only folder cannot be opened mode=ro (no -shm can be made): nothing can write
@@ -100,6 +116,13 @@ def open_engine(url: str, readonly: bool) -> tuple[Engine, str]:
             engine.dispose()
             raise StoreError(describe(where, e)) from e
     return engine, where
+
+
+def connect_failed(error: BaseException) -> bool:
+    """Whether a database error is a failure to connect (the server refused, timed out, is unknown)."""
+    from sqlalchemy.exc import OperationalError
+    return isinstance(error, OperationalError) and \
+        any(word in str(error).lower() for word in ("connect", "timeout", "refused", "resolve", "host"))
 
 
 class _ReadOnlyOldSchema(Exception):
@@ -138,6 +161,109 @@ def describe(where: str, error: SQLAlchemyError) -> str:
     return f"results database {where}: {detail}"
 
 
+# -- connecting to a server
+
+
+def connect_timeout_s() -> float:
+    """Seconds a connection to a database server may take: $TUNEBENCH_CONNECT_TIMEOUT_S, else CONNECT_TIMEOUT_S."""
+    text = os.environ.get("TUNEBENCH_CONNECT_TIMEOUT_S")
+    if not text:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"$TUNEBENCH_CONNECT_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def connect_args(url) -> dict:
+    """The DBAPI connect arguments that bound a server connection's setup (libpq's and MySQL's connect_timeout, whole
+    seconds); none for SQLite. A connect_timeout in the URL itself wins."""
+    url = make_url(url)
+    if url.get_backend_name() not in ("postgresql", "mysql", "mariadb") or "connect_timeout" in url.query:
+        return {}
+    return {"connect_timeout": max(1, math.ceil(connect_timeout_s()))}
+
+
+def describe_connect(where: str, url, error: BaseException) -> str:
+    """A failed connection to a database server: the host and port, and for a timeout, the setting that bounds it."""
+    url = make_url(url)
+    host = f"{url.host or 'localhost'}{f':{url.port}' if url.port else ''}"
+    detail = str(getattr(error, "orig", None) or error).strip()
+    if "timeout" in detail.lower():
+        return (f"cannot connect to the database server {host} for {where}: no answer within "
+                f"{math.ceil(connect_timeout_s())} s (TUNEBENCH_CONNECT_TIMEOUT_S): {detail}")
+    return f"cannot connect to the database server {host} for {where}: {detail}"
+
+
+def check_reachable(url: str, where: str) -> None:
+    """Connects to a database server once and disconnects (creating nothing): StoreError naming the host where it
+    cannot be reached in time. SQLite URLs pass (there is no server)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return
+    engine = create_engine(parsed, connect_args=connect_args(parsed))
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        raise StoreError(describe_connect(where, parsed, e)) from e
+    finally:
+        engine.dispose()
+
+
+# -- an SQLite file tune will write, checked before anything is
+
+
+def check_writable(url: str) -> None:
+    """StoreError, before anything is created or changed, where `tunebench tune` could not or must not write the
+    results database at url: an SQLite file (or its folder) it cannot write, a file holding tables that are neither
+    tunebench's nor Optuna's, a newer schema, a corrupt file. It reads the file read-only (no WAL switch). Other
+    databases are checked when opened (open_engine), which comes before anything else is written."""
+    parsed = make_url(url)
+    path = _sqlite_path(parsed)
+    if path is None:
+        return
+    check_writable_file(path, "the results database")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    engine = _make_engine(parsed, path, readonly=True)
+    try:
+        with engine.execution_options(tunebench_read=True).begin() as connection:
+            _schema_version(connection, str(path))
+            ours = {table.name for table in Base.metadata.sorted_tables}
+            names = set(inspect(connection).get_table_names())
+            foreign = sorted(n for n in names - ours - OPTUNA_TABLES if not n.startswith("sqlite_"))
+    except SQLAlchemyError as e:
+        raise StoreError(describe(str(path), e)) from e
+    finally:
+        engine.dispose()
+    if foreign:
+        shown = ", ".join(map(repr, foreign[:8])) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise StoreError(f"{path} holds tables that are not tunebench's ({shown}): tunebench writes only a database "
+                         f"of its own; give --db a new file")
+
+
+def check_writable_file(path: pathlib.Path, what: str) -> None:
+    """StoreError unless SQLite can write the file at path: the file, if it exists, and its folder (or the nearest
+    folder that exists, where it would be created), where SQLite keeps the -wal and -shm files beside it."""
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{what} {path} is not a file")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise StoreError(f"{what} {path} is read-only, and tunebench tune writes it: give it a file you can write")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write in the folder {folder} of {what} {path} (SQLite keeps its -wal and -shm "
+                         f"files there)")
+
+
+# -- opening a file
+
+
 def _prepare_file(path: pathlib.Path, readonly: bool) -> None:
     if readonly:
         if not path.is_file():
@@ -160,9 +286,9 @@ def _sqlite_path(url) -> pathlib.Path | None:
 
 def _make_engine(url, path: pathlib.Path | None, readonly: bool, immutable: bool = False) -> Engine:
     if url.get_backend_name() == "postgresql":
-        return _listen_postgresql(create_engine(url, pool_pre_ping=True))
+        return _listen_postgresql(create_engine(url, pool_pre_ping=True, connect_args=connect_args(url)))
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args(url))
     if path is None:
         if url.database in (None, "", ":memory:"):
             # One shared connection, so that a memory database lives as long as the engine.

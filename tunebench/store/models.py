@@ -19,6 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ..device import DeviceIdentity
 from ..shapes import Problem, bucket
+from ..text import loads_bounded
 
 STATUSES = ("ok", "pruned", "out_of_resources", "compile_error", "incorrect", "timeout", "crashed")
 NAME_LENGTH = 256
@@ -213,7 +214,7 @@ class TrialModel(Base):
 
     def to_result(self) -> TrialResult:
         floats = read_floats(self, TRIAL_FLOATS)
-        return TrialResult(self.number, json.loads(self.config_json), self.status, **floats, message=self.message,
+        return TrialResult(self.number, loads_bounded(self.config_json, "config_json"), self.status, **floats, message=self.message,
                            started_at=as_utc(self.started_at), finished_at=as_utc(self.finished_at))
 
 
@@ -281,7 +282,7 @@ def split_floats(values: dict) -> tuple[dict, str | None]:
 
 
 def read_floats(row, names: tuple[str, ...]) -> dict:
-    markers = json.loads(row.nonfinite) if row.nonfinite else {}
+    markers = loads_bounded(row.nonfinite, "nonfinite") if row.nonfinite else {}
     markers = markers if isinstance(markers, dict) else {}
     out = {}
     for name in names:

@@ -6,13 +6,15 @@ never the reverse, whatever the interleaving.
 
 Nothing read from a database is imported, evaluated or unpickled: configs are JSON, and kernel names must be in
 tunebench.registry's KERNELS. winners() drops (with a StoreWarning) any row it cannot trust without the kernels:
-unknown kernel, malformed JSON, sizes or times of the wrong type. It never imports a kernel: checking a config against
+unknown kernel, malformed JSON, sizes or times of the wrong type. Reading never raises for one bad row: any exception
+while a row is turned into values (a RecursionError, a MemoryError, ...) skips that row with one StoreWarning naming
+the database and the row, its detail cut to 200 characters (text.clip); JSON is bounded in size and depth before it is
+parsed (text.loads_bounded). It never imports a kernel: checking a config against
 the kernel's SPACE is its caller's (the dispatcher and `tunebench report` pass registry.checked_config), so that
 `tunebench show` lists rows without loading Triton.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..device import DeviceIdentity
 from ..registry import known_kernels
 from ..shapes import Problem
+from ..text import clip, loads_bounded
 from .engine import StoreError, describe, open_engine, resolve_url
 from .models import (STATUSES, TRIAL_FLOATS, WINNER_FLOATS, DeviceModel, KernelModel, ProblemModel, TrialModel,
                      TrialResult, Winner, WinnerModel, as_utc, dump_config, read_floats, split_floats, utc)
@@ -159,8 +162,15 @@ class Store:
         """Stored trials, by number; filters as trial_counts."""
         query = self._filter_trials(select(TrialModel), device, kernel, source_hash, problem, device_name)
         with self.session(read_only=True) as session:
-            return _readable(self, "trials", lambda: [
-                row.to_result() for row in session.scalars(query.order_by(TrialModel.number, TrialModel.id))])
+            with self.reading("trials"):
+                rows = list(session.scalars(query.order_by(TrialModel.number, TrialModel.id)))
+        out = []
+        for row in rows:
+            try:
+                out.append(row.to_result())
+            except Exception as e:  # noqa: BLE001 - a hostile row: skip it, never fail the read
+                self._skip(f"trial #{row.id}", e)
+        return out
 
     def trial_counts(self, device: DeviceIdentity | str | None = None, kernel: str | None = None,
                      source_hash: str | None = None, problem: Problem | None = None, *,
@@ -183,15 +193,19 @@ class Store:
                  .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
                  .where(DeviceModel.name == device_name, TrialModel.status == "ok", ProblemModel.known_page()))
         with self.session(read_only=True) as session:
-            rows = _readable(self, "trials", lambda: session.execute(query).all())
+            with self.reading("trials"):
+                rows = session.execute(query).all()
         out, known = [], known_kernels()
         for kernel, source_hash, problem, config_json, median in rows:
-            try:
-                config = json.loads(config_json)
-                bucketed = problem.to_problem()
-            except (ValueError, TypeError, RecursionError):
+            if kernel not in known or not (type(median) is float and 0 < median < math.inf):
                 continue
-            if kernel in known and isinstance(config, dict) and type(median) is float and 0 < median < math.inf:
+            try:
+                config = loads_bounded(config_json, "config_json")
+                bucketed = problem.to_problem()
+            except Exception as e:  # noqa: BLE001 - a hostile row: skip it, never fail the read
+                self._skip(f"a trial of {kernel} (problem #{problem.id})", e)
+                continue
+            if isinstance(config, dict):
                 out.append((kernel, source_hash, bucketed, config, median))
         return out
 
@@ -213,25 +227,37 @@ class Store:
         if kernel is not None:
             query = query.where(KernelModel.name == kernel)
         with self.session(read_only=True) as session:
-            rows = _readable(self, "winners", lambda: session.execute(query).all())
+            with self.reading("winners"):
+                rows = session.execute(query).all()
         out = []
         for winner, device, kern, problem in rows:
             try:
                 out.append(_checked_winner(winner, device, kern, problem, check_config))
             except _Rejected as e:
-                warnings.warn(f"tunebench: skipping winner #{winner.id} in {self.where} (device {device.name!r}, "
-                              f"kernel {kern.name!r}): {e}", StoreWarning, stacklevel=2)
+                self._skip(f"winner #{winner.id}", f" (device {clip(repr(device.name), 60)}, kernel "
+                                                   f"{clip(repr(kern.name), 60)}): {clip(e)}", stacklevel=3)
+            except Exception as e:  # noqa: BLE001 - a hostile row: skip it, never fail the read
+                self._skip(f"winner #{winner.id}", e, stacklevel=3)
         return out
 
+    @contextmanager
+    def reading(self, what: str = "rows"):
+        """Turns any exception while reading (SQLite keeps any value in any column: a date that is not a date, ...)
+        into a StoreError naming the database, which the dispatcher reports and skips and the CLI prints."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a hostile file makes SQLAlchemy raise, name the file
+            raise StoreError(f"{self.where} has {what} that cannot be read ({type(e).__name__}: {clip(e)}): it was "
+                             f"not written by tunebench") from e
 
-def _readable(store: "Store", table: str, read):
-    """``read()``, with a value SQLAlchemy cannot convert (SQLite keeps any value in any column: a date that is not
-    a date, ...) turned into a StoreError naming the database, which the dispatcher reports and skips."""
-    try:
-        return read()
-    except (ValueError, TypeError) as e:
-        raise StoreError(f"{store.where} has {table} that cannot be read ({type(e).__name__}: {e}): it was not "
-                         f"written by tunebench") from e
+    def _skip(self, row: str, why, stacklevel: int = 3) -> None:
+        """One StoreWarning for a row that is skipped: the database, the row, and why (an exception: its type and
+        message), cut to 200 characters."""
+        if isinstance(why, BaseException):
+            why = f": cannot be read ({type(why).__name__}: {clip(why)})"
+        warnings.warn(f"tunebench: skipping {row} in {self.where}{why}", StoreWarning, stacklevel=stacklevel)
 
 
 class _Rejected(Exception):
@@ -249,7 +275,7 @@ def _checked_winner(winner: WinnerModel, device: DeviceModel, kernel: KernelMode
         if not all(type(getattr(problem, f)) is int for f in ("B", "Hq", "Hkv", "Nq", "Nk", "D")):
             raise TypeError("problem sizes must be integers")
         bucketed = problem.to_problem()
-        config = json.loads(winner.config_json)
+        config = loads_bounded(winner.config_json, "config_json")
         floats = read_floats(winner, WINNER_FLOATS)
     except (ValueError, TypeError) as e:
         raise _Rejected(f"malformed row: {e}") from None

@@ -55,12 +55,13 @@ class TuneOptions:
 
 def _check_storage_url(url: str) -> None:
     """A --storage that cannot name a database is refused before anything is written (tune creates the results
-    database before it opens the storage): not a URL, an unknown dialect, or an SQLite file in a missing folder."""
+    database before it opens the storage): not a URL, an unknown dialect or one whose driver is not installed, or an
+    SQLite file in a missing folder. (run.preflight then checks that it can be written.)"""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
     try:
         parsed = make_url(url)
-        parsed.get_dialect()
+        parsed.get_dialect().import_dbapi()     # its driver: a mysql:// URL without MySQLdb fails here, not later
     except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as e:
         raise ValueError(f"--storage is not a database URL that SQLAlchemy can use: {hide_password(url)} "
                          f"({type(e).__name__}: {e})") from None

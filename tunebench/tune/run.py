@@ -16,7 +16,7 @@ from .options import TuneOptions
 from .pool import Fleet, require_gpu
 from .progress import Progress
 from .search import Search
-from .study import describe_storage, open_storage, quiet_optuna
+from .study import check_storage, describe_storage, open_storage, quiet_optuna
 from . import timing, trace
 
 
@@ -26,6 +26,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
     ``fleet``: worker processes already started (and left running) by the caller, for experiments that tune the same
     problems many times (bench/search_efficiency.py); by default the run starts and stops its own."""
     options.validate()
+    preflight(options)
     err = err or sys.stderr
     results = [] if results is None else results
     first, lent = len(results), fleet is not None
@@ -66,6 +67,17 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
                 results[first:] = sorted(results[first:], key=lambda r: order.get(id(r.problem), len(problems)))
     trace.event("fleet_closed")
     return results
+
+
+def preflight(options: TuneOptions) -> None:
+    """Every check of where the run will write, made before anything is written or a worker started: the results
+    database (an SQLite file inspected read-only: writable, tunebench's, not newer; store.engine.check_writable) and
+    Optuna's storage (its URL, a writable file or a server that answers; study.check_storage)."""
+    from ..store import resolve_url
+    from ..store.engine import check_writable
+    results_url = resolve_url(options.db)
+    check_writable(results_url)
+    check_storage(options.storage, results_url)
 
 
 def schedule(problems: list[Problem]) -> list[Problem]:

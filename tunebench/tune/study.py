@@ -46,23 +46,16 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
                  grace_s: int = GRACE_S):
     """Optuna's RDB storage: --storage, else an SQLite file next to an SQLite results database (results.db ->
     results.optuna.db; the two cannot share a file, both have a `trials` table); memory for a memory database.
-    On PostgreSQL they can share a database: the store keeps its tables in a schema of their own."""
+    On PostgreSQL they can share a database: the store keeps its tables in a schema of their own. A server's
+    connection times out (store.engine.connect_timeout_s)."""
     import optuna
-    from sqlalchemy.engine import make_url
+    from ..store.engine import connect_args, connect_failed, describe_connect
+    storage_url = storage_url_for(storage_url, results_url)
     if storage_url is None:
-        url = make_url(results_url)
-        if url.get_backend_name() != "sqlite" or (url.database or "").startswith("file:"):
-            raise ValueError(f"give --storage URL for Optuna's studies: only an SQLite --db gets one beside it "
-                             f"(--db is {url.render_as_string(hide_password=True)})")
-        if url.database in (None, "", ":memory:"):
-            return optuna.storages.InMemoryStorage()
-        path = os.path.abspath(url.database)
-        storage_url = "sqlite:///" + os.path.splitext(path)[0] + ".optuna.db"
-    elif _same_sqlite_file(storage_url, results_url):
-        raise ValueError("--storage and --db name the same SQLite file: both have a `trials` table, so give Optuna "
-                         "its own file (or leave --storage out: it then goes beside --db)")
+        return optuna.storages.InMemoryStorage()
     sqlite = storage_url.startswith("sqlite")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if sqlite else
+                     {"pool_pre_ping": True, "connect_args": connect_args(storage_url)})
     for attempt in range(STORAGE_OPEN_TRIES):
         try:
             storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs,
@@ -75,8 +68,45 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
             if attempt + 1 < STORAGE_OPEN_TRIES and _lost_creation_race(e):
                 time.sleep(0.5 + random.random())
                 continue
-            raise RuntimeError(f"cannot open the Optuna storage {hide_password(storage_url)}: "
-                               f"{type(e).__name__}: {e}") from e
+            where = f"the Optuna storage {hide_password(storage_url)}"
+            raise RuntimeError(describe_connect(where, storage_url, e) if connect_failed(e) else
+                               f"cannot open {where}: {type(e).__name__}: {e}") from e
+
+
+def storage_url_for(storage_url: str | None, results_url: str) -> str | None:
+    """The URL of Optuna's storage: --storage, else the SQLite file beside an SQLite results database; None for a
+    memory one. ValueError where there is none to give, or where both name one SQLite file."""
+    from sqlalchemy.engine import make_url
+    if storage_url is None:
+        url = make_url(results_url)
+        if url.get_backend_name() != "sqlite" or (url.database or "").startswith("file:"):
+            raise ValueError(f"give --storage URL for Optuna's studies: only an SQLite --db gets one beside it "
+                             f"(--db is {url.render_as_string(hide_password=True)})")
+        if url.database in (None, "", ":memory:"):
+            return None
+        path = os.path.abspath(url.database)
+        return "sqlite:///" + os.path.splitext(path)[0] + ".optuna.db"
+    if _same_sqlite_file(storage_url, results_url):
+        raise ValueError("--storage and --db name the same SQLite file: both have a `trials` table, so give Optuna "
+                         "its own file (or leave --storage out: it then goes beside --db)")
+    return storage_url
+
+
+def check_storage(storage_url: str | None, results_url: str) -> None:
+    """Checks Optuna's storage before `tunebench tune` writes anything: the URL (storage_url_for), an SQLite file
+    and folder it can write, a server that answers within the connect timeout (a connection made and closed,
+    creating nothing). StoreError or ValueError says what is wrong."""
+    import pathlib
+    from sqlalchemy.engine import make_url
+    from ..store.engine import check_reachable, check_writable_file
+    url = storage_url_for(storage_url, results_url)
+    if url is None:
+        return
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        check_reachable(url, f"the Optuna storage {hide_password(url)}")
+    elif parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        check_writable_file(pathlib.Path(os.path.abspath(parsed.database)), "the Optuna storage")
 
 
 def retry_once(study, trial) -> None:
