@@ -51,10 +51,10 @@ import triton
 import triton.language as tl
 
 from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, LOG2E, any_bad_block, check_config, check_float_dtype,
-                      check_grid, check_group, check_head_dim, check_kv_cache_dtypes, check_like, check_out,
-                      check_runnable, check_same_shape, check_scale, check_tensor, checked_blocks, checked_length,
-                      dot_precision, kv_scale, no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors,
-                      shared_memory_limit, tile_blocks)
+                      check_forward_only, check_grid, check_group, check_head_dim, check_interpretable,
+                      check_kv_cache_dtypes, check_like, check_out, check_runnable, check_same_shape, check_scale,
+                      check_tensor, checked_blocks, checked_length, dot_precision, kv_scale, no_bad_blocks,
+                      padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit, tile_blocks)
 
 
 @triton.jit
@@ -331,6 +331,8 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, out, scale, k
         raise ValueError("block_tables must have at least one column (max_blocks >= 1)")
     check_grid("B", B)
     check_runnable("q", q)
+    check_interpretable("q", q)
+    check_forward_only(q=q, k_cache=k_cache, v_cache=v_cache)
     check_scale(scale)
     check_out(out, "q", q)
     return fp8

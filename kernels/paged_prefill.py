@@ -49,9 +49,9 @@ import triton
 import triton.language as tl
 
 from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, ERR_QUERY_ROWS, any_bad_block, check_config,
-                      check_float_dtype, check_like, check_out, check_paged_cache, check_runnable, check_scale,
-                      check_tensor, checked_blocks, dot_precision, no_bad_blocks, padded_head_dim, qk_scale,
-                      raise_paged_errors, shared_memory_limit, tile_blocks)
+                      check_float_dtype, check_forward_only, check_interpretable, check_like, check_out,
+                      check_paged_cache, check_runnable, check_scale, check_tensor, checked_blocks, dot_precision,
+                      no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit, tile_blocks)
 
 
 @triton.jit
@@ -316,6 +316,8 @@ def check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, 
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} must have B + 1 entries and block_tables "
                          f"{tuple(block_tables.shape)} B rows, for context_lens's B={B} sequences")
     check_runnable("q", q)
+    check_interpretable("q", q)
+    check_forward_only(q=q, k_cache=k_cache, v_cache=v_cache)
     check_scale(scale)
     check_out(out, "q", q)
 

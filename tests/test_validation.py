@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tunebench
-from tunebench.kernels import _launch, flash_v1, flash_v2
+from tunebench.kernels import _launch, flash_v1, flash_v2, paged_attention, paged_prefill
 
 H = 16  # head dim
 
@@ -101,6 +101,18 @@ def test_the_dense_kernels_own_launch_applies_the_same_rule(launch, device):
         launch(**args)
     with pytest.raises(ValueError, match="scale must be finite and > 0"):
         launch(**dense(device), scale=math.nan)
+
+
+@pytest.mark.parametrize("kernel, inputs", [(paged_attention, paged), (paged_prefill, prefill)],
+                         ids=["paged_attention", "paged_prefill"])
+def test_the_paged_kernels_own_launch_applies_the_same_rule(kernel, inputs, device):
+    args = inputs(device)
+    args["k_cache"] = args["k_cache"].detach().requires_grad_()
+    with pytest.raises(ValueError, match="k_cache requires grad"):
+        kernel.launch(**args)
+    if _launch.interpreting():
+        with pytest.raises(TypeError, match="q is bfloat16"):
+            kernel.launch(**inputs(device, torch.bfloat16))
 
 
 @pytest.mark.skipif(not _launch.interpreting(), reason="the Triton interpreter's rule (on a GPU bfloat16 runs)")
