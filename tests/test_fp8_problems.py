@@ -90,12 +90,29 @@ def test_fp8_and_bf16_winners_of_one_bucket_are_stored_apart_and_read_back(tmp_p
     assert got == {None: 1.0, "float8_e4m3fn": 0.5}
 
 
-def test_the_shipped_version_2_results_db_loads_as_kv_dtype_none(tmp_path):
+def as_version_2(path) -> None:
+    """Takes a schema-3 file back to schema 2 (its problems table without kv_dtype), as the shipped results.db was
+    before 2026-12-06; every row must have kv_dtype '' (no fp8 problem)."""
+    c = sqlite3.connect(path, isolation_level=None)
+    ddl = c.execute("SELECT sql FROM sqlite_master WHERE name = 'problems'").fetchone()[0]
+    v2 = ddl.replace("kv_dtype VARCHAR(256) NOT NULL, ", "").replace(", kv_dtype)", ")")
+    assert v2 != ddl and "kv_dtype" not in v2 and c.execute("SELECT count(*) FROM problems WHERE kv_dtype != ''"
+                                                           ).fetchone() == (0,)
+    columns = 'id, kernel, "B", "Hq", "Hkv", "Nq", "Nk", "D", dtype, causal, page'
+    c.executescript(f"PRAGMA foreign_keys = OFF; BEGIN; CREATE TABLE p2 AS SELECT {columns} FROM problems; "
+                    f"DROP TABLE problems; {v2}; INSERT INTO problems SELECT * FROM p2; DROP TABLE p2; "
+                    f"UPDATE schema_version SET version = 2; COMMIT;")
+    c.close()
+
+
+def test_a_version_2_results_db_loads_as_kv_dtype_none(tmp_path):
+    """The shipped results.db's rows taken back to schema 2 (as it shipped until 2026-12-06): read-only through an
+    in-memory migrated copy, file untouched; writable, migrated in place."""
     from test_store import H100
     from tunebench.runtime.winners import packaged_db_path
-    shipped = packaged_db_path()
     copy = tmp_path / "shipped.db"
-    shutil.copyfile(shipped, copy)
+    shutil.copyfile(packaged_db_path(), copy)
+    as_version_2(copy)
     assert sqlite3.connect(copy).execute("SELECT version FROM schema_version").fetchone() == (2,)
     before = copy.read_bytes()
     with Store(str(copy), readonly=True) as store:             # read through a migrated copy in memory
