@@ -34,8 +34,10 @@ class Worker:
     is preceded by a Setup with its own, longer deadline, so a trial's timeout never pays for building references."""
 
     def __init__(self, role: str, interpret: bool, visible_device: str | None = None, threads: int = 1,
-                 setup_timeout: float = 600.0, name: str = ""):
+                 setup_timeout: float = 600.0, name: str = "", serve: Callable[..., None] | None = None):
         self.role, self.interpret, self.visible_device = role, interpret, visible_device
+        # The process's entry point: the real worker, or a simulated one (tunebench.tune.simulate); picklable.
+        self.serve = serve or _serve
         self.threads, self.setup_timeout = threads, setup_timeout
         self.name = name or role
         self.process = None
@@ -56,7 +58,7 @@ class Worker:
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         conn, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, name=f"tunebench-{self.name}", daemon=True,
+        process = ctx.Process(target=self.serve, name=f"tunebench-{self.name}", daemon=True,
                               args=(child, self.role, self.interpret, self.visible_device, self.threads, self.name))
         try:
             process.start()
@@ -221,7 +223,8 @@ class Fleet:
     """The run's worker processes: `runners` check and time trials (one per GPU, pinned with CUDA_VISIBLE_DEVICES,
     or CPU interpreter workers), `compilers` fill Triton's cache ahead of them."""
 
-    def __init__(self, options: "TuneOptions"):
+    def __init__(self, options: "TuneOptions", serve: Callable[..., None] | None = None):
+        """``serve``: the workers' entry point, if not the real worker's (a simulated fleet: tunebench.tune.simulate)."""
         n = options.workers
         if options.interpret:
             # Nothing to compile ahead under the interpreter, unless asked for (the tests do, to run the scheduling
@@ -232,12 +235,12 @@ class Fleet:
             n_compile = options.compile_workers
             if n_compile is None:
                 n_compile = min(MAX_COMPILE_WORKERS * n, max(0, (os.cpu_count() or 1) - n - 1))
-        self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}")
+        self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}", serve=serve)
                         for i, d in enumerate(devices)]
         # Spread over the GPUs: each compile worker holds a CUDA context (its inputs' shapes and alignment are real
         # tensors), and the driver creates one context at a time per GPU.
         self.compilers = [Worker("compile", options.interpret, devices[i % n], 1, options.setup_timeout,
-                                 name=f"compile{i}")
+                                 name=f"compile{i}", serve=serve)
                           for i in range(n_compile)]
         self.workers = self.runners + self.compilers
         # Requests outside the search that the fleet is serving (a finished problem's finalists being re-timed, a

@@ -63,3 +63,23 @@ def span(kind: str, **fields):
         yield
     finally:
         event(kind, s=round(time.perf_counter() - start, 6), **fields)
+
+
+@contextlib.contextmanager
+def writing_to(path: str):
+    """Traces this process to ``path`` for the block, and the worker processes started in it ($TUNEBENCH_TRACE is
+    set for them); then as before. For measurements that read their own trace (tunebench.tune.simulate)."""
+    global _path, _file, _process_line
+    saved = _path, _file, _process_line, os.environ.get("TUNEBENCH_TRACE")
+    _path, _file, _process_line = str(path), None, True
+    os.environ["TUNEBENCH_TRACE"] = str(path)
+    try:
+        yield
+    finally:
+        if _file is not None:
+            _file.close()
+        _path, _file, _process_line, before = saved
+        if before is None:
+            os.environ.pop("TUNEBENCH_TRACE", None)
+        else:
+            os.environ["TUNEBENCH_TRACE"] = before
