@@ -235,7 +235,8 @@ class Fleet:
             n_compile = options.compile_workers
             if n_compile is None:
                 n_compile = min(MAX_COMPILE_WORKERS * n, max(0, (os.cpu_count() or 1) - n - 1))
-        self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}", serve=serve)
+        self.runners = [Worker("run", options.interpret, d, threads, options.setup_timeout, name=f"run{i}",
+                               serve=serve)
                         for i, d in enumerate(devices)]
         # Spread over the GPUs: each compile worker holds a CUDA context (its inputs' shapes and alignment are real
         # tensors), and the driver creates one context at a time per GPU.
