@@ -9,13 +9,19 @@ storage and results store, on a fleet of 1, 2, 4 and 8 simulated workers that sl
 Per fleet size it prints: the wall time (start-up included), the start-up (workers spawned to ready), the search
 window (first simulated trial's start to the last one's end), the runners' busy share of that window (trials and
 re-timings; the issue's goal is >= 90% at 8 workers), trials per second and the speedup over one worker's, the
-parent's Optuna asks per second and its time per ask, and trials run twice (must be 0).
+parent's Optuna asks per second, asks per trial run (the others were pruned by keep() or repeats) and its time per
+ask, and trials run twice (must be 0). --ask-batch sets the configs asked per turn of the loop
+(tunebench.tune.search.ASK_BATCH), to measure batching; --profile N prints the parent's N costliest calls
+(cProfile, cumulative) per fleet size.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import io
 import pathlib
+import pstats
 import sys
 import tempfile
 import time
@@ -39,9 +45,13 @@ def run(workers: int, args, sim, folder: pathlib.Path) -> dict:
     problems = [p for p in suite("default") if p.kernel == args.kernel][:args.problems]
     options = TuneOptions(interpret=True, db=str(folder / "results.db"), workers=workers, trials=args.trials,
                           sampler=args.sampler, compile_workers=args.compile_workers)
+    profile = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
-    _, use = simulate(problems, options, sim, folder / "trace.jsonl", err=io.StringIO())
+    with profile or contextlib.nullcontext():
+        _, use = simulate(problems, options, sim, folder / "trace.jsonl", err=io.StringIO())
     wall = time.perf_counter() - start
+    if profile:
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
     first = {}
     for e in read_trace(folder / "trace.jsonl"):
         first.setdefault(e["kind"], e["t"])
@@ -61,15 +71,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--sampler", default="tpe", choices=["tpe", "grid"])
     parser.add_argument("--compile-workers", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the parent's N costliest calls")
+    parser.add_argument("--ask-batch", type=int, help="configs asked per turn of the loop (default: the tuner's)")
     args = parser.parse_args()
+    from tunebench.tune import search
+    if args.ask_batch is not None:
+        search.ASK_BATCH = args.ask_batch
     from tunebench.tune.simulate import Simulation
     durations = recorded_durations(args.recorded) if args.recorded else (args.trial_ms / 1e3,)
     sim = Simulation(durations)
     mean_ms = 1e3 * sum(durations) / len(durations)
     print(f"simulated fleet (CPU only): {args.problems} {args.kernel} problems x {args.trials} trials, "
-          f"{args.sampler}, trials of {mean_ms:.1f} ms on average ({len(durations)} durations)")
+          f"{args.sampler}, trials of {mean_ms:.1f} ms on average ({len(durations)} durations), "
+          f"{search.ASK_BATCH} asks per turn")
     print(f"{'workers':>7} {'wall s':>7} {'start s':>7} {'window s':>8} {'busy':>6} {'trials/s':>8} {'x1':>5} "
-          f"{'asks/s':>7} {'ms/ask':>7} {'dups':>4}")
+          f"{'asks/s':>7} {'asks/trial':>10} {'ms/ask':>7} {'dups':>4}")
     base = None
     for n in [int(x) for x in args.workers.split(",")]:
         with tempfile.TemporaryDirectory() as folder:
@@ -78,7 +94,8 @@ def main() -> None:
             base = r["trials_per_s"]
         speedup = f"{r['trials_per_s'] / base:5.2f}" if base else "    -"
         print(f"{n:7d} {r['wall_s']:7.2f} {r['startup_s']:7.2f} {r['window_s']:8.2f} {r['busy']:6.1%} "
-              f"{r['trials_per_s']:8.1f} {speedup} {r['asks_per_s']:7.1f} {r['ms_per_ask']:7.2f} "
+              f"{r['trials_per_s']:8.1f} {speedup} {r['asks_per_s']:7.1f} {r['asks_per_s'] / r['trials_per_s']:10.2f} "
+              f"{r['ms_per_ask']:7.2f} "
               f"{r['duplicates']:4d}")
         sys.stdout.flush()
 

@@ -16,9 +16,10 @@ from tunebench.tune.study import open_storage
 WORKERS = 8
 TRIAL_S = 0.02
 BUSY_GOAL = 0.90
-# Measured on a 2-core CPU (bench/fleet_sim.py): the parent's Optuna asks (~15 ms each) are the limit.
-MEASURED = "8 simulated workers were 6-7% busy"
-BUSY_FLOOR = 0.03   # half of what was measured: the loop must not get slower than it is
+# Measured on a 2-core CPU (bench/fleet_sim.py, simulated): the parent's Optuna asks (~16 ms of its CPU each, about
+# two asks per trial run: the rest are configs keep() rejects, or repeats) cap it at ~25 trials/s whatever the fleet.
+MEASURED = "8 simulated workers were 5-8% busy (~25 trials/s)"
+BUSY_FLOOR = 0.02   # well under what was measured (a slower CI machine): catches a loop that stalls
 
 
 def problems():
