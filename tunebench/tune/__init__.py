@@ -2,14 +2,15 @@
 
 The modules, in the order data flows through them:
 - protocol: the requests the parent sends a worker process and what comes back (both sides import it);
-- worker: in the worker process, compile -> check -> time (timing: how a launch is timed);
+- worker: in the worker process, compile -> check -> time (timing: how a launch is timed; serving: its request loop);
 - pool: the parent's handles on the workers (Worker) and the run's set of them (Fleet);
 - study: Optuna's storage, studies and samplers; SPACE becomes suggestions in exactly one place;
 - shared: one problem's study as every process sharing it sees it (SharedStudy), and the trial records;
 - enqueue: DEFAULT and the grid in Optuna's queue; search: one problem's search loop (Search);
 - confirm: the finalists re-timed against each other, the winner upserted; progress: what the run shows;
 - run: tune(), the loop over the problems. trace: a timeline of the run ($TUNEBENCH_TRACE=FILE,
-  bench/trace_summary.py reads it).
+  bench/trace_summary.py reads it). simulate: workers that sleep instead of running a trial, for measuring how many
+  GPUs the parent's loop keeps busy (bench/fleet_sim.py).
 
 A stopped run resumes: a study's finished trials (evaluated or pruned) are never run again and count toward
 --trials; trials a killed run left RUNNING are failed and queued again once (study.retry_once). --workers N runs one

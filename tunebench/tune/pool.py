@@ -224,7 +224,8 @@ class Fleet:
     or CPU interpreter workers), `compilers` fill Triton's cache ahead of them."""
 
     def __init__(self, options: "TuneOptions", serve: Callable[..., None] | None = None):
-        """``serve``: the workers' entry point, if not the real worker's (a simulated fleet: tunebench.tune.simulate)."""
+        """``serve``: the workers' entry point, if not the real worker's (a simulated fleet:
+        tunebench.tune.simulate)."""
         n = options.workers
         if options.interpret:
             # Nothing to compile ahead under the interpreter, unless asked for (the tests do, to run the scheduling

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..device import DeviceIdentity
 from .protocol import Compile, Identify, Outcome, Retime, Run, Setup
+from .serving import reply, serve_requests
 from . import trace
 
 DEVICE_NAME = "simulated"
@@ -54,19 +55,15 @@ def serve(sim: Simulation, conn, name: str) -> None:
     trace.in_worker()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a real worker: Ctrl-C is the parent's
     rng = random.Random(f"{sim.seed}:{name}")
-    conn.send(("ready", os.getpid()))
-    while True:
+
+    def answer(request) -> tuple[tuple, bool]:
         try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            conn.close()
-            return
-        try:
-            conn.send(("ok", handle(sim, rng, request, name), False))
-        except OSError:  # the parent is gone
-            return
+            return ("ok", handle(sim, rng, request, name)), False
+        except Exception as e:  # as a real worker: the request failed, the process goes on
+            return ("error", f"{type(e).__name__}: {e}"), False
+
+    if reply(conn, ("ready", os.getpid())):
+        serve_requests(conn, answer)
 
 
 def handle(sim: Simulation, rng: random.Random, request, name: str):

@@ -37,6 +37,7 @@ from ..correctness import Verdict, close_enough
 from ..inputs import Workload, workload_for
 from ..shapes import Problem
 from .protocol import Compile, Identify, Outcome, Retime, Run, Setup
+from .serving import reply, serve_requests
 from . import timing, trace
 
 MESSAGE_CHARS = 2000
@@ -249,37 +250,12 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
     _exit_with_parent(os.getppid())
     torch.set_num_threads(max(1, threads))
     state = _WorkerState(role, interpret)
-    if not _reply(conn, ("ready", os.getpid())):
+    if not reply(conn, ("ready", os.getpid())):
         return
     trace.event("worker_ready", worker=name, started=trace.process_started())
     warm(interpret)
     trace.event("warmed", worker=name)
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            # Asked to exit: nothing is left to write, so skip the interpreter's teardown (slow with torch and a CUDA
-            # context loaded); the driver frees the GPU as the process ends.
-            conn.close()
-            os._exit(0)
-        reply, fatal = state.handle(request)
-        if not _reply(conn, (*reply, fatal)):
-            return
-        if fatal:
-            conn.close()
-            os._exit(3)  # this CUDA context is unusable; the parent starts a fresh process
-
-
-def _reply(conn, message) -> bool:
-    """Sends to the parent; False when the parent is gone (killed, or closed its end), and the worker should exit
-    quietly rather than print a BrokenPipeError."""
-    try:
-        conn.send(message)
-        return True
-    except OSError:  # BrokenPipeError, ConnectionResetError: the other end is closed
-        return False
+    serve_requests(conn, state.handle)
 
 
 def _exit_with_parent(parent: int) -> None:
