@@ -2,20 +2,15 @@
 Triton interpreter (both caches' outputs checked before they are timed, a planted wrong output stopping it, the CSV
 and JSON it writes). The times are the GPU's to give."""
 import csv
-import importlib.util
 import json
-import math
-import pathlib
 
 import pytest
 import torch
 
+from bench_scripts import PLANTED, load, plant
 import tunebench
 
-_spec = importlib.util.spec_from_file_location(
-    "fp8_decode", pathlib.Path(__file__).resolve().parents[1] / "bench" / "fp8_decode.py")
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+script = load("fp8_decode")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
@@ -56,21 +51,9 @@ def test_small_run_checks_times_and_writes_its_rows(tmp_path, options, capsys):
     assert "(goal <= 0.55x)" in capsys.readouterr().out
 
 
-def plant(how: str):
-    def wrong(out):
-        out = out.clone()
-        if how == "zeros":
-            return torch.zeros_like(out)
-        if how == "nan":
-            out[-1, 0, 0] = math.nan           # the last sequence, which the check covers
-        else:
-            out[0, -1, -1] += 0.05
-        return out
-    return wrong
-
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("how", ["zeros", "nan", "perturbed"])
+@pytest.mark.parametrize("how", PLANTED)
 @pytest.mark.parametrize("cache", ["plain", "fp8"])
 def test_a_wrong_output_stops_it_before_it_is_timed(monkeypatch, capsys, cache, how):
     real = tunebench.paged_attention

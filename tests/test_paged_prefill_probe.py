@@ -2,22 +2,15 @@
 under the Triton interpreter (every output checked before it is timed, a planted wrong output stopping it, the CSV
 and JSON it writes). The times are the GPU's to give."""
 import csv
-import importlib.util
 import json
-import math
-import pathlib
-import sys
 
 import pytest
 import torch
 
+from bench_scripts import PLANTED, load, plant
 import tunebench
 
-_spec = importlib.util.spec_from_file_location(
-    "paged_prefill_probe", pathlib.Path(__file__).resolve().parents[1] / "bench" / "paged_prefill_probe.py")
-script = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = script           # its dataclass looks its module up there
-_spec.loader.exec_module(script)
+script = load("paged_prefill_probe")
 
 ONE_CHUNK = script.Setup(**dict(vars(script.SMALL), chunks=((5, 40),)))
 
@@ -72,19 +65,6 @@ def test_small_run_checks_times_and_writes_its_rows(tmp_path, monkeypatch, capsy
     assert "matmul ceiling skipped: needs CUDA" in capsys.readouterr().out or torch.cuda.is_available()
 
 
-def plant(how: str):
-    """A wrong version of an output: all zeros, one NaN in the last query row, or the first row moved by 0.05."""
-    def wrong(out):
-        out = out.clone()
-        if how == "zeros":
-            return torch.zeros_like(out)
-        if how == "nan":
-            out[-1, 0, 0] = math.nan
-        else:
-            out[0, -1, -1] += 0.05
-        return out
-    return wrong
-
 
 def one_call_bench(fn, reps=1):
     from tunebench.tune.timing import Timing
@@ -93,7 +73,7 @@ def one_call_bench(fn, reps=1):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("how", ["zeros", "nan", "perturbed"])
+@pytest.mark.parametrize("how", PLANTED)
 @pytest.mark.parametrize("target", ["paged_prefill", "flash_attention", "paged_attention"])
 def test_a_wrong_output_stops_the_probe_before_it_is_timed(device, monkeypatch, target, how):
     """paged_prefill: goal 1's chunk; flash_attention: its dense peer; paged_attention: goal 2's two launches."""
