@@ -9,7 +9,8 @@
 #   retune  the paged kernel's headline buckets (its four decode shapes on a bf16 and on an e4m3 cache) into
 #           ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale first
 #   retune-pages  then every page size of the pages suite (the recommendation `tunebench pages` makes)
-#   fp8bench bench/fp8_decode.py alone (fp8 against the bf16 cache, B16 x 16k, each on its own bucket's winner)
+#   fp8bench bench/fp8_decode.py alone (fp8 against the bf16 cache, B16 x 16k, each on its own bucket's winner),
+#           rows in $OUT/fp8-decode.csv and .json
 #   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into ./results.db, PAGED_TRIALS
 #           trials each, then bench/fp8_decode.py (fp8 against the bf16 cache, B16 x 16k; each runs its own bucket)
 #   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
@@ -19,6 +20,8 @@
 #   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
 #   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
 #   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel)
+#   prefillprobe bench/paged_prefill_probe.py (issue 20: a paged prefill chunk against dense SDPA/cuDNN/flash_v2, and
+#           a mixed batch as one launch against two); rows in $OUT/paged-prefill*.csv and .json
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
 #           prefix caching; SERVE_ARGS adds options), then tests/test_serve.py with its gpu test
@@ -49,10 +52,11 @@ for step in "$@"; do
              grep -v '^  #' "$OUT/retune.log" | tail -n 30 ;;
     retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db 2>&1 | tr '\r' '\n' \
                | grep -v '^\s*$' | tail -c 60000 > "$OUT/pages.log"; r=$?; grep -v '^  #' "$OUT/pages.log" | tail -n 30 ;;
-    fp8bench) TUNEBENCH_DB=results.db python3 bench/fp8_decode.py 2>&1 | tee "$OUT/fp8bench.log"; r=$? ;;
+    fp8bench) TUNEBENCH_DB=results.db python3 bench/fp8_decode.py --out "$OUT" 2>&1 | tee "$OUT/fp8bench.log"
+             r=$? ;;
     fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db results.db &&
-               TUNEBENCH_DB=results.db python3 bench/fp8_decode.py; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
-               | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
+               TUNEBENCH_DB=results.db python3 bench/fp8_decode.py --out "$OUT"; } 2>&1 | tr '\r' '\n' \
+               | grep -v '^\s*$' | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
     loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
@@ -62,6 +66,8 @@ for step in "$@"; do
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
     hostile) python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_paged_hostile.py 2>&1 | tail -n 200 \
                > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
+    prefillprobe) TUNEBENCH_DB=results.db python3 bench/paged_prefill_probe.py --out "$OUT" 2>&1 \
+               | tee "$OUT/prefillprobe.log"; r=$? ;;
     checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
              r=$? ;;
     serve)   { python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&

@@ -3,28 +3,71 @@
 1. A prefill chunk over a cached context (bf16, Hq32/Hkv8, D128, page 16), against dense attention on the same
    tokens with contiguous K/V: SDPA with a bottom-right causal bias (torch.nn.attention.bias.causal_lower_right) on
    the flash, efficient and cuDNN backends (K/V repeated per query head where the backend needs it), and
-   tunebench.flash_attention (flash_v2, bottom-right causal). Timed with do_bench (L2 flushed); TFLOP/s count only
-   the key-query pairs the mask keeps; the bf16 matmul ceiling is measured in the same run.
+   tunebench.flash_attention (flash_v2, bottom-right causal). Timed with do_bench (L2 flushed, median); TFLOP/s count
+   only the key-query pairs the mask keeps; the bf16 matmul ceiling is measured in the same run.
 2. A mixed batch: 64 decode rows (context 4096) plus one 2048-token chunk over an 8192 context, as one paged_prefill
-   launch against paged_attention on the decode rows plus paged_prefill on the chunk (two launches), timed by CUDA-graph
-   replay (a serving step is replayed from a graph) and launch by launch.
+   launch against paged_attention on the decode rows plus paged_prefill on the chunk (two launches; the decode launch
+   gets the decode rows' own block table, as an engine running it alone would), timed by CUDA-graph replay (a serving
+   step is replayed from a graph) and launch by launch.
 
-Each tunebench output is checked first against a float64 reference on the last query rows of each sequence.
+Every output is checked before anything is timed, against the float64 reference (tunebench.inputs.references) with
+the tolerance rule of tunebench/correctness.py, on the first, a middle and the last CHECK_ROWS query rows of each
+sequence: a tunebench output that fails stops the probe (exit 1); an SDPA peer that fails is reported, not timed.
 
-    python3 bench/paged_prefill_probe.py [--out DIR]
+--small runs tiny sizes (fp16, Hq4/Hkv2, D16); without a GPU it runs on the CPU under the Triton interpreter, to
+check the plumbing end to end: its times are the interpreter's wall clock and say nothing about a GPU, and the SDPA
+peers, the matmul ceiling and CUDA-graph timing are reported as 'skipped: needs CUDA'.
+
+    python3 bench/paged_prefill_probe.py [--out DIR] [--small]
+With --out, writes DIR/paged-prefill.csv (goal 1, a row per chunk), DIR/paged-prefill-mixed.csv (goal 2) and
+DIR/paged-prefill.json (both, with the device and the matmul ceiling).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import math
+import functools
+import json
+import os
 import pathlib
+import sys
+from dataclasses import dataclass
 
 import torch
 
-HQ, HKV, D, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
-CHUNKS = [(512, 4096), (2048, 8192), (4096, 32768), (1024, 16384), (512, 32768)]   # (new tokens, context)
-CHECK_ROWS = 16
+
+@dataclass(frozen=True)
+class Setup:
+    """What the probe runs: the geometry, goal 1's chunks and goal 2's mixed batch."""
+    Hq: int
+    Hkv: int
+    D: int
+    page: int
+    dtype: torch.dtype
+    chunks: tuple                   # goal 1: (new tokens, context) per row
+    decode_rows: int                # goal 2: this many decode rows of decode_context tokens ...
+    decode_context: int
+    mixed_chunk: tuple              # ... and one chunk: (new tokens, context)
+    check_rows: int = 16            # query rows per checked window
+
+
+ISSUE = Setup(32, 8, 128, 16, torch.bfloat16, ((512, 4096), (2048, 8192), (4096, 32768), (1024, 16384), (512, 32768)),
+              64, 4096, (2048, 8192))
+# Small for the interpreter; (16, 16) is a chunk with no cached context, checked in three windows of 4 rows.
+SMALL = Setup(4, 2, 16, 16, torch.float16, ((5, 40), (16, 16)), 3, 20, (9, 33), check_rows=4)
+MATMUL_N = 8192
+SKIPPED = "skipped: needs CUDA"
+PROVIDERS = ("tunebench paged_prefill", "tunebench flash_v2 (dense)", "sdpa flash", "sdpa efficient",
+             "sdpa cudnn (bool mask)")
+CHUNK_FIELDS = ("chunk", "context", "check_ratio", "tunebench_tflops", "vs_cudnn", "vs_best_sdpa", "of_matmul",
+                "timer") + tuple(f"{p} {c}" for p in PROVIDERS for c in ("TFLOP/s", "check", "status"))
+MIXED_FIELDS = ("decode_rows", "decode_context", "chunk", "context", "check_ratio", "two_launches_check_ratio",
+                "one_launch_ms_graph", "two_launches_ms_graph", "speedup_graph", "graph_status",
+                "one_launch_ms_launches", "two_launches_ms_launches", "speedup_launches", "launches_status", "timer")
+
+
+class WrongOutput(AssertionError):
+    """An output disagrees with the float64 reference."""
 
 
 def pairs(chunk: int, ctx: int) -> int:
@@ -32,60 +75,62 @@ def pairs(chunk: int, ctx: int) -> int:
     return chunk * (ctx - chunk) + chunk * (chunk + 1) // 2
 
 
-def dense_and_paged(chunks: list[tuple[int, int]], seed: int = 0):
-    """q [B, Hq, n, D] per sequence and K/V [1, Hkv, ctx, D] per sequence, plus the packed paged inputs."""
+def dense_and_paged(setup: Setup, chunks: list, device, seed: int = 0):
+    """q [1, Hq, n, D] and K/V [1, Hkv, ctx, D] per sequence, plus the packed paged inputs
+    (q [total, Hq, D], k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)."""
     from tunebench.inputs import pack_paged
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    s = setup
+    g = torch.Generator(device=device).manual_seed(seed)
     qs, ks, vs = [], [], []
     for n, ctx in chunks:
-        qs.append(torch.randn(1, HQ, n, D, device="cuda", generator=g).to(DTYPE))
-        ks.append(torch.randn(1, HKV, ctx, D, device="cuda", generator=g).to(DTYPE))
-        vs.append(torch.randn(1, HKV, ctx, D, device="cuda", generator=g).to(DTYPE))
+        qs.append(torch.randn(1, s.Hq, n, s.D, device=device, generator=g).to(s.dtype))
+        ks.append(torch.randn(1, s.Hkv, ctx, s.D, device=device, generator=g).to(s.dtype))
+        vs.append(torch.randn(1, s.Hkv, ctx, s.D, device=device, generator=g).to(s.dtype))
     max_ctx = max(ctx for _, ctx in chunks)
     pad = [torch.nn.functional.pad(t, (0, 0, 0, max_ctx - t.shape[2])) for t in ks + vs]
     k, v = torch.cat(pad[:len(ks)]), torch.cat(pad[len(ks):])
-    lens = torch.tensor([ctx for _, ctx in chunks], dtype=torch.int32, device="cuda")
-    k_cache, v_cache, tables = pack_paged(k, v, lens, PAGE, torch.Generator().manual_seed(seed))
+    lens = torch.tensor([ctx for _, ctx in chunks], dtype=torch.int32, device=device)
+    k_cache, v_cache, tables = pack_paged(k, v, lens, s.page, torch.Generator().manual_seed(seed))
     q_packed = torch.cat([q[0].transpose(0, 1) for q in qs]).contiguous()        # [total, Hq, D]
     cu = torch.tensor([0] + [sum(n for n, _ in chunks[:i + 1]) for i in range(len(chunks))], dtype=torch.int32,
-                      device="cuda")
+                      device=device)
     return qs, ks, vs, (q_packed, k_cache, v_cache, tables, cu, lens)
 
 
-def check(out_packed, qs, ks, vs, chunks) -> float:
-    """Max error of the last CHECK_ROWS queries of each sequence over the float64 reference, relative to the
-    tolerance rule (<= 1 passes), with the naive bf16 computation as the yardstick."""
+def check(out_packed, qs, ks, vs, chunks, rows: int) -> float:
+    """The worst error over the float64 reference, relative to the tolerance (<= 1 passes), on the first, a middle
+    and the last ``rows`` queries of each sequence; raises WrongOutput naming the first sequence that fails.
+    out_packed: [total, Hq, D], the sequences' rows packed as cu_seqlens_q packs them."""
     from tunebench.correctness import close_enough
+    from tunebench.inputs import check_windows, references
     worst, start = 0.0, 0
-    for (n, ctx), q, k, v in zip(chunks, qs, ks, vs):
-        rows = min(CHECK_ROWS, n)
-        qi = q[0, :, n - rows:]                                          # [Hq, rows, D]
-        kk, vv = (t[0].repeat_interleave(HQ // HKV, 0) for t in (k, v))
-        pos = torch.arange(ctx - rows, ctx, device="cuda")[:, None]
-        keep = torch.arange(ctx, device="cuda")[None, :] <= pos
-        refs = []
-        for dt in (torch.float64, DTYPE):       # the float64 reference, and the naive computation in bf16
-            scores = ((qi.to(dt) @ kk.to(dt).transpose(-1, -2)) / math.sqrt(D)).masked_fill(~keep, -math.inf)
-            probs = torch.softmax(scores if dt == torch.float64 else scores.float(), -1).to(dt)
-            refs.append(probs @ vv.to(dt))
-        got = out_packed[start + n - rows:start + n].transpose(0, 1)    # [Hq, rows, D]
-        verdict = close_enough(got, refs[0], refs[1])
-        worst = max(worst, verdict.ratio)
+    for i, ((n, ctx), q, k, v) in enumerate(zip(chunks, qs, ks, vs)):
+        for s, e in check_windows(n, rows, seed=i):
+            # Query rows [s, e) sit at positions ctx - n + s .. ctx - n + e - 1: causal over the first ctx - n + e keys.
+            kv_end = ctx - n + e
+            ref64, lowp = references(q[:, :, s:e], k[:, :, :kv_end], v[:, :, :kv_end], causal=True)
+            got = out_packed[start + s:start + e].transpose(0, 1)[None]      # [1, Hq, rows, D]
+            verdict = close_enough(got, ref64, lowp)
+            if not verdict.ok:
+                raise WrongOutput(f"sequence {i} ({n} new tokens over {ctx}), query rows {s}..{e - 1}: "
+                                  f"{verdict.reason}")
+            worst = max(worst, verdict.ratio)
         start += n
     return worst
 
 
-def peers(q, k, v):
-    """Dense attention on contiguous K/V, bottom-right causal: name -> callable (or the reason it cannot run)."""
+def sdpa_peers(q, k, v) -> dict:
+    """Dense attention on contiguous K/V, bottom-right causal, through SDPA's CUDA backends: name -> callable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
-    import tunebench
     n, ctx = q.shape[2], k.shape[2]
     bias = causal_lower_right(n, ctx)
-    ke, ve = (t.repeat_interleave(HQ // HKV, 1) for t in (k, v))
-    keep = torch.ones(n, ctx, dtype=torch.bool, device="cuda").tril(ctx - n)
-    out = {"tunebench flash_v2 (dense)": lambda: tunebench.flash_attention(q, k, v, causal=True)}
-    for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    group = q.shape[1] // k.shape[1]
+    ke, ve = (t.repeat_interleave(group, 1) for t in (k, v))
+    keep = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+    out = {}
+    backends = (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION))
+    for name, backend in backends:
         def run(backend=backend):
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, attn_mask=bias)
@@ -98,95 +143,188 @@ def peers(q, k, v):
     return out
 
 
-def time_ms(fn) -> float | str:
-    from triton.testing import do_bench
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+
+
+def measure_provider(fn, checker, bench, ours: bool) -> tuple:
+    """(ms or None, check ratio or None, status). Runs fn once and checks it before timing it with bench (None:
+    not timed here). A tunebench output that fails raises; a peer that fails or raises is reported."""
     try:
-        fn()
-        torch.cuda.synchronize()
-        return do_bench(fn)
-    except Exception as e:          # a peer that cannot run here is reported, not fatal
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        ratio = checker(fn())
+    except Exception as e:
+        if ours:
+            raise
+        return None, None, ("wrong output: " if isinstance(e, WrongOutput) else "failed: ") + _reason(e)
+    if bench is None:
+        return None, ratio, SKIPPED
+    try:
+        return bench(fn).median_ms, ratio, "ok"
+    except Exception as e:
+        if ours:
+            raise
+        return None, ratio, "failed: " + _reason(e)
 
 
-def chunk_rows(matmul_tflops: float) -> list[dict]:
+def chunk_row(setup: Setup, n: int, ctx: int, device, bench, matmul_tflops, timer: str) -> dict:
+    """Goal 1 for one chunk: a row of CHUNK_FIELDS. bench: fn -> Timing; SDPA peers run on CUDA only."""
     import tunebench
-    rows = []
-    for n, ctx in CHUNKS:
-        qs, ks, vs, packed = dense_and_paged([(n, ctx)], seed=n + ctx)
-        out = tunebench.paged_prefill(*packed, check_values=False)
-        ratio = check(out, qs, ks, vs, [(n, ctx)])
-        flops = 4.0 * HQ * D * pairs(n, ctx)
-        times = {"tunebench paged_prefill": time_ms(lambda: tunebench.paged_prefill(*packed, check_values=False))}
-        times.update({name: time_ms(fn) for name, fn in peers(qs[0], ks[0], vs[0]).items()})
-        tf = {k: flops / (t * 1e-3) / 1e12 for k, t in times.items() if isinstance(t, float)}
-        best_peer = max((v for k, v in tf.items() if k.startswith("sdpa")), default=None)
-        cudnn = tf.get("sdpa cudnn (bool mask)")
-        row = dict(chunk=n, context=ctx, check_ratio=ratio, tunebench_tflops=tf.get("tunebench paged_prefill"),
-                   vs_cudnn=(tf["tunebench paged_prefill"] / cudnn) if cudnn else None,
-                   vs_best_sdpa=(tf["tunebench paged_prefill"] / best_peer) if best_peer else None,
-                   of_matmul=tf["tunebench paged_prefill"] / matmul_tflops)
-        row.update({f"{k} TFLOP/s" if k in tf else f"{k} (failed)": tf.get(k, times[k]) for k in times})
-        rows.append(row)
-        print(f"chunk {n:5d} over {ctx:6d}: check {ratio:.2f} of allowed; " + "; ".join(
-            f"{k} {v:.0f}" if isinstance(v, float) else f"{k}: {v}" for k, v in
-            ((k, tf.get(k, times[k])) for k in times)) + (f"; vs cuDNN {row['vs_cudnn']:.2f}x" if cudnn else "") +
-            f"; {row['of_matmul']:.0%} of matmul", flush=True)
-    return rows
+    qs, ks, vs, packed = dense_and_paged(setup, [(n, ctx)], device, seed=n + ctx)
+    q, k, v = qs[0], ks[0], vs[0]
+    calls = {"tunebench paged_prefill": lambda: tunebench.paged_prefill(*packed, check_values=False),
+             "tunebench flash_v2 (dense)": lambda: tunebench.flash_attention(q, k, v, causal=True)}
+
+    def check_packed(out):                                   # out: [total, Hq, D]
+        return check(out, qs, ks, vs, [(n, ctx)], setup.check_rows)
+
+    def check_dense(out):                                    # out: [1, Hq, n, D]
+        return check_packed(out[0].transpose(0, 1))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        calls.update(sdpa_peers(q, k, v))
+    flops = 4.0 * setup.Hq * setup.D * pairs(n, ctx)
+    row = dict.fromkeys(CHUNK_FIELDS)
+    row.update(chunk=n, context=ctx, timer=timer)
+    for name in PROVIDERS:
+        if name not in calls:
+            row[f"{name} status"] = SKIPPED
+            continue
+        checker = check_packed if name == PROVIDERS[0] else check_dense
+        ms, row[f"{name} check"], row[f"{name} status"] = measure_provider(calls[name], checker, bench,
+                                                                           name.startswith("tunebench"))
+        row[f"{name} TFLOP/s"] = flops / (ms * 1e-3) / 1e12 if ms else None
+    ours = row["tunebench paged_prefill TFLOP/s"]
+    row["check_ratio"], row["tunebench_tflops"] = row["tunebench paged_prefill check"], ours
+    cudnn = row["sdpa cudnn (bool mask) TFLOP/s"]
+    best = max((row[f"{p} TFLOP/s"] for p in PROVIDERS[2:] if row[f"{p} TFLOP/s"]), default=None)
+    row["vs_cudnn"] = ours / cudnn if ours and cudnn else None
+    row["vs_best_sdpa"] = ours / best if ours and best else None
+    row["of_matmul"] = ours / matmul_tflops if ours and matmul_tflops else None
+    return row
 
 
-def mixed_row() -> dict:
+def mixed_row(setup: Setup, device, graph, launches, timer: str) -> dict:
+    """Goal 2: one paged_prefill launch against paged_attention + paged_prefill, both checked first; a row of
+    MIXED_FIELDS. graph, launches: fn -> Timing, or None where they cannot run (then 'skipped: needs CUDA')."""
     import tunebench
-    from tunebench.tune.timing import gpu_bench, graph_bench
-    decode = [(1, 4096)] * 64
-    chunk = [(2048, 8192)]
-    qs, ks, vs, packed = dense_and_paged(decode + chunk, seed=7)
+    s, R = setup, setup.decode_rows
+    decode, chunk = [(1, s.decode_context)] * R, [s.mixed_chunk]
+    qs, ks, vs, packed = dense_and_paged(setup, decode + chunk, device, seed=7)
     q, kc, vc, tables, cu, lens = packed
-    out = tunebench.paged_prefill(*packed, check_values=False)
-    ratio = check(out, qs, ks, vs, decode + chunk)
-    dq = q[:64]                                            # the decode rows' queries, [64, Hq, D]
-    d_args = (dq, kc, vc, tables[:64], lens[:64])
-    c_args = (q[64:], kc, vc, tables[64:], cu[64:] - 64, lens[64:])
+    decode_blocks = -(-s.decode_context // s.page)          # the decode rows' own table, not the chunk's width
+    d_args = (q[:R], kc, vc, tables[:R, :decode_blocks].contiguous(), lens[:R])
+    c_args = (q[R:], kc, vc, tables[R:], cu[R:] - R, lens[R:])
 
     def one():
         return tunebench.paged_prefill(*packed, check_values=False)
 
     def two():
-        tunebench.paged_attention(*d_args)
-        return tunebench.paged_prefill(*c_args, check_values=False)
-    two()
-    row = dict(check_ratio=ratio)
-    for name, bench in (("graph", graph_bench), ("launches", gpu_bench)):
+        return tunebench.paged_attention(*d_args), tunebench.paged_prefill(*c_args, check_values=False)
+    row = dict.fromkeys(MIXED_FIELDS)
+    row.update(decode_rows=R, decode_context=s.decode_context, chunk=s.mixed_chunk[0], context=s.mixed_chunk[1],
+               timer=timer)
+    row["check_ratio"] = check(one(), qs, ks, vs, decode + chunk, s.check_rows)
+    row["two_launches_check_ratio"] = check(torch.cat(two()), qs, ks, vs, decode + chunk, s.check_rows)
+    for name, bench in (("graph", graph), ("launches", launches)):
+        if bench is None:
+            row[f"{name}_status"] = SKIPPED
+            continue
         t1, t2 = bench(one).median_ms, bench(two).median_ms
         row[f"one_launch_ms_{name}"], row[f"two_launches_ms_{name}"], row[f"speedup_{name}"] = t1, t2, t2 / t1
-        print(f"mixed batch (64 decode rows at 4k + a 2048 chunk over 8k), {name}: one paged_prefill launch "
-              f"{t1:.3f} ms, paged_attention + paged_prefill {t2:.3f} ms: {t2 / t1:.2f}x (goal >= 1.3x); check "
-              f"{ratio:.2f} of allowed", flush=True)
+        row[f"{name}_status"] = "ok"
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="folder for paged-prefill.csv")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("paged_prefill_probe needs a CUDA GPU")
+def matmul_ceiling(setup: Setup, device) -> float | None:
+    """TFLOP/s of a MATMUL_N^3 matmul in the setup's dtype, this run; None without CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
     from triton.testing import do_bench
-    a, b = (torch.randn(8192, 8192, device="cuda").to(DTYPE) for _ in range(2))
-    matmul = 2 * 8192 ** 3 / (do_bench(lambda: a @ b) * 1e-3) / 1e12
-    print(f"{torch.cuda.get_device_name()}: bf16 matmul ceiling {matmul:.0f} TFLOP/s (8192^3, this run)")
-    rows = chunk_rows(matmul)
-    mixed = mixed_row()
-    if args.out:
-        path = pathlib.Path(args.out) / "paged-prefill.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
+    a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device).to(setup.dtype) for _ in range(2))
+    return 2 * MATMUL_N ** 3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3) / 1e12
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def describe_chunk(row: dict) -> str:
+    parts = [f"{p} {_fmt(row[f'{p} TFLOP/s'], '.0f')}" if row[f"{p} status"] == "ok" else f"{p}: {row[f'{p} status']}"
+             for p in PROVIDERS]
+    ratios = (("vs_cudnn", "vs cuDNN"), ("vs_best_sdpa", "vs best SDPA"), ("of_matmul", "of matmul"))
+    extra = "".join(f"; {label} {row[k]:.2f}x" for k, label in ratios if row[k] is not None)
+    return (f"chunk {row['chunk']:5d} over {row['context']:6d}: check {row['check_ratio']:.2f} of allowed; TFLOP/s "
+            + "; ".join(parts) + extra)
+
+
+def describe_mixed(row: dict) -> str:
+    head = (f"mixed batch ({row['decode_rows']} decode rows at {row['decode_context']} + a {row['chunk']} chunk over "
+            f"{row['context']}), checks {row['check_ratio']:.2f} / {row['two_launches_check_ratio']:.2f} of allowed")
+    for name in ("graph", "launches"):
+        if row[f"{name}_status"] != "ok":
+            head += f"; {name}: {row[f'{name}_status']}"
+        else:
+            head += (f"; {name}: one paged_prefill launch {row[f'one_launch_ms_{name}']:.3f} ms, paged_attention + "
+                     f"paged_prefill {row[f'two_launches_ms_{name}']:.3f} ms: {row[f'speedup_{name}']:.2f}x "
+                     f"(goal >= 1.3x)")
+    return head
+
+
+def write(rows: list, mixed: dict, meta: dict, out) -> list:
+    folder = pathlib.Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "paged-prefill.csv", folder / "paged-prefill-mixed.csv", folder / "paged-prefill.json"]
+    for path, fields, body in ((paths[0], CHUNK_FIELDS, rows), (paths[1], MIXED_FIELDS, [mixed])):
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-            w.writerows(rows)
-        (pathlib.Path(args.out) / "paged-prefill-mixed.csv").write_text(
-            ",".join(mixed) + "\n" + ",".join(str(v) for v in mixed.values()) + "\n")
-        print(f"wrote {path}")
+            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in body)
+    paths[2].write_text(json.dumps(dict(meta, chunks=rows, mixed=mixed), indent=1))
+    return paths
+
+
+def run(setup: Setup, device, out=None) -> tuple:
+    """Both goals on ``device``: (chunk rows, mixed row). On CUDA, timed as the docstring says; elsewhere timed by
+    the interpreter's wall clock, one call each."""
+    from tunebench.tune.timing import gpu_bench, graph_bench, wall_bench
+    cuda = torch.device(device).type == "cuda"
+    launches = gpu_bench if cuda else functools.partial(wall_bench, reps=1)
+    timer = "do_bench median (GPU)" if cuda else "interpreter wall clock, 1 call (not a GPU time)"
+    matmul = matmul_ceiling(setup, device)
+    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
+    print(f"{name}: {str(setup.dtype).removeprefix('torch.')} matmul ceiling "
+          + (f"{matmul:.0f} TFLOP/s ({MATMUL_N}^3, this run)" if matmul else SKIPPED), flush=True)
+    rows = []
+    for n, ctx in setup.chunks:
+        rows.append(chunk_row(setup, n, ctx, device, launches, matmul, timer))
+        print(describe_chunk(rows[-1]), flush=True)
+    mixed = mixed_row(setup, device, graph_bench if cuda else None, launches, timer)
+    print(describe_mixed(mixed), flush=True)
+    if out:
+        meta = dict(device=name, dtype=str(setup.dtype), matmul_tflops=matmul, timer=timer)
+        for path in write(rows, mixed, meta, out):
+            print(f"wrote {path}")
+    return rows, mixed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="folder for paged-prefill.csv, -mixed.csv and .json")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny fp16 sizes; on the CPU under the Triton interpreter when there is no GPU (plumbing)")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.small:
+        print("paged_prefill_probe.py needs a CUDA GPU (--small runs tiny sizes on the CPU under the Triton "
+              "interpreter: a check of the plumbing, no GPU times).", file=sys.stderr)
+        return 2
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")       # read when the kernels are imported, below
+    try:
+        run(SMALL if args.small else ISSUE, "cuda" if cuda else "cpu", args.out)
+    except WrongOutput as e:
+        print(f"FAILED before timing: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

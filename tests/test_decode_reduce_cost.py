@@ -2,23 +2,19 @@
 (the two recorded launches replayed alone give the call's own output; a row from the interpreter's wall timer). The
 times themselves are the GPU's to give (the gpu test)."""
 import functools
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 
+from bench_scripts import load
 from tunebench.bench import ragged
 from tunebench.bench.measure import build_inputs
 from tunebench.registry import kernel_module
 from tunebench.shapes import Problem
 from tunebench.tune.timing import gpu_bench, graph_bench, wall_bench
 
-_spec = importlib.util.spec_from_file_location(
-    "decode_reduce_cost", pathlib.Path(__file__).resolve().parents[1] / "bench" / "decode_reduce_cost.py")
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+script = load("decode_reduce_cost")
 
 MODULE = kernel_module("paged_attention")
 SPLIT = dict(MODULE.DEFAULT, BLOCK_N=16, PARTITION=32)             # several partitions on the small problems

@@ -1,20 +1,16 @@
 """bench/paged_check_cost.py: its refusal without a GPU and its plumbing on a CPU (the three variants checked and
 compared, one row from the interpreter's wall timer, the CSV and JSON). The times are the GPU's to give."""
 import functools
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
 
+from bench_scripts import load
 from tunebench.kernels import paged_attention as pa
 from tunebench.tune.timing import wall_bench
 
-_spec = importlib.util.spec_from_file_location(
-    "paged_check_cost", pathlib.Path(__file__).resolve().parents[1] / "bench" / "paged_check_cost.py")
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+script = load("paged_check_cost")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
