@@ -30,6 +30,8 @@ import math
 import pathlib
 import sys
 
+from tunebench.bench.script import script_device
+
 LAUNCHED = ("_paged_decode", "_paged_reduce")      # the jit kernels kernels/paged_attention.py launches, in order
 FIELDS = ("problem", "dispatched", "split_partition", "partitions", "split_graph_ms", "split_launch_ms",
           "no_split_graph_ms", "no_split_launch_ms", "decode_alone_ms", "reduce_alone_ms", "reduce_share",
@@ -148,11 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=100.0, help="ms of launches per timing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("decode_reduce_cost.py needs a CUDA GPU: it times kernels, and the Triton interpreter's times say "
-              "nothing about a GPU.", file=sys.stderr)
+    if script_device("decode_reduce_cost.py") is None:
         return 2
+    import torch
     from tunebench.commands.bench import bench_problems
     from tunebench.tune.timing import gpu_bench, graph_bench
     graph = functools.partial(graph_bench, rep=args.rep_ms)

@@ -25,11 +25,12 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 
 import torch
+
+from tunebench.bench.script import script_device
 
 KV_DTYPES = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
 GEOMETRY = dict(Hq=32, Hkv=8, D=128, dtype="bfloat16")                            # issue 19's
@@ -186,15 +187,11 @@ def parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.small:
-        print("fp8_decode.py needs a CUDA GPU (--small runs tiny sizes on the CPU under the Triton interpreter: a "
-              "check of the plumbing, no GPU times).", file=sys.stderr)
+    device = script_device("fp8_decode.py", args.small)
+    if device is None:
         return 2
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")       # read when the kernels are imported, below
     try:
-        rows = measure(args, "cuda" if cuda else "cpu")
+        rows = measure(args, device)
     except AssertionError as e:
         print(f"FAILED before timing: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,8 @@ import pathlib
 import statistics
 import sys
 
+from tunebench.bench.script import script_device
+
 SHAPES = ((1, 32768), (16, 16384), (64, 4096), (128, 1024))       # (B, context length)
 GEOMETRY = dict(Hq=32, Hkv=8, D=128, dtype="bfloat16", page=16)
 FIELDS = ("problem", "config", "unmasked_graph_ms", "masked_graph_ms", "mask_ratio", "unmasked_gbps", "masked_gbps",
@@ -142,11 +144,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="B x context, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("paged_check_cost.py needs a CUDA GPU: it times kernels, and the Triton interpreter's times say "
-              "nothing about a GPU.", file=sys.stderr)
+    if script_device("paged_check_cost.py") is None:
         return 2
+    import torch
     from tunebench.tune.timing import gpu_bench, graph_bench
     graph = functools.partial(graph_bench, rep=args.rep_ms)
     rows = []

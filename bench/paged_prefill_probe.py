@@ -28,12 +28,13 @@ import argparse
 import csv
 import functools
 import json
-import os
 import pathlib
 import sys
 from dataclasses import dataclass
 
 import torch
+
+from tunebench.bench.script import script_device
 
 
 @dataclass(frozen=True)
@@ -313,15 +314,11 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true",
                         help="tiny fp16 sizes; on the CPU under the Triton interpreter when there is no GPU (plumbing)")
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.small:
-        print("paged_prefill_probe.py needs a CUDA GPU (--small runs tiny sizes on the CPU under the Triton "
-              "interpreter: a check of the plumbing, no GPU times).", file=sys.stderr)
+    device = script_device("paged_prefill_probe.py", args.small)
+    if device is None:
         return 2
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")       # read when the kernels are imported, below
     try:
-        run(SMALL if args.small else ISSUE, "cuda" if cuda else "cpu", args.out)
+        run(SMALL if args.small else ISSUE, device, args.out)
     except WrongOutput as e:
         print(f"FAILED before timing: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,25 @@
+"""What the GPU benchmark scripts in bench/ share: the device a run goes to, or the reason it cannot run.
+
+It imports nothing heavy, so a script can call it before the kernels are imported (the Triton interpreter is chosen
+by an environment variable read at their import)."""
+from __future__ import annotations
+
+import os
+import sys
+
+GPU_ONLY = "it times kernels, and the Triton interpreter's times say nothing about a GPU"
+SMALL_ON_CPU = "--small runs tiny sizes on the CPU under the Triton interpreter: a check of the plumbing, no GPU times"
+
+
+def script_device(script: str, small: bool | None = None) -> str | None:
+    """'cuda' where there is a GPU; else, for a script run with --small (small=True), 'cpu' with the Triton
+    interpreter switched on; else None, after saying on stderr why the script needs a GPU. small=None: the script
+    has no --small mode."""
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if small:
+        os.environ.setdefault("TRITON_INTERPRET", "1")       # read when the kernels are imported, after this
+        return "cpu"
+    print(f"{script} needs a CUDA GPU: {GPU_ONLY if small is None else SMALL_ON_CPU}.", file=sys.stderr)
+    return None
