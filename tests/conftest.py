@@ -53,3 +53,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def user_db(tmp_path, monkeypatch):
+    """TUNEBENCH_DB set to a file under tmp_path, the packaged database out of the way; the dispatcher reloads."""
+    from tunebench.runtime import dispatch, winners
+    path = tmp_path / "user.db"
+    monkeypatch.setenv("TUNEBENCH_DB", str(path))
+    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
+    dispatch.reload()
+    yield path
+    dispatch.reload()

@@ -24,13 +24,8 @@ def _device():
 
 
 @pytest.fixture
-def db(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'user.db'}"
-    monkeypatch.setenv("TUNEBENCH_DB", url)
-    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
-    dispatch.reload()
-    yield Store(url)
-    dispatch.reload()
+def db(user_db):
+    return Store(f"sqlite:///{user_db}")
 
 
 def _put(store, problem, config, ms=1.0, hash_=None):

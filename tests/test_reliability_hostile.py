@@ -45,16 +45,6 @@ def execute(path, *statements, params=()) -> None:
             c.execute(statement, params)
 
 
-@pytest.fixture
-def user_db(tmp_path, monkeypatch):
-    path = tmp_path / "user.db"
-    monkeypatch.setenv("TUNEBENCH_DB", str(path))
-    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
-    dispatch.reload()
-    yield path
-    dispatch.reload()
-
-
 def plant(path, configs: dict[int, str], trial_config: str | None = None) -> None:
     """A DEFAULT winner per bucket n, then its config_json replaced by configs[n]; with trial_config, an ok trial
     of bucket 4096 whose config_json is that (the evidence an untuned bucket reads)."""

@@ -58,17 +58,6 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture
-def user_db(tmp_path, monkeypatch):
-    """TUNEBENCH_DB set to a file under tmp_path, the packaged database out of the way; the dispatcher reloads."""
-    path = tmp_path / "user.db"
-    monkeypatch.setenv("TUNEBENCH_DB", str(path))
-    monkeypatch.setattr(winners, "packaged_db_path", lambda: None)
-    dispatch.reload()
-    yield path
-    dispatch.reload()
-
-
 def plant_hostile_rows(path) -> None:
     store = Store(str(path))
     shash = registry.kernel_identity("flash_v2")
