@@ -23,7 +23,7 @@ import torch
 import tunebench
 from tunebench import cli, registry
 from tunebench.device import DeviceIdentity
-from tunebench.runtime import dispatch, winners
+from tunebench.runtime import dispatch
 from tunebench.shapes import Problem
 from tunebench.store import SCHEMA_VERSION, Store, StoreError, TrialResult
 from tunebench.text import CLIP_CHARS, MAX_JSON_DEPTH, clip, json_depth, loads_bounded, printable
