@@ -243,3 +243,16 @@ def test_auto_asks_flash_v3_about_these_tensors(monkeypatch, device):
     assert "contiguous last dim" in module.refusal(strided, q, q)
     assert "head dim" in module.refusal(q[..., :96], q[..., :96], q[..., :96])
     assert "float16 or bfloat16" in module.refusal(q.float(), q.float(), q.float())
+
+
+def test_auto_builds_no_per_call_key_where_only_flash_v2_is_registered(monkeypatch, device):
+    """Off Hopper auto is flash_v2 for every call: the strides-and-alignment key (~0.8 us) is not built."""
+    monkeypatch.setattr(dispatch, "_AUTO_ALONE", [True])
+    monkeypatch.setattr(dispatch, "_auto_key", lambda *a: pytest.fail("auto built a per-call key"))
+    q, k, v = _auto_inputs(device)
+    out = tunebench.flash_attention(q, k, v, causal=True)
+    verdict = close_enough(out, ref.attention(q, k, v, True), ref.attention(q, k, v, True, dtype=q.dtype))
+    assert verdict.ok, verdict.reason
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(dispatch, "_AUTO_ALONE", [])
+        assert dispatch._auto_alone()      # the interpreter registers no flash_v3

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..kernels._launch import check_call, check_interpretable
-from ..registry import kernel_module
+from ..registry import kernel_module, require_kernels
 from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
 from .warn import warn_user
@@ -171,6 +171,23 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     return kernel, "; ".join([why] + skipped)
 
 
+_AUTO_ALONE: list[bool] = []
+
+
+def _auto_alone() -> bool:
+    """Whether no auto candidate but the fallback is registered on this machine (flash_v3 off Hopper, in the
+    interpreter): then variant="auto" is the fallback for every call, with no per-call key (~0.8 us) to build."""
+    if not _AUTO_ALONE:
+        def registered(kernel):
+            try:
+                require_kernels([kernel])
+                return True
+            except KeyError:
+                return False
+        _AUTO_ALONE.append(not any(registered(k) for k in AUTO_KERNELS[:-1]))
+    return _AUTO_ALONE[0]
+
+
 def _auto_key(q, k, v, causal: bool) -> tuple:
     # flash_v3's TMA needs 16-byte aligned bases and strides: a later call with other strides may be refused.
     return ("auto", q.shape, k.shape, q.dtype, causal, q.stride(), k.stride(), v.stride(),
@@ -190,7 +207,8 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
     if refused:
         check_call(q=q, k=k, v=v)
     if kernel is None:
-        kernel = _DISPATCHER.config_for(_auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
+        kernel = AUTO_KERNELS[-1] if _auto_alone() else _DISPATCHER.config_for(
+            _auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
     key = (kernel, *shape)
     recorder = record.active()
     if recorder is not None:
