@@ -140,14 +140,20 @@ def _variant_kernel(variant: str) -> str | None:
     return VARIANTS[variant]
 
 
+def _unregistered(kernel: str) -> str | None:
+    """Why a kernel is not registered here (flash_v3 off Hopper, in the interpreter), or None."""
+    try:
+        require_kernels([kernel])
+        return None
+    except KeyError as e:
+        return str(e.args[0])
+
+
 def _refusal(kernel: str, q, k, v) -> str | None:
     """Why an auto candidate cannot take these inputs here, or None."""
     if kernel == AUTO_KERNELS[-1]:
         return None
-    try:
-        return kernel_module(kernel).refusal(q, k, v)
-    except KeyError as e:                      # not registered here (flash_v3 off Hopper, in the interpreter)
-        return str(e.args[0])
+    return _unregistered(kernel) or kernel_module(kernel).refusal(q, k, v)
 
 
 def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
@@ -178,13 +184,7 @@ def _auto_alone() -> bool:
     """Whether no auto candidate but the fallback is registered on this machine (flash_v3 off Hopper, in the
     interpreter): then variant="auto" is the fallback for every call, with no per-call key (~0.8 us) to build."""
     if not _AUTO_ALONE:
-        def registered(kernel):
-            try:
-                require_kernels([kernel])
-                return True
-            except KeyError:
-                return False
-        _AUTO_ALONE.append(not any(registered(k) for k in AUTO_KERNELS[:-1]))
+        _AUTO_ALONE.append(all(_unregistered(k) for k in AUTO_KERNELS[:-1]))
     return _AUTO_ALONE[0]
 
 
