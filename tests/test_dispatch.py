@@ -256,3 +256,14 @@ def test_auto_builds_no_per_call_key_where_only_flash_v2_is_registered(monkeypat
     if not torch.cuda.is_available():
         monkeypatch.setattr(dispatch, "_AUTO_ALONE", [])
         assert dispatch._auto_alone()      # the interpreter registers no flash_v3
+
+
+def test_auto_names_a_non_tensor_before_it_reads_strides(monkeypatch, device):
+    """Where flash_v3 is registered, auto reads every input's strides for its key: a list there is the input rule's
+    TypeError naming it, with grad on or off, never an AttributeError."""
+    monkeypatch.setattr(dispatch, "_AUTO_ALONE", [False])
+    monkeypatch.setattr(dispatch, "_refusal", lambda kernel, q, k, v: None)
+    q, k, v = _auto_inputs(device)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="^v must be a torch.Tensor, got list$"):
+            tunebench.flash_attention(q, k, v.tolist(), causal=True)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels._launch import check_call, check_interpretable
+from ..kernels._launch import check_call
 from ..registry import kernel_module, require_kernels
 from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
@@ -173,7 +173,8 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
         others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
         why = f"the fastest tuned winner for this bucket ({ms:.4g} ms{'; ' + others if others else ''})"
     else:
-        kernel, why = AUTO_KERNELS[-1], "no kernel has an exact winner for this bucket, so the one that runs every shape"
+        kernel = AUTO_KERNELS[-1]
+        why = "no kernel has an exact winner for this bucket, so the one that runs every shape"
     return kernel, "; ".join([why] + skipped)
 
 
@@ -194,21 +195,19 @@ def _auto_key(q, k, v, causal: bool) -> tuple:
             q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
 
 
-# The input rule (kernels/_launch.py check_call) costs a warm call one grad-mode check, and a call under torch.no_grad()
-# nothing more: only an input that is not a tensor (its shape cannot be read) or one that requires grad takes the
-# slow path, which raises the error naming it. A dtype is checked once per shape key (it is part of the key).
+# The input rule (kernels/_launch.py check_call) is the launch's: each kernel's launch refuses inputs that require
+# grad, bf16 under the interpreter and non-tensors on every call. Here, only an input that is not a tensor reaches
+# check_call, when reading its shape for the key fails, so that it is named rather than an AttributeError.
 def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) -> torch.Tensor:
     kernel = _variant_kernel(variant)
     try:
         shape = (q.shape, k.shape, q.dtype, causal)
-        refused = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if kernel is None:
+            kernel = AUTO_KERNELS[-1] if _auto_alone() else _DISPATCHER.config_for(
+                _auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
     except AttributeError:
-        refused = True
-    if refused:
         check_call(q=q, k=k, v=v)
-    if kernel is None:
-        kernel = AUTO_KERNELS[-1] if _auto_alone() else _DISPATCHER.config_for(
-            _auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
+        raise
     key = (kernel, *shape)
     recorder = record.active()
     if recorder is not None:
@@ -221,19 +220,14 @@ def _paged_eager(q, k_cache, v_cache, block_tables, context_lens, scale: Optiona
                  v_scale=None, check: bool = False) -> torch.Tensor:
     try:
         key = ("paged_attention", q.shape, k_cache.shape, block_tables.shape, q.dtype, k_cache.dtype)
-        refused = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
     except AttributeError:
-        refused = True
-    if refused:
         check_call(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
+        raise
     recorder = record.active()
     if recorder is not None:
         recorder.count(key, lambda: _paged_problem(q, k_cache, block_tables))
 
-    def resolve():
-        check_interpretable("q", q)
-        return _DISPATCHER.choose(_paged_problem(q, k_cache, block_tables)).config
-    config = _DISPATCHER.config_for(key, resolve)
+    config = _DISPATCHER.config_for(key, lambda: _DISPATCHER.choose(_paged_problem(q, k_cache, block_tables)).config)
     return _launcher("paged_attention")(q, k_cache, v_cache, block_tables, context_lens, config=config, scale=scale,
                                         k_scale=k_scale, v_scale=v_scale, check=check or ENV_CHECK)
 
@@ -333,12 +327,10 @@ def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
                    check_values: bool, check: bool = False) -> torch.Tensor:
     try:
         key = ("paged_prefill", q.shape, k_cache.shape, block_tables.shape, cu_seqlens_q.shape, q.dtype)
-        refused = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
     except AttributeError:
-        refused = True
-    if refused:
         check_call(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
                    context_lens=context_lens)
+        raise
     recorder = record.active()
 
     def problem():
@@ -347,7 +339,6 @@ def _prefill_eager(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
         recorder.count(key, problem)
     def resolve():
         # The inputs are checked before their shape becomes a Problem, so that a bad one is named as such.
-        check_interpretable("q", q)
         kernel_module("paged_prefill").check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                                     None, scale)
         return _DISPATCHER.choose(problem()).config
