@@ -69,7 +69,7 @@ def main():
     import tunebench
     from tunebench.runtime import dispatch
     from tunebench.kernels import flash_v2, paged_attention as pa
-    from tunebench.inputs import pack_paged
+    from tunebench.paged_inputs import pack_paged
     base, full = import_time()
     print(f"import: torch+triton {base * 1e3:.0f} ms; + tunebench {full * 1e3:.0f} ms "
           f"(tunebench adds {(full - base) * 1e3:.0f} ms)")

@@ -50,7 +50,8 @@ def problems(batch: int, context: int, page: int, kv_dtype: str, Hq=32, Hkv=8, D
 
 def caches(problem, fp8_problem, per_tensor: bool, device, seed: int = 0) -> dict:
     """q, block tables, context lengths, the cache in q's dtype, the same cache quantised to fp8 and its scales."""
-    from tunebench.inputs import fp8_scales, make_inputs
+    from tunebench.inputs import make_inputs
+    from tunebench.paged_inputs import fp8_scales
     from tunebench.reference import quantize_fp8
     kv_dtype = fp8_problem.torch_cache_dtype
     inp = make_inputs(problem, device, seed=seed)
@@ -77,7 +78,7 @@ def check(c: dict, plain, fp8) -> tuple:
     """Both outputs' Verdicts on the first and the last sequence (the float64 reference is the slow part); raises
     AssertionError naming the cache whose output is wrong, so that nothing wrong is timed."""
     from tunebench.correctness import close_enough
-    from tunebench.inputs import fp8_paged_references, paged_references
+    from tunebench.paged_inputs import fp8_paged_references, paged_references
     idx = torch.tensor(sorted({0, c["q"].shape[0] - 1}), device=c["q"].device)
     q, bt, cl = c["q"][idx], c["bt"][idx], c["cl"][idx]
     refs = (paged_references(q, c["k"], c["v"], bt, cl),

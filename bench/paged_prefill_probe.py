@@ -79,7 +79,7 @@ def pairs(chunk: int, ctx: int) -> int:
 def dense_and_paged(setup: Setup, chunks: list, device, seed: int = 0):
     """q [1, Hq, n, D] and K/V [1, Hkv, ctx, D] per sequence, plus the packed paged inputs
     (q [total, Hq, D], k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)."""
-    from tunebench.inputs import pack_paged
+    from tunebench.paged_inputs import pack_paged
     s = setup
     g = torch.Generator(device=device).manual_seed(seed)
     qs, ks, vs = [], [], []

@@ -75,7 +75,7 @@ PAGED_TUNED = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1}
 
 def _paged_call(page: int, device="cpu", n=40):
     """A decode call's tensors on a cache of pages of ``page`` tokens (q, k_cache, v_cache, tables, lens)."""
-    from tunebench.inputs import pack_paged
+    from tunebench.paged_inputs import pack_paged
     q = torch.randn(1, 2, 32).half().to(device)
     k, v = torch.randn(1, 1, n, 32).half().to(device), torch.randn(1, 1, n, 32).half().to(device)
     lens = torch.tensor([n], dtype=torch.int32, device=device)
@@ -160,7 +160,7 @@ def test_the_command_line_and_tuner_load_without_torch():
 
 @pytest.mark.gpu
 def test_both_entry_points_work_under_torch_compile_fullgraph():
-    from tunebench.inputs import pack_paged
+    from tunebench.paged_inputs import pack_paged
     q = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16)
     k, v = torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.float16), torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.float16)
 

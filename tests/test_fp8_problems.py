@@ -152,7 +152,7 @@ def test_the_benchs_fp8_inputs_run_through_the_dispatcher_and_pass_the_reference
 
 @pytest.mark.interpreter
 def test_an_fp8_call_is_recorded_tuned_and_then_dispatched_its_exact_winner(tmp_path, monkeypatch, capsys, device):
-    from tunebench.inputs import fp8_paged_inputs
+    from tunebench.paged_inputs import fp8_paged_inputs
     from tunebench.runtime import dispatch
     from tunebench.runtime.dispatch import Dispatcher, Winners
     q, kc, vc, bt, cl, ks, vs = fp8_paged_inputs(SMALL, device, 0, torch.float8_e4m3fn, per_head=True,

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 from conftest import SHARDS
 from strategies import all_configs, configs, paged_layouts, paged_problems
 from tunebench.correctness import close_enough, poison
-from tunebench.inputs import fp8_paged_inputs, fp8_paged_references, fp8_scales, paged_inputs, paged_references
+from tunebench.paged_inputs import fp8_paged_inputs, fp8_paged_references, fp8_scales, paged_inputs, paged_references
 from tunebench.shapes import Problem
 import tunebench
 import tunebench.reference as ref

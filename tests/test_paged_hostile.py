@@ -16,8 +16,8 @@ from conftest import SHARDS
 from strategies import configs, paged_layouts, paged_prefill_layouts, paged_prefill_problems, paged_problems
 import tunebench
 from tunebench.correctness import close_enough, poison
-from tunebench.inputs import (fp8_paged_inputs, fp8_paged_references, paged_inputs, paged_prefill_inputs,
-                              paged_prefill_references, paged_references)
+from tunebench.paged_inputs import (fp8_paged_inputs, fp8_paged_references, paged_inputs, paged_prefill_inputs,
+                                    paged_prefill_references, paged_references)
 from tunebench.runtime import dispatch
 from tunebench.shapes import Problem
 from tunebench.kernels import cache_write, paged_attention as pa, paged_prefill as pp

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 
 from conftest import SHARDS
 from strategies import all_configs, configs, paged_layouts, paged_problems
-from tunebench.inputs import paged_inputs
+from tunebench.paged_inputs import paged_inputs
 from tunebench.correctness import close_enough, poison
 from tunebench.shapes import PAGES, Problem, suite
 import tunebench.reference as ref

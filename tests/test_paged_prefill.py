@@ -17,7 +17,7 @@ from conftest import SHARDS
 from strategies import all_configs, configs
 import tunebench
 from tunebench.correctness import close_enough, poison
-from tunebench.inputs import paged_inputs, paged_prefill_inputs, paged_prefill_references
+from tunebench.paged_inputs import paged_inputs, paged_prefill_inputs, paged_prefill_references
 from tunebench.runtime.dispatch import _paged_prefill_problem
 from tunebench.shapes import PAGES, Problem, bucket_key, suite
 from tunebench.strategies import paged_prefill_layouts, paged_prefill_problems, paged_problems

@@ -122,7 +122,7 @@ def test_a_version_2_record_without_kv_dtype_loads_as_a_cache_of_the_problems_dt
 def test_an_fp8_call_records_its_own_bucket_beside_the_fp16_one(tmp_path):
     import torch
     import tunebench
-    from tunebench.inputs import fp8_paged_inputs
+    from tunebench.paged_inputs import fp8_paged_inputs
     fp8 = Problem("paged_attention", 2, 4, 2, 1, 40, 16, "float16", page=8, kv_dtype="float8_e5m2")
     q, kc, vc, bt, cl, ks, vs = fp8_paged_inputs(fp8, "cpu", 0, torch.float8_e5m2, per_head=False,
                                                  context_lens=[40, 40], extra_columns=0)

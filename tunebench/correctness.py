@@ -5,7 +5,7 @@ of the same naive computation done in the kernel's dtype, plus a small absolute 
 rule of FlashAttention's own tests (FACTOR = 2).
 
 An fp8 KV cache (paged decode with float8_e4m3fn or float8_e5m2 K/V and the caller's scales) is held to the same
-rule, with the references taken on the dequantised cache (tunebench.inputs.fp8_paged_references):
+rule, with the references taken on the dequantised cache (tunebench.paged_inputs.fp8_paged_references):
 - ref64 is the float64 attention over stored value * scale, computed exactly in float64;
 - naive_lowp is the same naive attention done in the query's dtype on those dequantised values (each rounded once to
   the query's dtype), and ATOL is that of the output's dtype, which is the query's.

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .correctness import Verdict, close_enough, poison
-from .inputs import DomainWorkload, draw_qkv, paged_inputs, paged_references, references
+from .inputs import DomainWorkload, draw_qkv, references
+from .paged_inputs import paged_inputs, paged_prefill_inputs, paged_prefill_references, paged_references
 from .kernel_protocol import is_domain_kernel
 from .registry import BUILT_IN, kernel_module, module_path
 from .shapes import Problem
-from .inputs import paged_prefill_inputs, paged_prefill_references
 from .shapes import PAGED_PREFILL_KERNELS
 from .text import format_config, table
 

@@ -107,7 +107,7 @@ def paged_problems(draw, kernel: str = "paged_attention", head_dims=None, contex
 
 @st.composite
 def paged_layouts(draw, problem: Problem):
-    """Keyword arguments for tunebench.inputs.paged_inputs: per-sequence lengths (the first is Nk; the others include
+    """Keyword arguments for tunebench.paged_inputs.paged_inputs: per-sequence lengths (the first is Nk; the others include
     1 and exact multiples of the block size), how many leading blocks the other sequences share with the first,
     extra unused table columns, and whether the inputs are strided views. Pages of problem.page tokens."""
     n, block_size = problem.Nk, problem.page

@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from ..inputs import Inputs, pack_paged
+from ..inputs import Inputs
+from ..paged_inputs import pack_paged
 from .ragged import RaggedDecode, padding_bias
 
 V1_MAX_N = 8192                           # FlashAttention-1 rewrites O, m, l in HBM per K/V step: slow beyond this

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inputs import Inputs, Reference, draw_qkv, pack_paged, references
+from ..inputs import Inputs, Reference, draw_qkv, references
+from ..paged_inputs import pack_paged
 from ..shapes import DTYPE_BYTES, Problem
 
 BISECTION_STEPS = 100
