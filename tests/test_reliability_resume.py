@@ -10,7 +10,6 @@ import os
 import pathlib
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -39,24 +38,28 @@ def tunebench_command() -> list[str]:
 
 
 def optuna_file(db: pathlib.Path) -> pathlib.Path:
-    return db.with_name(db.stem + ".optuna.db")
+    return db.with_name(db.stem + ".optuna.journal")
 
 
-def query(path: pathlib.Path, sql: str) -> list | None:
-    """Reads the Optuna file while a run writes it (WAL: a reader never blocks it); None before it exists."""
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as c:
-            return c.execute(sql).fetchall()
-    except sqlite3.Error:
+def all_trials(path: pathlib.Path) -> list | None:
+    """(study name, trial) of every trial in the Optuna journal as a run writes it (a reader reads only complete
+    lines); None before the file exists."""
+    if not path.exists():
         return None
+    from tunebench.tune.journal import JournalStudies
+    storage = JournalStudies(path)
+    return [(s.study_name, t) for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)]
 
 
-FINISHED_AND_OPEN = """SELECT (SELECT count(*) FROM trials WHERE state = 'COMPLETE'),
-    (SELECT count(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id
-     WHERE t.state = 'RUNNING' AND a.key = 'host')"""
+def finished_and_open(path: pathlib.Path) -> tuple[int, int]:
+    """Trials complete, and trials running in a process that has named itself (its "host" attribute)."""
+    trials = [t for _, t in all_trials(path) or []]
+    return (sum(1 for t in trials if t.state.name == "COMPLETE"),
+            sum(1 for t in trials if t.state.name == "RUNNING" and "host" in t.user_attrs))
 
-LEFT_RUNNING = """SELECT s.study_name, t.number FROM trials t JOIN studies s ON s.study_id = t.study_id
-    WHERE t.state = 'RUNNING'"""
+
+def left_running(path: pathlib.Path) -> list[tuple[str, int]]:
+    return [(name, t.number) for name, t in all_trials(path) or [] if t.state.name == "RUNNING"]
 
 
 def children(pid: int) -> list[int]:
@@ -109,8 +112,8 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     run = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while True:  # some trials finished, and one is running
-        state = query(optuna_file(db), FINISHED_AND_OPEN)
-        if state and state[0][0] >= 2 and state[0][1] >= 1:
+        finished, running = finished_and_open(optuna_file(db))
+        if finished >= 2 and running >= 1:
             break
         assert run.poll() is None, f"the run ended before it could be killed: {run.stderr.read()}"
         assert time.monotonic() < deadline, "no trial finished in 300 s"
@@ -122,7 +125,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     problems = select_problems(["flash_v1"], "tiny", None, interpret=True)
     before = stored(db, problems)
     # Which problem's trial was left running: the first one's, or (when the kill came later) the next one's.
-    ((running_study, left_running),) = query(optuna_file(db), LEFT_RUNNING)
+    ((running_study, running_number),) = left_running(optuna_file(db))
     assert len(workers) >= 1
     until = time.monotonic() + 30
     while any(alive(w) for w in workers) and time.monotonic() < until:
@@ -147,7 +150,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
         optuna_rows = optuna_trials(db, cpu_device(), p)
         assert not [t.number for t in optuna_rows if t.state.name == "RUNNING"]
         if p.label() == killed_in:
-            killed = next(t for t in optuna_rows if t.number == left_running)
+            killed = next(t for t in optuna_rows if t.number == running_number)
             assert killed.state.name == "FAIL" and (killed_in, killed.number) not in after
             (retry,) = [t for t in optuna_rows if t.system_attrs.get("retry_of") == killed.number]
             # Retried once, the whole config: a grid trial killed while writing its parameters has them queued.

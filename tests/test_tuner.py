@@ -162,7 +162,7 @@ def test_problem_selection():
 def test_studies_live_beside_an_sqlite_results_database(tmp_path):
     import optuna
     storage = open_storage(None, f"sqlite:///{tmp_path}/results.db")
-    assert storage.url == f"sqlite:///{tmp_path}/results.optuna.db"
+    assert storage.path == f"{tmp_path}/results.optuna.journal"  # an Optuna journal (tests/test_journal.py)
     assert isinstance(open_storage(None, "sqlite://"), optuna.storages.InMemoryStorage)
     with pytest.raises(ValueError, match="--storage"):
         open_storage(None, "postgresql+psycopg://u@localhost/tunebench")

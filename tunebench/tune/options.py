@@ -5,7 +5,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .study import GRACE_S, HEARTBEAT_S, hide_password
+from .study import GRACE_S, HEARTBEAT_S, hide_password, is_journal
 
 TOP_K = 3                       # finalists re-timed against each other (plus DEFAULT)
 SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
@@ -55,10 +55,14 @@ class TuneOptions:
 
 def _check_storage_url(url: str) -> None:
     """A --storage that cannot name a database is refused before anything is written (tune creates the results
-    database before it opens the storage): not a URL, an unknown dialect or one whose driver is not installed, or an
-    SQLite file in a missing folder. (run.preflight then checks that it can be written.)"""
+    database before it opens the storage): not a URL (nor a journal file's path, ending .journal), an unknown dialect
+    or one whose driver is not installed, or an SQLite or journal file in a missing folder. (run.preflight then
+    checks that it can be written.)"""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    if is_journal(url):
+        _check_folder(os.path.expanduser(url), "a journal file")
+        return
     try:
         parsed = make_url(url)
         parsed.get_dialect().import_dbapi()     # its driver: a mysql:// URL without MySQLdb fails here, not later
@@ -67,9 +71,13 @@ def _check_storage_url(url: str) -> None:
                          f"({type(e).__name__}: {e})") from None
     path = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if path and path != ":memory:" and not path.startswith("file:"):
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--storage names an SQLite file in a folder that does not exist: {folder}")
+        _check_folder(path, "an SQLite file")
+
+
+def _check_folder(path: str, what: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--storage names {what} in a folder that does not exist: {folder}")
 
 
 def _env_seconds(name: str, default: int) -> int:

@@ -1,5 +1,6 @@
-"""Optuna glue: the storage (an SQLite file beside the results database, or a --storage URL such as PostgreSQL, shared
-by processes and hosts), the study of each problem, its samplers, and the one place SPACE becomes suggestions.
+"""Optuna glue: the storage (a journal file beside the results database, shared by processes of one host, or a
+--storage URL such as PostgreSQL, shared by hosts), the study of each problem, its samplers, and the one place SPACE
+becomes suggestions.
 
 One study per device x kernel x kernel identity x bucketed problem, so that a stopped run resumes and several
 processes or hosts share studies; its name reads in optuna-dashboard (study_name), its user attributes say what it
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 HEARTBEAT_S = 30                # Optuna trial heartbeat; a trial silent for GRACE_S is stale (its run died)
 GRACE_S = 120                   # both can be set (whole seconds) by $TUNEBENCH_HEARTBEAT_S and $TUNEBENCH_GRACE_S
 STORAGE_OPEN_TRIES = 3
+JOURNAL_SUFFIX = ".optuna.journal"  # results.db -> results.optuna.journal, the studies' default file (journal.py)
 
 
 def suggest_config(trial, space: dict) -> dict:
@@ -44,15 +46,22 @@ def grid_order(space: dict, default: dict, seed: int) -> list[dict]:
 
 def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = HEARTBEAT_S,
                  grace_s: int = GRACE_S):
-    """Optuna's RDB storage: --storage, else an SQLite file next to an SQLite results database (results.db ->
-    results.optuna.db; the two cannot share a file, both have a `trials` table); memory for a memory database.
-    On PostgreSQL they can share a database: the store keeps its tables in a schema of their own. A server's
-    connection times out (store.engine.connect_timeout_s)."""
+    """Optuna's storage (where: storage_url_for). A journal file (journal.JournalStudies) beside an SQLite results
+    database, or a --storage path ending .journal; Optuna's RDB storage for a --storage URL (PostgreSQL for many
+    hosts, or sqlite:///), and for the SQLite file that runs before the journal kept beside the results; memory for a
+    memory database. On PostgreSQL the studies and results can share a database: the store keeps its tables in a
+    schema of their own. A server's connection times out (store.engine.connect_timeout_s)."""
     import optuna
     from ..store.engine import connect_args, connect_failed, describe_connect
     storage_url = storage_url_for(storage_url, results_url)
     if storage_url is None:
         return optuna.storages.InMemoryStorage()
+    if is_journal(storage_url):
+        from .journal import JournalStudies
+        try:
+            return JournalStudies(storage_url, heartbeat_s, grace_s, retry_once)
+        except OSError as e:
+            raise RuntimeError(f"cannot open the Optuna journal {storage_url}: {e}") from e
     sqlite = storage_url.startswith("sqlite")
     engine_kwargs = ({"connect_args": {"timeout": 60}} if sqlite else
                      {"pool_pre_ping": True, "connect_args": connect_args(storage_url)})
@@ -74,8 +83,10 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
 
 
 def storage_url_for(storage_url: str | None, results_url: str) -> str | None:
-    """The URL of Optuna's storage: --storage, else the SQLite file beside an SQLite results database; None for a
-    memory one. ValueError where there is none to give, or where both name one SQLite file."""
+    """Where Optuna's studies are: --storage (a database URL, or a journal file's path, made absolute), else a file
+    beside an SQLite results database: results.db -> results.optuna.journal, or results.optuna.db (an SQLite URL)
+    where that exists and the journal does not (a run started before the journal was the default resumes there).
+    None for a memory one. ValueError where there is none to give, or where --storage and --db name one SQLite file."""
     from sqlalchemy.engine import make_url
     if storage_url is None:
         url = make_url(results_url)
@@ -84,23 +95,34 @@ def storage_url_for(storage_url: str | None, results_url: str) -> str | None:
                              f"(--db is {url.render_as_string(hide_password=True)})")
         if url.database in (None, "", ":memory:"):
             return None
-        path = os.path.abspath(url.database)
-        return "sqlite:///" + os.path.splitext(path)[0] + ".optuna.db"
+        base = os.path.splitext(os.path.abspath(url.database))[0]
+        journal, legacy = base + JOURNAL_SUFFIX, base + ".optuna.db"
+        return "sqlite:///" + legacy if os.path.exists(legacy) and not os.path.exists(journal) else journal
+    if is_journal(storage_url):
+        return os.path.abspath(os.path.expanduser(storage_url))
     if _same_sqlite_file(storage_url, results_url):
         raise ValueError("--storage and --db name the same SQLite file: both have a `trials` table, so give Optuna "
                          "its own file (or leave --storage out: it then goes beside --db)")
     return storage_url
 
 
+def is_journal(storage: str) -> bool:
+    """Whether a --storage (or storage_url_for's answer) is a journal file's path rather than a database URL."""
+    return storage.endswith(".journal") and "://" not in storage
+
+
 def check_storage(storage_url: str | None, results_url: str) -> None:
-    """Checks Optuna's storage before `tunebench tune` writes anything: the URL (storage_url_for), an SQLite file
-    and folder it can write, a server that answers within the connect timeout (a connection made and closed,
-    creating nothing). StoreError or ValueError says what is wrong."""
+    """Checks Optuna's storage before `tunebench tune` writes anything: the URL (storage_url_for), a journal or
+    SQLite file and folder it can write, a server that answers within the connect timeout (a connection made and
+    closed, creating nothing). StoreError or ValueError says what is wrong."""
     import pathlib
     from sqlalchemy.engine import make_url
     from ..store.engine import check_reachable, check_writable_file
     url = storage_url_for(storage_url, results_url)
     if url is None:
+        return
+    if is_journal(url):
+        check_writable_file(pathlib.Path(url), "the Optuna journal")
         return
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -173,6 +195,8 @@ def hide_password(url: str) -> str:
 
 
 def describe_storage(storage) -> str:
+    if getattr(storage, "path", None) is not None:
+        return storage.path     # a journal file
     url = getattr(storage, "url", None)
     return "memory" if url is None else hide_password(url)
 

@@ -1,0 +1,245 @@
+"""The Optuna journal file (tunebench/tune/journal.py): what it keeps across opens and processes, what a torn or
+corrupt line does, its heartbeats, and where `tunebench tune` puts it."""
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+from tunebench.tune.journal import AppendLog, JournalError, JournalStudies, JournalWarning
+from tunebench.tune.study import check_storage, open_storage, retry_once
+
+OP = {"op_code": 2, "worker_id": "w", "study_id": 0}
+
+
+def op(i: int, **extra) -> dict:
+    return {**OP, "user_attr": {"i": i, **extra}}
+
+
+def quiet_study(storage, name="s"):
+    import optuna
+    from tunebench.tune.study import quiet_optuna
+    quiet_optuna()
+    return optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+
+
+def test_a_journal_keeps_the_studies_and_optunas_own_reader_reads_it(tmp_path):
+    import optuna
+    path = tmp_path / "s.journal"
+    study = quiet_study(JournalStudies(path))
+    for x in (3.0, 1.0, 2.0):
+        trial = study.ask()
+        trial.suggest_categorical("BLOCK", [16, 32])
+        trial.set_user_attr("status", "ok")
+        study.tell(trial, x)
+    again = quiet_study(JournalStudies(path))
+    assert [t.value for t in again.trials] == [3.0, 1.0, 2.0] and again.best_value == 1.0
+    assert all(t.user_attrs == {"status": "ok"} for t in again.trials)
+    theirs = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(path))))  # the format of Optuna's file backend
+    assert [(t.params, t.value) for t in theirs.trials] == [(t.params, t.value) for t in again.trials]
+
+
+def test_reads_see_only_lines_whose_newline_is_there(tmp_path):
+    path = tmp_path / "j.journal"
+    log = AppendLog(path)
+    log.append_logs([op(0), op(1)])
+    line = json.dumps(op(2)).encode() + b"\n"
+    with open(path, "ab") as f:
+        f.write(line[:10])  # a write under way, as another process's reader may see it
+    assert [x["user_attr"]["i"] for x in log.read_logs(0)] == [0, 1]
+    assert log.read_logs(2) == []
+    with open(path, "ab") as f:
+        f.write(line[10:])
+    assert [x["user_attr"]["i"] for x in log.read_logs(2)] == [2]
+    assert [x["user_attr"]["i"] for x in log.read_logs(0)] == [0, 1, 2]  # a fresh replay reads it all again
+
+
+def test_a_torn_last_line_is_cut_off_with_a_warning_and_appends_go_on(tmp_path):
+    path = tmp_path / "j.journal"
+    writer = AppendLog(path)
+    writer.append_logs([op(0), op(1)])
+    whole = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(json.dumps(op(2)).encode()[:17])  # its writer was killed inside write()
+    reader = AppendLog.__new__(AppendLog)
+    with pytest.warns(JournalWarning, match="torn last line"):
+        reader.__init__(path)  # opening the file cuts it off
+    assert path.stat().st_size == whole
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":2,"wor')  # torn again, found by the next append this time
+    with pytest.warns(JournalWarning, match=str(path)):
+        writer.append_logs([op(3)])
+    assert [x["user_attr"]["i"] for x in reader.read_logs(0)] == [0, 1, 3]
+
+
+def test_a_corrupt_line_among_others_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "j.journal"
+    AppendLog(path).append_logs([op(0)])
+    with open(path, "ab") as f:
+        f.write(b"\x00\x00garbage\n")
+    AppendLog(path).append_logs([op(1)])
+    with pytest.raises(JournalError, match=rf"{path}, line 2: not an Optuna journal operation"):
+        AppendLog(path).read_logs(0)
+    with pytest.raises(JournalError, match="line 2"):
+        JournalStudies(path)
+
+
+def test_a_short_write_is_undone(tmp_path, monkeypatch):
+    from tunebench.tune import journal
+    path = tmp_path / "j.journal"
+    log = AppendLog(path)
+    log.append_logs([op(0)])
+    size = path.stat().st_size
+    monkeypatch.setattr(journal.os, "write", lambda fd, data: os.pwrite(fd, data[:5], size))  # a disk that filled
+    with pytest.raises(OSError, match="only 5 of"):
+        log.append_logs([op(1)])
+    monkeypatch.undo()
+    assert path.stat().st_size == size
+    log.append_logs([op(2)])
+    assert [x["user_attr"]["i"] for x in AppendLog(path).read_logs(0)] == [0, 2]
+
+
+APPENDER = """
+import sys
+from tunebench.tune.journal import AppendLog
+log, me = AppendLog(sys.argv[1]), int(sys.argv[2])
+for n in range(int(sys.argv[3])):
+    # three operations per append, each longer than a page: one write() that the others must not split
+    log.append_logs([{"op_code": 2, "worker_id": f"{me}", "user_attr": {"n": n, "k": k, "pad": "x" * 5000}}
+                     for k in range(3)])
+"""
+
+
+def test_appends_of_several_processes_never_interleave(tmp_path):
+    path, processes, appends = tmp_path / "j.journal", 4, 150
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-P", "-c", APPENDER, str(path), str(p), str(appends)], env=env)
+             for p in range(processes)]
+    assert [p.wait(120) for p in procs] == [0] * processes
+    logs = AppendLog(path).read_logs(0)
+    assert len(logs) == processes * appends * 3
+    for i in range(0, len(logs), 3):  # each append's three lines side by side, in order
+        batch = logs[i:i + 3]
+        assert {x["worker_id"] for x in batch} == {batch[0]["worker_id"]}
+        assert [(x["user_attr"]["n"], x["user_attr"]["k"]) for x in batch] == [(batch[0]["user_attr"]["n"], k)
+                                                                                for k in range(3)]
+    for p in range(processes):
+        assert [x["user_attr"]["n"] for x in logs if x["worker_id"] == str(p)][::3] == list(range(appends))
+
+
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_retried_once(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+    storage = JournalStudies(tmp_path / "s.journal", heartbeat_s=1, grace_s=60, stale_callback=retry_once)
+    study = quiet_study(storage)
+    stale, fresh, silent = study.ask(), study.ask(), study.ask()
+    for trial in (stale, fresh, silent):
+        trial.suggest_categorical("BLOCK", [16, 32])
+    storage.record_heartbeat(fresh._trial_id)
+    storage.set_trial_system_attr(stale._trial_id, "heartbeat", time.time() - 61)  # its process died a minute ago
+    optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    # A trial that never had a heartbeat is not stale (SharedStudy.adopt_orphans gives it one), as on RDB storage.
+    assert [states[t.number] for t in (stale, fresh, silent)] == [TrialState.FAIL, TrialState.RUNNING,
+                                                                   TrialState.RUNNING]
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["retry_of"] == stale.number and retry.params == {"BLOCK": stale.params["BLOCK"]}
+    study.tell(fresh, 1.0)
+    beat = storage.get_trial(fresh._trial_id).system_attrs["heartbeat"]
+    storage.record_heartbeat(fresh._trial_id)  # finished: no heartbeat is written, and nothing is raised
+    assert storage.get_trial(fresh._trial_id).system_attrs["heartbeat"] == beat
+
+
+def test_the_studies_go_in_a_journal_beside_an_sqlite_results_database(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's experimental heartbeat
+        storage = open_storage(None, f"sqlite:///{tmp_path}/results.db")
+    assert isinstance(storage, JournalStudies) and storage.path == str(tmp_path / "results.optuna.journal")
+    assert storage.get_heartbeat_interval() == 30 and storage.get_heartbeat_stale_trial_callback() is retry_once
+    explicit = open_storage(str(tmp_path / "elsewhere.journal"), f"sqlite:///{tmp_path}/results.db")
+    assert explicit.path == str(tmp_path / "elsewhere.journal")
+
+
+def test_a_run_started_before_the_journal_resumes_in_its_sqlite_file(tmp_path):
+    import optuna
+    legacy = tmp_path / "results.optuna.db"
+    study = quiet_study(open_storage(f"sqlite:///{legacy}", "sqlite://"))
+    study.tell(study.ask(), 1.0)
+    resumed = open_storage(None, f"sqlite:///{tmp_path}/results.db")
+    assert isinstance(resumed, optuna.storages.RDBStorage) and resumed.url == f"sqlite:///{legacy}"
+    assert [t.value for t in quiet_study(resumed).trials] == [1.0]
+    assert not (tmp_path / "results.optuna.journal").exists()
+    (tmp_path / "results.optuna.journal").touch()  # once there is a journal, it is the one
+    assert isinstance(open_storage(None, f"sqlite:///{tmp_path}/results.db"), JournalStudies)
+
+
+def test_a_journal_in_a_folder_it_cannot_write_is_refused_before_anything_is_written(tmp_path):
+    from tunebench.store import StoreError
+    from tunebench.tune.options import TuneOptions
+    with pytest.raises(ValueError, match="folder that does not exist"):
+        TuneOptions(storage=str(tmp_path / "missing" / "s.journal")).validate()
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: every folder is writable")
+        with pytest.raises(StoreError, match="Optuna journal"):
+            check_storage(str(folder / "s.journal"), "sqlite://")
+    finally:
+        folder.chmod(0o700)
+    assert list(folder.iterdir()) == []
+
+
+# -- two `tunebench tune` processes on one journal, as several runs of one host share it
+
+
+PROBLEM_LINE = 'Problem("flash_v1", 1, 2, 2, 48, 48, 16, "float32")'
+LAUNCH = ("import sys; from tunebench import shapes; from tunebench.shapes import Problem; "
+          f"shapes.SUITES['journal-test'] = lambda: [{PROBLEM_LINE}]; "
+          "from tunebench.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def waiting_for_lock(pids: list[int]) -> int:
+    """How many of the processes wait for a file lock (/proc/locks lists a waiter with '->')."""
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if "->" in line and int(line.split()[5]) in pids)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads the lock waiters from /proc/locks")
+def test_two_runs_on_one_journal_share_its_budget_and_run_no_config_twice(tmp_path):
+    import fcntl
+    from tunebench.registry import config_key
+    from tunebench.store import Store
+    db, budget = tmp_path / "results.db", 8
+    journal = tmp_path / "results.optuna.journal"
+    args = [sys.executable, "-P", "-c", LAUNCH, "tune", "--interpret", "--suite", "journal-test", "--trials",
+            str(budget), "--db", str(db)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TUNEBENCH_GRACE_S": "3600"}
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    with open(journal, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # both open the journal at once, when it is let go
+        runs = [subprocess.Popen(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT) for log in logs]
+        deadline = time.monotonic() + 120
+        while waiting_for_lock([r.pid for r in runs]) < 2:
+            assert all(r.poll() is None for r in runs), [log.read_text()[-2000:] for log in logs]
+            assert time.monotonic() < deadline, "the runs never reached the journal"
+            time.sleep(0.05)
+    codes = [r.wait(300) for r in runs]
+    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+    storage = JournalStudies(journal)
+    [study] = storage.get_all_studies()
+    trials = storage.get_all_trials(study._study_id)
+    done = [t for t in trials if t.user_attrs.get("status") not in (None, "pruned") and "duplicate_of" not in
+            t.user_attrs]
+    assert not [t.number for t in trials if not t.state.is_finished()]
+    assert len(done) == budget and len({config_key(t.params) for t in done}) == budget  # shared, none twice
+    assert len({t.user_attrs["host"] for t in done}) == 2, "one run ran every trial"
+    with Store(str(db), readonly=True) as store:
+        rows = [t for t in store.trials() if t.status != "pruned"]
+    assert sorted((t.number, config_key(t.config)) for t in rows) == sorted((t.number, config_key(t.params))
+                                                                            for t in done)
