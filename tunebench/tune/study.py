@@ -278,7 +278,7 @@ def seeded_per_trial(make, seed: int):
             self.sampler = make(seed)
 
         def before_trial(self, study, trial):
-            self.sampler = make(seed + trial.number)
+            self.sampler = keep_search_space(self.sampler, make(seed + trial.number))
             self.sampler.before_trial(study, trial)
 
         def infer_relative_search_space(self, study, trial):
@@ -297,6 +297,17 @@ def seeded_per_trial(make, seed: int):
             self.sampler.reseed_rng()
 
     return SeededPerTrial()
+
+
+def keep_search_space(old, new):
+    """``new`` with ``old``'s search-space cache (TPESampler._search_space, an IntersectionSearchSpace that reads
+    only the trials added since its last look): a fresh one reads the whole study, which was a third of a TPE ask's
+    time at 48 trials (optuna 5.1). Private, so only where both hold one of that kind; else ``new`` as it is."""
+    from optuna.search_space import IntersectionSearchSpace
+    cache = getattr(old, "_search_space", None)
+    if type(cache) is IntersectionSearchSpace and type(getattr(new, "_search_space", None)) is IntersectionSearchSpace:
+        new._search_space = cache
+    return new
 
 
 def quiet_optuna() -> None:
