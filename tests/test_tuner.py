@@ -443,3 +443,33 @@ def test_tune_kernel_flash_v3_tunes_the_flash_v2_problems_it_can_run(monkeypatch
     assert [dataclasses.replace(p, kernel="flash_v2") for p in got] == [p for p in v2 if p.D in (64, 128, 256)]
     both = select_problems(["flash_v2", "flash_v3"], "headline", None)
     assert {p.kernel for p in both} == {"flash_v2", "flash_v3"} and len(both) == len(v2) + len(got)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_a_reseeded_sampler_proposes_what_a_new_one_per_trial_does(sampler, monkeypatch):
+    # study.reseed reuses one sampler (its search-space cache, no per-trial construction): the configs it proposes
+    # must be those of a new sampler made for each trial, which is what the seeding promises.
+    import optuna
+    from optuna.trial import TrialState
+    from tunebench.tune import study as study_module
+    from tunebench.tune.study import make_sampler, quiet_optuna, suggest_config
+    quiet_optuna()
+    space = kernel_module("flash_v2").SPACE
+
+    def proposals() -> list[dict]:
+        study = optuna.create_study(sampler=make_sampler(TuneOptions(sampler=sampler, seed=3), 24))
+        out = []
+        for n in range(30):
+            trial = study.ask()
+            config = suggest_config(trial, space)
+            out.append(config)
+            if n % 5 == 4:
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, sum(len(str(v)) * i for i, v in enumerate(config.values())))
+        return out
+
+    reseeded = proposals()
+    monkeypatch.setattr(study_module, "reseed", lambda sampler, seed: False)  # a new sampler per trial
+    assert reseeded == proposals()
+    assert len({config_key(c) for c in reseeded}) > 10

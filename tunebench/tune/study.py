@@ -278,7 +278,8 @@ def seeded_per_trial(make, seed: int):
             self.sampler = make(seed)
 
         def before_trial(self, study, trial):
-            self.sampler = keep_search_space(self.sampler, make(seed + trial.number))
+            if not reseed(self.sampler, seed + trial.number):
+                self.sampler = make(seed + trial.number)
             self.sampler.before_trial(study, trial)
 
         def infer_relative_search_space(self, study, trial):
@@ -299,15 +300,30 @@ def seeded_per_trial(make, seed: int):
     return SeededPerTrial()
 
 
-def keep_search_space(old, new):
-    """``new`` with ``old``'s search-space cache (TPESampler._search_space, an IntersectionSearchSpace that reads
-    only the trials added since its last look): a fresh one reads the whole study, which was a third of a TPE ask's
-    time at 48 trials (optuna 5.1). Private, so only where both hold one of that kind; else ``new`` as it is."""
-    from optuna.search_space import IntersectionSearchSpace
-    cache = getattr(old, "_search_space", None)
-    if type(cache) is IntersectionSearchSpace and type(getattr(new, "_search_space", None)) is IntersectionSearchSpace:
-        new._search_space = cache
-    return new
+def reseed(sampler, seed: int) -> bool:
+    """Gives a TPESampler or RandomSampler the random state that a new one made with ``seed`` has, in place; False
+    for another kind (then make a new one). Making a TPESampler per trial cost ~0.2 ms (warnings included), and threw
+    away its search-space cache (an IntersectionSearchSpace that reads only trials added since its last look; a fresh
+    one compared every trial's distributions, a third of an ask's CPU at ~50 trials). Private attributes (optuna
+    5.1: TPESampler._rng and ._random_sampler, RandomSampler._rng, LazyRandomState): tests/test_tuner.py checks that
+    a reseeded sampler proposes what new ones do."""
+    from optuna.samplers import RandomSampler, TPESampler
+    try:
+        from optuna.samplers._lazy_random_state import LazyRandomState
+    except ImportError:
+        return False
+    if type(sampler) is TPESampler:
+        owners = [sampler, getattr(sampler, "_random_sampler", None)]
+    elif type(sampler) is RandomSampler:
+        owners = [sampler]
+    else:
+        return False
+    states = [getattr(owner, "_rng", None) for owner in owners]
+    if not all(isinstance(state, LazyRandomState) for state in states):
+        return False
+    for state in states:
+        state.rng.seed(seed)
+    return True
 
 
 def quiet_optuna() -> None:
