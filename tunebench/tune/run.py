@@ -37,7 +37,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
             require_gpu()
         trace.event("gpu_checked")
         from ..store import Store
-        with Store(options.db) as store, warnings.catch_warnings():
+        with Store(options.db) as store, warnings.catch_warnings(), contextlib.ExitStack() as stack:
             quiet_optuna()
             storage = open_storage(options.storage, store.url, options.heartbeat_s, options.grace_s)
             print(f"tunebench tune: results in {store.where}, studies in {describe_storage(storage)}", file=err)
@@ -45,6 +45,7 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
             for kernel in dict.fromkeys(p.kernel for p in problems):
                 kernel_module(kernel)  # and triton: imported while the workers start, not once they are ready
             trace.event("kernels_imported")
+            stack.enter_context(frozen_heap())
             fleet.await_ready()
             trace.event("fleet_ready", runners=len(fleet.runners), compilers=len(fleet.compilers))
             device = fleet.identify()
@@ -67,6 +68,23 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
                 results[first:] = sorted(results[first:], key=lambda r: order.get(id(r.problem), len(problems)))
     trace.event("fleet_closed")
     return results
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """The objects that exist now (torch, triton, optuna and the kernels: ~175,000 of them) are left out of the
+    garbage collector's passes until the block ends (gc.freeze). Otherwise a full pass over them, which the
+    allocations of Optuna and the store trigger every few hundred trials, stalls the loop that feeds every worker:
+    120-220 ms in a 0.3-0.8 s search window of bench/fleet_sim.py (8 workers, 20 ms trials, 2 cores). The objects made
+    in the block are collected as usual. Left frozen if the caller had frozen objects itself."""
+    import gc
+    before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not before:
+            gc.unfreeze()
 
 
 def preflight(options: TuneOptions) -> None:
