@@ -210,36 +210,96 @@ def waiting_for_lock(pids: list[int]) -> int:
         return sum(1 for line in f if "->" in line and int(line.split()[5]) in pids)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads the lock waiters from /proc/locks")
-def test_two_runs_on_one_journal_share_its_budget_and_run_no_config_twice(tmp_path):
+def start_together(journal, args: list[str], logs: list) -> list[subprocess.Popen]:
+    """Starts a run per log while holding the journal's lock: they wait for it while opening it, and race for the
+    study's first trials once it is let go."""
     import fcntl
-    from tunebench.registry import config_key
-    from tunebench.store import Store
-    db, budget = tmp_path / "results.db", 8
-    journal = tmp_path / "results.optuna.journal"
-    args = [sys.executable, "-P", "-c", LAUNCH, "tune", "--interpret", "--suite", "journal-test", "--trials",
-            str(budget), "--db", str(db)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TUNEBENCH_GRACE_S": "3600"}
-    logs = [tmp_path / f"run{i}.log" for i in range(2)]
     with open(journal, "ab") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # both open the journal at once, when it is let go
+        fcntl.flock(held, fcntl.LOCK_EX)
         runs = [subprocess.Popen(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT) for log in logs]
         deadline = time.monotonic() + 120
-        while waiting_for_lock([r.pid for r in runs]) < 2:
+        while waiting_for_lock([r.pid for r in runs]) < len(runs):
             assert all(r.poll() is None for r in runs), [log.read_text()[-2000:] for log in logs]
             assert time.monotonic() < deadline, "the runs never reached the journal"
             time.sleep(0.05)
-    codes = [r.wait(300) for r in runs]
-    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+    return runs
+
+
+def tune_args(db, budget: int) -> list[str]:
+    return [sys.executable, "-P", "-c", LAUNCH, "tune", "--interpret", "--suite", "journal-test", "--trials",
+            str(budget), "--db", str(db)]
+
+
+def evaluated(trials) -> list:
+    return [t for t in trials if t.user_attrs.get("status") not in (None, "pruned") and "duplicate_of" not in
+            t.user_attrs]
+
+
+def check_shared(journal, db, budget: int) -> list:
+    """Every trial finished, the budget met once over (no config twice), and one store row per evaluated trial."""
+    from tunebench.registry import config_key
+    from tunebench.store import Store
     storage = JournalStudies(journal)
     [study] = storage.get_all_studies()
     trials = storage.get_all_trials(study._study_id)
-    done = [t for t in trials if t.user_attrs.get("status") not in (None, "pruned") and "duplicate_of" not in
-            t.user_attrs]
+    done = evaluated(trials)
     assert not [t.number for t in trials if not t.state.is_finished()]
-    assert len(done) == budget and len({config_key(t.params) for t in done}) == budget  # shared, none twice
-    assert len({t.user_attrs["host"] for t in done}) == 2, "one run ran every trial"
+    assert len(done) == budget and len({config_key(t.params) for t in done}) == budget
     with Store(str(db), readonly=True) as store:
         rows = [t for t in store.trials() if t.status != "pruned"]
     assert sorted((t.number, config_key(t.config)) for t in rows) == sorted((t.number, config_key(t.params))
                                                                             for t in done)
+    return trials
+
+
+LOCKS = pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads the lock waiters from /proc/locks")
+
+
+@LOCKS
+def test_two_runs_on_one_journal_share_its_budget_and_run_no_config_twice(tmp_path):
+    db, journal, budget = tmp_path / "results.db", tmp_path / "results.optuna.journal", 8
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    runs = start_together(journal, tune_args(db, budget), logs)
+    assert [r.wait(300) for r in runs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    trials = check_shared(journal, db, budget)
+    assert len({t.user_attrs["host"] for t in evaluated(trials)}) == 2, "one run ran every trial"
+
+
+def held_trial(journal, pid: int) -> int | None:
+    """A trial the process holds RUNNING with nothing but its "host" written, once it has finished one."""
+    storage = JournalStudies(journal)
+    mine = [t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)
+            if t.user_attrs.get("host", "").endswith(f":{pid}")]
+    if not any(t.state.is_finished() for t in mine):
+        return None
+    return next((t.number for t in mine if t.state.name == "RUNNING" and set(t.user_attrs) == {"host"}), None)
+
+
+@LOCKS
+def test_a_run_killed_mid_trial_is_taken_over_at_once_by_the_other(tmp_path):
+    # The grace period is an hour: the survivor fails the victim's trial because its process is gone from this
+    # host (SharedStudy.fail_dead_owners), retries it once, and completes the budget.
+    import signal
+    db, journal, budget = tmp_path / "results.db", tmp_path / "results.optuna.journal", 8
+    logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    victim, survivor = start_together(journal, tune_args(db, budget), logs)
+    deadline = time.monotonic() + 300
+    while True:
+        assert victim.poll() is None, f"it ended before it could be killed:\n{logs[0].read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "the victim never held a trial"
+        if held_trial(journal, victim.pid) is not None:
+            os.kill(victim.pid, signal.SIGSTOP)  # it can write nothing more: the trial read now is the one left
+            held = held_trial(journal, victim.pid)
+            if held is not None:
+                break
+            os.kill(victim.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(30)
+    assert survivor.wait(300) == 0, logs[1].read_text()[-2000:]
+    trials = check_shared(journal, db, budget)
+    lost = trials[held]
+    assert lost.state.name == "FAIL" and "status" not in lost.user_attrs, (lost.state, lost.user_attrs)
+    (retry,) = [t for t in trials if t.system_attrs.get("retry_of") == held]
+    assert retry.params == (lost.system_attrs.get("fixed_params") or lost.params)  # the whole config, once
