@@ -1,5 +1,6 @@
-"""Reliability of the embedded stores under concurrency: many processes on one Optuna study in SQLite (opened through
-the tuner's own storage setup), winner upserts raced by 16 processes, and the dispatcher reading while they write.
+"""Reliability of the embedded stores under concurrency: many processes on one Optuna study in SQLite and in the
+journal file (opened through the tuner's own storage setup), winner upserts raced by 16 processes, and the dispatcher
+reading while they write.
 
 Child processes come from a forkserver that preloads what they import (8-16 spawned imports of torch would cost
 ~5 s each on a 2-core CI machine); each child still opens its own connections to a database none of them created.
@@ -10,6 +11,8 @@ import random
 import time
 import traceback
 import warnings
+
+import pytest
 
 from tunebench import registry
 from tunebench.device import DeviceIdentity
@@ -71,11 +74,13 @@ def _optuna_process(storage_url: str, n: int, barrier, results) -> None:
         results.put(traceback.format_exc())
 
 
-def test_8_processes_x_200_trials_on_one_sqlite_study(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_8_processes_x_200_trials_on_one_study(tmp_path, kind):
     import optuna
     from optuna.trial import TrialState
     from tunebench.tune.study import open_storage
-    url = f"sqlite:///{tmp_path / 'studies.optuna.db'}"
+    url = {"sqlite": f"sqlite:///{tmp_path / 'studies.optuna.db'}",
+           "journal": str(tmp_path / "studies.optuna.journal")}[kind]  # the --storage URL, or the default file
     processes, per_process = 8, 200
     start = time.monotonic()
     replies = run_all(forkserver(), _optuna_process, [(url, per_process)] * processes)
@@ -87,7 +92,7 @@ def test_8_processes_x_200_trials_on_one_sqlite_study(tmp_path):
         deepcopy=False)
     states = {s: sum(1 for t in trials if t.state == s) for s in (TrialState.COMPLETE, TrialState.RUNNING)}
     numbers = sorted(t.number for t in trials)
-    print(f"optuna sqlite: {processes} processes x {per_process} trials: {states[TrialState.COMPLETE]} complete, "
+    print(f"optuna {kind}: {processes} processes x {per_process} trials: {states[TrialState.COMPLETE]} complete, "
           f"{states[TrialState.RUNNING]} running, {len(lock_errors)} lock errors, {wall:.0f} s wall")
     assert len(trials) == states[TrialState.COMPLETE] == processes * per_process
     assert states[TrialState.RUNNING] == 0
