@@ -2,8 +2,9 @@
 
 Optuna's JournalStorage keeps the studies in memory and writes every change as one operation (a JSON object) to a
 log; AppendLog is that log, a file of one JSON line per operation, in the format of Optuna's own JournalFileBackend
-(optuna-dashboard and JournalFileBackend read it). It costs the tuner's loop about a twentieth of what Optuna's RDB
-storage on SQLite does (0.6 ms per ask and its five suggestions, against 11.5 ms in WAL mode; bench/fleet_sim.py).
+(optuna-dashboard and JournalFileBackend read it). An operation costs ~25-40 us (one appended line, then reading the
+lines others appended) where Optuna's RDB storage on SQLite committed a transaction: the parent's time per ask in
+bench/fleet_sim.py fell from 16-30 ms to 1.5-3.7 ms (BENCHMARKS.md, "Simulated fleet").
 
 - Sharing: processes of one host share a journal on a local filesystem. Each append is one write() on an O_APPEND
   descriptor under an exclusive flock(): appends never interleave, and the kernel releases the lock of a killed
@@ -11,8 +12,8 @@ storage on SQLite does (0.6 ms per ask and its five suggestions, against 11.5 ms
   PostgreSQL --storage.
 - Durability: a line is in the kernel's page cache once write() returns, so a killed process loses nothing it
   wrote. There is no fsync: a power loss or kernel crash may lose the last lines (as SQLite's WAL mode with
-  synchronous=NORMAL, which the results store uses, may lose its last transactions); a resumed run then re-runs
-  those trials, and the results store (written first) keeps what they measured.
+  synchronous=NORMAL, which the results store uses, may lose its last transactions); a resumed run then runs
+  those trials again.
 - A torn line: a process killed inside write() can leave a last line without its newline. Readers never parse a
   line before its newline is there; the next append (or opening the file) cuts the torn line off with a warning,
   under the lock, so no one's line is glued to it. A bad line followed by others is an error naming the file and

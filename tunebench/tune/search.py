@@ -74,9 +74,8 @@ class Search:
         self.late_failures: list[str] = []      # handed-off trials that could not run (late_reply)
         self.then: Callable[[], None] | None = None     # after a hand-off: the re-timing, once the last trial is in
         self.last_beat = time.monotonic()
-        # Configs the runners and compile workers can take at once; without compile workers (--interpret, a host
-        # with no spare core), still one queued per runner: a runner that finishes finds its next config asked, not
-        # waiting the parent's ask (1 simulated worker, 20 ms trials: 66-71% -> 90-95% busy, bench/fleet_sim.py).
+        # Without compile workers (--interpret, no spare core) still a config queued per runner, so that a runner
+        # that finishes need not wait for an ask (1 simulated worker, 20 ms trials: 66-71% -> 89-95% busy).
         self.wide = len(fleet.runners) + max(len(fleet.compilers), len(fleet.runners))
         self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
