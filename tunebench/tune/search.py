@@ -210,7 +210,7 @@ class Search:
 
     def lookahead(self) -> int:
         """How many configs may be asked before their results are in. Grid configs and TPE's random start do not
-        depend on results: as many as the runners and compile workers can take (``wide``). After that TPE proposes from the
+        depend on results: as many as the runners and compile workers can take. After that TPE proposes from the
         results so far, and a wide batch of guesses (constant liar) makes it little better than random at a small
         budget; so TPE_AHEAD per runner: enough to keep each GPU fed from a compile started ahead, no more
         (bench/search_efficiency.py measures the effect on a GPU)."""
