@@ -168,6 +168,18 @@ def test_studies_live_beside_an_sqlite_results_database(tmp_path):
         open_storage(None, "postgresql+psycopg://u@localhost/tunebench")
 
 
+def test_storage_may_name_a_journal_file(tmp_path, fakes):
+    from tunebench.tune.journal import JournalStudies
+    journal = tmp_path / "studies" / "elsewhere.journal"
+    journal.parent.mkdir()
+    [result] = tune([fake_problem("fake_plain")], options(tmp_path, trials=2, storage=str(journal)))
+    assert result.config is not None and result.counts.get("ok") == 2
+    storage = JournalStudies(journal)
+    [study] = storage.get_all_studies()
+    assert sum(t.user_attrs.get("status") == "ok" for t in storage.get_all_trials(study._study_id)) == 2
+    assert not (tmp_path / "results.optuna.journal").exists()  # not beside --db as well
+
+
 def test_a_queued_trial_killed_while_writing_its_config_is_retried_whole():
     # A run killed between the parameters of a queued (grid) trial: the retry carries the whole queued config.
     import optuna
