@@ -23,7 +23,8 @@ by default both are SQLite files in a temporary folder. --hosts H (needs --stora
     python3 bench/fleet_sim.py --hosts 2 --workers 4 --storage postgresql+psycopg://u:p@host/db --db SAME_URL
 
 It prints per host and for all hosts together: the wall time from the start line (every host's fleet up) to the
-host's last result, the search window, the busy share, trials/s and the speedup over one host with the same workers,
+host's last result, the parent processes' CPU time in it (as a share of one core: 100% is a parent that never
+waits), the search window, the busy share, trials/s and the speedup over one host with the same workers,
 asks/s and ms per ask, trials run twice (all hosts' together: must be 0), the trials run per problem (the budget is
 shared: --trials, not H times it) and the winners each host wrote (one per problem in all).
 """
@@ -102,14 +103,13 @@ def run_hosts(hosts: int, workers: int, args, sim, folder: pathlib.Path) -> list
     with options_for(workers, args, folder) as options:
         runs, use = simulate_hosts(hosts, problems, options, sim, folder)
 
-    def per_problem(u) -> str:
+    def row(host: str, wall_s: float, cpu_s: float, results: list, u) -> dict:
         counts = collections.Counter(problem for problem, _ in u.runs)
-        return "/".join(str(counts[p.label()]) for p in problems)
+        return {"host": host, "wall_s": wall_s, "cpu": cpu_s / wall_s, "written": sum(r.written for r in results),
+                "per_problem": "/".join(str(counts[p.label()]) for p in problems), **figures(u)}
 
-    rows = [{"host": str(i), "wall_s": r.wall_s, "per_problem": per_problem(r.use),
-             "written": sum(x.written for x in r.results), **figures(r.use)} for i, r in enumerate(runs)]
-    return rows + [{"host": "all", "wall_s": max(r.wall_s for r in runs), "per_problem": per_problem(use),
-                    "written": sum(row["written"] for row in rows), **figures(use)}]
+    return [row(str(i), r.wall_s, r.cpu_s, r.results, r.use) for i, r in enumerate(runs)] + [
+        row("all", max(r.wall_s for r in runs), sum(r.cpu_s for r in runs), sum((r.results for r in runs), []), use)]
 
 
 def print_fleets(args, sim) -> None:
@@ -130,7 +130,7 @@ def print_fleets(args, sim) -> None:
 
 
 def print_hosts(args, sim) -> None:
-    print(f"{'hosts x workers':>15} {'host':>4} {'wall s':>7} {'window s':>8} {'busy':>6} {'trials/s':>8} "
+    print(f"{'hosts x workers':>15} {'host':>4} {'wall s':>7} {'cpu':>5} {'window s':>8} {'busy':>6} {'trials/s':>8} "
           f"{'x1 host':>7} {'asks/s':>7} {'ms/ask':>7} {'dups':>4} {'trials/problem':>14} {'winners':>7}")
     for n in [int(x) for x in args.workers.split(",")]:
         base = None
@@ -139,9 +139,10 @@ def print_hosts(args, sim) -> None:
                 rows = run_hosts(hosts, n, args, sim, pathlib.Path(folder))
             base = base or rows[-1]["trials_per_s"]
             for r in rows if hosts > 1 else rows[-1:]:
-                print(f"{f'{hosts} x {n}':>15} {r['host']:>4} {r['wall_s']:7.2f} {r['window_s']:8.2f} {r['busy']:6.1%} "
-                      f"{r['trials_per_s']:8.1f} {r['trials_per_s'] / base:7.2f} {r['asks_per_s']:7.1f} "
-                      f"{r['ms_per_ask']:7.2f} {r['duplicates']:4d} {r['per_problem']:>14} {r['written']:7d}")
+                print(f"{f'{hosts} x {n}':>15} {r['host']:>4} {r['wall_s']:7.2f} {r['cpu']:5.0%} {r['window_s']:8.2f} "
+                      f"{r['busy']:6.1%} {r['trials_per_s']:8.1f} {r['trials_per_s'] / base:7.2f} "
+                      f"{r['asks_per_s']:7.1f} {r['ms_per_ask']:7.2f} {r['duplicates']:4d} {r['per_problem']:>14} "
+                      f"{r['written']:7d}")
             sys.stdout.flush()
 
 

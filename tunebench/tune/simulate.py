@@ -166,6 +166,7 @@ class HostRun:
     results: list                   # its tune() results, one per problem
     use: Utilisation                # its runners' utilisation (its own trace)
     wall_s: float                   # from the start line (every host's fleet up) to its last result
+    cpu_s: float                    # the parent process's CPU time in that span (its workers' not counted)
 
 
 def simulate_hosts(hosts: int, problems: list, options, sim: Simulation, folder) -> tuple[list[HostRun], Utilisation]:
@@ -214,14 +215,14 @@ def run_host(problems: list, options, sim: Simulation, trace_path) -> HostRun:
 
     def start_line() -> None:
         _start_line.wait(START_LINE_TIMEOUT_S)
-        started.append(time.perf_counter())
+        started.extend((time.perf_counter(), time.process_time()))
 
     try:
         results, use = simulate(problems, options, sim, trace_path, err=io.StringIO(), ready=start_line)
     except BaseException:
         _start_line.abort()
         raise
-    return HostRun(results, use, time.perf_counter() - started[0])
+    return HostRun(results, use, time.perf_counter() - started[0], time.process_time() - started[1])
 
 
 @contextlib.contextmanager
