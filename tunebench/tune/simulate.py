@@ -175,14 +175,15 @@ def simulate_hosts(hosts: int, problems: list, options, sim: Simulation, folder)
     problem's study and budget). They start tuning together, once every fleet is up. Returns each host's run and the
     whole fleet's utilisation from all their traces (``folder``/hostI.jsonl), its runners named hostI/runJ: its
     ``runs`` are every host's, so its ``duplicates`` are configs run twice across hosts."""
-    if hosts > 1 and options.storage is None:
-        raise ValueError("simulated hosts share their studies through one options.storage URL")
-    from ..store import Store
-    from .study import open_storage, quiet_optuna
-    # The tables: made here once, not raced for by the hosts at the start line.
-    with Store(options.db) as store, warnings.catch_warnings():
-        quiet_optuna()
-        open_storage(options.storage, store.url).engine.dispose()
+    if hosts > 1:
+        if options.storage is None:
+            raise ValueError("simulated hosts share their studies through one options.storage URL")
+        from ..store import Store
+        from .study import open_storage, quiet_optuna
+        # The tables: made here once, not raced for by the hosts at the start line.
+        with Store(options.db) as store, warnings.catch_warnings():
+            quiet_optuna()
+            open_storage(options.storage, store.url).engine.dispose()
     paths = [folder / f"host{i}.jsonl" for i in range(hosts)]
     spawn = multiprocessing.get_context("spawn")    # as a host's own process: nothing inherited from this one
     with ProcessPoolExecutor(hosts, mp_context=spawn, initializer=_join_start_line,
@@ -208,9 +209,6 @@ def run_host(problems: list, options, sim: Simulation, trace_path) -> HostRun:
     host that fails breaks the line, so that the others do not wait for it."""
     from ..registry import kernel_module
     from .run import interpreting
-    with interpreting(options.interpret):
-        for kernel in {p.kernel for p in problems}:
-            kernel_module(kernel)
     started = []
 
     def start_line() -> None:
@@ -218,6 +216,9 @@ def run_host(problems: list, options, sim: Simulation, trace_path) -> HostRun:
         started.extend((time.perf_counter(), time.process_time()))
 
     try:
+        with interpreting(options.interpret):
+            for kernel in {p.kernel for p in problems}:
+                kernel_module(kernel)
         results, use = simulate(problems, options, sim, trace_path, err=io.StringIO(), ready=start_line)
     except BaseException:
         _start_line.abort()
