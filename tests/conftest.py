@@ -1,6 +1,9 @@
 """Chooses the Hypothesis profile and, without a GPU, the Triton interpreter (it must be set before any kernel is
-imported, because @triton.jit reads TRITON_INTERPRET when it decorates)."""
+imported, because @triton.jit reads TRITON_INTERPRET when it decorates). Also the fixtures several files share: a
+PostgreSQL server and a database per test (test_postgres.py, test_fleet_sim.py)."""
 import os
+import pathlib
+import subprocess
 
 import pytest
 import torch
@@ -65,3 +68,47 @@ def user_db(tmp_path, monkeypatch):
     dispatch.reload()
     yield path
     dispatch.reload()
+
+
+# -- a PostgreSQL server, and a database per test
+# The server: $TUNEBENCH_PG_URL if set (its user needs CREATEDB: each test gets a database of its own), else
+# ci/postgres.sh starts one on loopback for the session, installing Debian's postgresql if it is missing. Where that
+# cannot be done the tests skip, saying why; under CI (CI=true) they fail instead.
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the PostgreSQL tests, but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("the psycopg driver is not installed (pip install -e '.[test]')")
+    if os.environ.get("TUNEBENCH_PG_URL"):
+        yield os.environ["TUNEBENCH_PG_URL"]
+        return
+    started = subprocess.run(["bash", str(ROOT / "ci" / "postgres.sh"), "start"], capture_output=True, text=True,
+                             timeout=600)
+    if started.returncode == 3:
+        _unavailable(started.stderr.strip().splitlines()[-1])
+    assert started.returncode == 0, f"ci/postgres.sh start failed:\n{started.stderr}"
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+                   if line.startswith("export "))
+    try:
+        yield exports["TUNEBENCH_PG_URL"]
+    finally:
+        subprocess.run(["bash", str(ROOT / "ci" / "postgres.sh"), "stop", exports["TUNEBENCH_PG_DATA"]], timeout=120)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """An empty database of the test's own on the server (dropped after it)."""
+    from tunebench.tune.simulate import scratch_database
+    with scratch_database(pg_server) as url:
+        yield url

@@ -1,6 +1,8 @@
 """How many GPUs one parent loop keeps busy (issue 22): the real tuner loop, Optuna storage and results store, on a
 fleet of simulated workers that sleep 20 ms per trial (tunebench.tune.simulate). CPU only: the figures say what the
-parent's own work costs, nothing about a GPU."""
+parent's own work costs, nothing about a GPU. Also two such parents ("hosts") sharing each problem's study on a
+PostgreSQL server (conftest.py's pg_url: skipped where no server can be started, failed under CI)."""
+import collections
 import json
 import warnings
 
@@ -8,9 +10,9 @@ import pytest
 
 from tunebench.registry import config_key
 from tunebench.shapes import suite
-from tunebench.store import Store
+from tunebench.store import Store, resolve_url
 from tunebench.tune.options import TuneOptions
-from tunebench.tune.simulate import DEVICE_NAME, Simulation, simulate
+from tunebench.tune.simulate import DEVICE_NAME, Simulation, simulate, simulate_hosts, simulated_ms
 from tunebench.tune.study import open_storage
 
 WORKERS = 8
@@ -38,22 +40,27 @@ def fleet_run(tmp_path_factory):
 
 
 def test_no_trial_is_lost_or_run_twice(fleet_run):
-    from optuna.trial import TrialState
     options, results, use = fleet_run
     assert use.duplicates == 0, use.runs
     assert [r.problem for r in results] == problems() and all(r.written for r in results)
+    assert_each_config_ran_once(options, use.runs)
+
+
+def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]]) -> None:
+    """Every config the workers ran (``runs``: problem, config) is in the store once, as ok, and told once to its
+    problem's study; each problem's budget (options.trials) was met, not overrun; no trial is left RUNNING."""
+    from optuna.trial import TrialState
     with Store(options.db) as store:
         rows = {p.label(): store.trials(device=DEVICE_NAME, problem=p) for p in problems()}
     for label, trials in rows.items():
         evaluated = [t for t in trials if t.status != "pruned"]
-        # Every config the workers ran is in the store once, as ok; the budget was met, not overrun.
         assert all(t.status == "ok" for t in evaluated)
         assert sorted(config_key(t.config) for t in evaluated) == sorted(
-            config_key(json.loads(c)) for p, c in use.runs if p == label)
+            config_key(json.loads(c)) for p, c in runs if p == label)
         assert len({config_key(t.config) for t in evaluated}) == len(evaluated) == options.trials
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's experimental heartbeat
-        storage = open_storage(None, f"sqlite:///{options.db}")
+        storage = open_storage(options.storage, resolve_url(options.db))
     studies = storage.get_all_studies()
     assert len(studies) == 2
     for study in studies:
@@ -75,3 +82,29 @@ def test_the_runners_are_kept_above_the_floor(fleet_run):
 def test_eight_workers_are_kept_90_percent_busy(fleet_run):
     _, _, use = fleet_run
     assert use.mean_busy >= BUSY_GOAL, f"{use.mean_busy:.1%} busy: {use.busy}"
+
+
+HOSTS_BUDGET = 12
+
+
+def test_two_hosts_share_each_postgres_study(pg_url, tmp_path):
+    """Two parent processes ("hosts"), 2 simulated workers each, on one PostgreSQL database (studies and results),
+    started together: they share each problem's study and its budget, as `tunebench tune` on two hosts would."""
+    options = TuneOptions(interpret=True, db=pg_url, storage=pg_url, workers=2, trials=HOSTS_BUDGET)
+    hosts, use = simulate_hosts(2, problems(), options, Simulation((TRIAL_S,)), tmp_path)
+    assert set(use.busy) == {f"host{h}/run{w}" for h in range(2) for w in range(2)}
+    assert all(host.use.runs for host in hosts), f"a host ran no trial: {[len(h.use.runs) for h in hosts]}"
+    assert use.duplicates == 0, use.runs        # no config run twice, across the hosts
+    # The budget is shared, not one per host: each problem ran HOSTS_BUDGET trials in all; none lost.
+    assert collections.Counter(p for p, _ in use.runs) == {p.label(): HOSTS_BUDGET for p in problems()}
+    assert_each_config_ran_once(options, use.runs)
+    # Each host confirms each problem, and finds the same winner (the fastest config run, by either host: both
+    # waited for the other's trials), which one of them writes; the other finds it stored, no slower.
+    for i, problem in enumerate(problems()):
+        fastest = min((json.loads(c) for p, c in use.runs if p == problem.label()), key=simulated_ms)
+        assert [host.results[i].problem for host in hosts] == [problem, problem]
+        assert hosts[0].results[i].config == hosts[1].results[i].config == fastest
+        assert sum(host.results[i].written for host in hosts) == 1, [host.results[i] for host in hosts]
+    with Store(pg_url, readonly=True) as store:
+        assert sorted(w.problem.label() for w in store.winners(device_name=DEVICE_NAME)) == sorted(
+            p.label() for p in problems())

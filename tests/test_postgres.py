@@ -3,9 +3,7 @@ processes tune one study with one --storage and --db URL. Every trial is finishe
 shared (not one per process), the winner passes keep and close_enough, and a process killed mid-run (SIGKILL) is
 recovered from: its RUNNING trial goes stale, is failed by Optuna's heartbeat, and the others complete the study.
 
-The server: $TUNEBENCH_PG_URL if set (its user needs CREATEDB: each test gets a database of its own), else
-ci/postgres.sh starts one on loopback for the session, installing Debian's postgresql if it is missing. Where that
-cannot be done the tests skip, saying why; under CI (CI=true) they fail instead."""
+The server and a database per test: conftest.py's pg_server and pg_url fixtures."""
 import dataclasses
 import functools
 import os
@@ -14,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from datetime import datetime
 
 import pytest
@@ -38,53 +35,6 @@ LAUNCH = ("import os, sys; from tunebench import shapes; from tunebench.tune imp
           "shared.HOST = os.environ.get('PG_TEST_HOSTNAME', shared.HOST.rpartition(':')[0]) + ':' + str(os.getpid()); "
           "from tunebench.cli import main; sys.exit(main(sys.argv[1:]))")
 RUN_TIMEOUT_S = 300
-
-
-# -- the server and a database per test
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the PostgreSQL tests, but: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        _unavailable("the psycopg driver is not installed (pip install -e '.[test]')")
-    if os.environ.get("TUNEBENCH_PG_URL"):
-        yield os.environ["TUNEBENCH_PG_URL"]
-        return
-    started = subprocess.run(["bash", str(ROOT / "ci" / "postgres.sh"), "start"], capture_output=True, text=True,
-                             timeout=600)
-    if started.returncode == 3:
-        _unavailable(started.stderr.strip().splitlines()[-1])
-    assert started.returncode == 0, f"ci/postgres.sh start failed:\n{started.stderr}"
-    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
-                   if line.startswith("export "))
-    try:
-        yield exports["TUNEBENCH_PG_URL"]
-    finally:
-        subprocess.run(["bash", str(ROOT / "ci" / "postgres.sh"), "stop", exports["TUNEBENCH_PG_DATA"]], timeout=120)
-
-
-@pytest.fixture
-def pg_url(pg_server):
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-    name = f"tunebench_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(pg_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield make_url(pg_server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-        admin.dispose()
 
 
 # -- processes as hosts

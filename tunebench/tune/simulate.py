@@ -10,17 +10,28 @@ tune(..., fleet=...), with options.interpret set (the parent then needs no GPU).
 The worker imports neither torch nor triton: a simulated worker starts in a fraction of a second, so start-up does
 not hide the loop's own cost. Each simulated request writes a "simulated" span to $TUNEBENCH_TRACE (worker,
 request, problem, config), which ``utilisation`` reads.
+
+Several hosts (``simulate_hosts``): parent processes started together, each with its own simulated fleet, on one
+Optuna storage and results store (a PostgreSQL server: ``scratch_database`` gives each measurement an empty one), so
+that they share each problem's study and its budget, as `tunebench tune` processes on many hosts do.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import multiprocessing
 import os
 import random
 import signal
 import time
+import uuid
+import warnings
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from ..device import DeviceIdentity
 from .protocol import Compile, Identify, Outcome, Retime, Run, Setup
@@ -128,10 +139,11 @@ def read_trace(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def simulate(problems: list, options, sim: Simulation, trace_path, err=None) -> tuple[list, Utilisation]:
+def simulate(problems: list, options, sim: Simulation, trace_path, err=None,
+             ready: Callable[[], None] | None = None) -> tuple[list, Utilisation]:
     """Tunes ``problems`` with the real parent loop on a fleet of ``options.workers`` simulated runners (and
     ``options.compile_workers`` simulated compile workers), tracing to ``trace_path``; returns tune()'s results and
-    the runners' utilisation."""
+    the runners' utilisation. ``ready``: called once the fleet is up, before tuning (hosts wait for each other)."""
     from .pool import Fleet
     from .run import tune
     if not options.interpret:
@@ -139,5 +151,95 @@ def simulate(problems: list, options, sim: Simulation, trace_path, err=None) -> 
     with trace.writing_to(trace_path):
         fleet = Fleet(options, serve=sim)
         with fleet:
+            if ready is not None:
+                ready()
             results = tune(problems, options, fleet=fleet, err=err)
     return results, utilisation(read_trace(trace_path), [w.name for w in fleet.runners])
+
+
+# -- several hosts: parent processes sharing one storage
+
+
+@dataclass
+class HostRun:
+    """What one simulated host (a parent process and its fleet) did."""
+    results: list                   # its tune() results, one per problem
+    use: Utilisation                # its runners' utilisation (its own trace)
+    wall_s: float                   # from the start line (every host's fleet up) to its last result
+    cpu_s: float                    # the parent process's CPU time in that span (its workers' not counted)
+
+
+def simulate_hosts(hosts: int, problems: list, options, sim: Simulation, folder) -> tuple[list[HostRun], Utilisation]:
+    """Runs ``hosts`` parent processes at once, each simulate()-ing ``problems`` with its own fleet of
+    ``options.workers`` runners, on ``options.storage`` and ``options.db`` (one server for all: they share each
+    problem's study and budget). They start tuning together, once every fleet is up. Returns each host's run and the
+    whole fleet's utilisation from all their traces (``folder``/hostI.jsonl), its runners named hostI/runJ: its
+    ``runs`` are every host's, so its ``duplicates`` are configs run twice across hosts."""
+    if hosts > 1:
+        if options.storage is None:
+            raise ValueError("simulated hosts share their studies through one options.storage URL")
+        from ..store import Store
+        from .study import open_storage, quiet_optuna
+        # The tables: made here once, not raced for by the hosts at the start line.
+        with Store(options.db) as store, warnings.catch_warnings():
+            quiet_optuna()
+            open_storage(options.storage, store.url).engine.dispose()
+    paths = [folder / f"host{i}.jsonl" for i in range(hosts)]
+    spawn = multiprocessing.get_context("spawn")    # as a host's own process: nothing inherited from this one
+    with ProcessPoolExecutor(hosts, mp_context=spawn, initializer=_join_start_line,
+                             initargs=(spawn.Barrier(hosts),)) as pool:
+        runs = list(pool.map(run_host, [problems] * hosts, [options] * hosts, [sim] * hosts, paths))
+    events = [dict(e, worker=f"host{i}/{e['worker']}") if "worker" in e else e
+              for i, path in enumerate(paths) for e in read_trace(path)]
+    return runs, utilisation(events, [f"host{i}/{name}" for i, run in enumerate(runs) for name in run.use.busy])
+
+
+START_LINE_TIMEOUT_S = 300.0   # how long a host's fleet waits for the others' to be up
+_start_line = None  # a host process's barrier (set by _join_start_line: a Barrier passes only at process start)
+
+
+def _join_start_line(barrier) -> None:
+    global _start_line
+    _start_line = barrier
+
+
+def run_host(problems: list, options, sim: Simulation, trace_path) -> HostRun:
+    """One host, in a process of simulate_hosts' pool: waits at the start line once its fleet is up and its kernels
+    are imported (as tune() would import them: seconds of triton that would otherwise stagger the hosts' starts). A
+    host that fails breaks the line, so that the others do not wait for it."""
+    from ..registry import kernel_module
+    from .run import interpreting
+    started = []
+
+    def start_line() -> None:
+        _start_line.wait(START_LINE_TIMEOUT_S)
+        started.extend((time.perf_counter(), time.process_time()))
+
+    try:
+        with interpreting(options.interpret):
+            for kernel in {p.kernel for p in problems}:
+                kernel_module(kernel)
+        results, use = simulate(problems, options, sim, trace_path, err=io.StringIO(), ready=start_line)
+    except BaseException:
+        _start_line.abort()
+        raise
+    return HostRun(results, use, time.perf_counter() - started[0], time.process_time() - started[1])
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str):
+    """A new, empty database on the PostgreSQL server of ``server_url`` (its user needs CREATEDB), dropped after the
+    block; yields its URL. Each measured run (or test) then starts with no study and no stored trial, rather than
+    finding the last one's studies finished."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    name = f"tunebench_scratch_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.dispose()
