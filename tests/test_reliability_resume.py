@@ -62,17 +62,22 @@ def left_running(path: pathlib.Path) -> list[tuple[str, int]]:
     return [(name, t.number) for name, t in all_trials(path) or [] if t.state.name == "RUNNING"]
 
 
-def children(pid: int) -> list[int]:
-    kids = []
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid``: its workers are children of its forkserver (tunebench.tune.startup), or its own."""
+    parents = {}
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -118,7 +123,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
         assert run.poll() is None, f"the run ended before it could be killed: {run.stderr.read()}"
         assert time.monotonic() < deadline, "no trial finished in 300 s"
         time.sleep(0.02)
-    workers = children(run.pid)
+    workers = descendants(run.pid)
     run.send_signal(signal.SIGKILL)
     run.wait()
     run.stderr.close()

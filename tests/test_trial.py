@@ -129,15 +129,15 @@ def test_one_throughput_per_problem_kind():
 
 
 def test_a_worker_that_cannot_start_raises_its_own_error_and_the_fleet_stops_the_rest(monkeypatch):
-    # The second process fails to spawn: the caller must see that error (not an AssertionError from closing a
-    # process that never started), and the process already started must be stopped.
-    import multiprocessing.context
+    # The second process fails to start (forked or spawned): the caller must see that error (not an AssertionError
+    # from closing a process that never started), and the process already started must be stopped.
+    import multiprocessing.process
 
     from tunebench.tune.options import TuneOptions
     from tunebench.tune.pool import Fleet
 
     started = []
-    real_start = multiprocessing.context.SpawnProcess.start
+    real_start = multiprocessing.process.BaseProcess.start
 
     def start_once(process):
         if started:
@@ -145,7 +145,7 @@ def test_a_worker_that_cannot_start_raises_its_own_error_and_the_fleet_stops_the
         real_start(process)
         started.append(process)
 
-    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_once)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_once)
     with pytest.raises(OSError, match="planted: cannot spawn"):
         with Fleet(TuneOptions(interpret=True, workers=2)):
             pass

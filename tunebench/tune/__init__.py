@@ -3,7 +3,8 @@
 The modules, in the order data flows through them:
 - protocol: the requests the parent sends a worker process and what comes back (both sides import it);
 - worker: in the worker process, compile -> check -> time (timing: how a launch is timed; serving: its request loop);
-- pool: the parent's handles on the workers (Worker) and the run's set of them (Fleet);
+- pool: the parent's handles on the workers (Worker) and the run's set of them (Fleet); startup: how a worker
+  process starts (forked from a forkserver that imported torch and triton once, or spawned) and its environment;
 - study: Optuna's storage, studies and samplers; SPACE becomes suggestions in exactly one place;
 - shared: one problem's study as every process sharing it sees it (SharedStudy), and the trial records;
 - enqueue: DEFAULT and the grid in Optuna's queue; search: one problem's search loop (Search);

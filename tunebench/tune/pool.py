@@ -2,13 +2,13 @@
 and kills and replaces it when it hangs or dies; Fleet is the run's set of them and the one loop that waits on their
 replies. The work itself runs in tunebench.tune.worker, in the worker process.
 
-Nothing here imports torch: `tunebench tune` spawns its workers before it imports torch itself (2-3 s), so that
-they start while it opens its databases.
+Nothing here imports torch: `tunebench tune` starts its workers before it imports torch itself (2-3 s), so that
+they start while it opens its databases. How a process is started (forked from a forkserver that has imported torch,
+or spawned) is tunebench.tune.startup's.
 """
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import time
@@ -16,7 +16,7 @@ from multiprocessing.connection import wait as wait_for_connections
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from .protocol import Event, Identify, Setup
-from . import trace
+from . import startup, trace
 
 if TYPE_CHECKING:
     from .options import TuneOptions
@@ -56,10 +56,12 @@ class Worker:
         return self.phase is not None
 
     def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = startup.context(self.interpret)
         conn, child = ctx.Pipe()
-        process = ctx.Process(target=self.serve, name=f"tunebench-{self.name}", daemon=True,
-                              args=(child, self.role, self.interpret, self.visible_device, self.threads, self.name))
+        environ = startup.child_environment(self.interpret, self.visible_device)
+        process = ctx.Process(target=startup.enter, name=f"tunebench-{self.name}", daemon=True,
+                              args=(environ, self.serve, child, self.role, self.interpret, self.visible_device,
+                                    self.threads, self.name))
         try:
             process.start()
         except BaseException:
@@ -71,7 +73,7 @@ class Worker:
         self.loaded = None  # a fresh process has no problem set up
         self.exiting = False
         self.ready = False
-        trace.event("spawn", worker=self.name)
+        trace.event("spawn", worker=self.name, method=ctx.get_start_method())
 
     def await_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         try:
@@ -79,6 +81,11 @@ class Worker:
             reply = self.conn.recv() if ready else None
         except (EOFError, OSError):
             reply = None
+        if reply is not None and reply[0] == startup.WRONG_TRITON:  # a forkserver that cannot serve this worker
+            self._stop()
+            startup.refuse_forkserver(self.interpret, reply[1])
+            self.start()
+            return self.await_ready(timeout)
         if reply is None or reply[0] != "ready":
             code = self._stop()
             raise RuntimeError(f"the {self.name} worker process did not start ({describe_exit(code)})")
@@ -200,7 +207,7 @@ def describe_exit(code: int | None) -> str:
 
 
 def _serve(*args) -> None:
-    """The spawned process's entry point: the worker's side (and torch) is imported there, not in the parent."""
+    """The worker process's entry point: the worker's side (and triton) is imported there, not in the parent."""
     from .worker import worker_main
     worker_main(*args)
 
@@ -264,8 +271,9 @@ class Fleet:
 
     @contextlib.contextmanager
     def starting(self):
-        """The fleet with its processes spawned, not yet awaited: they import torch and triton while the caller does
-        other work, then call ``await_ready``. Closed on leaving."""
+        """The fleet with its processes started, not yet awaited: they start (torch and triton imported, or forked
+        from a forkserver that imported them) while the caller does other work, then call ``await_ready``. Closed on
+        leaving."""
         try:
             self.start()
             yield self

@@ -5,7 +5,6 @@ while the last one's finalists are re-timed in the background.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import warnings
 
@@ -16,6 +15,7 @@ from .options import TuneOptions
 from .pool import Fleet, require_gpu
 from .progress import Progress
 from .search import Search
+from .startup import interpreting
 from .study import check_storage, describe_storage, open_storage, quiet_optuna
 from . import timing, trace
 
@@ -104,18 +104,3 @@ def schedule(problems: list[Problem]) -> list[Problem]:
     problem's search, but nothing overlaps the last problem's re-timing, so that one should be short: a paged decode
     problem's (graph replays) can hold every GPU for several seconds, where a flash problem's takes about one."""
     return sorted(problems, key=lambda p: -timing.typical_s(p.paged))
-
-
-@contextlib.contextmanager
-def interpreting(interpret: bool):
-    """TRITON_INTERPRET as the workers will have it, while tuning: keep() reads it (no TMA under the interpreter), and
-    the parent must prune exactly what the workers could not run."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before

@@ -19,9 +19,10 @@ _process_line = True    # the first event is preceded by the process's start tim
 
 def in_worker() -> None:
     """This process is a worker of the run: its events join the parent's file (appended a line at a time) without a
-    start-of-process line of their own."""
-    global _process_line
-    _process_line = False
+    start-of-process line of their own. The file is the one $TUNEBENCH_TRACE names now: a worker forked from a
+    forkserver may hold this module as imported there, before the parent set it."""
+    global _process_line, _path, _file
+    _process_line, _path, _file = False, os.environ.get("TUNEBENCH_TRACE") or None, None
 
 
 def event(kind: str, **fields) -> None:

@@ -1,7 +1,7 @@
 """A trial runs in a worker process of its own: compile -> check -> time.
 
 Why a process: an illegal memory access poisons a CUDA context for good, and a kernel can hang. So the parent (the
-tuner) never launches a kernel; it sends requests to spawned workers (tunebench.tune.pool: Worker), waits with a
+tuner) never launches a kernel; it sends requests to worker processes (tunebench.tune.pool: Worker), waits with a
 deadline, and kills and respawns a worker that hangs, dies, or reports that its CUDA context is gone. The study goes
 on. This module is the worker's side.
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import multiprocessing
 import os
 import signal
 import threading
-import time
 
 import torch
 import triton
@@ -241,13 +241,11 @@ def _warm_kernel(x_ptr):
 
 
 def worker_main(conn, role: str, interpret: bool, visible_device: str | None, threads: int, name: str = "") -> None:
-    """Entry point of a spawned worker: set the environment before any kernel module is imported, then serve."""
+    """Entry point of a worker process, whose environment (TRITON_INTERPRET, CUDA_VISIBLE_DEVICES: ``interpret`` and
+    ``visible_device``) was set before this module and triton were imported (tunebench.tune.startup.enter)."""
     trace.in_worker()
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    if visible_device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_device
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes the workers
-    _exit_with_parent(os.getppid())
+    _exit_with_parent()
     torch.set_num_threads(max(1, threads))
     state = _WorkerState(role, interpret)
     if not reply(conn, ("ready", os.getpid())):
@@ -258,12 +256,16 @@ def worker_main(conn, role: str, interpret: bool, visible_device: str | None, th
     serve_requests(conn, state.handle)
 
 
-def _exit_with_parent(parent: int) -> None:
+def _exit_with_parent() -> None:
     """A worker whose parent was killed (kill -9) exits too, even from inside a hung kernel, instead of holding the
-    GPU as an orphan."""
+    GPU as an orphan. The parent is the process that started this one (its end of the start-up pipe closes as it
+    dies), not os.getppid(): a forkserver's child has the forkserver for its Unix parent."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # called in a process of its own (a test): nothing to watch
+        return
+
     def watch():
-        while os.getppid() == parent:
-            time.sleep(2.0)
+        parent.join()
         os._exit(4)
 
     threading.Thread(target=watch, name="tunebench-parent-watch", daemon=True).start()
