@@ -55,17 +55,20 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one)))
         return
-    print(f"real --interpret workers, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
-          f"median of {args.repeat} fresh processes")
+    methods = args.methods.split(",")
+    print(f"real --interpret workers, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), median of "
+          f"{args.repeat} fresh processes per figure, the methods interleaved")
     print(f"{'method':>10} {'workers':>7} {'ready s':>8} {'respawn s':>9}   (each run: ready / respawn)")
-    for method in args.methods.split(","):
-        for n in [int(x) for x in args.workers.split(",")]:
-            runs = [in_fresh_process(n, method) for _ in range(args.repeat)]
-            ready = statistics.median(r["ready_s"] for r in runs)
-            respawn = statistics.median(r["respawn_s"] for r in runs)
-            each = " ".join(f"{r['ready_s']:.2f}/{r['respawn_s']:.2f}" for r in runs)
-            print(f"{method:>10} {n:7d} {ready:8.2f} {respawn:9.2f}   {each}", flush=True)
-
+    for n in [int(x) for x in args.workers.split(",")]:
+        runs = {m: [] for m in methods}
+        for _ in range(args.repeat):  # interleaved: a machine whose load changes affects every method alike
+            for m in methods:
+                runs[m].append(in_fresh_process(n, m))
+        for m in methods:
+            ready = statistics.median(r["ready_s"] for r in runs[m])
+            respawn = statistics.median(r["respawn_s"] for r in runs[m])
+            each = " ".join(f"{r['ready_s']:.2f}/{r['respawn_s']:.2f}" for r in runs[m])
+            print(f"{m:>10} {n:7d} {ready:8.2f} {respawn:9.2f}   {each}", flush=True)
 
 if __name__ == "__main__":
     main()

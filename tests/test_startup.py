@@ -165,3 +165,15 @@ def test_the_start_method_can_be_chosen(monkeypatch, value, expected):
     monkeypatch.setenv(startup.START_METHOD, "fork")
     with pytest.raises(ValueError, match="spawn or forkserver"):
         startup.method(True)
+
+
+def test_a_simulated_worker_is_spawned():
+    # It imports no torch: a forkserver would import torch for nothing while the parent's loop is measured.
+    from tunebench.tune.simulate import Simulation
+    worker = Worker("run", True, serve=Simulation())
+    try:
+        worker.start()
+        worker.await_ready()
+        assert type(worker.process).__name__ == "SpawnProcess"
+    finally:
+        worker.close()

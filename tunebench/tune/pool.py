@@ -36,7 +36,8 @@ class Worker:
     def __init__(self, role: str, interpret: bool, visible_device: str | None = None, threads: int = 1,
                  setup_timeout: float = 600.0, name: str = "", serve: Callable[..., None] | None = None):
         self.role, self.interpret, self.visible_device = role, interpret, visible_device
-        # The process's entry point: the real worker, or a simulated one (tunebench.tune.simulate); picklable.
+        # The process's entry point: the real worker, or a simulated one (tunebench.tune.simulate); picklable. One
+        # whose ``imports_torch`` is False is spawned (tunebench.tune.startup.context).
         self.serve = serve or _serve
         self.threads, self.setup_timeout = threads, setup_timeout
         self.name = name or role
@@ -56,7 +57,7 @@ class Worker:
         return self.phase is not None
 
     def start(self) -> None:
-        ctx = startup.context(self.interpret)
+        ctx = startup.context(self.interpret, imports_torch=getattr(self.serve, "imports_torch", True))
         conn, child = ctx.Pipe()
         environ = startup.child_environment(self.interpret, self.visible_device)
         process = ctx.Process(target=startup.enter, name=f"tunebench-{self.name}", daemon=True,

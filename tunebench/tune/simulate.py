@@ -47,6 +47,7 @@ class Simulation:
     durations_s: tuple[float, ...] = (0.02,)   # a trial's duration is drawn from these
     seed: int = 0
     setup_s: float = 0.0                        # building a problem's inputs and references
+    imports_torch = False                       # so it is spawned: a forkserver would import torch for nothing
 
     def __post_init__(self):
         if not self.durations_s or any(not d >= 0 for d in self.durations_s):

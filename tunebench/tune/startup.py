@@ -40,9 +40,11 @@ def method(interpret: bool) -> str:
     return chosen or ("forkserver" if sys.platform.startswith("linux") else "spawn")
 
 
-def context(interpret: bool) -> multiprocessing.context.BaseContext:
-    """The context to start a worker of this kind with; a forkserver is running when it is forkserver's."""
-    ctx = multiprocessing.get_context(method(interpret))
+def context(interpret: bool, imports_torch: bool = True) -> multiprocessing.context.BaseContext:
+    """The context to start a worker of this kind with; a forkserver is running when it is forkserver's. An entry
+    point that imports no torch (a simulated worker) is spawned: it starts in a fraction of a second, and a forkserver
+    would import torch for nothing."""
+    ctx = multiprocessing.get_context(method(interpret) if imports_torch else "spawn")
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver  # not on Windows
         ctx.set_forkserver_preload(PRELOAD)
