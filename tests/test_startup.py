@@ -90,15 +90,16 @@ def test_the_forkserver_serves_its_own_kind_and_the_other_kind_is_spawned():
     assert list(result["refused"]) == ["False"] and "interpreter on" in result["refused"]["False"]
 
 
-def test_a_forkserver_child_with_the_other_triton_says_so(monkeypatch):
+def test_a_forkserver_child_with_the_other_triton_or_tunebench_says_so(monkeypatch):
     # What enter() checks in the child, in this process: its triton (interpreting or not, as conftest chose) against
-    # TRITON_INTERPRET.
+    # TRITON_INTERPRET, and its tunebench against the parent's.
     import triton
     interpreting = triton.knobs.runtime.interpret
     monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreting else "0")
-    assert startup.triton_preloaded_otherwise() == ""
+    assert startup.preloaded_otherwise(startup.PACKAGE) == ""
+    assert "parent runs /elsewhere/tunebench" in startup.preloaded_otherwise("/elsewhere/tunebench")
     monkeypatch.setenv("TRITON_INTERPRET", "0" if interpreting else "1")
-    assert "this worker needs it" in startup.triton_preloaded_otherwise()
+    assert "this worker needs it" in startup.preloaded_otherwise(startup.PACKAGE)
 
 
 NO_CUDA_IMPORT = """

@@ -61,8 +61,8 @@ class Worker:
         conn, child = ctx.Pipe()
         environ = startup.child_environment(self.interpret, self.visible_device)
         process = ctx.Process(target=startup.enter, name=f"tunebench-{self.name}", daemon=True,
-                              args=(environ, self.serve, child, self.role, self.interpret, self.visible_device,
-                                    self.threads, self.name))
+                              args=(environ, startup.PACKAGE, self.serve, child, self.role, self.interpret,
+                                    self.visible_device, self.threads, self.name))
         try:
             process.start()
         except BaseException:
@@ -82,7 +82,7 @@ class Worker:
             reply = self.conn.recv() if ready else None
         except (EOFError, OSError):
             reply = None
-        if reply is not None and reply[0] == startup.WRONG_TRITON:  # a forkserver that cannot serve this worker
+        if reply is not None and reply[0] == startup.UNFIT:  # a forkserver that cannot serve this worker
             self._stop()
             startup.refuse_forkserver(self.interpret, reply[1])
             self.start()

@@ -12,6 +12,9 @@ as its own before it imports anything of its own (enter). Of what the forkserver
   as the first fleet's workers will have it (context). A child forked from a forkserver whose triton is the other
   kind (a fleet of the other kind in the same process, or a forkserver that someone else started) says so instead of
   "ready", and the parent starts that kind of worker spawned from then on (Worker.await_ready).
+- The forkserver finds tunebench on a fresh interpreter's sys.path, which is not always the parent's (`python
+  bench/x.py` run from a checkout other than the installed one: the forkserver's has the current folder, the
+  parent's the script's): a child whose tunebench is not its parent's says so too, and is spawned.
 - multiprocessing has one forkserver per process, with the environment it was started with: each child is handed
   its parent's environment as of its own start, as a spawned child inherits it.
 """
@@ -24,7 +27,8 @@ import sys
 
 START_METHOD = "TUNEBENCH_START_METHOD"     # "spawn" or "forkserver": overrides the choice below
 PRELOAD = ["torch", "triton.language", "tunebench.tune.worker"]
-WRONG_TRITON = "wrong_triton"               # a child's first reply, in place of "ready"
+UNFIT = "unfit"                             # a child's first reply in place of "ready": its preload cannot serve it
+PACKAGE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))     # this process's tunebench
 
 _refused: dict[bool, str] = {}              # interpret -> why a forkserver child of that kind could not serve
 
@@ -67,21 +71,23 @@ def child_environment(interpret: bool, visible_device: str | None) -> dict[str, 
     return environ
 
 
-def enter(environ: dict[str, str], serve, conn, *args) -> None:
+def enter(environ: dict[str, str], package: str, serve, conn, *args) -> None:
     """The child's entry point: takes ``environ`` as its environment before it imports anything of its own, then
-    serves (``serve(conn, *args)``: the real worker or a simulated one)."""
+    serves (``serve(conn, *args)``: the real worker or a simulated one). ``package``: the parent's PACKAGE."""
     os.environ.clear()
     os.environ.update(environ)
-    wrong = triton_preloaded_otherwise()
-    if wrong:
-        conn.send((WRONG_TRITON, wrong))
+    unfit = preloaded_otherwise(package)
+    if unfit:
+        conn.send((UNFIT, unfit))
         return
     serve(conn, *args)
 
 
-def triton_preloaded_otherwise() -> str:
-    """Why the triton this process holds cannot serve its TRITON_INTERPRET: '' when it can, or triton is not imported
-    yet; else it was imported before the fork under the other value."""
+def preloaded_otherwise(package: str) -> str:
+    """Why what this process imported before the fork cannot serve it ('' when it can): a tunebench other than the
+    parent's (``package``), or a triton imported under the other TRITON_INTERPRET."""
+    if PACKAGE != package:
+        return f"the forkserver imported tunebench from {PACKAGE}; this worker's parent runs {package}"
     tl = sys.modules.get("triton.language")
     if tl is None:
         return ""
