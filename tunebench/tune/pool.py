@@ -42,6 +42,7 @@ class Worker:
         self.threads, self.setup_timeout = threads, setup_timeout
         self.name = name or role
         self.process = None
+        self.method = ""                    # how its process was started: "forkserver" or "spawn"
         self.conn = None
         self.loaded: tuple | None = None
         self.request = None
@@ -70,11 +71,11 @@ class Worker:
             raise
         finally:
             child.close()
-        self.process, self.conn = process, conn
+        self.process, self.conn, self.method = process, conn, ctx.get_start_method()
         self.loaded = None  # a fresh process has no problem set up
         self.exiting = False
         self.ready = False
-        trace.event("spawn", worker=self.name, method=ctx.get_start_method())
+        trace.event("spawn", worker=self.name, method=self.method)
 
     def await_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         try:
@@ -82,7 +83,7 @@ class Worker:
             reply = self.conn.recv() if ready else None
         except (EOFError, OSError):
             reply = None
-        if reply is not None and reply[0] == startup.UNFIT:  # a forkserver that cannot serve this worker
+        if reply is not None and reply[0] == startup.UNFIT and self.method == "forkserver":  # spawn it instead
             self._stop()
             startup.refuse_forkserver(self.interpret, reply[1])
             self.start()
