@@ -30,9 +30,13 @@ BUDGET = 8
 HEARTBEAT_S, GRACE_S = 1, 8
 # A `tunebench tune` process tuning PROBLEM alone: a suite of one problem is registered before the CLI parses. With
 # $PG_TEST_HOSTNAME it names itself as a process of that host in the trials it holds, as one on another host would.
-LAUNCH = ("import os, sys; from tunebench import shapes; from tunebench.tune import shared; "
+# With $PG_TEST_SLOW_S it waits that long after each verdict it records: a process whose workers start from a
+# forkserver can run its whole share between two looks of a test that must catch it holding a trial.
+LAUNCH = ("import os, sys, time; from tunebench import shapes; from tunebench.tune import shared; "
           f"shapes.SUITES['pg-test'] = lambda: [shapes.{PROBLEM!r}]; "
           "shared.HOST = os.environ.get('PG_TEST_HOSTNAME', shared.HOST.rpartition(':')[0]) + ':' + str(os.getpid()); "
+          "slow, record = float(os.environ.get('PG_TEST_SLOW_S', 0)), shared.SharedStudy.record; "
+          "shared.SharedStudy.record = lambda self, *a: (record(self, *a), time.sleep(slow))[0]; "
           "from tunebench.cli import main; sys.exit(main(sys.argv[1:]))")
 RUN_TIMEOUT_S = 300
 
@@ -40,9 +44,10 @@ RUN_TIMEOUT_S = 300
 # -- processes as hosts
 
 
-def start_host(url: str, log: pathlib.Path, hostname: str | None = None) -> subprocess.Popen:
+def start_host(url: str, log: pathlib.Path, hostname: str | None = None, slow_s: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "TUNEBENCH_HEARTBEAT_S": str(HEARTBEAT_S), "TUNEBENCH_GRACE_S": str(GRACE_S),
-           "PYTHONUNBUFFERED": "1", **({"PG_TEST_HOSTNAME": hostname} if hostname else {})}
+           "PYTHONUNBUFFERED": "1", "PG_TEST_SLOW_S": str(slow_s),
+           **({"PG_TEST_HOSTNAME": hostname} if hostname else {})}
     args = [sys.executable, "-c", LAUNCH, "tune", "--interpret", "--suite", "pg-test", "--trials", str(BUDGET),
             "--storage", url, "--db", url]
     with open(log, "w") as out:
@@ -194,7 +199,7 @@ def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, devi
 def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device):
     # The victim names another host, so its death can be learnt only from its heartbeat, as across machines.
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
-    victim, survivor = start_host(pg_url, logs[0], hostname="elsewhere"), start_host(pg_url, logs[1])
+    victim, survivor = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5), start_host(pg_url, logs[1])
     held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0])
     workers = child_pids(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
