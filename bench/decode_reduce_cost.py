@@ -86,9 +86,10 @@ def checked_call(module, inputs, reference, config: dict):
     import torch
     out = torch.full_like(inputs.q, math.nan)
     args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_tables, inputs.context_lens)
+    scales = {} if inputs.k_scale is None else {"k_scale": inputs.k_scale, "v_scale": inputs.v_scale}   # fp8 cache
 
     def call():
-        return module.launch(*args, config=config, out=out)
+        return module.launch(*args, config=config, out=out, **scales)
     call()
     verdict = reference.check(out)
     if not verdict.ok:

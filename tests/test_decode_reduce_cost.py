@@ -20,6 +20,7 @@ MODULE = kernel_module("paged_attention")
 SPLIT = dict(MODULE.DEFAULT, BLOCK_N=16, PARTITION=32)             # several partitions on the small problems
 # Small for the interpreter: 64 tokens addressed, so PARTITION 32 gives 2 partitions (a ragged sequence may use 1).
 UNIFORM = Problem("paged_attention", 2, 2, 1, 1, 64, 16, "float16", page=16)
+FP8 = Problem("paged_attention", 2, 2, 1, 1, 64, 16, "float16", page=16, kv_dtype="float8_e4m3fn")
 RAGGED = ragged.ragged_decode(B=3, Hq=2, Hkv=1, D=16, dtype="float16", page=16, mean=30, max_len=64, min_len=1)
 
 
@@ -42,7 +43,7 @@ def test_split_variants_split_the_context_or_say_why_not():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("problem", [UNIFORM, RAGGED], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("problem", [UNIFORM, RAGGED, FP8], ids=["uniform", "ragged", "fp8"])
 def test_the_recorded_launches_replayed_alone_give_the_calls_output(problem, device):
     inputs, reference = build_inputs(problem, device, 0)
     call = script.checked_call(MODULE, inputs, reference, SPLIT)
@@ -76,14 +77,32 @@ def test_a_wrong_config_is_refused_before_it_is_timed():
         script.checked_call(MODULE, inputs, reference, SPLIT)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("index", [0, 3, 4], ids=["B64x4k", "B1x32k", "ragged"])
-def test_reduce_cost_on_headline_decode_shapes(index):
+def headline_decode(which: str):
+    """A decode problem of the headline suite as the script runs it, picked by what it is, not by its place (the
+    suite grew fp8 rows)."""
     from tunebench.commands.bench import bench_problems
-    problem = bench_problems("headline", None, ["paged_attention"])[index]
+    pick = {"B64x4k": lambda p: (p.B, p.Nk, p.kv_dtype) == (64, 4096, None),
+            "B1x32k": lambda p: (p.B, p.Nk, p.kv_dtype) == (1, 32768, None),
+            "ragged": lambda p: isinstance(p, ragged.RaggedDecode),
+            "fp8": lambda p: p.kv_dtype is not None}[which]
+    return next(p for p in bench_problems("headline", None, ["paged_attention"]) if pick(p))
+
+
+def test_the_gpu_tests_headline_shapes_are_four_different_decode_problems():
+    picked = [headline_decode(w) for w in ("B64x4k", "B1x32k", "ragged", "fp8")]
+    assert len({p.label() for p in picked}) == 4 and all(p.kernel == "paged_attention" for p in picked)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["B64x4k", "B1x32k", "ragged", "fp8"])
+def test_reduce_cost_on_headline_decode_shapes(which):
+    # Every variant is checked against float64 before it is timed (measure_shape); the times' relations are the
+    # bench's to report (BENCHMARKS.md), not asserted here: 8 test processes share the GPU while this runs.
+    problem = headline_decode(which)
     row = script.measure_shape(problem, device="cuda", graph=graph_bench, launches=gpu_bench)
-    assert row["no_split_graph_ms"] > 0 and row["no_split_launch_ms"] > 0
+    assert row["problem"] == problem.label() and row["no_split_graph_ms"] > 0 and row["no_split_launch_ms"] > 0
     if row["split_graph_ms"] is not None:
-        assert row["reduce_alone_ms"] > 0 and row["reduce_alone_ms"] < row["split_graph_ms"]
-        assert row["decode_alone_ms"] < row["split_graph_ms"] * 1.1
-        assert row["split_graph_ms"] <= row["split_launch_ms"] * 1.2
+        assert row["split_launch_ms"] > 0 and row["decode_alone_ms"] > 0 and row["partitions"] >= 2
+        assert row["split_gain"] == row["no_split_graph_ms"] / row["split_graph_ms"]
+        if row["reduce_alone_ms"] is not None:
+            assert row["reduce_alone_ms"] > 0 and row["reduce_share"] == row["reduce_alone_ms"] / row["split_graph_ms"]
