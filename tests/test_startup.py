@@ -77,8 +77,10 @@ print(json.dumps({"facts": out, "refused": {str(k): v for k, v in startup._refus
 @LINUX
 def test_the_forkserver_serves_its_own_kind_and_the_other_kind_is_spawned():
     # A fresh parent with the interpreter off in its environment: its first worker interprets, so its forkserver
-    # imports triton interpreting; a GPU worker cannot use that triton and is spawned; interpreting ones still fork.
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", startup.START_METHOD)}
+    # imports triton interpreting; a GPU worker (forked only when asked: $TUNEBENCH_START_METHOD) cannot use that
+    # triton, says so, and is spawned; interpreting ones still fork.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[startup.START_METHOD] = "forkserver"
     done = subprocess.run([sys.executable, "-P", "-c", FRESH_PARENT, str(TESTS)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -160,9 +162,9 @@ def test_the_start_method_can_be_chosen(monkeypatch, value, expected):
     monkeypatch.setenv(startup.START_METHOD, value)
     linux = sys.platform.startswith("linux")
     assert startup.method(True) == (expected or ("forkserver" if linux else "spawn"))
+    assert startup.method(False) == (expected or "spawn")         # GPU workers: forked only when asked, for now
     monkeypatch.setattr(startup, "_refused", {True: "planted"})
-    assert startup.method(True) == "spawn" and startup.method(False) == (expected or ("forkserver" if linux else
-                                                                                       "spawn"))
+    assert startup.method(True) == "spawn" and startup.method(False) == (expected or "spawn")
     monkeypatch.setenv(startup.START_METHOD, "fork")
     with pytest.raises(ValueError, match="spawn or forkserver"):
         startup.method(True)

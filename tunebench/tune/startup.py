@@ -34,14 +34,16 @@ _refused: dict[bool, str] = {}              # interpret -> why a forkserver chil
 
 
 def method(interpret: bool) -> str:
-    """forkserver on Linux (elsewhere, forking a process that has imported torch is not known to be safe), unless
-    $TUNEBENCH_START_METHOD or a refusal says otherwise."""
+    """forkserver for interpreted workers on Linux (elsewhere, forking a process that has imported torch is not known
+    to be safe), unless $TUNEBENCH_START_METHOD or a refusal says otherwise. A GPU worker is spawned unless
+    $TUNEBENCH_START_METHOD=forkserver: no forked worker has yet run a compiled kernel on a GPU here, and a CUDA
+    driver initialised before a fork fails in its children, so the default waits for a GPU run to show it works."""
     chosen = os.environ.get(START_METHOD, "")
     if chosen not in ("", "spawn", "forkserver"):
         raise ValueError(f"${START_METHOD} must be spawn or forkserver, got {chosen!r}")
     if interpret in _refused:
         return "spawn"
-    return chosen or ("forkserver" if sys.platform.startswith("linux") else "spawn")
+    return chosen or ("forkserver" if interpret and sys.platform.startswith("linux") else "spawn")
 
 
 def context(interpret: bool, imports_torch: bool = True) -> multiprocessing.context.BaseContext:
