@@ -70,6 +70,28 @@ def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]
         assert len(told) == options.trials and all(t.state == TrialState.COMPLETE for t in told)
 
 
+def test_tpes_random_start_is_queued_among_admitted_configs(fleet_run):
+    """The first tpe_startup trials of each study are queued configs (DEFAULT, then a draw by --seed among those
+    keep() admits): each is run, none is rejected or a repeat; TPE's own proposals follow."""
+    from tunebench.registry import kernel_module
+    from tunebench.tune.study import all_configs, tpe_startup
+    options, _, _ = fleet_run
+    storage = open_storage(options.storage, resolve_url(options.db))
+    module = kernel_module("flash_v2")
+    for study, problem in zip(storage.get_all_studies(), problems()):
+        trials = sorted(storage.get_all_trials(study._study_id), key=lambda t: t.number)
+        configs = all_configs(module.SPACE)
+        share = sum(module.keep(c, problem) is None for c in configs) / len(configs)
+        start = trials[:tpe_startup(options.trials, share)]
+        assert 2 < len(start) < tpe_startup(options.trials)     # ~40% of SPACE is admitted under the interpreter
+        assert all("fixed_params" in t.system_attrs for t in start)
+        assert start[0].params == module.DEFAULT
+        assert all(t.user_attrs["status"] == "ok" and "duplicate_of" not in t.user_attrs for t in start)
+        assert len({config_key(t.params) for t in start}) == len(start)
+        assert all(module.keep(t.params, problem) is None for t in start)
+        assert not any("fixed_params" in t.system_attrs for t in trials[len(start):])
+
+
 def test_the_runners_are_kept_above_the_floor(fleet_run):
     _, _, use = fleet_run
     assert set(use.busy) == {f"run{i}" for i in range(WORKERS)}

@@ -3,7 +3,9 @@
 DEFAULT always goes first, so every problem has a baseline and TPE a known-good start. With TPE the winners of the
 nearest buckets already tuned in the same family come next (neighbour_winners): the dispatcher transfers a config to an
 untuned bucket only where trials show it beat DEFAULT in each neighbouring bucket (runtime/transfer.py), and buckets
-tuned by TPE alone rarely time the same configs. --sampler grid queues every config of SPACE not yet in the study
+tuned by TPE alone rarely time the same configs. Then the rest of TPE's random start (random_start): configs keep()
+admits, drawn uniformly by --seed. TPE's own random start draws from all of SPACE, and about half its proposals were
+configs keep() rejects or repeats, each an ask, a tell and a store row, and each counted as a start trial. --sampler grid queues every config of SPACE not yet in the study
 (study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones too (they are told pruned when
 asked), up to the budget of admitted ones.
 """
@@ -39,20 +41,29 @@ def neighbour_winners(store, device_name: str, problem, identity: str, default: 
     return out
 
 
+def random_start(space: dict, default: dict, reasons: dict, seed: int) -> list[dict]:
+    """Configs keep() admits (``reasons``: config key -> reason or None), in the order of study.grid_order's shuffle
+    by ``seed``: a uniform draw among them, as TPE's random start is among all of SPACE. StudyQueue.fill takes as many
+    as the start leaves room for (``admit``), skipping those the study has seen."""
+    from .study import grid_order
+    return [c for c in grid_order(space, default, seed)[1:] if reasons.get(config_key(c), "") is None]
+
+
 class StudyQueue:
     def __init__(self, shared: SharedStudy, reasons: dict, budget: int, lookahead: Callable[[], int]):
         self.shared, self.reasons, self.budget, self.lookahead = shared, reasons, budget, lookahead
         self.unqueued: list[dict] = []          # configs still to queue (top_up)
         self.queued_ahead = 0                   # configs this run queued and has not asked for yet
 
-    def fill(self, order: list[dict], tpe: bool) -> int:
+    def fill(self, order: list[dict], tpe: bool, admit: int | None = None) -> int:
         """Lays out ``order`` (repeats, and configs evaluated, queued or run elsewhere, left out) for top_up to queue
-        as asks use the queue up; returns how many asks this run may make (``tpe``: room for the sampler's own)."""
+        as asks use the queue up, at most ``admit`` configs keep() admits, those already queued included (and no
+        more than the budget leaves); returns how many asks this run may make (``tpe``: room for the sampler's own)."""
         shared = self.shared
         waiting = shared.waiting()
         remaining = max(0, self.budget - shared.evaluated() - shared.live_elsewhere)
         fresh, seen_keys = [], set(shared.seen) | waiting | set(shared.elsewhere)
-        admitted_slots = remaining - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
+        admitted_slots = min(remaining, remaining if admit is None else admit) - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
             key = config_key(config)
             if key in seen_keys:

@@ -25,7 +25,7 @@ from .pool import CHOOSING_POLL_S, Fleet, Worker
 from .progress import Progress
 from .protocol import Compile, Event, Outcome, Run, Setup
 from .shared import Candidate, SharedStudy
-from .enqueue import StudyQueue, neighbour_winners
+from .enqueue import StudyQueue, neighbour_winners, random_start
 from .study import all_configs, grid_order, make_sampler, suggest_config, tpe_startup
 from . import trace
 
@@ -54,8 +54,9 @@ class Search:
         admitted = sum(1 for reason in self.reasons.values() if reason is None)
         limit = admitted if options.sampler == "grid" else DEFAULT_TRIALS
         self.budget = min(options.trials or limit, admitted)
+        self.admitted_share = admitted / len(self.reasons)
         self.shared = SharedStudy(problem, self.space, device, kernel_identity(problem.kernel), store, storage,
-                                  make_sampler(options, self.budget))
+                                  make_sampler(options, self.budget, self.admitted_share))
         self.shared.sync()
         trace.event("study_loaded")
         self.pending: list[Candidate] = []
@@ -77,16 +78,18 @@ class Search:
         # Without compile workers (--interpret, no spare core) still a config queued per runner, so that a runner
         # that finishes need not wait for an ask (1 simulated worker, 20 ms trials: 66-71% -> 89-95% busy).
         self.wide = len(fleet.runners) + max(len(fleet.compilers), len(fleet.runners))
-        self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
+        self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget, self.admitted_share)
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
-        grid = options.sampler == "grid"
+        grid, default = options.sampler == "grid", self.module.DEFAULT
         if grid:
-            order = grid_order(self.space, self.module.DEFAULT, options.seed)
+            order, admit = grid_order(self.space, default, options.seed), None
         else:
-            order = [self.module.DEFAULT] + neighbour_winners(store, device.name, problem, self.shared.hash,
-                                                              self.module.DEFAULT)
+            # TPE's random start queued: DEFAULT, the neighbours' winners, then admitted configs drawn by --seed
+            head = [default] + neighbour_winners(store, device.name, problem, self.shared.hash, default)
+            order = head + random_start(self.space, default, self.reasons, options.seed)
+            admit = max(len(head), self.startup - self.shared.evaluated())
         with trace.span("enqueue"):
-            self.ask_limit = self.queue.fill(order, tpe=not grid)
+            self.ask_limit = self.queue.fill(order, tpe=not grid, admit=admit)
         self.retries_counted = len(self.shared.retries)
 
     @property

@@ -251,19 +251,24 @@ def record_winner(study, winner: dict) -> None:
     study.set_user_attr("winner", winner)
 
 
-def make_sampler(options: "TuneOptions", budget: int):
+def make_sampler(options: "TuneOptions", budget: int, admitted_share: float = 1.0):
     import optuna
     if options.sampler == "grid":
         # Grid configs are enqueued explicitly (Search.enqueue), so this sampler only runs should the queue be
         # emptied by another process sharing the study.
         return seeded_per_trial(lambda seed: optuna.samplers.RandomSampler(seed=seed), options.seed)
     return seeded_per_trial(lambda seed: optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, constant_liar=True, n_startup_trials=tpe_startup(budget)), options.seed)
+        seed=seed, multivariate=True, constant_liar=True, n_startup_trials=tpe_startup(budget, admitted_share)),
+        options.seed)
 
 
-def tpe_startup(budget: int) -> int:
-    """TPE's random start: a third of the budget, 2 to 10 trials."""
-    return min(10, max(2, budget // 3))
+def tpe_startup(budget: int, admitted_share: float = 1.0) -> int:
+    """TPE's random start: a third of the budget, 2 to 10 trials, DEFAULT first. The start is queued, drawn among
+    the configs keep() admits (enqueue.random_start, ``admitted_share`` of SPACE), so it is as long as the start of
+    TPE's own draws over all of SPACE evaluated in expectation: DEFAULT and the admitted share of the rest (those
+    draws that keep() rejected counted as start trials too, and TPE then had more trials of its own)."""
+    start = min(10, max(2, budget // 3))
+    return 1 + max(1, round((start - 1) * admitted_share))
 
 
 def seeded_per_trial(make, seed: int):
