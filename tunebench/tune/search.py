@@ -26,7 +26,7 @@ from .progress import Progress
 from .protocol import Compile, Event, Outcome, Run, Setup
 from .shared import Candidate, SharedStudy
 from .enqueue import StudyQueue, neighbour_winners, random_start
-from .study import all_configs, grid_order, make_sampler, suggest_config, tpe_startup
+from .study import Avoid, all_configs, grid_order, make_sampler, suggest_config, tpe_startup
 from . import trace
 
 DEFAULT_TRIALS = 24
@@ -57,7 +57,8 @@ class Search:
         self.budget = min(options.trials or limit, admitted)
         self.admitted_share = admitted / len(self.reasons)
         self.shared = SharedStudy(problem, self.space, device, kernel_identity(problem.kernel), store, storage,
-                                  make_sampler(options, self.budget, self.admitted_share))
+                                  make_sampler(options, self.budget, self.admitted_share,
+                                               Avoid(self.space, self.refuses)))
         self.shared.sync()
         trace.event("study_loaded")
         self.pending: list[Candidate] = []
@@ -99,6 +100,14 @@ class Search:
         """How many asks this run may make: StudyQueue.fill's count, plus one for each retry queued since
         (retry_once: a process sharing the study died meanwhile; a grid search asks only for what is queued)."""
         return self.ask_limit + len(self.shared.retries) - self.retries_counted
+
+    def refuses(self, config: dict) -> bool:
+        """Whether TPE should not propose a config (study.Avoid): keep() rejects it, or it was evaluated, or it is
+        asked, running or being written here, or open elsewhere."""
+        key = config_key(config)
+        return (self.reasons.get(key, "") is not None or key in self.shared.seen or key in self.shared.elsewhere
+                or key in self.finishing or any(c.key == key for c in self.pending)
+                or any(c.key == key for c in self.running.values()))
 
     def reject_reason(self, config: dict) -> str | None:
         try:
