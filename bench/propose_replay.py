@@ -12,11 +12,12 @@ ways to make a whole landscape of it (--space):
 Per bucket, budget and seed, one search with the tuner's sampler (study.make_sampler, the same budget and --seed)
 runs sequentially, as Search does with one runner, a repeat told the earlier result, a rejected config told pruned,
 until the budget of evaluated configs or the tuner's ask limit. DEFAULT is queued first, then (the start):
-- ``own``: TPE's own random start, tpe_startup(budget) trials drawn over all of SPACE (the tuner before the start
-  was queued);
-- ``queued-full``: configs drawn by random_start among the admitted ones, to tpe_startup(budget);
-- ``queued``: the same, to tpe_startup(budget, admitted share), as long as ``own``'s evaluated start in expectation
-  (the tuner now).
+- ``own``: TPE's own random start, tpe_startup(budget) trials drawn over all of SPACE, then TPE (the tuner before
+  this replay was written);
+- ``queued``: configs drawn by random_start among the admitted ones, to tpe_startup(budget, admitted share): as long
+  as ``own``'s evaluated start in expectation; then TPE;
+- ``avoid``: that start, then TPE choosing among its samples those not evaluated nor rejected (study.Avoid: the
+  tuner now).
 It reports the best time found over the bucket's best (mean, worst), the share of searches within TOLERANCE and 1%
 of it, the evaluated configs, and the asks per evaluated config.
 
@@ -70,7 +71,7 @@ def whole(recorded: dict[str, float], module, problem, space: str) -> dict[str, 
     return out
 
 
-STARTS = ("own", "queued-full", "queued")
+STARTS = ("own", "queued", "avoid")
 
 
 def replay(landscape: dict[str, float | None], space: dict, default: dict, budget: int, seed: int,
@@ -82,16 +83,19 @@ def replay(landscape: dict[str, float | None], space: dict, default: dict, budge
     from tunebench.registry import config_key
     from tunebench.tune.enqueue import ASK_FACTOR, ASK_SLACK, random_start
     from tunebench.tune.options import TuneOptions
-    from tunebench.tune.study import make_sampler, suggest_config, tpe_startup
-    share = sum(ms is not None for ms in landscape.values()) / len(landscape) if start == "queued" else 1.0
-    study = optuna.create_study(sampler=make_sampler(TuneOptions(seed=seed), budget, share), direction="minimize")
+    from tunebench.tune.study import Avoid, make_sampler, suggest_config, tpe_startup
+    share = sum(ms is not None for ms in landscape.values()) / len(landscape) if start != "own" else 1.0
+    seen: dict[str, float | None] = {}
+    avoid = Avoid(space, lambda c: landscape.get(key := json.dumps(c, sort_keys=True)) is None or key in seen) \
+        if start == "avoid" else None
+    study = optuna.create_study(sampler=make_sampler(TuneOptions(seed=seed), budget, share, avoid),
+                                direction="minimize")
     queue = [default]
     if start != "own":
         reasons = {config_key(json.loads(key)): None if ms is not None else "rejected" for key, ms in landscape.items()}
         queue += random_start(space, default, reasons, seed)[:tpe_startup(budget, share) - 1]
     for config in queue:
         study.enqueue_trial(config)
-    seen: dict[str, float | None] = {}
     asks = 0
     while sum(v is not None for v in seen.values()) < budget and asks < ASK_FACTOR * budget + ASK_SLACK:
         trial = study.ask()
@@ -106,15 +110,16 @@ def replay(landscape: dict[str, float | None], space: dict, default: dict, budge
     return {"best": min(found), "asks": asks, "evaluated": len(found)}
 
 
-def compare(landscapes_: list[dict[str, float | None]], space: dict, default: dict, budget: int, seeds: int) -> dict:
+def compare(landscapes_: list[dict[str, float | None]], space: dict, default: dict, budget: int, seeds: range,
+            starts: tuple[str, ...] = STARTS) -> dict:
     """Per start (own, queued): the best found over each landscape's best (mean, worst), the hit rate within
     TOLERANCE, evaluated configs per search and asks per evaluated config, over every landscape x seed."""
     out = {}
-    for start in STARTS:
+    for start in starts:
         ratios, asks, evaluated = [], 0, 0
         for landscape in landscapes_:
             best = min(ms for ms in landscape.values() if ms is not None)
-            for seed in range(seeds):
+            for seed in seeds:
                 run = replay(landscape, space, default, budget, seed, start)
                 ratios.append(run["best"] / best)
                 asks += run["asks"]
@@ -133,7 +138,9 @@ def main() -> int:
     parser.add_argument("--kernel", default="flash_v2")
     parser.add_argument("--space", choices=("recorded", "imputed"), default="imputed")
     parser.add_argument("--budgets", default="8,12,24", help="evaluated configs per search, comma-separated")
-    parser.add_argument("--seeds", type=int, default=20, help="searches per bucket and start (seeds 0..N-1)")
+    parser.add_argument("--seeds", type=int, default=20, help="searches per bucket and start")
+    parser.add_argument("--first-seed", type=int, default=0, help="their seeds: FIRST..FIRST+SEEDS-1")
+    parser.add_argument("--starts", default=",".join(STARTS), help=f"comma-separated, of {', '.join(STARTS)}")
     parser.add_argument("--min-configs", type=int, default=MIN_CONFIGS)
     args = parser.parse_args()
     import optuna
@@ -147,11 +154,13 @@ def main() -> int:
     found = [whole(ms, module, problem, args.space) for (_, _, problem), ms in
              landscapes(args.db, args.kernel, args.min_configs).items() if default in ms]
     print(f"{len(found)} buckets of {args.kernel} with >= {args.min_configs} ok configs and DEFAULT, "
-          f"--space {args.space}, {args.seeds} seeds each")
+          f"--space {args.space}, seeds {args.first_seed}-{args.first_seed + args.seeds - 1}")
     print("| budget | start | best / bucket best (mean) | worst | within 3% | within 1% | evaluated | asks / evaluated |")
     print("|---|---|---|---|---|---|---|---|")
     for budget in (int(b) for b in args.budgets.split(",")):
-        for start, r in compare(found, module.SPACE, module.DEFAULT, budget, args.seeds).items():
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        for start, r in compare(found, module.SPACE, module.DEFAULT, budget, seeds,
+                                tuple(args.starts.split(","))).items():
             print(f"| {budget} | {start} | {r['mean']:.4f} | {r['worst']:.3f} | {r['hits']:.1%} | "
                   f"{r['hits_1']:.1%} | {r['evaluated']:.1f} | {r['asks_per_eval']:.2f} |")
     return 0
