@@ -54,6 +54,7 @@ class StudyQueue:
         self.shared, self.reasons, self.budget, self.lookahead = shared, reasons, budget, lookahead
         self.unqueued: list[dict] = []          # configs still to queue (top_up)
         self.queued_ahead = 0                   # configs this run queued and has not asked for yet
+        self.spare: list[dict] = []             # admitted configs of fill's order past ``admit`` (push_spare)
 
     def fill(self, order: list[dict], tpe: bool, admit: int | None = None) -> int:
         """Lays out ``order`` (repeats, and configs evaluated, queued or run elsewhere, left out) for top_up to queue
@@ -63,7 +64,8 @@ class StudyQueue:
         waiting = shared.waiting()
         remaining = max(0, self.budget - shared.evaluated() - shared.live_elsewhere)
         fresh, seen_keys = [], set(shared.seen) | waiting | set(shared.elsewhere)
-        admitted_slots = min(remaining, remaining if admit is None else admit) - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
+        admitted_slots = min(remaining, remaining if admit is None else admit)
+        admitted_slots -= sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
             key = config_key(config)
             if key in seen_keys:
@@ -71,6 +73,8 @@ class StudyQueue:
             seen_keys.add(key)
             if self.reasons.get(key, "not in SPACE") is None:
                 if admitted_slots <= 0:
+                    if admit is not None:
+                        self.spare.append(config)
                     continue
                 admitted_slots -= 1
             fresh.append(config)
@@ -95,6 +99,18 @@ class StudyQueue:
         for config in chunk:
             self.shared.study.enqueue_trial(config)
         self.queued_ahead += len(chunk)
+
+    def push_spare(self, refuses: Callable[[dict], bool]) -> None:
+        """Once this run's queue is used up, queues the next config of ``order`` that fill left out for ``admit``
+        (the random start's draw goes on) that ``refuses`` (Search.refuses) admits."""
+        if self.queued_ahead > 0 or self.unqueued:
+            return
+        while self.spare:
+            config = self.spare.pop(0)
+            if not refuses(config):
+                self.shared.study.enqueue_trial(config)
+                self.queued_ahead += 1
+                return
 
     def popped(self) -> None:
         """An ask took a trial from the queue."""

@@ -261,6 +261,10 @@ class Search:
                 self.ask()
 
     def ask(self) -> None:
+        if len(self.shared.seen) < self.startup:
+            # Many runners ask past the queued start before its trials finish, and TPE draws over all of SPACE
+            # until `startup` are (at 8 simulated workers ~4 rejected configs per problem): the random draw goes on.
+            self.queue.push_spare(self.refuses)
         self.queue.top_up()
         trial, queued = self.shared.ask()
         self.asks += 1
