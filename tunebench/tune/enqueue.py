@@ -5,7 +5,8 @@ nearest buckets already tuned in the same family come next (neighbour_winners): 
 untuned bucket only where trials show it beat DEFAULT in each neighbouring bucket (runtime/transfer.py), and buckets
 tuned by TPE alone rarely time the same configs. Then the rest of TPE's random start (random_start): configs keep()
 admits, drawn uniformly by --seed. TPE's own random start draws from all of SPACE, and about half its proposals were
-configs keep() rejects or repeats, each an ask, a tell and a store row, and each counted as a start trial. --sampler grid queues every config of SPACE not yet in the study
+configs keep() rejects or repeats, each an ask, a tell and a store row, and each counted as a start trial. Asks
+made before the start's trials finish (many runners) get the draw's next configs too (push_spare). --sampler grid queues every config of SPACE not yet in the study
 (study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones too (they are told pruned when
 asked), up to the budget of admitted ones.
 """
