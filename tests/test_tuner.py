@@ -485,3 +485,48 @@ def test_a_reseeded_sampler_proposes_what_a_new_one_per_trial_does(sampler, monk
     monkeypatch.setattr(study_module, "reseed", lambda sampler, seed: False)  # a new sampler per trial
     assert reseeded == proposals()
     assert len({config_key(c) for c in reseeded}) > 10
+
+
+def test_the_random_start_is_a_uniform_draw_by_seed_among_admitted_configs():
+    # TPE's random start, queued (enqueue.random_start): only configs keep() admits, each once, in an order that
+    # --seed decides, every admitted config as likely first as any other.
+    import collections
+    from tunebench.tune.enqueue import random_start
+    module = kernel_module("flash_v2")
+    problem = Problem("flash_v2", 1, 2, 1, 64, 64, 32, "float16", causal=True)
+    reasons = {config_key(c): module.keep(c, problem) for c in all_configs(module.SPACE)}
+    admitted = {key for key, reason in reasons.items() if reason is None}
+    assert 0 < len(admitted) < len(reasons)
+    draws = {seed: [config_key(c) for c in random_start(module.SPACE, module.DEFAULT, reasons, seed)]
+             for seed in range(400)}
+    assert all(sorted(d) == sorted(admitted) for d in draws.values())
+    assert draws[0] != draws[1] and draws[0] == [config_key(c) for c in
+                                                 random_start(module.SPACE, module.DEFAULT, reasons, 0)]
+    firsts = collections.Counter(d[0] for d in draws.values())
+    assert len(firsts) > len(admitted) // 2 and max(firsts.values()) < 400 * 4 / len(admitted)
+
+
+def test_an_avoiding_tpe_proposes_no_config_it_refuses_while_its_samples_hold_others():
+    # study.Avoid: TPE picks, of the configs it samples, the best one not refused (here: evaluated, or keep()
+    # rejects it); TPE alone repeats configs and proposes rejected ones.
+    import optuna
+    from tunebench.tune.study import Avoid, make_sampler, quiet_optuna, suggest_config, tpe_startup
+    quiet_optuna()
+    module = kernel_module("flash_v2")
+    problem = Problem("flash_v2", 1, 2, 1, 64, 64, 32, "float16", causal=True)
+
+    def wasted(avoid: bool) -> int:
+        seen: set = set()
+        refuses = Avoid(module.SPACE, lambda c: config_key(c) in seen or module.keep(c, problem) is not None)
+        study = optuna.create_study(sampler=make_sampler(TuneOptions(seed=3), 24, avoid=refuses if avoid else None))
+        waste = 0
+        for n in range(30):
+            trial = study.ask()
+            config = suggest_config(trial, module.SPACE)
+            waste += n >= tpe_startup(24) and refuses.refuses(config)   # after TPE's own random start
+            seen.add(config_key(config))
+            study.tell(trial, sum(len(str(v)) * i for i, v in enumerate(config.values())))
+        return waste
+
+    assert wasted(avoid=False) > 5
+    assert wasted(avoid=True) == 0

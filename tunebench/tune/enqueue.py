@@ -3,7 +3,10 @@
 DEFAULT always goes first, so every problem has a baseline and TPE a known-good start. With TPE the winners of the
 nearest buckets already tuned in the same family come next (neighbour_winners): the dispatcher transfers a config to an
 untuned bucket only where trials show it beat DEFAULT in each neighbouring bucket (runtime/transfer.py), and buckets
-tuned by TPE alone rarely time the same configs. --sampler grid queues every config of SPACE not yet in the study
+tuned by TPE alone rarely time the same configs. Then the rest of TPE's random start (random_start): configs keep()
+admits, drawn uniformly by --seed. TPE's own random start draws from all of SPACE, and about half its proposals were
+configs keep() rejects or repeats, each an ask, a tell and a store row, and each counted as a start trial. Asks
+made before the start's trials finish (many runners) get the draw's next configs too (push_spare). --sampler grid queues every config of SPACE not yet in the study
 (study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones too (they are told pruned when
 asked), up to the budget of admitted ones.
 """
@@ -39,20 +42,31 @@ def neighbour_winners(store, device_name: str, problem, identity: str, default: 
     return out
 
 
+def random_start(space: dict, default: dict, reasons: dict, seed: int) -> list[dict]:
+    """Configs keep() admits (``reasons``: config key -> reason or None), in the order of study.grid_order's shuffle
+    by ``seed``: a uniform draw among them, as TPE's random start is among all of SPACE. StudyQueue.fill takes as many
+    as the start leaves room for (``admit``), skipping those the study has seen."""
+    from .study import grid_order
+    return [c for c in grid_order(space, default, seed)[1:] if reasons.get(config_key(c), "") is None]
+
+
 class StudyQueue:
     def __init__(self, shared: SharedStudy, reasons: dict, budget: int, lookahead: Callable[[], int]):
         self.shared, self.reasons, self.budget, self.lookahead = shared, reasons, budget, lookahead
         self.unqueued: list[dict] = []          # configs still to queue (top_up)
         self.queued_ahead = 0                   # configs this run queued and has not asked for yet
+        self.spare: list[dict] = []             # admitted configs of fill's order past ``admit`` (push_spare)
 
-    def fill(self, order: list[dict], tpe: bool) -> int:
+    def fill(self, order: list[dict], tpe: bool, admit: int | None = None) -> int:
         """Lays out ``order`` (repeats, and configs evaluated, queued or run elsewhere, left out) for top_up to queue
-        as asks use the queue up; returns how many asks this run may make (``tpe``: room for the sampler's own)."""
+        as asks use the queue up, at most ``admit`` configs keep() admits, those already queued included (and no
+        more than the budget leaves); returns how many asks this run may make (``tpe``: room for the sampler's own)."""
         shared = self.shared
         waiting = shared.waiting()
         remaining = max(0, self.budget - shared.evaluated() - shared.live_elsewhere)
         fresh, seen_keys = [], set(shared.seen) | waiting | set(shared.elsewhere)
-        admitted_slots = remaining - sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
+        admitted_slots = min(remaining, remaining if admit is None else admit)
+        admitted_slots -= sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
             key = config_key(config)
             if key in seen_keys:
@@ -60,6 +74,8 @@ class StudyQueue:
             seen_keys.add(key)
             if self.reasons.get(key, "not in SPACE") is None:
                 if admitted_slots <= 0:
+                    if admit is not None:
+                        self.spare.append(config)
                     continue
                 admitted_slots -= 1
             fresh.append(config)
@@ -84,6 +100,18 @@ class StudyQueue:
         for config in chunk:
             self.shared.study.enqueue_trial(config)
         self.queued_ahead += len(chunk)
+
+    def push_spare(self, refuses: Callable[[dict], bool]) -> None:
+        """Once this run's queue is used up, queues the next config of ``order`` that fill left out for ``admit``
+        (the random start's draw goes on) that ``refuses`` (Search.refuses) admits."""
+        if self.queued_ahead > 0 or self.unqueued:
+            return
+        while self.spare:
+            config = self.spare.pop(0)
+            if not refuses(config):
+                self.shared.study.enqueue_trial(config)
+                self.queued_ahead += 1
+                return
 
     def popped(self) -> None:
         """An ask took a trial from the queue."""

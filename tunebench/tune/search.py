@@ -25,15 +25,16 @@ from .pool import CHOOSING_POLL_S, Fleet, Worker
 from .progress import Progress
 from .protocol import Compile, Event, Outcome, Run, Setup
 from .shared import Candidate, SharedStudy
-from .enqueue import StudyQueue, neighbour_winners
-from .study import all_configs, grid_order, make_sampler, suggest_config, tpe_startup
+from .enqueue import StudyQueue, neighbour_winners, random_start
+from .study import Avoid, all_configs, grid_order, make_sampler, suggest_config, tpe_startup
 from . import trace
 
 DEFAULT_TRIALS = 24
 REFILL_SYNC_S = 0.5             # refill reads the study at most this often (dispatch reads it before each run)
 TPE_AHEAD = 2                   # TPE configs asked ahead of each runner once the random start is done
 ASK_BATCH = 2                   # configs asked per turn of the loop: replies are read in between
-POLL_S = 2.0                    # how often a run with nothing left to do looks at other processes' open trials
+POLL_S = (0.25, 2.0)            # a run with nothing left to do looks at other processes' open trials this often:
+                                # first, and after one of them finished, then twice as long each time, up to the last
 
 
 class ProblemFailed(RuntimeError):
@@ -54,8 +55,10 @@ class Search:
         admitted = sum(1 for reason in self.reasons.values() if reason is None)
         limit = admitted if options.sampler == "grid" else DEFAULT_TRIALS
         self.budget = min(options.trials or limit, admitted)
+        self.admitted_share = admitted / len(self.reasons)
         self.shared = SharedStudy(problem, self.space, device, kernel_identity(problem.kernel), store, storage,
-                                  make_sampler(options, self.budget))
+                                  make_sampler(options, self.budget, self.admitted_share,
+                                               Avoid(self.space, self.refuses)))
         self.shared.sync()
         trace.event("study_loaded")
         self.pending: list[Candidate] = []
@@ -74,19 +77,22 @@ class Search:
         self.late_failures: list[str] = []      # handed-off trials that could not run (late_reply)
         self.then: Callable[[], None] | None = None     # after a hand-off: the re-timing, once the last trial is in
         self.last_beat = time.monotonic()
+        self.poll_s = POLL_S[0] / 2             # await_others: the next look at other processes' trials, halved
         # Without compile workers (--interpret, no spare core) still a config queued per runner, so that a runner
         # that finishes need not wait for an ask (1 simulated worker, 20 ms trials: 66-71% -> 89-95% busy).
         self.wide = len(fleet.runners) + max(len(fleet.compilers), len(fleet.runners))
-        self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget)
+        self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget, self.admitted_share)
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
-        grid = options.sampler == "grid"
+        grid, default = options.sampler == "grid", self.module.DEFAULT
         if grid:
-            order = grid_order(self.space, self.module.DEFAULT, options.seed)
+            order, admit = grid_order(self.space, default, options.seed), None
         else:
-            order = [self.module.DEFAULT] + neighbour_winners(store, device.name, problem, self.shared.hash,
-                                                              self.module.DEFAULT)
+            # TPE's random start queued: DEFAULT, the neighbours' winners, then admitted configs drawn by --seed
+            head = [default] + neighbour_winners(store, device.name, problem, self.shared.hash, default)
+            order = head + random_start(self.space, default, self.reasons, options.seed)
+            admit = max(len(head), self.startup - self.shared.evaluated())
         with trace.span("enqueue"):
-            self.ask_limit = self.queue.fill(order, tpe=not grid)
+            self.ask_limit = self.queue.fill(order, tpe=not grid, admit=admit)
         self.retries_counted = len(self.shared.retries)
 
     @property
@@ -94,6 +100,14 @@ class Search:
         """How many asks this run may make: StudyQueue.fill's count, plus one for each retry queued since
         (retry_once: a process sharing the study died meanwhile; a grid search asks only for what is queued)."""
         return self.ask_limit + len(self.shared.retries) - self.retries_counted
+
+    def refuses(self, config: dict) -> bool:
+        """Whether TPE should not propose a config (study.Avoid): keep() rejects it, or it was evaluated, or it is
+        asked, running or being written here, or open elsewhere."""
+        key = config_key(config)
+        return (self.reasons.get(key, "") is not None or key in self.shared.seen or key in self.shared.elsewhere
+                or key in self.finishing or any(c.key == key for c in self.pending)
+                or any(c.key == key for c in self.running.values()))
 
     def reject_reason(self, config: dict) -> str | None:
         try:
@@ -221,11 +235,16 @@ class Search:
     def await_others(self) -> bool:
         """Nothing is left to do here, but other processes sharing the study may still have trials open: waits for
         them. Their results may change the winner; and the trials of a process that died go stale, are failed, and
-        their share of the budget is run again (here, if no one else does). False once none is open elsewhere."""
+        their share of the budget is run again (here, if no one else does). False once none is open elsewhere.
+        It looks every POLL_S[0] s at first and after one of them finished, backing off to POLL_S[1] s: a 2 s poll
+        alone left a host idle ~2 s at the end of each problem on PostgreSQL while the other took the next one's
+        trials; the backoff costs a few reads of the study per finished trial elsewhere."""
+        before = self.shared.live_elsewhere
         self.shared.sync()
         if not self.shared.live_elsewhere:
             return self.wants_more()
-        time.sleep(min(POLL_S, self.options.heartbeat_s))
+        self.poll_s = POLL_S[0] if self.shared.live_elsewhere < before else min(2 * self.poll_s, POLL_S[1])
+        time.sleep(min(self.poll_s, self.options.heartbeat_s))
         self.heartbeat()
         return True
 
@@ -242,6 +261,10 @@ class Search:
                 self.ask()
 
     def ask(self) -> None:
+        if len(self.shared.seen) < self.startup:
+            # Many runners ask past the queued start before its trials finish, and TPE draws over all of SPACE
+            # until `startup` are (at 8 simulated workers ~4 rejected configs per problem): the random draw goes on.
+            self.queue.push_spare(self.refuses)
         self.queue.top_up()
         trial, queued = self.shared.ask()
         self.asks += 1

@@ -251,19 +251,65 @@ def record_winner(study, winner: dict) -> None:
     study.set_user_attr("winner", winner)
 
 
-def make_sampler(options: "TuneOptions", budget: int):
+def make_sampler(options: "TuneOptions", budget: int, admitted_share: float = 1.0, avoid=None):
+    """``avoid``: an Avoid for TPE (None: none), ``admitted_share``: of SPACE, for tpe_startup."""
     import optuna
     if options.sampler == "grid":
         # Grid configs are enqueued explicitly (Search.enqueue), so this sampler only runs should the queue be
         # emptied by another process sharing the study.
         return seeded_per_trial(lambda seed: optuna.samplers.RandomSampler(seed=seed), options.seed)
-    return seeded_per_trial(lambda seed: optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, constant_liar=True, n_startup_trials=tpe_startup(budget)), options.seed)
+    return seeded_per_trial(lambda seed: avoiding_tpe(avoid)(
+        seed=seed, multivariate=True, constant_liar=True, n_startup_trials=tpe_startup(budget, admitted_share)),
+        options.seed)
 
 
-def tpe_startup(budget: int) -> int:
-    """TPE's random start: a third of the budget, 2 to 10 trials."""
-    return min(10, max(2, budget // 3))
+def tpe_startup(budget: int, admitted_share: float = 1.0) -> int:
+    """TPE's random start: a third of the budget, 2 to 10 trials, DEFAULT first. The start is queued, drawn among
+    the configs keep() admits (enqueue.random_start, ``admitted_share`` of SPACE), so it is as long as the start of
+    TPE's own draws over all of SPACE evaluated in expectation: DEFAULT and the admitted share of the rest (those
+    draws that keep() rejected counted as start trials too, and TPE then had more trials of its own)."""
+    start = min(10, max(2, budget // 3))
+    return 1 + max(1, round((start - 1) * admitted_share))
+
+
+class Avoid:
+    """The configs TPE should not propose: ``refuses(config)`` for configs evaluated, running or rejected by keep()
+    (SPACE: to read TPE's samples, category indices in SPACE's order, suggest_config's)."""
+
+    def __init__(self, space: dict, refuses):
+        self.space, self.refuses = space, refuses
+
+    def mask(self, samples: dict) -> list[bool] | None:
+        """Per sample (parameter -> indices), whether it is refused; None for samples of other parameters than
+        SPACE's (TPE's independent sampling of one parameter, before its joint search space is known)."""
+        if set(samples) != set(self.space):
+            return None
+        n = len(next(iter(samples.values())))
+        return [self.refuses({name: values[int(samples[name][i])] for name, values in self.space.items()})
+                for i in range(n)]
+
+
+def avoiding_tpe(avoid: Avoid | None):
+    """TPESampler, or one that proposes, of the n_ei_candidates configs it samples, the best by its acquisition that
+    ``avoid`` does not refuse (TPE's own choice where it refuses all). TPE alone proposed a config evaluated already
+    or one keep() rejects in more than half its asks after the start (each an ask, a tell, and for a rejected
+    config a store row: ~1 ms of the parent's CPU, which feeds every GPU); choosing among samples it drew anyway
+    costs ~24 lookups. bench/propose_replay.py compares the configs found (TPESampler._compute_acquisition_func,
+    optuna 5.1; without it this is TPE)."""
+    import numpy as np
+    from optuna.samplers import TPESampler
+    if avoid is None:
+        return TPESampler
+
+    class AvoidingTPE(TPESampler):
+        def _compute_acquisition_func(self, samples, mpe_below, mpe_above):
+            values = super()._compute_acquisition_func(samples, mpe_below, mpe_above)
+            refused = avoid.mask(samples)
+            if refused is None or all(refused):
+                return values
+            return np.where(np.asarray(refused), -np.inf, values)
+
+    return AvoidingTPE
 
 
 def seeded_per_trial(make, seed: int):
@@ -312,7 +358,7 @@ def reseed(sampler, seed: int) -> bool:
         from optuna.samplers._lazy_random_state import LazyRandomState
     except ImportError:
         return False
-    if type(sampler) is TPESampler:
+    if isinstance(sampler, TPESampler):     # avoiding_tpe's too: it adds no state
         owners = [sampler, getattr(sampler, "_random_sampler", None)]
     elif type(sampler) is RandomSampler:
         owners = [sampler]
