@@ -199,8 +199,11 @@ def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, devi
 def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device):
     # The victim names another host, so its death can be learnt only from its heartbeat, as across machines.
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
-    victim, survivor = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5), start_host(pg_url, logs[1])
+    # The survivor starts once the victim is frozen holding a trial: started together, a survivor whose workers fork
+    # from a forkserver could run the whole budget before the victim opened the study.
+    victim = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5)
     held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0])
+    survivor = start_host(pg_url, logs[1])
     workers = child_pids(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(30)
