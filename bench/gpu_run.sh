@@ -2,6 +2,8 @@
 # One device call: install the carried wheels and the package, then run the named steps, logging under $OUT.
 # Usage (on the GPU machine, from the repo root):  bash bench/gpu_run.sh STEP [STEP ...]
 #   tests   the whole suite with the gpu profile (pytest -n 8: 200 examples per kernel, sharded)
+#   gputests only the tests marked gpu, with the gpu profile (the CPU gate runs the rest): the failures named
+#           (-rfE) in $OUT/gputests.log as they come, so a call cut short still says which failed
 #   tune    tunebench tune on the default suite into ./results.db (timed)
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
@@ -23,6 +25,8 @@
 #   prefillprobe bench/paged_prefill_probe.py (issue 20: a paged prefill chunk against dense SDPA/cuDNN/flash_v2, and
 #           a mixed batch as one launch against two); rows in $OUT/paged-prefill*.csv and .json
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call
+#   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
+#           and removes it: the device returns at most 8 files (make it the last step)
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
 #           prefix caching; SERVE_ARGS adds options), then tests/test_serve.py with its gpu test
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
@@ -40,6 +44,11 @@ for step in "$@"; do
   case "$step" in
     tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
+    gputests) python3 -P -m pytest -q -n 8 -m gpu -p no:cacheprovider -rfE --tb=short tests/ > "$OUT/gputests.log" 2>&1
+             r=$?; grep -E '^(FAILED|ERROR)' "$OUT/gputests.log"; tail -n 3 "$OUT/gputests.log" ;;
+    pack)    tar czf /tmp/outputs.tgz -C "$OUT" --exclude=./results.db --exclude=./log . &&
+               find "$OUT" -mindepth 1 ! -name results.db ! -name log -delete && mv /tmp/outputs.tgz "$OUT/outputs.tgz"
+             r=$?; ls -la "$OUT" ;;
     tune)    tunebench tune --db results.db ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
     bench)   tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
     example) python3 examples/generate.py 2>&1 | tee "$OUT/example.log"; r=$? ;;
