@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import functools
 import math
 import pathlib
 import sys
 
-from tunebench.bench.script import script_device
+from tunebench.bench.script import script_device, write_csv
 
 LAUNCHED = ("_paged_decode", "_paged_reduce")      # the jit kernels kernels/paged_attention.py launches, in order
 FIELDS = ("problem", "dispatched", "split_partition", "partitions", "split_graph_ms", "split_launch_ms",
@@ -164,13 +163,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     print(format_rows(rows))
     if args.out:
-        path = pathlib.Path(args.out) / "decode-reduce-cost.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-        print(f"wrote {path}")
+        print(f"wrote {write_csv(pathlib.Path(args.out) / 'decode-reduce-cost.csv', FIELDS, rows)}")
     return 0
 
 

@@ -22,7 +22,6 @@ and graph replay is reported as 'skipped: needs CUDA'.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import pathlib
@@ -30,7 +29,7 @@ import sys
 
 import torch
 
-from tunebench.bench.script import script_device
+from tunebench.bench.script import script_device, write_csv
 
 KV_DTYPES = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
 GEOMETRY = dict(Hq=32, Hkv=8, D=128, dtype="bfloat16")                            # issue 19's
@@ -156,13 +155,8 @@ def report(rows: list) -> str:
 
 
 def write(rows: list, out) -> list:
-    folder = pathlib.Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = folder / "fp8-decode.csv", folder / "fp8-decode.json"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    csv_path = write_csv(pathlib.Path(out) / "fp8-decode.csv", FIELDS, rows)
+    json_path = csv_path.with_suffix(".json")
     json_path.write_text(json.dumps(rows, indent=1))
     return [csv_path, json_path]
 

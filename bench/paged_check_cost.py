@@ -19,7 +19,6 @@ Prints the table; with --out, writes DIR/paged-check-cost.csv and DIR/paged-chec
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import json
@@ -28,7 +27,7 @@ import pathlib
 import statistics
 import sys
 
-from tunebench.bench.script import script_device
+from tunebench.bench.script import script_device, write_csv
 
 SHAPES = ((1, 32768), (16, 16384), (64, 4096), (128, 1024))       # (B, context length)
 GEOMETRY = dict(Hq=32, Hkv=8, D=128, dtype="bfloat16", page=16)
@@ -117,13 +116,8 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], out: str) -> list[pathlib.Path]:
-    folder = pathlib.Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = folder / "paged-check-cost.csv", folder / "paged-check-cost.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    csv_path = write_csv(pathlib.Path(out) / "paged-check-cost.csv", FIELDS, rows)
+    json_path = csv_path.with_suffix(".json")
     json_path.write_text(json.dumps(rows, indent=1))
     return [csv_path, json_path]
 

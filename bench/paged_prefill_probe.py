@@ -25,7 +25,6 @@ DIR/paged-prefill.json (both, with the device and the matmul ceiling).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import pathlib
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunebench.bench.script import script_device
+from tunebench.bench.script import script_device, write_csv
 
 
 @dataclass(frozen=True)
@@ -273,13 +272,8 @@ def describe_mixed(row: dict) -> str:
 
 def write(rows: list, mixed: dict, meta: dict, out) -> list:
     folder = pathlib.Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "paged-prefill.csv", folder / "paged-prefill-mixed.csv", folder / "paged-prefill.json"]
-    for path, fields, body in ((paths[0], CHUNK_FIELDS, rows), (paths[1], MIXED_FIELDS, [mixed])):
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in body)
+    paths = [write_csv(folder / "paged-prefill.csv", CHUNK_FIELDS, rows),
+             write_csv(folder / "paged-prefill-mixed.csv", MIXED_FIELDS, [mixed]), folder / "paged-prefill.json"]
     paths[2].write_text(json.dumps(dict(meta, chunks=rows, mixed=mixed), indent=1))
     return paths
 

@@ -1,10 +1,13 @@
-"""What the GPU benchmark scripts in bench/ share: the device a run goes to, or the reason it cannot run.
+"""What the GPU benchmark scripts in bench/ share: the device a run goes to (or the reason it cannot run), and how
+their rows are written.
 
 It imports nothing heavy, so a script can call it before the kernels are imported (the Triton interpreter is chosen
 by an environment variable read at their import)."""
 from __future__ import annotations
 
+import csv
 import os
+import pathlib
 import sys
 
 GPU_ONLY = "it times kernels, and the Triton interpreter's times say nothing about a GPU"
@@ -23,3 +26,14 @@ def script_device(script: str, small: bool | None = None) -> str | None:
         return "cpu"
     print(f"{script} needs a CUDA GPU: {GPU_ONLY if small is None else SMALL_ON_CPU}.", file=sys.stderr)
     return None
+
+
+def write_csv(path, fields: list[str], rows: list[dict]) -> pathlib.Path:
+    """Writes rows under their declared columns (None as an empty cell), making the folder; returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    return path
