@@ -200,17 +200,37 @@ def _auto_inputs(device):
     return [torch.randn(1, h, 40, 32, generator=g).half().to(device) for h in (2, 1, 1)]
 
 
+def _as_on_hopper(monkeypatch):
+    """flash_v3 takes the test's inputs and admits its winner, as on a Hopper GPU (its head dim 32 aside)."""
+    import tunebench.kernels.flash_v3 as v3
+    registered = dispatch.kernel_module
+    monkeypatch.setattr(dispatch, "_refusal", lambda kernel, q, k, v: None)
+    monkeypatch.setattr(dispatch, "kernel_module", lambda name: v3 if name == "flash_v3" else registered(name))
+    monkeypatch.setattr(v3, "keep", lambda config, problem: None)
+
+
 @pytest.mark.parametrize("v3_ms, expected", [(1.0, "flash_v3"), (3.0, "flash_v2")])
 def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, v3_ms, expected):
-    monkeypatch.setattr(dispatch, "_refusal", lambda kernel, q, k, v: None)     # as on a Hopper GPU
+    _as_on_hopper(monkeypatch)
     _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": v3_ms})
     kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
     other = "flash_v2 2 ms" if expected == "flash_v3" else "flash_v3 3 ms"
     assert kernel == expected and "fastest tuned winner" in why and other in why, why
 
 
+def test_auto_does_not_compare_a_winner_keep_rejects(monkeypatch, device):
+    """A stored flash_v3 winner that keep() now refuses (flash_v3 OVERLAP on a causal problem) would run as DEFAULT,
+    not at its tuned time: auto leaves it out and runs flash_v2's winner."""
+    import tunebench.kernels.flash_v3 as v3
+    _as_on_hopper(monkeypatch)
+    monkeypatch.setattr(v3, "keep", lambda config, problem: "measured wrong")
+    _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": 1.0})
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
+    assert kernel == "flash_v2" and "fastest tuned winner" in why and "flash_v3" not in why, why
+
+
 def test_auto_without_exact_winners_runs_flash_v2(monkeypatch, device):
-    monkeypatch.setattr(dispatch, "_refusal", lambda kernel, q, k, v: None)
+    _as_on_hopper(monkeypatch)
     _auto_winners(monkeypatch, {})
     kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
     assert kernel == "flash_v2" and "no kernel has an exact winner" in why

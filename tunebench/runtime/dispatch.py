@@ -158,14 +158,17 @@ def _refusal(kernel: str, q, k, v) -> str | None:
 
 def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the one whose exact winner
-    for the call's bucket was tuned fastest on this GPU; the fallback kernel when none has an exact winner."""
+    for the call's bucket (one keep() admits) was tuned fastest on this GPU; the fallback kernel when none has one."""
     timed, skipped = [], []
     for kernel in AUTO_KERNELS:
         reason = _refusal(kernel, q, k, v)
         if reason:
             skipped.append(f"{kernel} cannot run it ({reason})")
             continue
-        ms = _DISPATCHER.winners.exact_ms(_dense_problem(kernel, q, k, causal))
+        problem = _dense_problem(kernel, q, k, causal)
+        module = kernel_module(kernel)
+        # A winner keep() now rejects is not what Dispatcher.choose would run (it falls back to DEFAULT): not compared.
+        ms = _DISPATCHER.winners.exact_ms(problem, lambda config: module.keep(config, problem) is None)
         if ms is not None:
             timed.append((ms, kernel))
     if timed:

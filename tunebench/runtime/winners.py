@@ -152,10 +152,13 @@ class Winners:
             return timings
         return cls(device_name, rows, read_timings=read_timings)
 
-    def exact_ms(self, problem: Problem) -> float | None:
-        """The tuned median ms of the problem's exact winner, or None (no exact winner, or no time stored)."""
+    def exact_ms(self, problem: Problem, admits=None) -> float | None:
+        """The tuned median ms of the problem's exact winner, or None (no exact winner, no time stored, or a winner
+        ``admits`` (keep) rejects: it would not be run)."""
         key = bucket_key(problem)
-        return self.times.get(key) if key in self.exact else None
+        if key not in self.exact or (admits is not None and not admits(self.exact[key][1])):
+            return None
+        return self.times.get(key)
 
     def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:
         """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer from
