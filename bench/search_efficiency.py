@@ -64,7 +64,8 @@ def main() -> int:
     from tunebench.tune.pool import Fleet
     from tunebench.tune.progress import format_config
     from tunebench.tune.protocol import Retime
-    from tunebench.tune.run import interpreting, tune
+    from tunebench.tune.run import tune
+    from tunebench.tune.startup import interpreting
     from tunebench.tune.study import all_configs
 
     out = pathlib.Path(args.out)

@@ -19,7 +19,7 @@ import pytest
 from tunebench.registry import config_in_space, kernel_module
 from tunebench.shapes import Problem, bucket_key
 from tunebench.store import Store
-from tunebench.tune.run import interpreting
+from tunebench.tune.startup import interpreting
 from tunebench.registry import config_key
 from tunebench.tune.study import open_storage
 from tunebench.inputs import Workload

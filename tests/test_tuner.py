@@ -21,7 +21,8 @@ from tunebench.shapes import Problem, bucket_key, suite  # noqa: E402
 from tunebench.store import Store  # noqa: E402
 from tunebench.commands.problems import select_problems  # noqa: E402
 from tunebench.tune.options import TuneOptions  # noqa: E402
-from tunebench.tune.run import interpreting, tune  # noqa: E402
+from tunebench.tune.run import tune  # noqa: E402
+from tunebench.tune.startup import interpreting  # noqa: E402
 from tunebench.registry import config_key  # noqa: E402
 from tunebench.tune.study import all_configs, open_storage  # noqa: E402
 from tunebench.inputs import workload_for  # noqa: E402

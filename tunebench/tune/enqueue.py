@@ -6,9 +6,9 @@ untuned bucket only where trials show it beat DEFAULT in each neighbouring bucke
 tuned by TPE alone rarely time the same configs. Then the rest of TPE's random start (random_start): configs keep()
 admits, drawn uniformly by --seed. TPE's own random start draws from all of SPACE, and about half its proposals were
 configs keep() rejects or repeats, each an ask, a tell and a store row, and each counted as a start trial. Asks
-made before the start's trials finish (many runners) get the draw's next configs too (push_spare). --sampler grid queues every config of SPACE not yet in the study
-(study.grid_order: DEFAULT first, the rest shuffled by --seed), keep-rejected ones too (they are told pruned when
-asked), up to the budget of admitted ones.
+made before the start's trials finish (many runners) get the draw's next configs too (push_spare). --sampler grid
+queues every config of SPACE not yet in the study (study.grid_order: DEFAULT first, the rest shuffled by --seed),
+keep-rejected ones too (they are told pruned when asked), up to the budget of admitted ones.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class StudyQueue:
         waiting = shared.waiting()
         remaining = max(0, self.budget - shared.evaluated() - shared.live_elsewhere)
         fresh, seen_keys = [], set(shared.seen) | waiting | set(shared.elsewhere)
-        admitted_slots = min(remaining, remaining if admit is None else admit)
+        admitted_slots = remaining if admit is None else min(remaining, admit)
         admitted_slots -= sum(1 for k in waiting if k in self.reasons and self.reasons[k] is None)
         for config in order:
             key = config_key(config)

@@ -209,7 +209,7 @@ def run_host(problems: list, options, sim: Simulation, trace_path) -> HostRun:
     are imported (as tune() would import them: seconds of triton that would otherwise stagger the hosts' starts). A
     host that fails breaks the line, so that the others do not wait for it."""
     from ..registry import kernel_module
-    from .run import interpreting
+    from .startup import interpreting
     started = []
 
     def start_line() -> None:
