@@ -44,7 +44,8 @@ for step in "$@"; do
   case "$step" in
     tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
-    gputests) python3 -P -m pytest -v -n 8 -m gpu -p no:cacheprovider -rfE --tb=short tests/ > "$OUT/gputests.log" 2>&1
+    gputests) python3 -P -m pytest -v -n 8 -m gpu -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-tests/} \
+               > "$OUT/gputests.log" 2>&1
              r=$?; grep -E '(^| )(FAILED|ERROR) ' "$OUT/gputests.log" | sort -u | tail -n 60; tail -n 3 "$OUT/gputests.log" ;;
     pack)    tar czf /tmp/outputs.tgz -C "$OUT" --exclude=./results.db --exclude=./log . &&
                find "$OUT" -mindepth 1 ! -name results.db ! -name log -delete && mv /tmp/outputs.tgz "$OUT/outputs.tgz"

@@ -12,7 +12,7 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "cpu", max_examples=12, derandomize=True, deadline=None, print_blob=True,
@@ -23,6 +23,10 @@ SHARDS = int(os.environ.get("TUNEBENCH_SHARDS", "8" if HAS_GPU else "1"))
 settings.register_profile(
     "gpu", max_examples=max(1, 200 // SHARDS), derandomize=False, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+# A time-boxed device call that must name failures: the gpu profile without shrinking (a failing example is reported
+# as drawn; shrinking compiles and runs many more configs, minutes on a GPU).
+settings.register_profile("gpu-triage", settings.get_profile("gpu"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 PROFILE = os.environ.get("TUNEBENCH_PROFILE", "gpu" if HAS_GPU else "cpu")
 settings.load_profile(PROFILE)
 
