@@ -217,21 +217,34 @@ def _collect(jit, home: str, found: dict) -> None:
     found[key] = (found[key][0], constants)
 
 
+# fn.__code__ -> (normalized text, global names read). A code object is immutable and a redefined function has a new
+# one, so this is safe to keep for the process: it spares each problem of a tuning run the ~20 ms that parsing a
+# kernel's jit functions takes (the simulated 8-worker fleet's runners idled while the parent did it).
+_parsed: dict = {}
+
+
+def _parse(fn) -> tuple[str, frozenset]:
+    cached = _parsed.get(fn.__code__)
+    if cached is None:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        names = frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load))
+        node = tree.body[0]
+        node.decorator_list = []
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+        cached = _parsed[fn.__code__] = (ast.unparse(node), names)
+    return cached
+
+
 def _normalized(fn) -> str:
     """The function's syntax tree as text: no decorator, docstring, comment or layout."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    node = tree.body[0]
-    node.decorator_list = []
-    body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
-        node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(node)
+    return _parse(fn)[0]
 
 
-def _global_names(fn) -> set[str]:
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+def _global_names(fn) -> frozenset[str]:
+    return _parse(fn)[1]
 
 
 def _is_constant(value) -> bool:
