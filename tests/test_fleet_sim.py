@@ -18,18 +18,26 @@ from tunebench.tune.study import open_storage
 WORKERS = 8
 TRIAL_S = 0.02
 BUSY_GOAL = 0.90
-# Measured on a 2-core CPU (bench/fleet_sim.py, simulated, Optuna's studies in the journal file): ~1 Optuna
-# proposal per trial run (TPE's random start queued among configs keep() admits, then TPE choosing among its samples
-# configs not evaluated and admitted: study.Avoid; ~2.4 before, half of them repeats or rejected configs), ~1 ms of
-# each; with the trial's writes the parent tops out at ~270-280 trials/s (~125-190 before; ~25 with Optuna's SQLite
-# storage: 5-8% busy).
-MEASURED = "8 simulated workers were 64-76% busy in 11 runs of this test (73-77%, 267-278 trials/s, in fleet_sim.py)"
-BUSY_FLOOR = 0.10   # well under what was measured (a slower CI machine), over the 5-8% of the SQLite storage
+# Measured on a 2-core CPU (simulated, Optuna's studies in the journal file), on this gate's workload: ~1 Optuna
+# proposal per trial run, ~0.6 ms each; ~0.5 ms to write a trial (store row, then the tell); the next problem's search
+# opened while the last one's final trials still run (Search.tail), each study in ~5 ms (it was ~30 ms, 20 of them
+# parsing the kernel's jit functions for its identity, now parsed once per process).
+MEASURED = ("8 simulated workers 88.4-93.7% busy in 30 runs (median ~91%), 7.36-7.62x one worker's trials/s in "
+            "bench/fleet_sim.py; main before these changes: 75.8-81.2%")
+# The regression gate: under what was measured by a margin for a slower CI machine, over main's 76-81% before.
+BUSY_FLOOR = 0.80
 
 
 def problems():
-    """Two problems: the second's search starts while the first's last trials and re-timing finish (hand-off)."""
-    return [p for p in suite("default") if p.kernel == "flash_v2"][:2]
+    """The default suite's flash_v2 problems (22), the workload of the issue's GPU runs: each search starts while the
+    last one's trials and re-timing finish (hand-off). Its busy share is that of a tuning run; over 2 problems the
+    first problem's start and the last one's ragged end (runners that finished their last trial wait for the
+    others) are a large part of the window, and held the share at ~83% whatever the parent's speed."""
+    return [p for p in suite("default") if p.kernel == "flash_v2"]
+
+
+def two_problems():
+    return problems()[:2]
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +52,15 @@ def test_no_trial_is_lost_or_run_twice(fleet_run):
     options, results, use = fleet_run
     assert use.duplicates == 0, use.runs
     assert [r.problem for r in results] == problems() and all(r.written for r in results)
-    assert_each_config_ran_once(options, use.runs)
+    assert_each_config_ran_once(options, use.runs, problems())
 
 
-def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]]) -> None:
+def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]], problems: list) -> None:
     """Every config the workers ran (``runs``: problem, config) is in the store once, as ok, and told once to its
     problem's study; each problem's budget (options.trials) was met, not overrun; no trial is left RUNNING."""
     from optuna.trial import TrialState
     with Store(options.db) as store:
-        rows = {p.label(): store.trials(device=DEVICE_NAME, problem=p) for p in problems()}
+        rows = {p.label(): store.trials(device=DEVICE_NAME, problem=p) for p in problems}
     for label, trials in rows.items():
         evaluated = [t for t in trials if t.status != "pruned"]
         assert all(t.status == "ok" for t in evaluated)
@@ -63,7 +71,7 @@ def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]
         warnings.simplefilter("ignore")  # Optuna's experimental heartbeat
         storage = open_storage(options.storage, resolve_url(options.db))
     studies = storage.get_all_studies()
-    assert len(studies) == 2
+    assert len(studies) == len(problems)
     for study in studies:
         trials = storage.get_all_trials(study._study_id)
         assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -111,9 +119,10 @@ def test_the_runners_are_kept_above_the_floor(fleet_run):
     assert use.asks > 0 and use.ask_s > 0
 
 
-@pytest.mark.xfail(strict=True, reason=f"issue 22 goal not met yet: {MEASURED} (the parent's CPU per trial run, "
-                                       f"~1 Optuna proposal, the store row and the tell, is the limit)")
+@pytest.mark.xfail(strict=False, reason=f"issue 22's goal is met in most runs, not all: {MEASURED}. The floor "
+                                        f"(test_the_runners_are_kept_above_the_floor) is the gate")
 def test_eight_workers_are_kept_90_percent_busy(fleet_run):
+    """Issue 22's goal: reported as XPASS where it is met, XFAIL where noise takes the share under 90%."""
     _, _, use = fleet_run
     assert use.mean_busy >= BUSY_GOAL, f"{use.mean_busy:.1%} busy: {use.busy}"
 
@@ -125,20 +134,20 @@ def test_two_hosts_share_each_postgres_study(pg_url, tmp_path):
     """Two parent processes ("hosts"), 2 simulated workers each, on one PostgreSQL database (studies and results),
     started together: they share each problem's study and its budget, as `tunebench tune` on two hosts would."""
     options = TuneOptions(interpret=True, db=pg_url, storage=pg_url, workers=2, trials=HOSTS_BUDGET)
-    hosts, use = simulate_hosts(2, problems(), options, Simulation((TRIAL_S,)), tmp_path)
+    hosts, use = simulate_hosts(2, two_problems(), options, Simulation((TRIAL_S,)), tmp_path)
     assert set(use.busy) == {f"host{h}/run{w}" for h in range(2) for w in range(2)}
     assert all(host.use.runs for host in hosts), f"a host ran no trial: {[len(h.use.runs) for h in hosts]}"
     assert use.duplicates == 0, use.runs        # no config run twice, across the hosts
     # The budget is shared, not one per host: each problem ran HOSTS_BUDGET trials in all; none lost.
-    assert collections.Counter(p for p, _ in use.runs) == {p.label(): HOSTS_BUDGET for p in problems()}
-    assert_each_config_ran_once(options, use.runs)
+    assert collections.Counter(p for p, _ in use.runs) == {p.label(): HOSTS_BUDGET for p in two_problems()}
+    assert_each_config_ran_once(options, use.runs, two_problems())
     # Each host confirms each problem, and finds the same winner (the fastest config run, by either host: both
     # waited for the other's trials), which one of them writes; the other finds it stored, no slower.
-    for i, problem in enumerate(problems()):
+    for i, problem in enumerate(two_problems()):
         fastest = min((json.loads(c) for p, c in use.runs if p == problem.label()), key=simulated_ms)
         assert [host.results[i].problem for host in hosts] == [problem, problem]
         assert hosts[0].results[i].config == hosts[1].results[i].config == fastest
         assert sum(host.results[i].written for host in hosts) == 1, [host.results[i] for host in hosts]
     with Store(pg_url, readonly=True) as store:
         assert sorted(w.problem.label() for w in store.winners(device_name=DEVICE_NAME)) == sorted(
-            p.label() for p in problems())
+            p.label() for p in two_problems())

@@ -253,12 +253,13 @@ def check_lagging_results(tmp_path, problems, results) -> dict[int, list]:
 
 
 def test_the_next_problem_starts_while_the_last_trial_of_one_runs(tmp_path, fakes, monkeypatch, capsys):
-    # Two runners: once the slow DEFAULT is all that is left of the first problem, the idle runner starts the second
-    # problem; the slow trial's result is still told, and the first problem's re-timing follows it.
+    # Two runners: once the first problem has nothing left to ask and only running trials (the slow DEFAULT among
+    # them), the second problem starts, and the runners go on to it; the slow trial's result is still told, and
+    # the first problem's re-timing follows it.
     problems = lagging_problems()
     results, events = traced_tune(tmp_path, monkeypatch, problems, trials=3, workers=2, sampler="grid")
     [searched] = [e for e in events if e["kind"] == "searched" and e["index"] == 0]
-    assert searched["running"] == 1 and searched["pending"] == 0
+    assert searched["running"] >= 1
     second = next(i for i, e in enumerate(events) if e["kind"] == "problem" and e["index"] == 1)
     first_retime = next(i for i, e in enumerate(events) if e["kind"] == "send" and e["request"] == "Retime")
     assert second < first_retime  # the second problem began before the first one's trials had all finished

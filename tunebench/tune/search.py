@@ -192,17 +192,17 @@ class Search:
         return True
 
     def tail(self) -> bool:
-        """Whether all that is left of this search is to run configs already compiled, and to wait for those running,
-        while a worker (a compile worker the next problem can use, or a runner) is idle: no config is left to ask
-        or compile, and no other process has a trial of this study open (a run that shares the study waits for
-        those, await_others)."""
+        """Whether all that is left of this search is to run configs already compiled, and to wait for those running:
+        no config is left to ask or compile, and no other process has a trial of this study open (a run that shares
+        the study waits for those, await_others). The next search starts then, while every runner may still be
+        busy here: it opens its study and asks its first configs meanwhile, so that a runner freed from this one's
+        last trials finds the next one's waiting (waiting for an idle worker first left each freed runner ~5 ms
+        idle per problem: 8 simulated workers on the default suite's flash_v2 problems, 76-81% -> 91-94% busy)."""
         if not (self.running or self.pending) or self.compiling or self.preparing:
             return False
         if any(not c.compiled for c in self.pending):
             return False
         if self.asks < self.max_asks and self.under_budget():
-            return False
-        if all(w.busy for w in self.fleet.workers):
             return False
         if self.shared.live_elsewhere or time.monotonic() - self.shared.synced_at >= REFILL_SYNC_S:
             self.shared.sync()  # another process's trial that may yet need running here keeps this search going
