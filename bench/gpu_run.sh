@@ -3,7 +3,9 @@
 # Usage (on the GPU machine, from the repo root):  bash bench/gpu_run.sh STEP [STEP ...]
 #   tests   the whole suite with the gpu profile (pytest -n 8: 200 examples per kernel, sharded)
 #   gputests only the tests marked gpu, with the gpu profile (the CPU gate runs the rest): the failures named
-#           (-rfE) in $OUT/gputests.log as they come, so a call cut short still says which failed
+#           (-rfE) in $OUT/gputests.log as they come, so a call cut short still says which failed, and each failure's
+#           message in $OUT/failures.log as it happens (PYTEST_ARGS: other files or -k; TUNEBENCH_PROFILE=gpu-triage:
+#           no shrinking)
 #   tune    tunebench tune on the default suite into ./results.db (timed)
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
@@ -44,7 +46,8 @@ for step in "$@"; do
   case "$step" in
     tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
-    gputests) python3 -P -m pytest -v -n 8 -m gpu -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-tests/} \
+    gputests) TUNEBENCH_FAILURE_LOG="$OUT/failures.log" python3 -P -m pytest -v -n 8 -m gpu -p no:cacheprovider -rfE \
+               --tb=short ${PYTEST_ARGS:-tests/} \
                > "$OUT/gputests.log" 2>&1
              r=$?; grep -E '(^| )(FAILED|ERROR) ' "$OUT/gputests.log" | sort -u | tail -n 60; tail -n 3 "$OUT/gputests.log" ;;
     pack)    tar czf /tmp/outputs.tgz -C "$OUT" --exclude=./results.db --exclude=./log . &&
