@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_logreport(report):
     """With $TUNEBENCH_FAILURE_LOG=FILE, each failure's report is appended to FILE as it happens (under pytest-xdist,
     by the worker process that ran the test; the controller's copy, which xdist marks with `node`, is skipped).
-    pytest prints them only once the session ends, and a device call cut by its time limit ends none: four H100
+    pytest prints them only once the session ends, and a device call cut by its time limit ends none: three H100
     calls on 2026-12-06 came back with dots and no message."""
     path = os.environ.get("TUNEBENCH_FAILURE_LOG")
     if path and report.failed and getattr(report, "node", None) is None:
