@@ -92,12 +92,15 @@ def test_fp8_and_bf16_winners_of_one_bucket_are_stored_apart_and_read_back(tmp_p
 
 def as_version_2(path) -> None:
     """Takes a schema-3 file back to schema 2 (its problems table without kv_dtype), as the shipped results.db was
-    before 2026-12-06; every row must have kv_dtype '' (no fp8 problem)."""
+    before 2026-12-06. Schema 2 had no fp8 cache: the rows of problems with one (the shipped H100 fp8 winners, since
+    2026-12-06) are dropped first."""
     c = sqlite3.connect(path, isolation_level=None)
     ddl = c.execute("SELECT sql FROM sqlite_master WHERE name = 'problems'").fetchone()[0]
     v2 = ddl.replace("kv_dtype VARCHAR(256) NOT NULL, ", "").replace(", kv_dtype)", ")")
-    assert v2 != ddl and "kv_dtype" not in v2 and c.execute("SELECT count(*) FROM problems WHERE kv_dtype != ''"
-                                                           ).fetchone() == (0,)
+    assert v2 != ddl and "kv_dtype" not in v2
+    fp8 = "SELECT id FROM problems WHERE kv_dtype != ''"
+    c.executescript(f"BEGIN; DELETE FROM winners WHERE problem_id IN ({fp8}); DELETE FROM trials WHERE problem_id "
+                    f"IN ({fp8}); DELETE FROM problems WHERE kv_dtype != ''; COMMIT;")
     columns = 'id, kernel, "B", "Hq", "Hkv", "Nq", "Nk", "D", dtype, causal, page'
     c.executescript(f"PRAGMA foreign_keys = OFF; BEGIN; CREATE TABLE p2 AS SELECT {columns} FROM problems; "
                     f"DROP TABLE problems; {v2}; INSERT INTO problems SELECT * FROM p2; DROP TABLE p2; "
