@@ -67,6 +67,19 @@ def pytest_runtest_logreport(report):
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bounds_checked():
+    """Under the interpreter every kernel's loads and stores must address elements of its tensor arguments
+    (tunebench.bounds): the interpreter itself reads stray host memory silently, where a GPU faults or reads a
+    neighbour's data."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from tunebench.bounds import checked
+    with checked():
+        yield
+
+
 # Session-scoped: @given tests use it, and Hypothesis rejects function-scoped fixtures (it never changes anyway).
 @pytest.fixture(scope="session")
 def device():
