@@ -108,11 +108,12 @@ def _issue_qk(q_smem, k_bufs, k_bars, j, s_zero, BLOCK_N: gl.constexpr, HEAD_DIM
 @gluon.jit
 def _issue_pv(p, acc, v_bufs, v_bars, j, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr):
-    """Starts O += P_j V_j (async wgmma, P from registers) once V_j has landed."""
+    """Starts O += P_j V_j (async wgmma, P from registers) once V_j has landed. Returns (O, P as the wgmma reads
+    it): a wait that leaves this wgmma in flight must keep that P alive (in its deps), its registers being read."""
     s = j % STAGES
     p_op = gl.convert_layout(p.to(v_bufs.dtype), p_layout)
     mbarrier.wait(v_bars.index(s), (j // STAGES) & 1)
-    return warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+    return warpgroup_mma(p_op, v_bufs.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True), p_op
 
 
 @gluon.jit
@@ -133,8 +134,8 @@ def _attend(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bar
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
                                       BLOCK_N, MASK_N, MASK_CAUSAL)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_pv(p, acc, v_bufs, v_bars, j, p_layout,
-                                                                    BLOCK_N, HEAD_DIM, STAGES), ))
+        acc, p_op = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, True,
                  BLOCK_N, STAGES, PRODUCER)
     return acc, l_i, m_i
@@ -148,29 +149,34 @@ def _attend_overlapped(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_
                        MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr):
     """_attend with FlashAttention-3's intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before O += P_j V_j,
     and the softmax of block j + 1 runs while P_j V_j is still in the tensor cores; O is rescaled once that MMA is
-    waited for. Block j's slot is released (reloaded, or handed to the producer) when its P V completes."""
+    waited for. Each turn of the loop ends with no wgmma in flight, and every wait that leaves one in flight names
+    what it still reads or writes (O and P_j) in its deps: values of an in-flight wgmma carried around the loop, or
+    left out of the deps, made ptxas serialize the wgmmas and inject waits of its own (C7514, C7517), and the
+    earlier schedule, which carried them, gave wrong results on causal problems on an H100. Block j's slot is
+    released (reloaded, or handed to the producer) when its P V completes."""
     rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if hi > lo:
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, lo, s_zero,
                                                                    BLOCK_N, HEAD_DIM, STAGES), ))
-        for j in range(lo, hi):
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, rows, offs_n, Nk, shift, qk_scale,
+                                      BLOCK_N, MASK_N, MASK_CAUSAL)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        for j in range(lo, hi - 1):
+            # -- S_{j+1} first, then P_j V_j; wait for S_{j+1} only, and take block j + 1's softmax meanwhile
+            qk = _issue_qk(q_smem, k_bufs, k_bars, j + 1, s_zero, BLOCK_N, HEAD_DIM, STAGES)
+            acc, p_op = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+            qk, acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(qk, acc, p_op))
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j + 1, rows, offs_n, Nk, shift, qk_scale,
                                           BLOCK_N, MASK_N, MASK_CAUSAL)
-            # -- P_{j-1} V_{j-1} done: free block j - 1's slot, rescale O
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j - 1, b, hkv, n_blocks, j > lo,
+            # -- P_j V_j done: free block j's slot, rescale O for block j + 1's running max
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, True,
                      BLOCK_N, STAGES, PRODUCER)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            if j + 1 < hi:
-                # -- S_{j+1} first, then P_j V_j; wait for S_{j+1} only
-                qk = _issue_qk(q_smem, k_bufs, k_bars, j + 1, s_zero, BLOCK_N, HEAD_DIM, STAGES)
-                acc = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
-                qk, acc = warpgroup_mma_wait(num_outstanding=1, deps=(qk, acc))
-            else:
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_pv(p, acc, v_bufs, v_bars, j, p_layout,
-                                                                            BLOCK_N, HEAD_DIM, STAGES), ))
+        acc, p_op = _issue_pv(p, acc, v_bufs, v_bars, hi - 1, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, hi - 1, b, hkv, n_blocks, True,
                  BLOCK_N, STAGES, PRODUCER)
     return acc, l_i, m_i
@@ -502,8 +508,11 @@ def _measured_wrong(config: dict, causal: bool) -> str | None:
     """OVERLAP on a causal problem gave wrong results in the GPU gate (tests/test_flash_v3.py on an H100,
     2026-12-06): Nq 1, Nk 97, D 64, fp16, BLOCK_M/N 64, 4 warps, 3 stages, no warp specialization: max error 0.37
     (allowed 4e-4), and Nk 128 with 128 x 128 tiles, 8 warps: 0.55. The same cases passed with OVERLAP off or not
-    causal. The cause is not found yet (the masks are the same as without OVERLAP), so OVERLAP runs non-causal
-    problems only until the gate passes it again on a GPU. keep() and launch() both refuse it."""
+    causal. That schedule carried in-flight wgmma values around its loop, and ptxas serialized its wgmmas and
+    injected waits of its own in every OVERLAP build (C7514, C7517; tests/sm90.py). It was rebuilt the same day so
+    that ptxas reports neither (checked on the CPU for every admitted OVERLAP config), but not yet run on a GPU: the
+    refusal stays until test_overlap_on_causal_is_wrong passes there (its strict xfail then fails, as the alarm).
+    keep() and launch() both refuse it."""
     if config["OVERLAP"] and causal:
         return ("OVERLAP gave wrong results on causal problems in the GPU gate (H100, 2026-12-06); refused until "
                 "it passes again")
