@@ -17,7 +17,7 @@ CHILD_TIMEOUT_S = 900
 
 def compile_cases(cases: list[dict]) -> list[dict]:
     """Compiles each case {config, D, dtype, causal, B, Hq, Hkv, Nq, Nk} in a child process; returns per case
-    {ok, error, shared, ptx_target, warp_specialized}."""
+    {ok, error, shared, ptx_target, warp_specialized, wgmma_notes}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child = subprocess.run([sys.executable, __file__], input=json.dumps(cases), capture_output=True, text=True,
                            env=env, timeout=CHILD_TIMEOUT_S)
@@ -56,7 +56,27 @@ def _compile_case(case: dict) -> dict:
         return {"ok": False, "error": f"{type(e).__name__}: {str(e)[-2000:]}"}
     return {"ok": bool(compiled.asm.get("cubin")), "error": "", "shared": compiled.metadata.shared,
             "ptx_target": ".target sm_90a" in compiled.asm["ptx"],
-            "warp_specialized": "ttg.warp_specialize" in compiled.asm["ttgir"]}
+            "warp_specialized": "ttg.warp_specialize" in compiled.asm["ttgir"],
+            "wgmma_notes": wgmma_notes(compiled.asm["ptx"])}
+
+
+# ptxas's notes that a kernel's wgmma pipeline is not what its source says: C7514 (wgmma.mma_async serialized: other
+# instructions read a wgmma's accumulator before its wait) and C7517 (a warpgroup.wait injected, so that registers a
+# wgmma defines can be used). flash_v3's first OVERLAP schedule drew both, in every build.
+WGMMA_NOTES = ("C7514", "C7517")
+
+
+def wgmma_notes(ptx: str) -> list[str]:
+    """The WGMMA_NOTES that the bundled ptxas prints for this PTX (sm_90a, -v), each as ptxas words it."""
+    import tempfile
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        done = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                              text=True, timeout=300)
+    return [line.strip() for line in done.stderr.splitlines() if any(code in line for code in WGMMA_NOTES)]
 
 
 if __name__ == "__main__":
