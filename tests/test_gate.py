@@ -2,6 +2,7 @@
 import shlex
 
 import pytest
+import torch
 
 import tunebench.reference as ref
 from tunebench import gate
@@ -42,3 +43,29 @@ def test_repro_command_round_trips_through_the_cli_parser():
 def test_an_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="layout"):
         gate.check_case(Problem("flash_v2", 1, 2, 2, 8, 8, 16, "float32"), {}, "cpu", 0, "nhbd")
+
+
+class _ReadsPastQ:
+    """A stand-in dense kernel whose Triton launch reads one element past the end of q (harmless under the
+    interpreter, which read stray host memory without a word before tunebench.bounds)."""
+
+    @staticmethod
+    def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _copy_shifted(Q, O, n, BLOCK: tl.constexpr):
+            i = tl.arange(0, BLOCK)
+            tl.store(O + i, tl.load(Q + i + 1), mask=i < n)
+
+        n = q.numel()
+        _copy_shifted[(1,)](q, out, n, BLOCK=triton.next_power_of_2(n))
+        return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bounds check runs under the Triton interpreter (CPU gate)")
+def test_a_kernel_that_reads_out_of_bounds_fails_its_gate_case(monkeypatch):
+    monkeypatch.setattr(gate, "kernel_module", lambda name: _ReadsPastQ)
+    with pytest.raises(Exception, match=r"OutOfBounds.*_copy_shifted: a load of 1 of \d+ unmasked lanes.*Q"):
+        gate.check_case(Problem("flash_v2", 1, 1, 1, 4, 4, 16, "float32"), {}, "cpu", 0, "bhnd")
