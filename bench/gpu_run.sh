@@ -5,7 +5,7 @@
 #   gputests only the tests marked gpu, with the gpu profile (the CPU gate runs the rest): the failures named
 #           (-rfE) in $OUT/gputests.log as they come, so a call cut short still says which failed, and each failure's
 #           message in $OUT/failures.log as it happens (PYTEST_ARGS: other files or -k; TUNEBENCH_PROFILE=gpu-triage:
-#           no shrinking)
+#           no shrinking; GPUTESTS_S: its own time limit, default 540 s, so that the steps after it still run)
 #   tune    tunebench tune on the default suite into ./results.db (timed)
 #   bench   tunebench bench on the headline suite
 #   example examples/generate.py on the GPU
@@ -46,10 +46,10 @@ for step in "$@"; do
   case "$step" in
     tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
-    gputests) TUNEBENCH_FAILURE_LOG="$OUT/failures.log" python3 -P -m pytest -v -n 8 -m gpu -p no:cacheprovider -rfE \
-               --tb=short ${PYTEST_ARGS:-tests/} \
-               > "$OUT/gputests.log" 2>&1
-             r=$?; grep -E '(^| )(FAILED|ERROR) ' "$OUT/gputests.log" | sort -u | tail -n 60; tail -n 3 "$OUT/gputests.log" ;;
+    gputests) TUNEBENCH_FAILURE_LOG="$OUT/failures.log" timeout "${GPUTESTS_S:-540}" python3 -P -m pytest -v -n 8 -m gpu \
+               -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-tests/} > "$OUT/gputests.log" 2>&1
+             r=$?; grep -E '(^| )(FAILED|ERROR) ' "$OUT/gputests.log" | sort -u | tail -n 60; tail -n 3 "$OUT/gputests.log"
+             [ -s "$OUT/failures.log" ] && head -c 4000 "$OUT/failures.log" ;;
     pack)    tar czf /tmp/outputs.tgz -C "$OUT" --exclude=./results.db --exclude=./log . &&
                find "$OUT" -mindepth 1 ! -name results.db ! -name log -delete && mv /tmp/outputs.tgz "$OUT/outputs.tgz"
              r=$?; ls -la "$OUT" ;;
