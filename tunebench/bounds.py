@@ -13,12 +13,13 @@ descriptors are bounds-checked by Triton itself and are not checked here.
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
+from types import SimpleNamespace
 
 import numpy as np
 
-_state = threading.local()
+# The interpreter's methods are patched for the whole process (checked()), so this state is the process's too: the
+# kernels running now, innermost last, as (name, regions), and whether the patch is in place.
+_state = SimpleNamespace(frames=[], active=False)
 
 
 class OutOfBounds(AssertionError):
@@ -61,10 +62,9 @@ def _regions(arg_names, args, kwargs) -> list[_Region]:
 
 
 def _check(kind: str, ptrs, mask) -> None:
-    frames = getattr(_state, "frames", None)
-    if not frames:
+    if not _state.frames:
         return
-    kernel, regions = frames[-1]
+    kernel, regions = _state.frames[-1]
     addresses = np.asarray(ptrs.data).astype(np.uint64).reshape(-1)
     active = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.asarray(ptrs.data).shape).reshape(-1)
     addresses = addresses[active]
@@ -88,7 +88,7 @@ def checked():
     in an InterpreterError whose message names it) on a load or store outside its tensor arguments."""
     from triton.runtime import interpreter as ti
 
-    if getattr(_state, "active", False):     # already checked (a gate case run inside the test suite's check)
+    if _state.active:                        # already checked (a gate case run inside the test suite's check)
         yield
         return
     saved = (ti.GridExecutor._init_args_hst, ti.InterpreterBuilder.create_masked_load,
@@ -127,6 +127,7 @@ def checked():
 
 
 def checked_if_interpreted():
-    """checked() when the Triton interpreter is on (TRITON_INTERPRET=1), else nothing: compiled kernels are not
-    instrumented (the GPU gate's fault is the check there)."""
-    return checked() if os.environ.get("TRITON_INTERPRET") == "1" else contextlib.nullcontext()
+    """checked() when the Triton interpreter is on (Triton's own reading of TRITON_INTERPRET), else nothing: compiled
+    kernels are not instrumented (the GPU gate's fault is the check there)."""
+    from .kernels._launch import interpreting
+    return checked() if interpreting() else contextlib.nullcontext()

@@ -28,7 +28,6 @@ The kernel returns no attention weights (as SDPA; `output_attentions=True` needs
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 import weakref
@@ -38,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..kernels._launch import interpreting
 from ..runtime.dispatch import flash_attention
 
 NAME = "tunebench"
@@ -114,9 +114,9 @@ def _unserved(query, key, value, mask, dropout, kwargs) -> tuple[str | None, boo
         return f"{query.shape[1]} query heads not a multiple of {key.shape[1]} key heads", False
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return "inputs that require grad (training: the kernel is forward only)", False
-    if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if query.device.type == "cpu" and not interpreting():
         return "CPU tensors without TRITON_INTERPRET=1", False
-    if query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if query.dtype == torch.bfloat16 and interpreting():
         return "bfloat16 under the Triton interpreter (which computes it wrongly)", False
     if mask is not None and (mask.dim() != 4 or mask.shape[-2:] != (query.shape[2], key.shape[2])):
         return "a mask that is not 4-d [B or 1, H or 1, Nq, Nk]", False
