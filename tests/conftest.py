@@ -62,10 +62,15 @@ def pytest_runtest_logreport(report):
     by the worker process that ran the test; the controller's copy, which xdist marks with `node`, is skipped).
     pytest prints them only once the session ends, and a device call cut by its time limit ends none: three H100
     calls on 2026-12-06 came back with dots and no message."""
+    if report.failed and getattr(report, "node", None) is None:
+        _log_failure(report.nodeid, report.when, report.longreprtext[-6000:])
+
+
+def _log_failure(nodeid: str, when: str, text: str) -> None:
     path = os.environ.get("TUNEBENCH_FAILURE_LOG")
-    if path and report.failed and getattr(report, "node", None) is None:
+    if path:
         with open(path, "a") as f:
-            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+            f.write(f"=== {nodeid} ({when})\n{text}\n")
 
 
 # A CUDA error of these kinds leaves the process's CUDA context unusable: every later GPU call in it fails too.
@@ -85,10 +90,7 @@ def pytest_runtest_teardown(item, nextitem):
     except Exception as e:  # noqa: BLE001 - only the sticky kinds below end the process
         if any(kind in str(e) for kind in _STICKY_CUDA_ERRORS):
             message = f"{item.nodeid} left a sticky CUDA error; this test process exits: {e}"
-            path = os.environ.get("TUNEBENCH_FAILURE_LOG")
-            if path:
-                with open(path, "a") as f:
-                    f.write(f"=== {item.nodeid} (teardown)\n{message}\n")
+            _log_failure(item.nodeid, "teardown", message)
             print(message, file=sys.stderr, flush=True)
             os._exit(70)
         raise
