@@ -146,6 +146,15 @@ def test_tune_json_is_the_summary_and_missing_winners_fail(monkeypatch, capsys):
     assert second["config"] is None and second["note"] == "no config passed"
 
 
+def test_tune_dtype_tunes_only_those_dtypes(monkeypatch, capsys):
+    import tunebench.commands.tune as tune_command
+    seen = []
+    monkeypatch.setattr(tune_command, "tune", lambda selected, options, results: seen.extend(selected))
+    cli.main(["tune", "--interpret", "--suite", "tiny", "--dtype", "float32"])
+    assert seen and {p.dtype for p in seen} == {"float32"}
+    assert len(seen) == sum(p.dtype == "float32" for p in suite("tiny"))
+
+
 def _failing_odd_seeds(problem, config, device, seed=0, layout="bhnd"):
     """A stand-in check with no launch: odd seeds fail (flash_v1's launch crashes, flash_v2's output is wrong)."""
     if seed % 2 and problem.kernel == "flash_v1":

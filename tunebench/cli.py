@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-record", default=None, metavar="FILE",
                    help="tune the buckets a program hit, most-called first: a file written by tunebench.record() or "
                         "TUNEBENCH_RECORD (instead of --suite)")
+    t.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32"),
+                   help="only problems of these dtypes (repeatable), e.g. to split a suite across runs")
     t.add_argument("--trials", type=int, default=None,
                    help="configs evaluated per problem; pruned and repeated configs do not count "
                         "(default: 24, or the grid size)")

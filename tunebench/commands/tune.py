@@ -24,7 +24,8 @@ def tune_command(args) -> int:
         from ..registry import known_kernels
         from ..runtime.record import load
         recorded = [problem for problem, _ in load(args.from_record, known_kernels())]   # RecordError: nothing is tuned
-    problems = select_problems(args.kernel, args.suite, args.preset, args.interpret, recorded)
+    problems = select_problems(args.kernel, args.suite, args.preset, args.interpret, recorded,
+                               dtypes=args.dtype)
     results: list[ProblemResult] = []
     start = time.monotonic()
     try:
