@@ -67,6 +67,31 @@ def known_kernels() -> dict[str, str]:
     return KERNELS
 
 
+def registered(name: str) -> bool:
+    """Whether a kernel of this name can run here: known_kernels(), or a device kernel (flash_v3) whose device this
+    is, registered on this first ask."""
+    if name not in known_kernels() and name in DEVICE_KERNELS and name not in UNAVAILABLE:
+        _register_device_kernel(name)
+    return name in KERNELS
+
+
+def readable(name: str) -> bool:
+    """Whether a database row naming this kernel can be read here: a registered kernel, or a built-in device kernel
+    (flash_v3's H100 winners are listed and reported on any machine; they are dispatched only on their device). A
+    row naming another is skipped: nothing else is imported."""
+    return name in known_kernels() or name in DEVICE_KERNELS
+
+
+def _reading_module(name: str, check: bool = True) -> ModuleType:
+    """The module of a readable kernel, for its SPACE and identity: a device kernel's even where it cannot run;
+    KeyError naming the registered kernels for another name."""
+    if not readable(name):
+        require_kernels([name])
+    if name in KERNELS:
+        return _import(name, KERNELS[name], check=check)
+    return _import(name, DEVICE_KERNELS[name], check=False)
+
+
 def _register_device_kernel(name: str) -> None:
     path = DEVICE_KERNELS[name]
     try:
@@ -131,10 +156,7 @@ def register_modules(specs: list[str] | None) -> list[str]:
 
 def require_kernels(names: list[str] | None) -> None:
     """KeyError naming every registered kernel if one of ``names`` is not registered."""
-    for name in names or ():
-        if name not in known_kernels() and name in DEVICE_KERNELS and name not in UNAVAILABLE:
-            _register_device_kernel(name)
-    unknown = [n for n in names or () if n not in known_kernels()]
+    unknown = [n for n in names or () if not registered(n)]
     if unknown and unknown[0] in UNAVAILABLE:
         raise KeyError(f"kernel {unknown[0]!r} is not available here: {UNAVAILABLE[unknown[0]]}")
     if unknown:
@@ -176,9 +198,7 @@ def _import(name: str, path: str, check: bool = True) -> ModuleType:
 
 def kernel_identity(name: str) -> str:
     """A short hash of the kernel's jit code and SPACE (see the module docstring); stored as `source_hash`."""
-    if name not in KERNELS:
-        require_kernels([name])
-    module = _import(name, KERNELS[name], check=False)   # only its code and SPACE count here
+    module = _reading_module(name, check=False)          # only its code and SPACE count here
     jitted = {}
     for value in vars(module).values():
         if _is_jit(value) and value.fn.__module__ == module.__name__:
@@ -262,7 +282,7 @@ def config_key(config: dict) -> tuple:
 def config_in_space(name: str, config: dict) -> str | None:
     """Why a config (e.g. read from a database) is outside the kernel's SPACE, or None when every value is allowed.
     Membership is by value and type: JSON's 1 does not pass for True, nor 64.0 for 64."""
-    space = kernel_module(name).SPACE
+    space = _reading_module(name).SPACE
     if set(config) != set(space):
         return f"keys {sorted(config)} != SPACE keys {sorted(space)}"
     for key, value in config.items():
@@ -278,7 +298,7 @@ def checked_config(name: str, config: dict) -> dict:
     that needs the kernel, which the store leaves to the dispatcher and `tunebench report`."""
     try:
         why = config_in_space(name, config)
-        space = kernel_module(name).SPACE
+        space = _reading_module(name).SPACE
     except (ImportError, ValueError) as e:
         raise ValueError(f"the kernel module cannot be used: {e}") from None
     if why:

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..device import DeviceIdentity
-from ..registry import known_kernels
+from ..registry import known_kernels, readable
 from ..shapes import Problem
 from ..text import clip, loads_bounded
 from .engine import StoreError, describe, open_engine, resolve_url
@@ -195,9 +195,9 @@ class Store:
         with self.session(read_only=True) as session:
             with self.reading("trials"):
                 rows = session.execute(query).all()
-        out, known = [], known_kernels()
+        out = []
         for kernel, source_hash, problem, config_json, median in rows:
-            if kernel not in known or not (type(median) is float and 0 < median < math.inf):
+            if not readable(kernel) or not (type(median) is float and 0 < median < math.inf):
                 continue
             try:
                 config = loads_bounded(config_json, "config_json")
@@ -267,7 +267,7 @@ class _Rejected(Exception):
 def _checked_winner(winner: WinnerModel, device: DeviceModel, kernel: KernelModel, problem: ProblemModel,
                     check_config: Callable[[str, dict], dict] | None) -> Winner:
     """The row as a Winner, or _Rejected saying why it cannot be trusted."""
-    if kernel.name not in known_kernels():
+    if not readable(kernel.name):
         raise _Rejected(f"unknown kernel (known: {', '.join(known_kernels())})")
     if problem.kernel != kernel.name:
         raise _Rejected(f"its problem is for kernel {problem.kernel!r}")
