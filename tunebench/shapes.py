@@ -266,11 +266,13 @@ HEADLINE_DECODE = ((64, 4096), (16, 16384), (128, 1024), (1, 32768))     # (B, c
 
 
 def _headline_suite() -> list[Problem]:
-    # What `tunebench bench` reports by default (BENCHMARKS.md): D 128 across lengths, D 64, the decode grid, and
-    # FlashAttention-1 up to 8k for the V1-vs-V2 ratio; the decode shapes with a bf16 and an fp8 (e4m3) cache.
+    # What `tunebench bench` reports by default (BENCHMARKS.md): D 128 across lengths, D 64 and D 256, the decode grid,
+    # and FlashAttention-1 up to 8k for the V1-vs-V2 ratio; the decode shapes with a bf16 and an fp8 (e4m3) cache.
     out = [Problem("flash_v2", 4, 16, 16, n, n, 128, dtype, causal=c)
            for dtype in ("float16", "bfloat16") for c in (False, True) for n in (1024, 2048, 4096, 8192, 16384)]
     out += [Problem("flash_v2", 4, 32, 32, n, n, 64, dtype, causal=c)
+            for dtype in ("float16", "bfloat16") for c in (False, True) for n in (4096, 16384)]
+    out += [Problem("flash_v2", 4, 8, 8, n, n, 256, dtype, causal=c)
             for dtype in ("float16", "bfloat16") for c in (False, True) for n in (4096, 16384)]
     out += [Problem("flash_v1", 4, 16, 16, n, n, 128, "float16", causal=c) for c in (False, True)
             for n in (1024, 4096, 8192)]
