@@ -268,8 +268,8 @@ def test_two_runs_on_one_journal_share_its_budget_and_run_no_config_twice(tmp_pa
 
 def held_trial(journal, pid: int) -> int | None:
     """A trial the process holds RUNNING with nothing but its "host" written, once it has finished one; None while
-    any RUNNING trial has no "host" yet (an ask not yet tagged: a run killed then leaves a trial no one can name as
-    its, which only the heartbeat's grace period, an hour here, fails; this test is of a run killed mid-trial)."""
+    any RUNNING trial has no "host" yet (an ask not yet tagged: a run killed then leaves a trial that is failed a
+    heartbeat interval later, test_a_trial_left_without_its_host_...; this test is of a run killed mid-trial)."""
     storage = JournalStudies(journal)
     trials = [t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)]
     if any(t.state.name == "RUNNING" and "host" not in t.user_attrs for t in trials):
@@ -307,3 +307,27 @@ def test_a_run_killed_mid_trial_is_taken_over_at_once_by_the_other(tmp_path):
     assert lost.state.name == "FAIL" and "status" not in lost.user_attrs, (lost.state, lost.user_attrs)
     (retry,) = [t for t in trials if t.system_attrs.get("retry_of") == held]
     assert retry.params == (lost.system_attrs.get("fixed_params") or lost.params)  # the whole config, once
+
+
+def test_a_trial_left_without_its_host_is_failed_a_heartbeat_later_and_retried(tmp_path):
+    """A run killed between Optuna's ask and tagging the trial with its process leaves a RUNNING trial no one can
+    name as a dead run's: only the grace period (an hour here) would fail it, and the other runs would wait for it.
+    A heartbeat interval after it started it is failed and its config queued again; a trial another host holds,
+    and one asked a moment ago, are left alone."""
+    from optuna.trial import TrialState
+    from tunebench.tune.shared import SharedStudy
+    storage = JournalStudies(tmp_path / "s.journal", heartbeat_s=1, grace_s=3600, stale_callback=retry_once)
+    study = quiet_study(storage)
+    orphan, elsewhere = study.ask(), study.ask()
+    elsewhere.set_user_attr("host", "another-host:1")
+    for trial in (orphan, elsewhere):
+        trial.suggest_categorical("BLOCK", [16, 32])
+    time.sleep(1.2)
+    just_asked = study.ask()
+    shared = SharedStudy.__new__(SharedStudy)                 # only what fail_dead_owners reads
+    shared.study, shared.storage, shared.heartbeats, shared.open = study, storage, True, {}
+    states = {t.number: t.state for t in shared.fail_dead_owners(study.get_trials(deepcopy=False))}
+    assert [states[t.number] for t in (orphan, elsewhere, just_asked)] == [TrialState.FAIL, TrialState.RUNNING,
+                                                                          TrialState.RUNNING]
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["retry_of"] == orphan.number and retry.params == orphan.params

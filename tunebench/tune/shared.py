@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from ..registry import config_key
 from ..shapes import Problem
@@ -173,11 +173,14 @@ class SharedStudy:
     def fail_dead_owners(self, trials: list) -> list:
         """Fails at once the RUNNING trials of a run on this host whose process is gone (killed with kill -9, say),
         which the heartbeat would fail only a grace period later, with Optuna's stale-trial callback (retry_once)
-        after each, as its heartbeat check does. Returns the study's trials as they now are."""
+        after each, as its heartbeat check does; and, from any host, a RUNNING trial that has no "host" a heartbeat
+        interval after it started (_never_tagged). Returns the study's trials as they now are."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
+        untagged_before = datetime.now() - timedelta(seconds=self.storage.get_heartbeat_interval() or 0)
         dead = [t for t in trials if t.state == TrialState.RUNNING and t.number not in self.open
-                and owner_is_dead(t.user_attrs.get("host"))] if self.heartbeats else []
+                and (owner_is_dead(t.user_attrs.get("host")) or _never_tagged(t, untagged_before))
+                ] if self.heartbeats else []
         if not dead:
             return trials
         callback = self.storage.get_heartbeat_stale_trial_callback()
@@ -215,9 +218,9 @@ class SharedStudy:
         with deferred_interrupt():
             trial = self.study.ask()
             self.open[trial.number] = trial
+            trial.set_user_attr("host", HOST)  # which process holds it: a run killed before this (_never_tagged)
             if self.heartbeats:
                 self.storage.record_heartbeat(trial._trial_id)  # from now on, a killed run leaves a stale trial
-        trial.set_user_attr("host", HOST)  # which process holds a RUNNING trial, for whoever looks at the study
         return trial, "fixed_params" in self.storage.get_trial_system_attrs(trial._trial_id)
 
     def beat(self) -> None:
@@ -315,6 +318,17 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
+
+
+def _never_tagged(trial, before: datetime) -> bool:
+    """A RUNNING trial with no "host" that started before ``before`` (a heartbeat interval ago): a live run tags
+    its trial right after the ask (SharedStudy.ask), so its run died in between, and no one can name it by its
+    process. The heartbeat alone would fail it only a grace period later (adopt_orphans), and the other runs of the
+    study would wait for it until then. Optuna stamps datetime_start with the asking host's local clock: hosts whose
+    clocks differ by more than the heartbeat could fail a live run's trial in the moment before its tag, which
+    costs that config one extra run (retry_once), nothing else."""
+    started = trial.datetime_start
+    return "host" not in trial.user_attrs and started is not None and started < before
 
 
 def owner_is_dead(host: str | None) -> bool:

@@ -138,10 +138,11 @@ def retry_once(study, trial) -> None:
     Unlike Optuna's RetryFailedTrialCallback, the copy carries no user attributes: the dead run's "host" on a
     queued trial would have it failed again as soon as it is popped."""
     import optuna
-    if "retry_of" in trial.system_attrs or not trial.params:
-        return
-    # A queued config (DEFAULT, the grid) is retried whole even if the run died while writing its parameters.
+    # A queued config (DEFAULT, the grid) is retried whole even if the run died before or while writing its
+    # parameters; a sampled one with those it wrote (the sampler draws the rest), and not at all if it wrote none.
     params = trial.system_attrs.get("fixed_params") or trial.params
+    if "retry_of" in trial.system_attrs or not params:
+        return
     distributions = dict(trial.distributions)
     if set(params) - set(distributions):  # the distributions of the parameters it did not write: another trial's
         for other in study.get_trials(deepcopy=False):
