@@ -318,7 +318,8 @@ def test_a_trial_left_without_its_host_is_failed_a_heartbeat_later_and_retried(t
     from tunebench.tune.shared import SharedStudy
     storage = JournalStudies(tmp_path / "s.journal", heartbeat_s=1, grace_s=3600, stale_callback=retry_once)
     study = quiet_study(storage)
-    orphan, elsewhere = study.ask(), study.ask()
+    study.enqueue_trial({"BLOCK": 32})
+    queued, orphan, elsewhere = study.ask(), study.ask(), study.ask()   # queued: killed before writing a parameter
     elsewhere.set_user_attr("host", "another-host:1")
     for trial in (orphan, elsewhere):
         trial.suggest_categorical("BLOCK", [16, 32])
@@ -327,7 +328,7 @@ def test_a_trial_left_without_its_host_is_failed_a_heartbeat_later_and_retried(t
     shared = SharedStudy.__new__(SharedStudy)                 # only what fail_dead_owners reads
     shared.study, shared.storage, shared.heartbeats, shared.open = study, storage, True, {}
     states = {t.number: t.state for t in shared.fail_dead_owners(study.get_trials(deepcopy=False))}
-    assert [states[t.number] for t in (orphan, elsewhere, just_asked)] == [TrialState.FAIL, TrialState.RUNNING,
-                                                                          TrialState.RUNNING]
-    (retry,) = study.get_trials(states=(TrialState.WAITING,))
-    assert retry.system_attrs["retry_of"] == orphan.number and retry.params == orphan.params
+    assert [states[t.number] for t in (queued, orphan, elsewhere, just_asked)] == [
+        TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    retries = {t.system_attrs["retry_of"]: t.params for t in study.get_trials(states=(TrialState.WAITING,))}
+    assert retries == {queued.number: {"BLOCK": 32}, orphan.number: orphan.params}
