@@ -457,6 +457,20 @@ def test_tune_kernel_flash_v3_tunes_the_flash_v2_problems_it_can_run(monkeypatch
     assert [dataclasses.replace(p, kernel="flash_v2") for p in got] == [p for p in v2 if p.D in (64, 128, 256)]
     both = select_problems(["flash_v2", "flash_v3"], "headline", None)
     assert {p.kernel for p in both} == {"flash_v2", "flash_v3"} and len(both) == len(v2) + len(got)
+    # With no --kernel, tune takes every kernel that runs here: on Hopper each prefill bucket for flash_v3 too.
+    everything = select_problems(None, "headline", None)
+    assert [p for p in everything if p.kernel == "flash_v3"] == got
+    assert {p.kernel for p in everything} == {"flash_v1", "flash_v2", "flash_v3", "paged_attention"}
+
+
+def test_tune_with_no_kernel_named_takes_no_flash_v3_problems_where_it_cannot_run(monkeypatch):
+    import tunebench.registry as registry
+    module = pytest.importorskip("tunebench.kernels.flash_v3")
+    monkeypatch.setattr(module, "unavailable", lambda: "not Hopper (pretended)")
+    monkeypatch.setattr(registry, "KERNELS", {k: v for k, v in registry.KERNELS.items() if k != "flash_v3"})
+    monkeypatch.setattr(registry, "UNAVAILABLE", {})
+    got = select_problems(None, "headline", None)
+    assert "flash_v3" not in {p.kernel for p in got} and "flash_v2" in {p.kernel for p in got}
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "grid"])

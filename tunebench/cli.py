@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=TUNE_EPILOG)
     t.add_argument("--kernel", action="append", metavar="KERNEL",
                    help=f"only these kernels (repeatable): {', '.join(kernels)}, or one of --kernel-module; a "
-                        f"kernel of your own tunes the problems its SHAPES declares for the suite")
+                        f"kernel of your own tunes the problems its SHAPES declares for the suite. Default: every "
+                        f"kernel that runs here; on Hopper flash_v3 takes each flash_v2 bucket it can run too, so "
+                        f"that variant='auto' compares the two")
     t.add_argument("--kernel-module", action="append", metavar="[NAME=]MODULE", help=kernel_module_help)
     t.add_argument("--suite", default=None, help="named suite of problems (default: 'default'; 'tiny' for the CPU)")
     t.add_argument("--preset", default=None, help="model preset, e.g. llama-3-8b (instead of --suite)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from ..registry import REPLACES, declared_problems, kernel_module
+from ..registry import REPLACES, declared_problems, kernel_module, registered
 from ..shapes import SUITES, Problem, bucket_key, preset_problems, suite
 
 
@@ -17,8 +17,9 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
                     default_suite: str = "default", per_bucket: bool = True) -> list[Problem]:
     """The problems a command runs: a suite (`default_suite`, or 'tiny' under --interpret), a model preset (fp16
     under --interpret, else bf16), or the buckets of a recording (runtime/record.py, most-called first), filtered by
-    kernel and dtype. per_bucket (tune): one problem per bucket, as the store keeps one winner per bucket; else (bench)
-    every distinct shape."""
+    kernel and dtype. per_bucket (tune): one problem per bucket, as the store keeps one winner per bucket, and with no
+    kernels named, the problems a kernel that replaces another where it runs (flash_v3 on Hopper) can take, as its
+    own, so that variant="auto" has both kernels' winners to compare; else (bench) every distinct shape."""
     if sum(x is not None for x in (suite_name, preset, record)) > 1:
         raise ValueError("give one of --suite, --preset and --from-record")
     if record is not None:
@@ -32,6 +33,8 @@ def select_problems(kernels: list[str] | None, suite_name: str | None, preset: s
     if kernels:
         problems += replacement_problems(kernels, problems)
         problems = [p for p in problems if p.kernel in kernels]
+    elif per_bucket:    # tune with no --kernel: each bucket for every kernel that can run it here (flash_v3 on Hopper)
+        problems += replacement_problems([name for name in REPLACES if registered(name)], problems)
     if dtypes:
         problems = [p for p in problems if p.dtype in dtypes]
     if interpret:
