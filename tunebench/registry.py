@@ -6,8 +6,9 @@ A kernel is registered in one of three ways, and each maps a name to a module th
 - an installed package's entry point in the group `tunebench.kernels` (``rmsnorm = "my_pkg.rmsnorm"``), found when
   a name is looked up (known_kernels); an entry point cannot take a built-in kernel's name;
 - `--kernel-module [NAME=]pkg.mod` on `tunebench tune` and `tunebench check` (register_modules).
-Names read from a database map through these registrations, and nothing else is ever imported: a row naming a kernel
-that is not registered is skipped, whatever module its name looks like.
+Names read from a database map through these registrations and the built-in device kernels (flash_v3, whose rows are
+read on any machine and dispatched only on its device; `readable`), and nothing else is ever imported: a row naming
+any other kernel is skipped, whatever module its name looks like.
 
 A kernel's identity stamps every trial and winner: when it changes, the old winners are stale and are not
 dispatched. It is a hash of the code that runs on the GPU and of the search space, nothing else:
