@@ -2,7 +2,8 @@
 
 Per device: each winner with its speedup over the kernel's DEFAULT (and over the best peer, when the tuner measured
 one), its trials' outcomes, and the time spent tuning it (first trial start to last trial end, and the sum of trial
-durations); then totals by status and a PNG of the speedups. A winner whose kernel source has changed since is marked
+durations), and, per bucket that flash_v3 has a winner for, which kernel variant="auto" runs there; then totals by
+status and a PNG of the speedups. A winner whose kernel source has changed since is marked
 stale: the dispatcher ignores it.
 
 Only collect() needs the kernels (their SPACE and identity); the formatting helpers import none, so that
@@ -10,11 +11,12 @@ Only collect() needs the kernels (their SPACE and identity); the formatting help
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
-from .registry import config_key
+from .registry import REPLACES, config_key
+from .shapes import bucket_key
 from .store import Store, Winner
 from .text import format_config, format_counts, format_duration, format_speedup, printable, table
 
@@ -89,6 +91,26 @@ def headroom(lines: list[WinnerLine]) -> list[str]:
     return out
 
 
+AUTO_COLUMNS = ["bucket", "kernel", "winner ms", "replaced kernel", "its winner ms", "variant='auto' runs"]
+
+
+def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
+    """Per bucket of one device that a replacing kernel (flash_v3, registry.REPLACES) has a current winner for: its
+    time, the replaced kernel's (flash_v2's) winner time, and the kernel variant="auto" runs there on that device (the
+    faster; runtime/dispatch.auto_kernel). Stale winners are left out, as the dispatcher leaves them out."""
+    current = {(x.winner.device, x.winner.kernel, bucket_key(x.winner.problem)): x.winner for x in lines if not x.stale}
+    rows = []
+    for (device, kernel, key), w in current.items():
+        if kernel not in REPLACES:
+            continue
+        replaced = REPLACES[kernel]
+        other = current.get((device, replaced, bucket_key(replace(w.problem, kernel=replaced))))
+        runs = kernel if other is None or w.median_ms < other.median_ms else replaced
+        rows.append([w.problem.label().removeprefix(f"{kernel} "), kernel, f"{w.median_ms:.4f}", replaced,
+                     f"{other.median_ms:.4f}" if other else "no winner", runs])
+    return rows
+
+
 def device_label(w: Winner) -> str:
     """The device a winner was measured on, with the versions that measured it."""
     note = "" if w.is_speed_measurement else " [interpreter: not a speed measurement]"
@@ -139,6 +161,10 @@ def format_report(lines: list[WinnerLine], totals: dict[str, int], where: str) -
                 + (f"; speedup over DEFAULT: median {_median(speedups):.2f}x, best {max(speedups):.2f}x, "
                    f"worst {min(speedups):.2f}x" if speedups else ""), ""]
         out += [f"- {line}" for line in headroom(mine)] + [""]
+        choices = auto_choices(mine)
+        if choices:
+            out += ["### Which kernel variant='auto' runs per bucket", "", table(AUTO_COLUMNS, choices, markdown=True),
+                    ""]
     total = sum(totals.values())
     out += ["## Trials by status (all devices)", "",
             f"{total} trials: {format_counts(totals)}" if total else "no trials stored"]
