@@ -226,7 +226,16 @@ def test_auto_does_not_compare_a_winner_keep_rejects(monkeypatch, device):
     monkeypatch.setattr(v3, "keep", lambda config, problem: "measured wrong")
     _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": 1.0})
     kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
-    assert kernel == "flash_v2" and "fastest tuned winner" in why and "flash_v3" not in why, why
+    assert kernel == "flash_v2" and "only tuned winner" in why and "flash_v3 has no winner it can run" in why, why
+
+
+def test_auto_says_when_it_had_only_one_winner_to_go_by(monkeypatch, device):
+    """flash_v3's winner alone (flash_v2 untuned for the bucket): auto runs it, and says that nothing was compared,
+    as on the H100 at N 1k, where flash_v2's DEFAULT was in fact faster."""
+    _as_on_hopper(monkeypatch)
+    _auto_winners(monkeypatch, {"flash_v3": 1.0})
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
+    assert kernel == "flash_v3" and "only tuned winner" in why and "flash_v2 has no winner it can run" in why, why
 
 
 def test_auto_without_exact_winners_runs_flash_v2(monkeypatch, device):

@@ -159,7 +159,7 @@ def _refusal(kernel: str, q, k, v) -> str | None:
 def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the one whose exact winner
     for the call's bucket (one keep() admits) was tuned fastest on this GPU; the fallback kernel when none has one."""
-    timed, skipped = [], []
+    timed, untimed, skipped = [], [], []
     for kernel in AUTO_KERNELS:
         reason = _refusal(kernel, q, k, v)
         if reason:
@@ -171,10 +171,18 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
         ms = _DISPATCHER.winners.exact_ms(problem, lambda config: module.keep(config, problem) is None)
         if ms is not None:
             timed.append((ms, kernel))
-    if timed:
+        else:
+            untimed.append(kernel)
+    if len(timed) > 1:
         ms, kernel = min(timed)
         others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
-        why = f"the fastest tuned winner for this bucket ({ms:.4g} ms{'; ' + others if others else ''})"
+        why = f"the fastest tuned winner for this bucket ({ms:.4g} ms; {others})"
+    elif timed:
+        # Nothing to compare it with: say so, since a winner of one kernel is not evidence against another's DEFAULT.
+        (ms, kernel), = timed
+        why = f"the only tuned winner for this bucket ({ms:.4g} ms)" + "".join(
+            f"; {other} has no winner it can run here, so it was not compared (`tunebench tune` on this GPU tunes "
+            f"both)" for other in untimed)
     else:
         kernel = AUTO_KERNELS[-1]
         why = "no kernel has an exact winner for this bucket, so the one that runs every shape"
