@@ -177,10 +177,11 @@ class SharedStudy:
         interval after it started (_never_tagged). Returns the study's trials as they now are."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
-        untagged_before = datetime.now() - timedelta(seconds=self.storage.get_heartbeat_interval() or 0)
+        if not self.heartbeats:
+            return trials
+        untagged_before = datetime.now() - timedelta(seconds=self.storage.get_heartbeat_interval())
         dead = [t for t in trials if t.state == TrialState.RUNNING and t.number not in self.open
-                and (owner_is_dead(t.user_attrs.get("host")) or _never_tagged(t, untagged_before))
-                ] if self.heartbeats else []
+                and (owner_is_dead(t.user_attrs.get("host")) or _never_tagged(t, untagged_before))]
         if not dead:
             return trials
         callback = self.storage.get_heartbeat_stale_trial_callback()
