@@ -65,9 +65,9 @@ def _check(kind: str, ptrs, mask) -> None:
     if not _state.frames:
         return
     kernel, regions = _state.frames[-1]
-    addresses = np.asarray(ptrs.data).astype(np.uint64).reshape(-1)
-    active = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.asarray(ptrs.data).shape).reshape(-1)
-    addresses = addresses[active]
+    pointers = np.asarray(ptrs.data)
+    active = np.broadcast_to(np.asarray(mask.data, dtype=bool), pointers.shape).reshape(-1)
+    addresses = pointers.astype(np.uint64).reshape(-1)[active]
     if addresses.size == 0:
         return
     inside = np.zeros(addresses.shape, dtype=bool)
