@@ -376,8 +376,8 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
 @functools.cache
 def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
     """The swizzled shared-memory layout of a [1, 1, block_rows, head_dim] TMA box: the same for every call of a
-    config, and three quarters of a launch's host-side argument building (47 us on a 2-core CI-class CPU, 11.5 us cached), which
-    shows next to a 70 us kernel."""
+    config, and three quarters of a launch's host-side argument building (47 us on a 2-core CI-class CPU, 11.5 us
+    cached), which shows next to a 70 us kernel."""
     return gl.NVMMASharedLayout.get_default_for([1, 1, block_rows, head_dim], _GL_DTYPES[dtype])
 
 
