@@ -447,23 +447,27 @@ def test_report_gives_the_margin_over_the_runner_up_and_says_when_the_space_has_
 
 
 def test_report_says_which_kernel_auto_runs_per_bucket():
-    """Per bucket with a current flash_v3 winner: the faster of it and flash_v2's, flash_v3 where flash_v2 has none;
-    a stale flash_v3 winner, or one of another device, is not compared."""
+    """Per bucket with a current flash_v3 winner: by its speedup over flash_v2 timed beside it where it has one,
+    else the faster of it and flash_v2's winner, flash_v3 where flash_v2 has none; a stale flash_v3 winner, or one of
+    another device, is not compared."""
     from tunebench.report import WinnerLine, auto_choices
     from tunebench.store import Winner
 
-    def line(kernel, n, ms, device="H100", stale=False):
+    def line(kernel, n, ms, device="H100", stale=False, versus=None):
         problem = Problem(kernel, 4, 16, 16, n, n, 128, "bfloat16")
-        return WinnerLine(Winner(device, "9.0", kernel, "h", problem, {}, ms, 1.0, None, "", "",
+        return WinnerLine(Winner(device, "9.0", kernel, "h", problem, {}, ms, 1.0, versus, "", "",
                                  datetime.now(timezone.utc)), {}, None, None, stale)
     lines = [line("flash_v3", 1024, 0.07), line("flash_v2", 1024, 0.06), line("flash_v3", 4096, 0.9),
              line("flash_v2", 4096, 1.1), line("flash_v3", 8192, 3.9), line("flash_v3", 2048, 0.2, stale=True),
-             line("flash_v2", 8192, 3.0, device="H200")]
+             line("flash_v2", 8192, 3.0, device="H200"), line("flash_v3", 16384, 10.0, versus=0.9),
+             line("flash_v2", 16384, 12.0), line("flash_v3", 512, 0.05, versus=1.1)]
     rows = {r[0]: r for r in auto_choices(lines)}
-    assert set(rows) == {f"bfloat16 B4 H16/16 Nq{n} Nk{n} D128" for n in (1024, 4096, 8192)}
-    assert rows["bfloat16 B4 H16/16 Nq1024 Nk1024 D128"][3:] == ["flash_v2", "0.0600", "flash_v2"]
-    assert rows["bfloat16 B4 H16/16 Nq4096 Nk4096 D128"][3:] == ["flash_v2", "1.1000", "flash_v3"]
-    assert rows["bfloat16 B4 H16/16 Nq8192 Nk8192 D128"][3:] == ["flash_v2", "no winner", "flash_v3"]
+    assert set(rows) == {f"bfloat16 B4 H16/16 Nq{n} Nk{n} D128" for n in (512, 1024, 4096, 8192, 16384)}
+    assert rows["bfloat16 B4 H16/16 Nq1024 Nk1024 D128"][3:] == ["flash_v2", "0.0600", "-", "flash_v2"]
+    assert rows["bfloat16 B4 H16/16 Nq4096 Nk4096 D128"][3:] == ["flash_v2", "1.1000", "-", "flash_v3"]
+    assert rows["bfloat16 B4 H16/16 Nq8192 Nk8192 D128"][3:] == ["flash_v2", "no winner", "-", "flash_v3"]
+    assert rows["bfloat16 B4 H16/16 Nq16384 Nk16384 D128"][3:] == ["flash_v2", "12.0000", "0.90x", "flash_v2"]
+    assert rows["bfloat16 B4 H16/16 Nq512 Nk512 D128"][3:] == ["flash_v2", "no winner", "1.10x", "flash_v3"]
 
 
 def test_report_on_an_empty_or_missing_database(tmp_path, capsys):

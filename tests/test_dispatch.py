@@ -188,10 +188,11 @@ V3_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "STAGES": 2, "OVERLA
              "PRODUCER_REGS": 24}
 
 
-def _auto_winners(monkeypatch, times: dict[str, float]):
-    """A dispatcher whose winners are exact for the auto test shape, one per kernel, with these tuned times."""
+def _auto_winners(monkeypatch, times: dict[str, float], v3_versus_v2: float | None = None):
+    """A dispatcher whose winners are exact for the auto test shape, one per kernel, with these tuned times (and
+    flash_v3's speedup over flash_v2 timed beside it, if given)."""
     rows = [(dataclasses.replace(_problem(), kernel=kernel), V3_CONFIG if kernel == "flash_v3" else V2_TUNED, "test",
-             ms) for kernel, ms in times.items()]
+             ms, v3_versus_v2 if kernel == "flash_v3" else None) for kernel, ms in times.items()]
     monkeypatch.setattr(dispatch, "_DISPATCHER", dispatch.Dispatcher(winners.Winners(_device().name, rows)))
 
 
@@ -216,6 +217,30 @@ def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, 
     kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
     other = "flash_v2 2 ms" if expected == "flash_v3" else "flash_v3 3 ms"
     assert kernel == expected and "fastest tuned winner" in why and other in why, why
+
+
+@pytest.mark.parametrize("versus, expected", [(1.2, "flash_v3"), (0.8, "flash_v2")])
+@pytest.mark.parametrize("times", [{"flash_v2": 2.0, "flash_v3": 1.0}, {"flash_v2": 1.0, "flash_v3": 2.0},
+                                   {"flash_v3": 1.0}])
+def test_auto_goes_by_the_head_to_head_timing_over_the_two_winners_times(monkeypatch, device, times, versus,
+                                                                          expected):
+    """flash_v3's winner timed beside flash_v2's config when it was tuned (speedup_vs_peer) decides, whatever the two
+    winners' times from their own runs say, and whether or not flash_v2 has a winner: on the H100 at N 1k flash_v3's
+    lone winner ran though flash_v2's DEFAULT was faster."""
+    _as_on_hopper(monkeypatch)
+    _auto_winners(monkeypatch, times, v3_versus_v2=versus)
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
+    assert kernel == expected and f"{versus:.2f}x flash_v2's config beside it" in why, why
+    assert ("so flash_v2 runs" in why) == (expected == "flash_v2"), why
+
+
+def test_auto_does_not_go_by_a_head_to_head_figure_of_a_winner_keep_rejects(monkeypatch, device):
+    import tunebench.kernels.flash_v3 as v3
+    _as_on_hopper(monkeypatch)
+    monkeypatch.setattr(v3, "keep", lambda config, problem: "measured wrong")
+    _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": 1.0}, v3_versus_v2=1.5)
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
+    assert kernel == "flash_v2" and "beside it" not in why, why
 
 
 def test_auto_does_not_compare_a_winner_keep_rejects(monkeypatch, device):

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import statistics
 import sys
 
 import pytest
@@ -301,6 +302,34 @@ def test_finalists_whose_rounds_overlap_get_more_rounds(tmp_path, fakes, monkeyp
     rounds.update(zip(extra["configs"], extra["rounds_ms"]))  # the contenders' rounds, first and extra
     assert result.median_ms == min(timing.confirmed_ms(r) for r in rounds.values())
     assert result.median_ms == timing.confirmed_ms(rounds[format_config(result.config)])
+
+
+def test_a_replacing_kernel_is_retimed_beside_the_replaced_kernels_winner(tmp_path, fakes, monkeypatch):
+    # As flash_v3 beside flash_v2: the twin's finalists and fake_plain's stored winner for the same bucket are timed
+    # in the same rounds, and the winner carries its speedup over it (what variant="auto" goes by).
+    monkeypatch.setitem(registry.KERNELS, "fake_twin", FAKES["fake_plain"])
+    monkeypatch.setitem(registry.REPLACES, "fake_twin", "fake_plain")
+    problems = [fake_problem("fake_plain"), fake_problem("fake_twin")]
+    (plain, twin), events = traced_tune(tmp_path, monkeypatch, problems, trials=3)
+    assert plain.speedup_vs_peer is None and plain.written
+    first = [e for e in events if e["kind"] == "retimed" and e["index"] == 1][0]
+    assert len(first["rounds_ms"]) == len(first["configs"]) + 1  # the peer's rounds come last
+    peer_ms = statistics.median(first["rounds_ms"][-1])
+    assert twin.speedup_vs_peer == pytest.approx(peer_ms / twin.median_ms)
+    assert "fake_plain (its winner" in twin.note, twin.note
+    [stored] = Store(str(tmp_path / "results.db")).winners(kernel="fake_twin")
+    assert stored.speedup_vs_peer == pytest.approx(twin.speedup_vs_peer)
+
+
+def test_a_replaced_kernels_config_that_is_wrong_is_not_timed_as_the_peer(tmp_path, fakes, monkeypatch):
+    monkeypatch.setitem(registry.KERNELS, "fake_twin", FAKES["fake_plain"])
+    monkeypatch.setitem(registry.REPLACES, "fake_twin", "fake_behaviours")
+    monkeypatch.setattr(kernel_module("fake_behaviours"), "DEFAULT", {"MODE": "wrong", "X": 2})
+    [twin] = tune([fake_problem("fake_twin")], options(tmp_path, trials=2))
+    assert twin.written and twin.speedup_vs_peer is None
+    assert "fake_behaviours (DEFAULT) was not close enough" in twin.note, twin.note
+    [stored] = Store(str(tmp_path / "results.db")).winners(kernel="fake_twin")
+    assert stored.speedup_vs_peer is None
 
 
 def test_a_repeat_is_marked_a_duplicate_before_it_is_given_a_status():

@@ -114,7 +114,7 @@ CHECK_EPILOG = """in CI (the exact line to copy; see README "In your CI"):
 
 TUNE_EPILOG = """--json prints the end-of-run summary as {"tunebench", "command": "tune", "wall_s", "interpret",
   "problems": [{"problem", "bucket", "config", "median_ms", "default_ms", "speedup", "counts", "wall_s",
-  "written", "note"}], "missing": N}; progress goes to stderr either way."""
+  "written", "note", "speedup_vs_peer"}], "missing": N}; progress goes to stderr either way."""
 
 SHOW_EPILOG = """--json prints {"tunebench", "command": "show", "db", "winners": [{"device", "capability", "torch",
   "triton", "speed_measurement", "kernel", "source_hash", "bucket", "problem", "config", "median_ms",

@@ -91,13 +91,16 @@ def headroom(lines: list[WinnerLine]) -> list[str]:
     return out
 
 
-AUTO_COLUMNS = ["bucket", "kernel", "winner ms", "replaced kernel", "its winner ms", "variant='auto' runs"]
+AUTO_COLUMNS = ["bucket", "kernel", "winner ms", "replaced kernel", "its winner ms", "timed beside it",
+                "variant='auto' runs"]
 
 
 def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
     """Per bucket of one device that a replacing kernel (flash_v3, registry.REPLACES) has a current winner for: its
-    time, the replaced kernel's (flash_v2's) winner time, and the kernel variant="auto" runs there on that device (the
-    faster; runtime/dispatch.auto_kernel). Stale winners are left out, as the dispatcher leaves them out."""
+    time, the replaced kernel's (flash_v2's) winner time, its speedup over the replaced kernel's config timed beside
+    it when it was tuned, and the kernel variant="auto" runs there on that device (runtime/dispatch.auto_kernel: by
+    that speedup where it was measured, else the faster winner). Stale winners are left out, as the dispatcher leaves
+    them out."""
     current = {(x.winner.device, x.winner.kernel, bucket_key(x.winner.problem)): x.winner for x in lines if not x.stale}
     rows = []
     for (device, kernel, key), w in current.items():
@@ -105,9 +108,12 @@ def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
             continue
         replaced = REPLACES[kernel]
         other = current.get((device, replaced, bucket_key(replace(w.problem, kernel=replaced))))
-        runs = kernel if other is None or w.median_ms < other.median_ms else replaced
+        if w.speedup_vs_peer is not None:
+            runs = kernel if w.speedup_vs_peer >= 1.0 else replaced
+        else:
+            runs = kernel if other is None or w.median_ms < other.median_ms else replaced
         rows.append([w.problem.label().removeprefix(f"{kernel} "), kernel, f"{w.median_ms:.4f}", replaced,
-                     f"{other.median_ms:.4f}" if other else "no winner", runs])
+                     f"{other.median_ms:.4f}" if other else "no winner", format_speedup(w.speedup_vs_peer), runs])
     return rows
 
 

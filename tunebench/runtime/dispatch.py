@@ -157,8 +157,10 @@ def _refusal(kernel: str, q, k, v) -> str | None:
 
 
 def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
-    """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the one whose exact winner
-    for the call's bucket (one keep() admits) was tuned fastest on this GPU; the fallback kernel when none has one."""
+    """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the first whose exact winner
+    for the call's bucket (one keep() admits) was measured faster than the fallback kernel's config beside it when it
+    was tuned (its speedup_vs_peer: tune/confirm.py), or else the one whose exact winner was tuned fastest on this GPU;
+    the fallback kernel when none has one."""
     timed, untimed, skipped = [], [], []
     for kernel in AUTO_KERNELS:
         reason = _refusal(kernel, q, k, v)
@@ -168,7 +170,17 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
         problem = _dense_problem(kernel, q, k, causal)
         module = kernel_module(kernel)
         # A winner keep() now rejects is not what Dispatcher.choose would run (it falls back to DEFAULT): not compared.
-        ms = _DISPATCHER.winners.exact_ms(problem, lambda config: module.keep(config, problem) is None)
+        admits = lambda config: module.keep(config, problem) is None  # noqa: E731 - problem/module of this turn
+        ms = _DISPATCHER.winners.exact_ms(problem, admits)
+        versus = _DISPATCHER.winners.exact_versus_peer(problem, admits) if kernel != AUTO_KERNELS[-1] else None
+        if versus is not None:
+            # Measured head to head in one re-timing: this settles it, whatever the two winners' times from their
+            # own runs say.
+            fallback = AUTO_KERNELS[-1]
+            chosen = kernel if versus >= 1.0 else fallback
+            why = (f"{kernel}'s winner for this bucket was timed at {versus:.2f}x {fallback}'s config beside it when "
+                   f"it was tuned" + ("" if chosen == kernel else f", so {fallback} runs"))
+            return chosen, "; ".join([why] + skipped)
         if ms is not None:
             timed.append((ms, kernel))
         else:
@@ -284,8 +296,9 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, v
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] (SDPA's layout, any strides; Hq a multiple of Hkv). Returns
     [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1).
-    variant "auto" runs, of flash_v3 (Hopper only) and flash_v2, the one whose exact winner for the call's bucket was
-    tuned fastest on this GPU, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and "v1" (the
+    variant "auto" runs, of flash_v3 (Hopper only) and flash_v2, flash_v3 where its exact winner for the call's
+    bucket was timed faster than flash_v2's config beside it when tuned, else the one whose exact winner was tuned
+    fastest on this GPU, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and "v1" (the
     FlashAttention-1 schedule) force one.
     """
     if torch.compiler.is_compiling():

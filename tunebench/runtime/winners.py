@@ -75,7 +75,9 @@ class Choice:
 
 class Winners:
     """One device's winners by exact bucket, and its ok trials by family and bucket (the evidence for transfer).
-    ``times`` holds each exact winner's median ms where the rows give it (the page-size recommendation reads it).
+    ``times`` holds each exact winner's median ms where the rows give it (the page-size recommendation reads it);
+    ``versus_peer`` its speedup over the kernel it replaces (flash_v3 over flash_v2), timed beside it when it was
+    tuned (tune/confirm.py), where the rows give it (variant="auto" reads it).
     The trials are read only when a call first misses an exact winner (``read_timings``): a process whose shapes
     are all tuned never pays for them (about 0.15 s for the shipped results.db's 1,300 ok trials on a CPU)."""
 
@@ -83,12 +85,15 @@ class Winners:
         self.device_name = device_name
         self.exact: dict[str, tuple[Problem, dict, str]] = {}
         self.times: dict[str, float] = {}
-        for problem, config, origin, *ms in rows:
+        self.versus_peer: dict[str, float] = {}
+        for problem, config, origin, *timed in rows:
             key = bucket_key(problem)
             if key not in self.exact:                                  # highest precedence first
                 self.exact[key] = (problem, config, origin)
-                if ms:
-                    self.times[key] = ms[0]
+                if timed and timed[0] is not None:
+                    self.times[key] = timed[0]
+                if len(timed) > 1 and timed[1] is not None:
+                    self.versus_peer[key] = timed[1]
         self._timings, self._read_timings = timings, read_timings
         self._evidence: dict[tuple, dict[str, transfer.Evidence]] | None = None
 
@@ -124,7 +129,7 @@ class Winners:
             readable.append(url)
             for w in found:
                 if current(w.kernel, w.source_hash):
-                    rows.append((w.problem, w.config, url, w.median_ms))
+                    rows.append((w.problem, w.config, url, w.median_ms, w.speedup_vs_peer))
                 else:
                     stale.add(w.kernel)
         if stale:
@@ -159,6 +164,14 @@ class Winners:
         if key not in self.exact or (admits is not None and not admits(self.exact[key][1])):
             return None
         return self.times.get(key)
+
+    def exact_versus_peer(self, problem: Problem, admits=None) -> float | None:
+        """The exact winner's speedup over its peer kernel's config measured beside it when it was tuned, or None (no
+        exact winner, none measured, or a winner ``admits`` rejects)."""
+        key = bucket_key(problem)
+        if key not in self.exact or (admits is not None and not admits(self.exact[key][1])):
+            return None
+        return self.versus_peer.get(key)
 
     def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:
         """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer from

@@ -2,11 +2,17 @@
 pick it, then upserted into the store (a faster time replaces a slower one, never the reverse). The store's winner
 is then written to the problem's Optuna study (its `winner` user attribute), so optuna-dashboard agrees with it.
 
+A kernel that replaces another where it runs (registry.REPLACES: flash_v3 for flash_v2) has the other's config for the
+bucket (its stored winner, else its DEFAULT) timed in the same rounds on the same inputs: the winner's speedup over it
+(speedup_vs_peer) is what variant="auto" goes by, since two winners' times from different runs are not comparable
+(on an H100 one config's time at ~0.1 ms varied up to 3x between runs).
+
 The re-timing runs in the background of the next problem's search: the fleet hands its replies to the callbacks here
 (Fleet.submit_background), and the result goes to ``done`` once the last of them is in.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -14,7 +20,7 @@ from ..shapes import Problem, bucket_key
 from ..text import format_config
 from .protocol import Event, Retime
 from .shared import Seen, SharedStudy
-from ..registry import config_key
+from ..registry import REPLACES, config_key, kernel_identity, kernel_module, module_path
 from .study import record_winner
 from . import timing, trace
 
@@ -39,6 +45,31 @@ class ProblemResult:
     wall_s: float = 0.0
     written: bool = False                       # False: the store kept a faster earlier winner
     note: str = ""
+    speedup_vs_peer: float | None = None        # over the replaced kernel's config, in the same re-timing
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The replaced kernel's config for the problem's bucket, re-timed beside the finalists."""
+    kernel: str
+    module_path: str
+    config: dict
+    label: str                      # "its winner" or "DEFAULT"
+
+
+def peer_of(shared: SharedStudy) -> Peer | None:
+    """For a kernel that replaces another (flash_v3), the other's current winner for the same bucket on this device,
+    if its keep() still admits it, else its DEFAULT; None for any other kernel."""
+    problem = shared.problem
+    kernel = REPLACES.get(problem.kernel)
+    if kernel is None:
+        return None
+    module, twin = kernel_module(kernel), dataclasses.replace(problem, kernel=kernel)
+    identity, key = kernel_identity(kernel), bucket_key(twin)
+    for w in shared.store.winners(device_name=shared.device.name, kernel=kernel):
+        if w.source_hash == identity and bucket_key(w.problem) == key and module.keep(w.config, twin) is None:
+            return Peer(kernel, module_path(kernel), w.config, "its winner")
+    return Peer(kernel, module_path(kernel), dict(module.DEFAULT), "DEFAULT")
 
 
 @dataclass
@@ -69,6 +100,8 @@ def confirm(job: Confirmation, done: Callable[[ProblemResult], None], share: boo
     default = shared.seen.get(config_key(job.default))
     if default is not None and default.status == "ok" and default not in finalists:
         finalists.append(default)
+    peer = peer_of(shared)
+    n = len(finalists)
     rounds = RETIME_ROUNDS_INTERPRET if options.interpret else RETIME_ROUNDS
     extra = EXTRA_ROUNDS_INTERPRET if options.interpret else EXTRA_ROUNDS
     loaded = (problem, options.seed)
@@ -82,13 +115,14 @@ def confirm(job: Confirmation, done: Callable[[ProblemResult], None], share: boo
             return
         failed = [e for e in parts if e.kind != "ok"]
         # Each part: per finalist, its medians of that part's rounds.
+        # Each part: per finalist (then the peer), its medians of that part's rounds.
         merged = failed[0] if failed else Event("ok", [sum((e.value[i] for e in parts), [])
-                                                       for i in range(len(finalists))])
+                                                       for i in range(n + (peer is not None))])
         trace.event("retimed", index=job.index, runners=[w.name for w in workers],
                     configs=[format_config(s.config) for s in finalists], rounds_ms=merged.value)
-        close = timing.contenders(merged.value) if merged.kind == "ok" and extra else []
+        close = timing.contenders(merged.value[:n]) if merged.kind == "ok" and extra else []
         if len(close) < 2:
-            done(winner(job, finalists, default, merged))
+            done(winner(job, finalists, default, merged, peer))
             return
 
         def on_extra(event: Event) -> None:
@@ -98,7 +132,7 @@ def confirm(job: Confirmation, done: Callable[[ProblemResult], None], share: boo
                     merged.value[i] += more
             trace.event("retimed", index=job.index, extra=True, configs=[format_config(
                 finalists[i].config) for i in close], rounds_ms=[merged.value[i] for i in close])
-            done(winner(job, finalists, default, merged))
+            done(winner(job, finalists, default, merged, peer))
 
         [worker] = job.fleet.idle_runners(loaded=loaded)[:1]
         request = Retime(job.module_path, problem, options.seed, [finalists[i].config for i in close], extra,
@@ -107,28 +141,39 @@ def confirm(job: Confirmation, done: Callable[[ProblemResult], None], share: boo
 
     for i, (worker, n_rounds) in enumerate(zip(workers, shares)):
         request = Retime(job.module_path, problem, options.seed, [s.config for s in finalists], n_rounds,
-                         first=sum(shares[:i]))
+                         first=sum(shares[:i]), peer=(peer.module_path, peer.config) if peer else ())
         job.fleet.submit_background(worker, request, options.timeout * n_rounds, on_part)
 
 
-def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event: Event) -> ProblemResult:
-    """The winner by the re-timing's medians (by the trial medians if it failed), upserted into the store."""
+def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event: Event,
+           peer: Peer | None = None) -> ProblemResult:
+    """The winner by the re-timing's medians (by the trial medians if it failed), upserted into the store with its
+    speedup over the peer's config where the peer was timed beside it."""
     default_ok = default is not None and default.status == "ok"
     counts = job.shared.counts()
+    peer_ms, peer_note = None, ""
     if event.kind == "ok":
-        ms, note = [timing.confirmed_ms(r) for r in event.value], ""
+        ms, note = [timing.confirmed_ms(r) for r in event.value[:len(finalists)]], ""
+        if peer is not None:
+            rounds = event.value[len(finalists)]
+            peer_ms = timing.confirmed_ms(rounds) if rounds else None
+            peer_note = "" if rounds else f"{peer.kernel} ({peer.label}) was not close enough to the reference"
     else:
         ms = [s.median_ms for s in finalists]
         note = f"re-timing failed ({event.kind}: {event.message}); trial medians used"
     best = min(range(len(finalists)), key=ms.__getitem__)
     default_ms = ms[finalists.index(default)] if default_ok else None
     speedup = default_ms / ms[best] if default_ms else None
+    vs_peer = peer_ms / ms[best] if peer_ms else None
+    if vs_peer is not None:
+        peer_note = f"{vs_peer:.2f}x {peer.kernel} ({peer.label}, {peer_ms:.4g} ms) in the same re-timing"
+    note = _join(note, peer_note)
     if not default_ok:
         note = _join(note, f"DEFAULT is {default.status if default else 'not evaluated'}")
     if job.late_failures:
         note = _join(note, f"{len(job.late_failures)} trial(s) not run: {job.late_failures[0]}")
     config = finalists[best].config
-    written = job.shared.upsert_winner(config, ms[best], speedup)
+    written = job.shared.upsert_winner(config, ms[best], speedup, vs_peer)
     if not written:
         note = _join(note, "the store keeps a faster earlier winner")
     stored = stored_winner(job.shared)
@@ -137,7 +182,7 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
             stored["trial"] = finalists[best].number
         record_winner(job.shared.study, stored)
     return ProblemResult(job.shared.problem, config, ms[best], default_ms, speedup, counts, written=written,
-                         note=note)
+                         note=note, speedup_vs_peer=vs_peer)
 
 
 def stored_winner(shared: SharedStudy) -> dict | None:

@@ -91,6 +91,7 @@ def summary_record(results: list[ProblemResult], wall_s: float, interpret: bool)
     return {"wall_s": wall_s, "interpret": interpret,
             "problems": [{"problem": dataclasses.asdict(r.problem), "bucket": r.problem.label(), "config": r.config,
                           "median_ms": r.median_ms, "default_ms": r.default_ms, "speedup": r.speedup,
-                          "counts": r.counts, "wall_s": r.wall_s, "written": r.written, "note": r.note}
+                          "counts": r.counts, "wall_s": r.wall_s, "written": r.written, "note": r.note,
+                          "speedup_vs_peer": r.speedup_vs_peer}
                          for r in results],
             "missing": sum(r.config is None for r in results)}

@@ -299,8 +299,10 @@ class SharedStudy:
             pass
         self.open.pop(trial.number, None)
 
-    def upsert_winner(self, config: dict, median_ms: float, speedup: float | None) -> bool:
-        return self.store.upsert_winner(self.device, self.kernel, self.hash, self.problem, config, median_ms, speedup)
+    def upsert_winner(self, config: dict, median_ms: float, speedup: float | None,
+                      speedup_vs_peer: float | None = None) -> bool:
+        return self.store.upsert_winner(self.device, self.kernel, self.hash, self.problem, config, median_ms, speedup,
+                                        speedup_vs_peer)
 
 
 @contextlib.contextmanager

@@ -110,9 +110,20 @@ def launch_inputs(workload: Workload, module, config: dict) -> list[tuple[str, t
 
 
 def retime(workload: Workload, module, configs: list[dict], bench: timing.Bench, rounds: int,
-           first: int = 0) -> list[list[float]]:
-    """The finalists against each other: interleaved rounds on one worker, so that noise does not pick the winner."""
-    return timing.interleaved([launcher(workload, module, c) for c in configs], bench, rounds, first)
+           first: int = 0, peer: tuple = ()) -> list[list[float]]:
+    """The finalists against each other: interleaved rounds on one worker, so that noise does not pick the winner.
+    ``peer`` (module path, config): another kernel's config on the same inputs, in the same rounds, its medians
+    last; [] for it if its output is not close enough to the reference (it is then not timed)."""
+    fns = [launcher(workload, module, c) for c in configs]
+    if not peer:
+        return timing.interleaved(fns, bench, rounds, first)
+    peer_module, peer_config = importlib.import_module(peer[0]), peer[1]
+    out = workload.run(peer_module, peer_config)
+    synchronize(workload.device)
+    ref64, lowp = workload.references()
+    if not close_enough(out, ref64, lowp).ok:
+        return timing.interleaved(fns, bench, rounds, first) + [[]]
+    return timing.interleaved(fns + [launcher(workload, peer_module, peer_config)], bench, rounds, first)
 
 
 def precompile(workload: Workload, module, config: dict) -> str:
@@ -197,7 +208,7 @@ class _WorkerState:
                 return ("ok", precompile(workload, module, request.config)), False
             if isinstance(request, Retime):
                 return ("ok", retime(workload, module, request.configs, self.bench(request.problem),
-                                     request.rounds, request.first)), False
+                                     request.rounds, request.first, request.peer)), False
             return ("error", f"unknown request {request!r}"), False
         except Exception as e:
             return ("error", f"{type(e).__name__}: {e}"[:MESSAGE_CHARS]), is_cuda_fault(e)
