@@ -321,6 +321,26 @@ def test_a_replacing_kernel_is_retimed_beside_the_replaced_kernels_winner(tmp_pa
     assert stored.speedup_vs_peer == pytest.approx(twin.speedup_vs_peer)
 
 
+def test_a_stored_winner_that_keeps_its_place_gets_its_speedup_over_the_peer_measured_anew(tmp_path, fakes,
+                                                                                            monkeypatch):
+    # A faster earlier winner stays (the store never takes a slower time), but the head-to-head figure that
+    # variant="auto" goes by is the new run's: the stored config is re-timed beside the peer even where the new run's
+    # finalists do not hold it.
+    import sqlite3
+    monkeypatch.setitem(registry.KERNELS, "fake_twin", FAKES["fake_plain"])
+    monkeypatch.setitem(registry.REPLACES, "fake_twin", "fake_plain")
+    db = tmp_path / "results.db"
+    tune([fake_problem("fake_twin")], options(tmp_path, trials=2))
+    with sqlite3.connect(db) as c:     # an earlier, luckier time, with a head-to-head figure auto must not keep
+        c.execute("update winners set median_ms = 1e-6, speedup_vs_peer = 99.0")
+    (tmp_path / "results.optuna.journal").unlink()          # a fresh study: its finalists are new trials
+    [again] = tune([fake_problem("fake_twin")], options(tmp_path, trials=2, seed=7))
+    [stored] = Store(str(db)).winners(kernel="fake_twin")
+    assert not again.written and stored.median_ms == 1e-6
+    assert stored.speedup_vs_peer is not None and stored.speedup_vs_peer != 99.0
+    assert "its speedup over fake_plain is now" in again.note, again.note
+
+
 def test_a_replaced_kernels_config_that_is_wrong_is_not_timed_as_the_peer(tmp_path, fakes, monkeypatch):
     monkeypatch.setitem(registry.KERNELS, "fake_twin", FAKES["fake_plain"])
     monkeypatch.setitem(registry.REPLACES, "fake_twin", "fake_behaviours")

@@ -130,6 +130,19 @@ class Store:
             written = WinnerModel.upsert_faster(session, ids, values)
         return written
 
+    def set_speedup_vs_peer(self, device: DeviceIdentity, kernel: str, source_hash: str, problem: Problem,
+                            config: dict, speedup_vs_peer: float) -> bool:
+        """Sets the stored winner's speedup over its peer kernel, measured anew, if the winner is still ``config``
+        (a later, faster winner of another config keeps its own); True if set. Its median_ms stays."""
+        self._writable()
+        floats, _ = split_floats(dict(speedup_vs_peer=speedup_vs_peer))
+        with self._writing(device, kernel, source_hash, problem) as (session, ids):
+            row = session.scalars(select(WinnerModel).filter_by(**ids).with_for_update()).one_or_none()
+            if row is None or row.config_json != dump_config(config) or floats["speedup_vs_peer"] is None:
+                return False
+            row.speedup_vs_peer = floats["speedup_vs_peer"]
+            return True
+
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"{self.where} was opened read-only")

@@ -304,6 +304,10 @@ class SharedStudy:
         return self.store.upsert_winner(self.device, self.kernel, self.hash, self.problem, config, median_ms, speedup,
                                         speedup_vs_peer)
 
+    def set_speedup_vs_peer(self, config: dict, speedup_vs_peer: float) -> bool:
+        return self.store.set_speedup_vs_peer(self.device, self.kernel, self.hash, self.problem, config,
+                                              speedup_vs_peer)
+
 
 @contextlib.contextmanager
 def deferred_interrupt():
