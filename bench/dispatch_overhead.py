@@ -1,6 +1,8 @@
 """Host cost of tunebench's dispatch, on a GPU: import time over torch + triton, per-call overhead of
 tunebench.flash_attention / paged_attention over a direct launch of the same config, and the cost per call of
-recording (tunebench.record) once the call's bucket has been seen (goal: under 1 us).
+recording (tunebench.record) once the call's bucket has been seen (goal: under 1 us); on Hopper, also the host time
+of one flash_v3 launch against one flash_v2 launch (DEFAULT configs): at a 70-100 us kernel, a launch path slower
+than do_bench's L2 flush shows up in its timings (the N 1k case of BENCHMARKS.md).
 
 Both paths launch the same kernel on a tiny problem, so the host is the bottleneck and the difference in wall time
 per call is the dispatcher's own cost (shape key, dict lookup, Python call). Median of several rounds.
@@ -65,6 +67,20 @@ def recording_us(call, n=2000, rounds=15) -> float:
     return statistics.median(diffs)
 
 
+def launch_v3_against_v2(q, k, v) -> None:
+    """Host time per direct launch of flash_v3 and of flash_v2 (DEFAULT) on the same tiny inputs, where flash_v3
+    runs (Hopper); the difference is flash_v3's launch path (argument checks, four TMA descriptors, Gluon's binding)."""
+    from tunebench.registry import registered
+    if not registered("flash_v3"):
+        print("flash_v3: not registered here (it needs a Hopper GPU): launch cost not measured")
+        return
+    from tunebench.kernels import flash_v2, flash_v3
+    v2, v3, over = paired_us(lambda: flash_v2.launch(q, k, v, config=dict(flash_v2.DEFAULT)),
+                             lambda: flash_v3.launch(q, k, v, config=dict(flash_v3.DEFAULT)))
+    print(f"direct launch host time: flash_v2 {v2:.1f} us/call, flash_v3 {v3:.1f} us/call: flash_v3 costs "
+          f"{over:+.1f} us more (median of paired rounds)")
+
+
 def main():
     import tunebench
     from tunebench.runtime import dispatch
@@ -83,6 +99,7 @@ def main():
           f"overhead {over:.1f} us (median of paired rounds)")
     print(f"flash_attention while recording: {recording_us(lambda: tunebench.flash_attention(q, k, v)):+.2f} us/call "
           f"(goal < 1 us)")
+    launch_v3_against_v2(q, k, v)
     qd = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
     kd = torch.randn(2, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((2,), 40, dtype=torch.int32, device="cuda")
