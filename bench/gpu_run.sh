@@ -31,18 +31,22 @@
 #           and removes it: the device returns at most 8 files (make it the last step)
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
 #           prefix caching; SERVE_ARGS adds options), then tests/test_serve.py with its gpu test
+# STEP:SECONDS gives a step its own time limit (e.g. `hostile:160 checkcost:110 tune:230 pack`), so that one call
+# runs several steps within the device's per-call limit; the install is done once per machine, not once per call.
 # ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+if [ ! -e /tmp/site/.tunebench-installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+  touch /tmp/site/.tunebench-installed
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-rc=0
-for step in "$@"; do
-  echo "=== $step $(date +%T)"
-  start=$(date +%s)
+
+run_step() {
+  local step=$1 r
   case "$step" in
     tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
              tail -n 40 "$OUT/tests.log" ;;
@@ -87,6 +91,17 @@ for step in "$@"; do
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
+  return $r
+}
+export -f run_step
+
+rc=0
+for spec in "$@"; do
+  step=${spec%%:*}; limit=${spec#"$step"}; limit=${limit#:}
+  echo "=== $step $(date +%T)${limit:+ (limit $limit s)}"
+  start=$(date +%s)
+  if [ -n "$limit" ]; then timeout "$limit" bash -c 'run_step "$0"' "$step"; else run_step "$step"; fi
+  r=$?
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"
   python3 -c "import sqlite3; sqlite3.connect('results.db').execute('PRAGMA wal_checkpoint(TRUNCATE)')" &&
     cp results.db "$OUT/results.db"
