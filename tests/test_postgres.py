@@ -156,9 +156,11 @@ def test_results_and_studies_share_one_database(pg_url):
         assert store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 2.0, 1.0)
         assert not store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 3.0, 1.0)  # slower: kept
         assert store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 1.5, 1.0)
+        assert store.upsert_winner(device, PROBLEM.kernel, "hash", PROBLEM, config, 1.75, 1.0, replace=True)
+        assert store.set_speedup_vs_peer(device, PROBLEM.kernel, "hash", PROBLEM, config, 1.25)
     with Store(pg_url, readonly=True) as store:
         assert [t.median_ms for t in store.trials()] == [2.0]
-        assert [w.median_ms for w in store.winners()] == [1.5]
+        assert [(w.median_ms, w.speedup_vs_peer) for w in store.winners()] == [(1.75, 1.25)]
     assert [t.value for t in optuna.load_study(study_name="shared", storage=pg_url).trials] == [1.0]
     engine = sqlalchemy.create_engine(pg_url)
     with engine.connect() as connection:

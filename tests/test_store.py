@@ -103,6 +103,21 @@ def test_upsert_keeps_the_faster_winner(db):
         store.upsert_winner(H100, "flash_v1", "h", problem, slow, math.nan, 1.0)
 
 
+def test_replace_stores_a_slower_winner_and_set_speedup_vs_peer_only_touches_its_config(db):
+    store = Store(str(db))
+    problem, slow, fast = TINY["flash_v1"], default("flash_v1"), other_config("flash_v1")
+    assert store.upsert_winner(H100, "flash_v1", "h", problem, fast, 1.0, 1.5, 1.2) is True
+    assert store.upsert_winner(H100, "flash_v1", "h", problem, slow, 3.0, 1.0, None, replace=True) is True
+    (winner,) = store.winners()
+    assert (winner.config, winner.median_ms, winner.speedup_vs_peer) == (slow, 3.0, None)
+    # The head-to-head figure is set on the stored winner only while it is still that config; its time stays.
+    assert store.set_speedup_vs_peer(H100, "flash_v1", "h", problem, fast, 0.9) is False
+    assert store.set_speedup_vs_peer(H100, "flash_v1", "h", problem, slow, 0.8) is True
+    (winner,) = store.winners()
+    assert (winner.config, winner.median_ms, winner.speedup_vs_peer) == (slow, 3.0, 0.8)
+    assert store.set_speedup_vs_peer(H200, "flash_v1", "h", problem, slow, 0.8) is False     # no winner there
+
+
 def _race_upserts(url: str, config: dict, times: list[float], barrier, results) -> None:
     try:
         barrier.wait()

@@ -341,6 +341,19 @@ def test_a_stored_winner_that_keeps_its_place_gets_its_speedup_over_the_peer_mea
     assert "its speedup over fake_plain is now" in again.note, again.note
 
 
+def test_tune_replace_stores_the_new_runs_winner_over_a_faster_stored_one(tmp_path, fakes):
+    import sqlite3
+    db = tmp_path / "results.db"
+    tune([fake_problem("fake_plain")], options(tmp_path, trials=2))
+    with sqlite3.connect(db) as c:     # a lucky earlier time that a plain re-tune cannot beat
+        c.execute("update winners set median_ms = 1e-6")
+    [kept] = tune([fake_problem("fake_plain")], options(tmp_path, trials=2))
+    assert not kept.written and Store(str(db)).winners()[0].median_ms == 1e-6
+    [replaced] = tune([fake_problem("fake_plain")], options(tmp_path, trials=2, replace=True))
+    [stored] = Store(str(db)).winners()
+    assert replaced.written and stored.median_ms == pytest.approx(replaced.median_ms) and stored.median_ms > 1e-6
+
+
 def test_a_replaced_kernels_config_that_is_wrong_is_not_timed_as_the_peer(tmp_path, fakes, monkeypatch):
     monkeypatch.setitem(registry.KERNELS, "fake_twin", FAKES["fake_plain"])
     monkeypatch.setitem(registry.REPLACES, "fake_twin", "fake_behaviours")

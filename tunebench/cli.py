@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "per --workers; 0: off)")
     t.add_argument("--interpret", action="store_true",
                    help="run the whole pipeline on the CPU under the Triton interpreter (not a speed measurement)")
+    t.add_argument("--replace", action="store_true",
+                   help="store this run's winners even where the database holds a faster one for the bucket (by "
+                        "default a winner is replaced only by a faster time; times from another run, or one "
+                        "timed while the machine was busy, may not compare)")
     t.add_argument("--json", action="store_true", help=JSON_HELP)
     t.set_defaults(func=_tune)
 

@@ -242,21 +242,22 @@ class WinnerModel(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     @classmethod
-    def upsert_faster(cls, session: Session, key: dict, values: dict) -> bool:
-        """Writes the row unless the stored one is at least as fast, in one atomic statement; True if written."""
+    def upsert_faster(cls, session: Session, key: dict, values: dict, replace: bool = False) -> bool:
+        """Writes the row unless the stored one is at least as fast (``replace``: whatever it is), in one atomic
+        statement; True if written."""
         insert = _dialect_insert(session, cls)
         if insert is not None:
             insert = insert.values(**key, **values)
             insert = insert.on_conflict_do_update(
                 index_elements=list(key), set_={name: insert.excluded[name] for name in values},
-                where=insert.excluded.median_ms < cls.__table__.c.median_ms)
+                where=None if replace else insert.excluded.median_ms < cls.__table__.c.median_ms)
             # preserve_rowcount: SQLAlchemy 2.1 with psycopg reports -1 for an INSERT otherwise (SQLite counts anyway).
             return session.execute(insert, execution_options={"preserve_rowcount": True}).rowcount == 1
         row = session.scalars(select(cls).filter_by(**key).with_for_update()).one_or_none()
         if row is None:
             session.add(cls(**key, **values))
             return True
-        if values["median_ms"] < row.median_ms:
+        if replace or values["median_ms"] < row.median_ms:
             for name, value in values.items():
                 setattr(row, name, value)
             return True

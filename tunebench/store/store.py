@@ -115,8 +115,9 @@ class Store:
 
     def upsert_winner(self, device: DeviceIdentity, kernel: str, source_hash: str, problem: Problem, config: dict,
                       median_ms: float, speedup_vs_default: float | None,
-                      speedup_vs_peer: float | None = None) -> bool:
-        """Atomically keeps the faster of this and the stored winner; True if this one was written."""
+                      speedup_vs_peer: float | None = None, replace: bool = False) -> bool:
+        """Atomically keeps the faster of this and the stored winner (``replace``: this one, whatever the stored one's
+        time); True if this one was written."""
         self._writable()
         if kernel not in known_kernels():
             raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(known_kernels())}")
@@ -127,7 +128,7 @@ class Store:
         values = dict(config_json=dump_config(config), median_ms=float(median_ms), **floats, nonfinite=nonfinite,
                       updated_at=datetime.now(timezone.utc))
         with self._writing(device, kernel, source_hash, problem) as (session, ids):
-            written = WinnerModel.upsert_faster(session, ids, values)
+            written = WinnerModel.upsert_faster(session, ids, values, replace)
         return written
 
     def set_speedup_vs_peer(self, device: DeviceIdentity, kernel: str, source_hash: str, problem: Problem,

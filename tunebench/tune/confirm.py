@@ -179,7 +179,7 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
     if job.late_failures:
         note = _join(note, f"{len(job.late_failures)} trial(s) not run: {job.late_failures[0]}")
     config = finalists[best].config
-    written = job.shared.upsert_winner(config, ms[best], speedup, vs_peer)
+    written = job.shared.upsert_winner(config, ms[best], speedup, vs_peer, replace=job.options.replace)
     if not written:
         note = _join(note, "the store keeps a faster earlier winner")
         kept = stored_winner(job.shared)

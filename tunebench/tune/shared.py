@@ -300,9 +300,9 @@ class SharedStudy:
         self.open.pop(trial.number, None)
 
     def upsert_winner(self, config: dict, median_ms: float, speedup: float | None,
-                      speedup_vs_peer: float | None = None) -> bool:
+                      speedup_vs_peer: float | None = None, replace: bool = False) -> bool:
         return self.store.upsert_winner(self.device, self.kernel, self.hash, self.problem, config, median_ms, speedup,
-                                        speedup_vs_peer)
+                                        speedup_vs_peer, replace)
 
     def set_speedup_vs_peer(self, config: dict, speedup_vs_peer: float) -> bool:
         return self.store.set_speedup_vs_peer(self.device, self.kernel, self.hash, self.problem, config,
