@@ -1,5 +1,6 @@
 """The winner of a problem: its best few ok configs and DEFAULT re-timed against each other, so that noise does not
-pick it, then upserted into the store (a faster time replaces a slower one, never the reverse). The store's winner
+pick it, then upserted into the store (a faster time replaces a slower one, never the reverse, unless the run was
+asked to replace: tune --replace). The store's winner
 is then written to the problem's Optuna study (its `winner` user attribute), so optuna-dashboard agrees with it.
 
 A kernel that replaces another where it runs (registry.REPLACES: flash_v3 for flash_v2) has the other's config for the
@@ -120,7 +121,6 @@ def confirm(job: Confirmation, done: Callable[[ProblemResult], None], share: boo
         if len(parts) < len(shares):
             return
         failed = [e for e in parts if e.kind != "ok"]
-        # Each part: per finalist, its medians of that part's rounds.
         # Each part: per finalist (then the peer), its medians of that part's rounds.
         merged = failed[0] if failed else Event("ok", [sum((e.value[i] for e in parts), [])
                                                        for i in range(n + (peer is not None))])
