@@ -1,7 +1,7 @@
 """The winner of a problem: its best few ok configs and DEFAULT re-timed against each other, so that noise does not
 pick it, then upserted into the store (a faster time replaces a slower one, never the reverse, unless the run was
-asked to replace: tune --replace). The store's winner
-is then written to the problem's Optuna study (its `winner` user attribute), so optuna-dashboard agrees with it.
+asked to replace: tune --replace). The store's winner is then written to the problem's Optuna study (its `winner`
+user attribute), so optuna-dashboard agrees with it.
 
 A kernel that replaces another where it runs (registry.REPLACES: flash_v3 for flash_v2) has the other's config for the
 bucket (its stored winner, else its DEFAULT) timed in the same rounds on the same inputs: the winner's speedup over it
