@@ -216,7 +216,7 @@ def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, 
     _auto_winners(monkeypatch, {"flash_v2": 2.0, "flash_v3": v3_ms})
     kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
     other = "flash_v2 2 ms" if expected == "flash_v3" else "flash_v3 3 ms"
-    assert kernel == expected and "fastest tuned winner" in why and other in why, why
+    assert kernel == expected and "fastest tuned winner" in why and other in why and "--replace" in why, why
 
 
 @pytest.mark.parametrize("versus, expected", [(1.2, "flash_v3"), (0.8, "flash_v2")])

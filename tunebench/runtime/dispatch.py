@@ -188,13 +188,14 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     if len(timed) > 1:
         ms, kernel = min(timed)
         others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
-        why = f"the fastest tuned winner for this bucket ({ms:.4g} ms; {others})"
+        why = (f"the fastest tuned winner for this bucket ({ms:.4g} ms; {others}), by times from their own runs "
+               f"(`tunebench tune --replace` on this GPU times them side by side)")
     elif timed:
         # Nothing to compare it with: say so, since a winner of one kernel is not evidence against another's DEFAULT.
         (ms, kernel), = timed
         why = f"the only tuned winner for this bucket ({ms:.4g} ms)" + "".join(
-            f"; {other} has no winner it can run here, so it was not compared (`tunebench tune` on this GPU tunes "
-            f"both)" for other in untimed)
+            f"; {other} has no winner it can run here, so it was not compared (`tunebench tune --replace` on this "
+            f"GPU tunes both and times them side by side)" for other in untimed)
     else:
         kernel = AUTO_KERNELS[-1]
         why = "no kernel has an exact winner for this bucket, so the one that runs every shape"
