@@ -160,18 +160,18 @@ class Winners:
     def exact_ms(self, problem: Problem, admits=None) -> float | None:
         """The tuned median ms of the problem's exact winner, or None (no exact winner, no time stored, or a winner
         ``admits`` (keep) rejects: it would not be run)."""
-        key = bucket_key(problem)
-        if key not in self.exact or (admits is not None and not admits(self.exact[key][1])):
-            return None
-        return self.times.get(key)
+        return self._of_exact(self.times, problem, admits)
 
     def exact_versus_peer(self, problem: Problem, admits=None) -> float | None:
         """The exact winner's speedup over its peer kernel's config measured beside it when it was tuned, or None (no
         exact winner, none measured, or a winner ``admits`` rejects)."""
+        return self._of_exact(self.versus_peer, problem, admits)
+
+    def _of_exact(self, values: dict[str, float], problem: Problem, admits) -> float | None:
         key = bucket_key(problem)
         if key not in self.exact or (admits is not None and not admits(self.exact[key][1])):
             return None
-        return self.versus_peer.get(key)
+        return values.get(key)
 
     def choose(self, problem: Problem, default: dict | None = None, admits=None) -> Choice | None:
         """The exact winner, else (given the DEFAULT to compare against, and keep as ``admits``) a safe transfer from

@@ -66,9 +66,8 @@ def peer_of(shared: SharedStudy) -> Peer | None:
     if kernel is None:
         return None
     module, twin = kernel_module(kernel), dataclasses.replace(problem, kernel=kernel)
-    identity, key = kernel_identity(kernel), bucket_key(twin)
-    for w in shared.store.winners(device_name=shared.device.name, kernel=kernel):
-        if w.source_hash == identity and bucket_key(w.problem) == key and module.keep(w.config, twin) is None:
+    for w in _current_winners(shared.store, shared.device.name, kernel, kernel_identity(kernel), twin):
+        if module.keep(w.config, twin) is None:
             return Peer(kernel, module_path(kernel), w.config, "its winner")
     return Peer(kernel, module_path(kernel), dict(module.DEFAULT), "DEFAULT")
 
@@ -180,13 +179,15 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
         note = _join(note, f"{len(job.late_failures)} trial(s) not run: {job.late_failures[0]}")
     config = finalists[best].config
     written = job.shared.upsert_winner(config, ms[best], speedup, vs_peer, replace=job.options.replace)
+    stored = stored_winner(job.shared)
     if not written:
         note = _join(note, "the store keeps a faster earlier winner")
-        kept = stored_winner(job.shared)
-        found = [i for i, s in enumerate(finalists) if kept and config_key(s.config) == config_key(kept["config"])]
-        if peer_ms and found and job.shared.set_speedup_vs_peer(kept["config"], peer_ms / ms[found[0]]):
-            note = _join(note, f"its speedup over {peer.kernel} is now {peer_ms / ms[found[0]]:.2f}x")
-    stored = stored_winner(job.shared)
+        kept = next((i for i, s in enumerate(finalists)
+                     if stored and config_key(s.config) == config_key(stored["config"])), None)
+        if peer_ms and kept is not None:
+            kept_vs_peer = peer_ms / ms[kept]
+            if job.shared.set_speedup_vs_peer(stored["config"], kept_vs_peer):
+                note = _join(note, f"its speedup over {peer.kernel} is now {kept_vs_peer:.2f}x")
     if stored is not None:
         if written:
             stored["trial"] = finalists[best].number
@@ -198,12 +199,18 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
 def stored_winner(shared: SharedStudy) -> dict | None:
     """The winner the store holds for the study's device, kernel identity and bucket (what the dispatcher runs), as
     JSON for the study's `winner` attribute; None if the store has none."""
-    key = bucket_key(shared.problem)
-    for w in shared.store.winners(device_name=shared.device.name, kernel=shared.kernel):
-        if w.source_hash == shared.hash and bucket_key(w.problem) == key:
-            return {"config": w.config, "median_ms": w.median_ms, "speedup_vs_default": w.speedup_vs_default,
-                    "updated_at": w.updated_at.isoformat()}
+    for w in _current_winners(shared.store, shared.device.name, shared.kernel, shared.hash, shared.problem):
+        return {"config": w.config, "median_ms": w.median_ms, "speedup_vs_default": w.speedup_vs_default,
+                "updated_at": w.updated_at.isoformat()}
     return None
+
+
+def _current_winners(store, device_name: str, kernel: str, source_hash: str, problem: Problem):
+    """The stored winners of this kernel identity for the problem's bucket on devices of this name, newest first
+    (the dispatcher runs the first)."""
+    key = bucket_key(problem)
+    return (w for w in store.winners(device_name=device_name, kernel=kernel)
+            if w.source_hash == source_hash and bucket_key(w.problem) == key)
 
 
 def _join(*notes: str) -> str:
