@@ -23,10 +23,12 @@
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
 #   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
 #   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
-#   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel)
+#   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel),
+#           verbose straight into $OUT/hostile.log, so that a step cut short by its limit still says how far it got
 #   prefillprobe bench/paged_prefill_probe.py (issue 20: a paged prefill chunk against dense SDPA/cuDNN/flash_v2, and
 #           a mixed batch as one launch against two); rows in $OUT/paged-prefill*.csv and .json
-#   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call
+#   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call, on
+#           ./results.db's winners
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
 #           and removes it: the device returns at most 8 files (make it the last step)
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
@@ -81,11 +83,11 @@ run_step() {
     v3tests) python3 -P -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
                > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
-    hostile) python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_paged_hostile.py 2>&1 | tail -n 200 \
-               > "$OUT/hostile.log"; r=$?; tail -n 40 "$OUT/hostile.log" ;;
+    hostile) python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short tests/test_paged_hostile.py \
+               > "$OUT/hostile.log" 2>&1; r=$?; grep -E '(FAILED|ERROR) |passed|failed' "$OUT/hostile.log" | tail -n 40 ;;
     prefillprobe) TUNEBENCH_DB=results.db python3 bench/paged_prefill_probe.py --out "$OUT" 2>&1 \
                | tee "$OUT/prefillprobe.log"; r=$? ;;
-    checkcost) python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
+    checkcost) TUNEBENCH_DB=results.db python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
              r=$? ;;
     serve)   { python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
