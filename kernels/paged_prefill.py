@@ -34,7 +34,9 @@ and masked); GQA/MQA; any power-of-two block size (tunebench.paged_prefill admit
 Bad values (issue 16): launch checks the values of cu_seqlens_q and context_lens against q and the table on the host
 (one device-to-host copy) unless check_values=False. The kernel itself never reads or writes out of bounds, checked
 or not: a sequence whose length is below its new tokens or above max_blocks * block_size reads nothing, a block id
-outside [0, num_blocks) among the entries it reads is replaced by block 0; either gives the sequence's rows NaN. A
+outside [0, num_blocks) among the entries it reads is replaced by block 0. A bad length gives all the sequence's
+rows NaN; a bad block id gives NaN to the rows of every tile that reads it, which includes every row whose causal keys
+reach it (a row whose keys end before that block does not depend on it, and is NaN or correct). A
 sequence whose cu_seqlens_q entries are out of order or outside [0, total_q] (from 0, to total_q) owns no rows and
 writes none; rows owned by no sequence are not written. With CHECK (launch(..., check=True)) an error code per
 sequence is written and raised as a ValueError naming it; the first B programs also check each sequence's
@@ -233,8 +235,8 @@ def launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config
     (CUDA graph capture, timing) and the values are known to be right.
 
     Bad values never read or write out of bounds, checked or not: a sequence with a context length outside
-    [new tokens, max_blocks x block_size] or that reads a block id outside [0, num_blocks) gets NaN rows, the
-    others are unaffected; one whose cu_seqlens_q entries are out of order or out of q's rows writes no row.
+    [new tokens, max_blocks x block_size] gets NaN rows; a block id outside [0, num_blocks) gives NaN to every row
+    that reads it (a row whose causal keys end before it is NaN or correct, never wrong); the others are unaffected; one whose cu_seqlens_q entries are out of order or out of q's rows writes no row.
     check=True reads the kernel's error flags back (a device sync) and raises a ValueError naming the sequence and
     the bad value. _safe=False compiles the unchecked kernel, for benchmarks only.
     """
