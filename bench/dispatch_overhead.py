@@ -67,6 +67,14 @@ def recording_us(call, n=2000, rounds=15) -> float:
     return statistics.median(diffs)
 
 
+def chosen(dispatch, kernel: str) -> dict:
+    """The config the dispatcher cached for this script's one call of ``kernel`` (its cache key also holds the
+    shapes and dtypes, which grew a field before: matching on the kernel alone keeps this script working)."""
+    configs = [config for key, config in dispatch._DISPATCHER._cache.items() if key[0] == kernel]
+    assert len(configs) == 1, f"expected one cached {kernel} call, found {len(configs)}"
+    return configs[0]
+
+
 def launch_v3_against_v2(q, k, v) -> None:
     """Host time per direct launch of flash_v3 and of flash_v2 (DEFAULT) on the same tiny inputs, where flash_v3
     runs (Hopper); the difference is flash_v3's launch path (argument checks, four TMA descriptors, Gluon's binding)."""
@@ -92,7 +100,7 @@ def main():
     q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     tunebench.flash_attention(q, k, v)
-    config = dispatch._DISPATCHER._cache[("flash_v2", q.shape, k.shape, q.dtype, False)]
+    config = chosen(dispatch, "flash_v2")
     direct, tuned, over = paired_us(lambda: flash_v2.launch(q, k, v, config=config),
                                     lambda: tunebench.flash_attention(q, k, v))
     print(f"flash_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "
@@ -105,7 +113,7 @@ def main():
     lens = torch.full((2,), 40, dtype=torch.int32, device="cuda")
     kc, vc, tables = pack_paged(kd, kd.clone(), lens, 16)
     tunebench.paged_attention(qd, kc, vc, tables, lens)
-    pconf = dispatch._DISPATCHER._cache[("paged_attention", qd.shape, kc.shape, tables.shape, qd.dtype)]
+    pconf = chosen(dispatch, "paged_attention")
     direct, tuned, over = paired_us(lambda: pa.launch(qd, kc, vc, tables, lens, config=pconf),
                                     lambda: tunebench.paged_attention(qd, kc, vc, tables, lens))
     print(f"paged_attention: direct launch {direct:.1f} us/call, dispatched {tuned:.1f} us/call: "

@@ -49,19 +49,16 @@ def nearest_winner(problem, evidence: list, default: dict) -> dict:
 
 
 def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> list[float]:
-    """Each config's median time on one set of inputs, rounds interleaved. Paged decode is timed by graph replay,
-    as the tuner times it (tunebench.tune.timing.bench_for)."""
-    from tunebench.inputs import make_inputs
+    """Each config's median time on one set of inputs, rounds interleaved, launched as the tuner launches it (its
+    workload's arguments: an fp8 cache's scales, paged prefill's cu_seqlens_q). Paged decode is timed by graph
+    replay, as the tuner times it (tunebench.tune.timing.bench_for)."""
+    from tunebench.inputs import workload_for
     from tunebench.registry import config_key, kernel_module
     from tunebench.tune import timing
-    inp = make_inputs(problem, "cpu" if interpret else "cuda")
-    launch = kernel_module(problem.kernel).launch
+    module = kernel_module(problem.kernel)
+    work = workload_for(problem, module, device="cpu" if interpret else "cuda")
     distinct = list({config_key(c): c for c in configs}.values())   # one config is timed once
-    if problem.paged:
-        args = (inp.q, inp.k_cache, inp.v_cache, inp.block_tables, inp.context_lens)
-        fns = [lambda c=c: launch(*args, config=c) for c in distinct]
-    else:
-        fns = [lambda c=c: launch(inp.q, inp.k, inp.v, config=c, causal=problem.causal) for c in distinct]
+    fns = [lambda c=c: module.launch(*work.args(c), config=c, out=work.out, **work.kwargs()) for c in distinct]
     bench = timing.bench_for(interpret, problem.paged)
     per_round = [[bench(fn).median_ms for fn in fns] for _ in range(rounds)]
     ms = {config_key(c): statistics.median(r[i] for r in per_round) for i, c in enumerate(distinct)}
