@@ -87,6 +87,39 @@ def launch_v3_against_v2(q, k, v) -> None:
                              lambda: flash_v3.launch(q, k, v, config=dict(flash_v3.DEFAULT)))
     print(f"direct launch host time: flash_v2 {v2:.1f} us/call, flash_v3 {v3:.1f} us/call: flash_v3 costs "
           f"{over:+.1f} us more (median of paired rounds)")
+    v3_launch_breakdown(flash_v3, q, k, v)
+
+
+def v3_launch_breakdown(flash_v3, q, k, v, n=2000) -> None:
+    """Where a flash_v3 launch's host time goes: building its arguments (four TMA descriptors), Triton's own call
+    with those arguments prebuilt (binding, specialisation key, descriptor encoding, the launch), the rest being
+    launch()'s checks; then the functions with the most own time over 500 profiled launches."""
+    import cProfile
+    import io
+    import pstats
+    config = dict(flash_v3.DEFAULT)
+    out = torch.empty_like(q)
+    kernel, grid, args, options = flash_v3._arguments(q, k, v, out, config, False, None)
+    parts = {"launch()": lambda: flash_v3.launch(q, k, v, config=config, out=out),
+             "_arguments()": lambda: flash_v3._arguments(q, k, v, out, config, False, None),
+             "kernel[grid](prebuilt)": lambda: kernel[grid](*args, **options)}
+    for fn in parts.values():
+        for _ in range(200):
+            fn()
+    torch.cuda.synchronize()
+    us = {name: statistics.median(_round(fn, n) for _ in range(5)) for name, fn in parts.items()}
+    rest = us["launch()"] - us["_arguments()"] - us["kernel[grid](prebuilt)"]
+    print("flash_v3 launch host time: " + ", ".join(f"{name} {t:.1f} us" for name, t in us.items())
+          + f"; checks and the rest {rest:.1f} us (medians of 5 rounds of {n})")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(500):
+        parts["launch()"]()
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(18)
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-3000:])
 
 
 def main():
