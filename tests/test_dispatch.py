@@ -219,6 +219,15 @@ def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, 
     assert kernel == expected and "fastest tuned winner" in why and other in why and "--replace" in why, why
 
 
+@pytest.mark.parametrize("versus, ms, replaced_ms, runs", [
+    (1.0, 9.0, 1.0, True), (0.99, 1.0, 9.0, False),         # the head-to-head figure decides, whatever the times say
+    (None, 1.0, 2.0, True), (None, 2.0, 1.0, False), (None, 1.0, 1.0, False),   # else the faster time; a tie: replaced
+    (None, 1.0, None, True), (None, None, 1.0, False), (None, None, None, False)])  # a winner beats none
+def test_the_auto_rule(versus, ms, replaced_ms, runs):
+    from tunebench.registry import replacement_runs
+    assert replacement_runs(versus, ms, replaced_ms) is runs
+
+
 @pytest.mark.parametrize("versus, expected", [(1.2, "flash_v3"), (0.8, "flash_v2")])
 @pytest.mark.parametrize("times", [{"flash_v2": 2.0, "flash_v3": 1.0}, {"flash_v2": 1.0, "flash_v3": 2.0},
                                    {"flash_v3": 1.0}])

@@ -53,6 +53,17 @@ DEVICE_KERNELS = {"flash_v3": "tunebench.kernels.flash_v3"}
 # A kernel that the suites hold no problems for, because it replaces another where it can run: `tune --kernel
 # flash_v3` tunes the suite's flash_v2 problems whose DEFAULT it keeps, and variant="auto" compares the two winners.
 REPLACES = {"flash_v3": "flash_v2"}
+
+
+def replacement_runs(versus_peer: float | None, ms: float | None, replaced_ms: float | None) -> bool:
+    """variant="auto"'s rule for a bucket, the one place it is written (runtime/dispatch.auto_kernel runs by it,
+    report.auto_choices shows it): whether the replacing kernel's exact winner (ms) runs rather than the replaced
+    kernel's (replaced_ms). By versus_peer, its speedup over the replaced kernel's config timed beside it when it was
+    tuned (tune/confirm.py), where that was measured; else by the two winners' times from their own runs, a winner
+    beating no winner."""
+    if versus_peer is not None:
+        return versus_peer >= 1.0
+    return ms is not None and (replaced_ms is None or ms < replaced_ms)
 UNAVAILABLE: dict[str, str] = {}
 ENTRY_POINT_GROUP = "tunebench.kernels"
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names

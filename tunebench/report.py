@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
-from .registry import REPLACES, config_key
+from .registry import REPLACES, config_key, replacement_runs
 from .shapes import bucket_key
 from .store import Store, Winner
 from .text import format_config, format_counts, format_duration, format_speedup, printable, table
@@ -98,8 +98,8 @@ AUTO_COLUMNS = ["bucket", "kernel", "winner ms", "replaced kernel", "its winner 
 def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
     """Per bucket of one device that a replacing kernel (flash_v3, registry.REPLACES) has a current winner for: its
     time, the replaced kernel's (flash_v2's) winner time, its speedup over the replaced kernel's config timed beside
-    it when it was tuned, and the kernel variant="auto" runs there on that device (runtime/dispatch.auto_kernel: by
-    that speedup where it was measured, else the faster winner). Stale winners are left out, as the dispatcher leaves
+    it when it was tuned, and the kernel variant="auto" runs there on that device (registry.replacement_runs: by that
+    speedup where it was measured, else the faster winner). Stale winners are left out, as the dispatcher leaves
     them out."""
     current = {(x.winner.device, x.winner.kernel, bucket_key(x.winner.problem)): x.winner for x in lines if not x.stale}
     rows = []
@@ -108,10 +108,8 @@ def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
             continue
         replaced = REPLACES[kernel]
         other = current.get((device, replaced, bucket_key(replace(w.problem, kernel=replaced))))
-        if w.speedup_vs_peer is not None:
-            runs = kernel if w.speedup_vs_peer >= 1.0 else replaced
-        else:
-            runs = kernel if other is None or w.median_ms < other.median_ms else replaced
+        other_ms = other.median_ms if other else None
+        runs = kernel if replacement_runs(w.speedup_vs_peer, w.median_ms, other_ms) else replaced
         rows.append([w.problem.label().removeprefix(f"{kernel} "), kernel, f"{w.median_ms:.4f}", replaced,
                      f"{other.median_ms:.4f}" if other else "no winner", format_speedup(w.speedup_vs_peer), runs])
     return rows

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..kernels._launch import check_call
-from ..registry import kernel_module, require_kernels
+from ..registry import kernel_module, replacement_runs, require_kernels
 from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
 from .warn import warn_user
@@ -158,9 +158,9 @@ def _refusal(kernel: str, q, k, v) -> str | None:
 
 def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the first whose exact winner
-    for the call's bucket (one keep() admits) was measured faster than the fallback kernel's config beside it when it
-    was tuned (its speedup_vs_peer: tune/confirm.py), or else the one whose exact winner was tuned fastest on this GPU;
-    the fallback kernel when none has one."""
+    for the call's bucket (one keep() admits) was timed beside the fallback kernel's config when it was tuned (its
+    speedup_vs_peer: tune/confirm.py) decides, by registry.replacement_runs; else the one whose exact winner was tuned
+    fastest on this GPU (for two kernels, the same rule); the fallback kernel when none has one."""
     timed, untimed, skipped = [], [], []
     for kernel in AUTO_KERNELS:
         reason = _refusal(kernel, q, k, v)
@@ -177,7 +177,7 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
             # Measured head to head in one re-timing: this settles it, whatever the two winners' times from their
             # own runs say.
             fallback = AUTO_KERNELS[-1]
-            chosen = kernel if versus >= 1.0 else fallback
+            chosen = kernel if replacement_runs(versus, ms, None) else fallback
             why = (f"{kernel}'s winner for this bucket was timed at {versus:.2f}x {fallback}'s config beside it when "
                    f"it was tuned" + ("" if chosen == kernel else f", so {fallback} runs"))
             return chosen, "; ".join([why] + skipped)
