@@ -354,13 +354,17 @@ def test_tune_replace_stores_the_new_runs_winner_over_a_faster_stored_one(tmp_pa
     assert replaced.written and stored.median_ms == pytest.approx(replaced.median_ms) and stored.median_ms > 1e-6
 
 
-def test_a_replaced_kernels_config_that_is_wrong_is_not_timed_as_the_peer(tmp_path, fakes, monkeypatch):
+@pytest.mark.parametrize("fault", ["wrong", "mutate", "compile_error"])
+def test_a_replaced_kernels_config_that_fails_a_trials_checks_is_not_timed_as_the_peer(tmp_path, fakes, monkeypatch,
+                                                                                       fault):
+    # Wrong output, writing into its inputs, or not launching: the peer goes through a trial's checks, and failing
+    # one it is left out of the re-timing, which still picks and stores the winner (no head-to-head figure).
     monkeypatch.setitem(registry.KERNELS, "fake_twin", FAKES["fake_plain"])
     monkeypatch.setitem(registry.REPLACES, "fake_twin", "fake_behaviours")
-    monkeypatch.setattr(kernel_module("fake_behaviours"), "DEFAULT", {"MODE": "wrong", "X": 2})
+    monkeypatch.setattr(kernel_module("fake_behaviours"), "DEFAULT", {"MODE": fault, "X": 2})
     [twin] = tune([fake_problem("fake_twin")], options(tmp_path, trials=2))
-    assert twin.written and twin.speedup_vs_peer is None
-    assert "fake_behaviours (DEFAULT) was not close enough" in twin.note, twin.note
+    assert twin.written and twin.speedup_vs_peer is None and "re-timing failed" not in twin.note, twin.note
+    assert "fake_behaviours (DEFAULT) was not timed beside it" in twin.note, twin.note
     [stored] = Store(str(tmp_path / "results.db")).winners(kernel="fake_twin")
     assert stored.speedup_vs_peer is None
 

@@ -162,7 +162,8 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
         if peer is not None:
             rounds = event.value[len(finalists)]
             peer_ms = timing.confirmed_ms(rounds) if rounds else None
-            peer_note = "" if rounds else f"{peer.kernel} ({peer.label}) was not close enough to the reference"
+            peer_note = "" if rounds else (f"{peer.kernel} ({peer.label}) was not timed beside it: it did not launch, "
+                                           f"wrote into its inputs, or was not close enough to the reference")
     else:
         ms = [s.median_ms for s in finalists]
         note = f"re-timing failed ({event.kind}: {event.message}); trial medians used"

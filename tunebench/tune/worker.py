@@ -113,15 +113,18 @@ def retime(workload: Workload, module, configs: list[dict], bench: timing.Bench,
            first: int = 0, peer: tuple = ()) -> list[list[float]]:
     """The finalists against each other: interleaved rounds on one worker, so that noise does not pick the winner.
     ``peer`` (module path, config): another kernel's config on the same inputs, in the same rounds, its medians
-    last; [] for it if its output is not close enough to the reference (it is then not timed)."""
+    last. It goes through a trial's checks first (it launches, leaves its inputs as they were, and its output is
+    close enough to the float64 reference); failing any, its entry is [] (not timed) and the finalists are timed as
+    without it."""
     fns = [launcher(workload, module, c) for c in configs]
     if not peer:
         return timing.interleaved(fns, bench, rounds, first)
     peer_module, peer_config = importlib.import_module(peer[0]), peer[1]
-    out = workload.run(peer_module, peer_config)
-    synchronize(workload.device)
-    ref64, lowp = workload.references()
-    if not close_enough(out, ref64, lowp).ok:
+    inputs = launch_inputs(workload, peer_module, peer_config)
+    out = compile_(workload, peer_module, peer_config)
+    if isinstance(out, Outcome) or isinstance(check(workload, out, inputs), Outcome):
+        if isinstance(out, Outcome) and out.fatal:
+            raise RuntimeError(out.message)     # a CUDA fault: the worker is replaced, the re-timing fails
         return timing.interleaved(fns, bench, rounds, first) + [[]]
     return timing.interleaved(fns + [launcher(workload, peer_module, peer_config)], bench, rounds, first)
 
