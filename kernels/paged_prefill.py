@@ -236,7 +236,8 @@ def launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config
 
     Bad values never read or write out of bounds, checked or not: a sequence with a context length outside
     [new tokens, max_blocks x block_size] gets NaN rows; a block id outside [0, num_blocks) gives NaN to every row
-    that reads it (a row whose causal keys end before it is NaN or correct, never wrong); the others are unaffected; one whose cu_seqlens_q entries are out of order or out of q's rows writes no row.
+    that reads it (a row whose causal keys end before it is NaN or correct, never wrong); the others are unaffected;
+    one whose cu_seqlens_q entries are out of order or out of q's rows writes no row.
     check=True reads the kernel's error flags back (a device sync) and raises a ValueError naming the sequence and
     the bad value. _safe=False compiles the unchecked kernel, for benchmarks only.
     """

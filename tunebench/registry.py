@@ -53,6 +53,10 @@ DEVICE_KERNELS = {"flash_v3": "tunebench.kernels.flash_v3"}
 # A kernel that the suites hold no problems for, because it replaces another where it can run: `tune --kernel
 # flash_v3` tunes the suite's flash_v2 problems whose DEFAULT it keeps, and variant="auto" compares the two winners.
 REPLACES = {"flash_v3": "flash_v2"}
+UNAVAILABLE: dict[str, str] = {}
+ENTRY_POINT_GROUP = "tunebench.kernels"
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names
+_state = {"entry_points_read": False, "checked": set()}
 
 
 def replacement_runs(versus_peer: float | None, ms: float | None, replaced_ms: float | None) -> bool:
@@ -64,10 +68,6 @@ def replacement_runs(versus_peer: float | None, ms: float | None, replaced_ms: f
     if versus_peer is not None:
         return versus_peer >= 1.0
     return ms is not None and (replaced_ms is None or ms < replaced_ms)
-UNAVAILABLE: dict[str, str] = {}
-ENTRY_POINT_GROUP = "tunebench.kernels"
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into bucket keys and study names
-_state = {"entry_points_read": False, "checked": set()}
 
 
 def known_kernels() -> dict[str, str]:
