@@ -88,7 +88,11 @@ def test_table_orders_by_throughput_and_shows_why_a_provider_was_not_timed():
 
 def test_summary_states_the_goal_ratios():
     text = "\n".join(tables.summary(rows(_synthetic(), CEILINGS)))
-    assert "0.75x cuDNN (goal >= 1.0)" in text and "1.50x FlashAttention-2 (goal >= 1.5)" in text
+    assert "tunebench-v2 420 TFLOP/s = 0.75x cuDNN (goal >= 1.0), 1.50x FlashAttention-2 (goal >= 1.7)" in text
+    assert "tunebench-auto" not in text                                 # not in this run: no line for it
+    auto = Measurement(PREFILL, "tunebench-auto", False, OK, _ms_at(PREFILL, 588))
+    text = "\n".join(tables.summary(rows(_synthetic() + [auto], CEILINGS)))
+    assert "tunebench-auto 588 TFLOP/s = 1.05x cuDNN (goal >= 1.0), 2.10x FlashAttention-2 (goal >= 1.7)" in text
     assert "v2/v1" in text and "5.00x" in text
     assert "2700 GB/s graph-timed (2000 launch by launch) = 90% of copy bandwidth (goal >= 90%" in text
     assert "1.12x best peer sdpa-dense-flash (goal >= 1.0)" in text
@@ -112,6 +116,13 @@ def test_csv_and_json_hold_every_row_with_missing_values_empty(tmp_path):
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["meta"] == {"device": "test"} and doc["ceilings"]["copy_bytes_per_s"] == 3.0e12
     assert len(doc["rows"]) == len(rs) and doc["rows"][0]["err_ratio"] is None
+
+
+@pytest.mark.parametrize("option, value", [("--rounds", "0"), ("--rep-ms", "-1"), ("--warmup-ms", "0")])
+def test_bench_refuses_timing_options_that_time_nothing(tmp_path, capsys, option, value):
+    assert main(["bench", option, value, "--out", str(tmp_path / "out")]) != 0
+    assert f"tunebench bench: error: {option} must be > 0, got" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()                      # refused before anything is written
 
 
 def test_command_flow_writes_after_every_problem_and_stops_on_a_sticky_cuda_error(tmp_path, monkeypatch, capsys):
@@ -338,6 +349,44 @@ def test_decode_is_timed_by_graph_replay_with_the_launch_by_launch_figure_beside
     calls.clear()
     (m,) = run_problem(PREFILL_SMALL, [_fake("good", _sdpa_runner)], device="cpu", timer=launches, graph_timer=graph)
     assert calls == [LAUNCHES] and (m.timed_by, m.median_ms, m.launch_ms) == (LAUNCHES, 3.0, 3.0)   # prefill as before
+
+
+def test_providers_are_timed_in_interleaved_rounds_and_each_figure_is_the_median_of_its_rounds():
+    # Round r starts at provider r (mod n), as the tuner's re-timing rotates; a drifting clock (each timing slower
+    # than the last) then falls on every provider alike, and the spread of a provider's rounds is reported.
+    order, clock = [], iter(range(1, 100))
+
+    def drifting(fn):
+        fn()
+        t = float(next(clock))
+        order.append(fn)
+        return (t, t - 0.5, t + 0.5)
+
+    chosen = [_fake("a", _sdpa_runner), _fake("b", _sdpa_runner), _fake("c", _sdpa_runner)]
+    got = run_problem(PREFILL_SMALL, chosen, device="cpu", timer=drifting, rounds=3)
+    fns = list(dict.fromkeys(order))                     # the runners' fns in first-timed order: a, b, c
+    assert [fns.index(f) for f in order] == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    by = {m.provider: m for m in got}
+    assert by["a"].round_ms == [1.0, 6.0, 8.0] and by["a"].median_ms == 6.0 and by["a"].p20_ms == 5.5
+    assert by["b"].round_ms == [2.0, 4.0, 9.0] and by["c"].round_ms == [3.0, 5.0, 7.0]
+    r = _row(rows(got, CEILINGS), PREFILL_SMALL, "a")
+    assert r["rounds"] == 3 and r["round_spread"] == pytest.approx(8.0)
+    (one,) = run_problem(PREFILL_SMALL, chosen[:1], device="cpu", timer=drifting)       # rounds=1: as before
+    assert len(one.round_ms) == 1 and _row(rows([one], CEILINGS), PREFILL_SMALL, "a")["round_spread"] is None
+
+
+def test_a_provider_whose_timing_fails_in_a_later_round_is_reported_failed_and_not_timed_again():
+    calls = []
+
+    def fails_second(fn):
+        fn()
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("clock went away")
+        return (1.0, 1.0, 1.0)
+
+    (m,) = run_problem(PREFILL_SMALL, [_fake("a", _sdpa_runner)], device="cpu", timer=fails_second, rounds=3)
+    assert m.status == FAILED and "timing failed: RuntimeError: clock went away" in m.note and len(calls) == 2
 
 
 def test_a_decode_provider_that_cannot_be_graph_captured_keeps_its_launch_figure_and_is_not_compared():

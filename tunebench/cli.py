@@ -268,9 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only problems of these dtypes (repeatable), e.g. to split a suite across runs")
     b.add_argument("--provider", action="append", default=None,
                    help="only these providers (repeatable; default all), e.g. tunebench-v2, sdpa-cudnn, flex")
-    b.add_argument("--rep-ms", type=float, default=100.0,
-                   help="do_bench repetition time per provider, ms (decode: also the ms of launches per CUDA graph)")
-    b.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per provider, ms")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds per problem (default 3): every provider once per round, the order "
+                        "rotated, each figure the median of its rounds; bench.csv's round_spread is the slowest "
+                        "round over the fastest")
+    b.add_argument("--rep-ms", type=float, default=40.0,
+                   help="do_bench repetition time per provider and round, ms (decode: also the ms of launches per "
+                        "CUDA graph; default 40)")
+    b.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per provider and round, ms")
     b.set_defaults(func=_bench)
 
     rp = sub.add("report", help="winners, speedups over DEFAULT, trial outcomes and tuning time",

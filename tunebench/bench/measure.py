@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import gc
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Measurement:
     note: str = ""
     timed_by: str = ""                      # GRAPH (decode) or LAUNCHES (prefill)
     launch_ms: float | None = None          # launch-by-launch median (do_bench); decode reports it beside the graph
+    round_ms: list[float] = field(default_factory=list)   # the figure's median in each interleaved round
 
 
 def do_bench_timer(warmup_ms: float = 25.0, rep_ms: float = 100.0):
@@ -99,26 +101,58 @@ def _l2_note(problem: Problem, device) -> str:
     return f"; K/V {problem.kv_bytes / 2**20:.0f} MiB < 2 x L2 ({l2 >> 20} MiB): graph replay may read it from L2"
 
 
-def _time(m: Measurement, fn, phase: str, timer, graph_timer) -> None:
-    """Prefill: launch by launch. Decode: launch by launch, then by graph replay, the figure the ratios use."""
+def _time(m: Measurement, fn, phase: str, timer, graph_timer) -> tuple[float, list[float]] | None:
+    """One round: (launch-by-launch median, [median, p20, p80] of the figure the ratios use). Prefill: launch by
+    launch. Decode: then by graph replay. None, with the row marked failed, when a decode provider cannot be graphed
+    (it keeps its launch-by-launch figure)."""
     timing = [float(x) for x in timer(fn)]
-    m.launch_ms, m.timed_by = timing[0], LAUNCHES
+    launch_ms, m.timed_by = timing[0], LAUNCHES
     if phase == "decode":
         try:
             timing = [float(x) for x in graph_timer(fn)]
         except Exception as e:  # noqa: BLE001 -- e.g. a provider that syncs cannot be captured; its row says so
-            m.status = FAILED
+            m.status, m.launch_ms = FAILED, launch_ms
             m.note = f"graph timing failed ({type(e).__name__}: {first_line(e)}); launch by launch only. {m.note}"
-            return
+            return None
         m.timed_by = GRAPH
-    m.median_ms, m.p20_ms, m.p80_ms = timing
+    return launch_ms, timing
+
+
+def _time_rounds(measured: dict[str, Measurement], runners: dict, phase: str, timer, graph_timer, rounds: int,
+                 device) -> None:
+    """Times every correct provider once per round, rotating which goes first (tune/timing.interleaved's order), so
+    that drift over the seconds a problem takes (clocks, a neighbour on the host) falls on all of them alike. Each
+    figure is the median over the rounds of that round's figure; round_ms keeps the rounds' medians."""
+    names = list(runners)
+    per_round: dict[str, list] = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            m = measured[name]
+            if m.status != OK:
+                continue                         # failed in an earlier round: not timed again
+            try:
+                timed = _time(m, runners[name].fn, phase, timer, graph_timer)
+            except Exception as e:  # noqa: BLE001
+                m.status, m.note = FAILED, f"timing failed: {type(e).__name__}: {first_line(e)}"
+                _release(device)
+                continue
+            if timed is not None:
+                per_round[name].append(timed)
+    for name, timings in per_round.items():
+        m = measured[name]
+        if m.status != OK or not timings:
+            continue
+        m.launch_ms = statistics.median(t[0] for t in timings)
+        m.median_ms, m.p20_ms, m.p80_ms = (statistics.median(t[1][q] for t in timings) for q in range(3))
+        m.round_ms = [t[1][0] for t in timings]
 
 
 def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", timer=None, graph_timer=None,
-                seed: int = 0, log=None) -> list[Measurement]:
+                seed: int = 0, log=None, rounds: int = 1) -> list[Measurement]:
     """Every applicable provider on the same inputs: prepare, run once and check against the reference (all of them
-    first), then time the correct ones (timer: launch by launch; graph_timer: graph replay, decode only).
-    Failures are recorded with their reason and never stop the others."""
+    first), then time the correct ones in ``rounds`` interleaved rounds (timer: launch by launch; graph_timer: graph
+    replay, decode only). Failures are recorded with their reason and never stop the others."""
     import torch
     timer = timer or do_bench_timer()
     graph_timer = graph_timer or graph_replay_timer()
@@ -163,15 +197,10 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
             m.status, m.note = FAILED, f"{type(e).__name__}: {first_line(e)}"
             _release(device)
         log(f"  {pr.name:<26} {m.status:<8} ({time.perf_counter() - t0:.1f} s) {m.note[:100]}")
+    _time_rounds(results, runners, phase, timer, graph_timer, rounds, device)
     l2 = _l2_note(problem, device)
-    for name, runner in runners.items():
-        m = results[name]
-        try:
-            _time(m, runner.fn, phase, timer, graph_timer)
-            m.note += l2 if m.timed_by == GRAPH else ""
-        except Exception as e:  # noqa: BLE001
-            m.status, m.note = FAILED, f"timing failed: {type(e).__name__}: {first_line(e)}"
-            _release(device)
+    for name in runners:
+        results[name].note += l2 if results[name].status == OK and results[name].timed_by == GRAPH else ""
     del runners, inputs, reference
     _release(device)
     return list(results.values())

@@ -57,7 +57,9 @@ def rows(measurements: list[Measurement], ceilings: Ceilings | None) -> list[dic
                 "vs_best_peer": tp / peer_tp if tp and peer_tp else None,
                 "ceiling": ceiling, "ceiling_name": ceiling_name,
                 "pct_of_ceiling": 100.0 * tp / ceiling if tp and ceiling else None,
-                "err_ratio": m.err_ratio, "note": m.note,
+                "err_ratio": m.err_ratio, "rounds": len(m.round_ms) or None,
+                "round_spread": max(m.round_ms) / min(m.round_ms) if len(m.round_ms) > 1 else None,
+                "note": m.note,
             })
     return out
 
@@ -75,11 +77,12 @@ def format_table(problem_rows: list[dict]) -> str:
     ordered = sorted(problem_rows, key=lambda r: (r["throughput"] is None, -(r["throughput"] or 0)))
     decode = first["phase"] == "decode"
     times = ["graph ms", "launches ms"] if decode else ["median ms"]
-    body = table(["provider", "status", *times, first["unit"], "vs best peer", "% ceiling", "note"],
+    body = table(["provider", "status", *times, first["unit"], "vs best peer", "% ceiling", "round spread", "note"],
                  [[r["provider"], r["status"], _fmt(r["median_ms"], ".4f"),
                    *([_fmt(r["launch_ms"], ".4f")] if decode else []), _fmt(r["throughput"], ".1f"),
-                   format_speedup(r["vs_best_peer"] or None), _fmt(r["pct_of_ceiling"], ".0f"), r["note"][:110]]
-                  for r in ordered], right=tuple(range(2, 6 + decode)), indent="  ")
+                   format_speedup(r["vs_best_peer"] or None), _fmt(r["pct_of_ceiling"], ".0f"),
+                   format_speedup(r["round_spread"]), r["note"][:110]]
+                  for r in ordered], right=tuple(range(2, 7 + decode)), indent="  ")
     lines = [head] + ([f"  {DECODE_TIMING}"] if decode else []) + [body]
     peer = first["best_peer"]
     lines.append(f"  best peer: {peer}" if peer else "  best peer: none timed")
@@ -104,9 +107,13 @@ def summary(rows_: list[dict]) -> list[str]:
         if r["phase"] == "prefill":
             v2 = _throughput_of(rows_, label, "tunebench-v2")
             if r["D"] == 128 and r["Nk"] >= 4096 and r["dtype"] in ("float16", "bfloat16"):
-                lines.append(f"prefill {label}: tunebench-v2 {_fmt(v2, '.0f')} TFLOP/s = "
-                             f"{ratio(v2, _throughput_of(rows_, label, 'sdpa-cudnn'))} cuDNN (goal >= 1.0), "
-                             f"{ratio(v2, _throughput_of(rows_, label, 'sdpa-flash'))} FlashAttention-2 (goal >= 1.5)")
+                # Issue 18's goals, for what variant="auto" runs (flash_v3 where it won) and for flash_v2 alone.
+                cudnn, fa2 = (_throughput_of(rows_, label, peer) for peer in ("sdpa-cudnn", "sdpa-flash"))
+                for provider in ("tunebench-auto", "tunebench-v2"):
+                    tp = _throughput_of(rows_, label, provider)
+                    if tp or provider == "tunebench-v2":
+                        lines.append(f"prefill {label}: {provider} {_fmt(tp, '.0f')} TFLOP/s = {ratio(tp, cudnn)} "
+                                     f"cuDNN (goal >= 1.0), {ratio(tp, fa2)} FlashAttention-2 (goal >= 1.7)")
             v1 = _throughput_of(rows_, label, "tunebench-v1")
             if v1:
                 lines.append(f"v2/v1 {label}: {ratio(v2, v1)}")

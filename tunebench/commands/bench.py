@@ -36,6 +36,9 @@ def bench_problems(suite_name: str | None, preset: str | None, kernels: list[str
 
 
 def bench_command(args) -> int:
+    for name in ("rounds", "rep_ms", "warmup_ms"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     problems = bench_problems(args.suite, args.preset, args.kernel, args.dtype)
     providers = select_providers(args.provider)
     import torch
@@ -52,7 +55,8 @@ def bench_command(args) -> int:
     ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer, copy_timer=graph_timer)
     print(format_ceilings(ceilings), flush=True)
     started = time.perf_counter()
-    measurements, sticky = _measure_all(problems, providers, (timer, graph_timer), ceilings, meta, out_dir)
+    measurements, sticky = _measure_all(problems, providers, (timer, graph_timer), ceilings, meta, out_dir,
+                                        args.rounds)
     _log(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
     _finish(rows(measurements, ceilings), ceilings, out_dir)
     if sticky is not None:
@@ -66,16 +70,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path):
+def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path, rounds: int = 1):
     """(measurements, the measurement that left the CUDA context unusable or None): problems in turn, each one's
     table printed and every output rewritten after it, stopping at a sticky CUDA error. timers: (launch by launch,
-    graph replay)."""
+    graph replay); rounds: interleaved timing rounds per problem."""
     timer, graph_timer = timers
     measurements = []
     for i, problem in enumerate(problems, 1):
         t0 = time.perf_counter()
         _log(f"[{i}/{len(problems)}] {problem.label()}")
-        measured = run_problem(problem, providers, timer=timer, graph_timer=graph_timer, log=_log)
+        measured = run_problem(problem, providers, timer=timer, graph_timer=graph_timer, log=_log, rounds=rounds)
         measurements += measured
         _log(f"  ({time.perf_counter() - t0:.0f} s)")
         print("\n" + format_table(rows(measured, ceilings)), flush=True)
