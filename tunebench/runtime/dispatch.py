@@ -398,9 +398,9 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
     whose context length is below its new tokens or above max_blocks x block_size, or whose table holds a block id
     outside [0, num_blocks) among the entries it reads, gets NaN rows (a bad block id: the rows that read it, every
     row whose causal keys reach it; a row whose keys end before it is correct or NaN); one whose cu_seqlens_q
-    entries are out of order or outside [0, total_q] writes no row; the other sequences are computed as usual. check=True (or
-    TUNEBENCH_CHECK=1 for the whole program) reads the kernel's error flags back after the launch (a device sync)
-    and raises a ValueError naming the sequence and its bad value.
+    entries are out of order or outside [0, total_q] writes no row; the other sequences are computed as usual.
+    check=True (or TUNEBENCH_CHECK=1 for the whole program) reads the kernel's error flags back after the launch (a
+    device sync) and raises a ValueError naming the sequence and its bad value.
 
     A function of its own, not paged_attention with an optional cu_seqlens_q: q's first dimension means tokens
     here and sequences there, the kernels differ (split-K decode vs tiles of tokens x heads), and each is tuned and

@@ -65,7 +65,7 @@ class Compile(_OneConfig):
 class Retime(_Kernel):
     """Time the finalists against each other in interleaved rounds. ``peer``: (module path, config) of the kernel
     this one replaces where it runs (flash_v2 for flash_v3), timed in the same rounds on the same inputs, after a
-    check of its output: its round medians come last in the reply (none if its output was wrong)."""
+    trial's checks: its round medians come last in the reply (none if it failed them)."""
     configs: list = field(hash=False)
     rounds: int = 3
     first: int = 0      # the number of the first round (rounds shared among runners)

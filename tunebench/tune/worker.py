@@ -51,16 +51,21 @@ CUDA_FAULTS = ("illegal memory access", "illegal instruction", "misaligned addre
 
 def run_trial(workload: Workload, module, config: dict, bench: timing.Bench) -> Outcome:
     try:
-        inputs = launch_inputs(workload, module, config)
-        out = compile_(workload, module, config)
-        if isinstance(out, Outcome):
-            return out
-        verdict = check(workload, out, inputs)
+        verdict = checked(workload, module, config)
         if isinstance(verdict, Outcome):
             return verdict
         return time_(workload, module, config, bench, verdict)
     except Exception as e:  # a CUDA fault surfacing in a copy or a comparison, or a bug: the trial crashed
         return failure(e, "crashed", "trial")
+
+
+def checked(workload: Workload, module, config: dict) -> Verdict | Outcome:
+    """A trial's checks before it is timed: the first launch (compile_), then check."""
+    inputs = launch_inputs(workload, module, config)
+    out = compile_(workload, module, config)
+    if isinstance(out, Outcome):
+        return out
+    return check(workload, out, inputs)
 
 
 def compile_(workload: Workload, module, config: dict) -> torch.Tensor | Outcome:
@@ -120,11 +125,10 @@ def retime(workload: Workload, module, configs: list[dict], bench: timing.Bench,
     if not peer:
         return timing.interleaved(fns, bench, rounds, first)
     peer_module, peer_config = importlib.import_module(peer[0]), peer[1]
-    inputs = launch_inputs(workload, peer_module, peer_config)
-    out = compile_(workload, peer_module, peer_config)
-    if isinstance(out, Outcome) or isinstance(check(workload, out, inputs), Outcome):
-        if isinstance(out, Outcome) and out.fatal:
-            raise RuntimeError(out.message)     # a CUDA fault: the worker is replaced, the re-timing fails
+    verdict = checked(workload, peer_module, peer_config)
+    if isinstance(verdict, Outcome):
+        if verdict.fatal:
+            raise RuntimeError(verdict.message)     # a CUDA fault: the worker is replaced, the re-timing fails
         return timing.interleaved(fns, bench, rounds, first) + [[]]
     return timing.interleaved(fns + [launcher(workload, peer_module, peer_config)], bench, rounds, first)
 
