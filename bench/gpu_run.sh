@@ -6,19 +6,20 @@
 #           (-rfE) in $OUT/gputests.log as they come, so a call cut short still says which failed, and each failure's
 #           message in $OUT/failures.log as it happens (PYTEST_ARGS: other files or -k; TUNEBENCH_PROFILE=gpu-triage:
 #           no shrinking; GPUTESTS_S: its own time limit, default 540 s, so that the steps after it still run)
-#   tune    tunebench tune on the default suite into ./results.db (timed)
+#   tune    tunebench tune on the default suite into $DB (timed; TUNE_ARGS: more options)
 #   bench   tunebench bench on the headline suite
-#   example examples/generate.py on the GPU
-#   paged   tunebench tune --suite pages, then --suite decode (page 16), into ./results.db; then tunebench pages
-#   retune  the paged kernel's headline buckets (its four decode shapes on a bf16 and on an e4m3 cache) into
-#           ./results.db, PAGED_TRIALS trials each: what a change of the paged kernel's code makes stale first
+#   example examples/generate.py on the GPU (EXAMPLE_ARGS: its options, e.g. --dtype bfloat16 --kv-dtype fp8)
+#   paged   tunebench tune --suite pages, then --suite decode (page 16), into $DB; then tunebench pages
+#   retune  the paged kernel's headline buckets (its decode shapes on a bf16 and on an e4m3 cache, B 1 x 128k, and
+#           B 64 x 4k at every page size) into $DB, PAGED_TRIALS trials each: what a change of the paged kernel's code
+#           makes stale first
 #   retune-pages  then every page size of the pages suite (the recommendation `tunebench pages` makes)
 #   fp8bench bench/fp8_decode.py alone (fp8 against the bf16 cache, B16 x 16k, each on its own bucket's winner),
 #           rows in $OUT/fp8-decode.csv and .json
-#   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into ./results.db, PAGED_TRIALS
+#   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into $DB, PAGED_TRIALS
 #           trials each, then bench/fp8_decode.py (fp8 against the bf16 cache, B16 x 16k; each runs its own bucket)
-#   loo     bench/transfer_loo.py on ./results.db: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on
-#           the headline suite
+#   loo     bench/transfer_loo.py on $DB: leave-one-out of safe transfer, and the dispatcher vs DEFAULT on the
+#           headline suite (LOO_ARGS: more options; --limit 0 times only the dispatcher's choices)
 #   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
 #   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
@@ -28,17 +29,22 @@
 #   prefillprobe bench/paged_prefill_probe.py (issue 20: a paged prefill chunk against dense SDPA/cuDNN/flash_v2, and
 #           a mixed batch as one launch against two); rows in $OUT/paged-prefill*.csv and .json
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call, on
-#           ./results.db's winners
+#           $DB's winners
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
 #           and removes it: the device returns at most 8 files (make it the last step)
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
 #           prefix caching; SERVE_ARGS adds options), then tests/test_serve.py with its gpu test
 # STEP:SECONDS gives a step its own time limit (e.g. `hostile:160 checkcost:110 tune:230 pack`), so that one call
 # runs several steps within the device's per-call limit; the install is done once per machine, not once per call.
-# ./results.db is copied to $OUT after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
+# The steps read and tune $DB (default ./results.db). DB=out/run.db (git-ignored) starts as a copy of ./results.db and
+# stays on a warm machine between calls, with the Optuna journal beside it, so a tune cut short by one call's limit
+# resumes in the next even if the caller's tree carries the shipped results.db again. $DB is copied to
+# $OUT/results.db after each step (WAL checkpointed first), so a call cut short keeps what it tuned.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export DB=${DB:-results.db}
+if [ ! -e "$DB" ]; then mkdir -p "$(dirname "$DB")" && cp results.db "$DB" || exit 1; fi
 if [ ! -e /tmp/site/.tunebench-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
@@ -59,24 +65,24 @@ run_step() {
     pack)    tar czf /tmp/outputs.tgz -C "$OUT" --exclude=./results.db --exclude=./log . &&
                find "$OUT" -mindepth 1 ! -name results.db ! -name log -delete && mv /tmp/outputs.tgz "$OUT/outputs.tgz"
              r=$?; ls -la "$OUT" ;;
-    tune)    tunebench tune --db results.db ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
-    bench)   tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
-    example) python3 examples/generate.py 2>&1 | tee "$OUT/example.log"; r=$? ;;
-    paged)   { tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db &&
-               tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db results.db &&
-               tunebench pages --preset llama-3-8b --db results.db; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
+    tune)    tunebench tune --db "$DB" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -v '^\s*\[' ; r=$? ;;
+    bench)   TUNEBENCH_DB="$DB" tunebench bench --suite ${BENCH_SUITE:-headline} --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; r=$? ;;
+    example) TUNEBENCH_DB="$DB" python3 examples/generate.py ${EXAMPLE_ARGS:-} 2>&1 | tee "$OUT/example.log"; r=$? ;;
+    paged)   { tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db "$DB" &&
+               tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db "$DB" &&
+               tunebench pages --preset llama-3-8b --db "$DB"; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
                | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
-    retune)  tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db results.db \
+    retune)  tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db "$DB" \
                2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?
              grep -v '^  #' "$OUT/retune.log" | tail -n 30 ;;
-    retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db results.db 2>&1 | tr '\r' '\n' \
+    retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db "$DB" 2>&1 | tr '\r' '\n' \
                | grep -v '^\s*$' | tail -c 60000 > "$OUT/pages.log"; r=$?; grep -v '^  #' "$OUT/pages.log" | tail -n 30 ;;
-    fp8bench) TUNEBENCH_DB=results.db python3 bench/fp8_decode.py --out "$OUT" 2>&1 | tee "$OUT/fp8bench.log"
+    fp8bench) TUNEBENCH_DB="$DB" python3 bench/fp8_decode.py --out "$OUT" 2>&1 | tee "$OUT/fp8bench.log"
              r=$? ;;
-    fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db results.db &&
-               TUNEBENCH_DB=results.db python3 bench/fp8_decode.py --out "$OUT"; } 2>&1 | tr '\r' '\n' \
+    fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db "$DB" &&
+               TUNEBENCH_DB="$DB" python3 bench/fp8_decode.py --out "$OUT"; } 2>&1 | tr '\r' '\n' \
                | grep -v '^\s*$' | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
-    loo)     python3 bench/transfer_loo.py --db results.db --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline \
+    loo)     python3 bench/transfer_loo.py --db "$DB" --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline ${LOO_ARGS:-} \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
@@ -85,11 +91,11 @@ run_step() {
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
     hostile) python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short tests/test_paged_hostile.py \
                > "$OUT/hostile.log" 2>&1; r=$?; grep -E '(FAILED|ERROR) |passed|failed' "$OUT/hostile.log" | tail -n 40 ;;
-    prefillprobe) TUNEBENCH_DB=results.db python3 bench/paged_prefill_probe.py --out "$OUT" 2>&1 \
+    prefillprobe) TUNEBENCH_DB="$DB" python3 bench/paged_prefill_probe.py --out "$OUT" 2>&1 \
                | tee "$OUT/prefillprobe.log"; r=$? ;;
-    checkcost) TUNEBENCH_DB=results.db python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
+    checkcost) TUNEBENCH_DB="$DB" python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
              r=$? ;;
-    serve)   { python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
+    serve)   { TUNEBENCH_DB="$DB" python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
@@ -105,8 +111,8 @@ for spec in "$@"; do
   if [ -n "$limit" ]; then timeout "$limit" bash -c 'run_step "$0"' "$step"; else run_step "$step"; fi
   r=$?
   echo "=== $step rc=$r in $(( $(date +%s) - start )) s"
-  python3 -c "import sqlite3; sqlite3.connect('results.db').execute('PRAGMA wal_checkpoint(TRUNCATE)')" &&
-    cp results.db "$OUT/results.db"
+  python3 -c "import sqlite3; sqlite3.connect('$DB').execute('PRAGMA wal_checkpoint(TRUNCATE)')" &&
+    cp "$DB" "$OUT/results.db"
   [ "$r" = 0 ] || rc=$r
 done
 exit $rc

@@ -16,7 +16,7 @@ from tunebench.bench.tables import rows
 from tunebench.commands import bench as command
 from tunebench.cli import main
 from tunebench.inputs import Inputs, check_windows
-from tunebench.shapes import Problem
+from tunebench.shapes import PAGES, Problem
 
 PREFILL = Problem("flash_v2", 4, 16, 16, 4096, 4096, 128, "float16", causal=True)
 PREFILL_SMALL = Problem("flash_v2", 1, 2, 2, 32, 32, 16, "float32")
@@ -162,8 +162,11 @@ def test_plots_are_written_or_skipped_when_matplotlib_is_missing(tmp_path):
 def test_problem_selection_filters_and_merges_v1_into_prefill():
     headline = command.bench_problems(None, None, None)
     assert len(headline) == len(set(headline)) and all(p.kernel in ("flash_v2", "paged_attention") for p in headline)
-    # four uniform decode rows with a bf16 cache, the same four with an fp8 one, and the ragged batch
-    assert sum(p.paged for p in headline) == 9 and sum(p.kv_dtype == "float8_e4m3fn" for p in headline) == 4
+    # four uniform decode rows with a bf16 cache, the same four with an fp8 one, B 1 x 128k, B 64 x 4k at the four
+    # other page sizes (issue 19's goals table), and the ragged batch
+    assert sum(p.paged for p in headline) == 14 and sum(p.kv_dtype == "float8_e4m3fn" for p in headline) == 4
+    assert {p.page for p in headline if p.paged and (p.B, p.Nk) == (64, 4096)} == set(PAGES)
+    assert any(p.paged and (p.B, p.Nk) == (1, 131072) for p in headline)
     decode = command.bench_problems("headline", None, ["paged_attention"])
     assert decode and all(p.paged for p in decode) and decode[-1] == ragged.headline()[0]
     assert all(p.dtype == "float16" for p in command.bench_problems("headline", None, None, ["float16"]))

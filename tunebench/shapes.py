@@ -267,7 +267,9 @@ HEADLINE_DECODE = ((64, 4096), (16, 16384), (128, 1024), (1, 32768))     # (B, c
 
 def _headline_suite() -> list[Problem]:
     # What `tunebench bench` reports by default (BENCHMARKS.md): D 128 across lengths, D 64 and D 256, the decode grid,
-    # and FlashAttention-1 up to 8k for the V1-vs-V2 ratio; the decode shapes with a bf16 and an fp8 (e4m3) cache.
+    # and FlashAttention-1 up to 8k for the V1-vs-V2 ratio; the decode shapes with a bf16 and an fp8 (e4m3) cache,
+    # then the rest of issue 19's goals table, so that one run measures all of it: B 1 x 128k, and B 64 x 4k at every
+    # other page size.
     out = [Problem("flash_v2", 4, 16, 16, n, n, 128, dtype, causal=c)
            for dtype in ("float16", "bfloat16") for c in (False, True) for n in (1024, 2048, 4096, 8192, 16384)]
     out += [Problem("flash_v2", 4, 32, 32, n, n, 64, dtype, causal=c)
@@ -278,6 +280,8 @@ def _headline_suite() -> list[Problem]:
             for n in (1024, 4096, 8192)]
     out += [Problem("paged_attention", b, 32, 8, 1, ctx, 128, "bfloat16", page=16, kv_dtype=kv)
             for kv in (None, "float8_e4m3fn") for b, ctx in HEADLINE_DECODE]
+    out.append(Problem("paged_attention", 1, 32, 8, 1, 131072, 128, "bfloat16", page=16))
+    out += [Problem("paged_attention", 64, 32, 8, 1, 4096, 128, "bfloat16", page=page) for page in PAGES if page != 16]
     return out
 
 
