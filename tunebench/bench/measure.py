@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..inputs import make_inputs, reference_for
 from ..shapes import Problem
+from ..tune.timing import round_order
 from . import ragged
 from .providers import Provider, Runner, Skip, first_line
 
@@ -120,14 +121,13 @@ def _time(m: Measurement, fn, phase: str, timer, graph_timer) -> tuple[float, li
 
 def _time_rounds(measured: dict[str, Measurement], runners: dict, phase: str, timer, graph_timer, rounds: int,
                  device) -> None:
-    """Times every correct provider once per round, rotating which goes first (tune/timing.interleaved's order), so
-    that drift over the seconds a problem takes (clocks, a neighbour on the host) falls on all of them alike. Each
-    figure is the median over the rounds of that round's figure; round_ms keeps the rounds' medians."""
+    """Times every correct provider once per round, rotating which goes first (the tuner's round_order), so that
+    drift over the seconds a problem takes (clocks, a neighbour on the host) falls on all of them alike. Each figure
+    is the median over the rounds of that round's figure; round_ms keeps the rounds' medians."""
     names = list(runners)
     per_round: dict[str, list] = {name: [] for name in names}
     for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(i + r) % len(names)]
+        for name in (names[j] for j in round_order(len(names), r)):
             m = measured[name]
             if m.status != OK:
                 continue                         # failed in an earlier round: not timed again

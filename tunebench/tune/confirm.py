@@ -200,10 +200,9 @@ def winner(job: Confirmation, finalists: list[Seen], default: Seen | None, event
 def stored_winner(shared: SharedStudy) -> dict | None:
     """The winner the store holds for the study's device, kernel identity and bucket (what the dispatcher runs), as
     JSON for the study's `winner` attribute; None if the store has none."""
-    for w in _current_winners(shared.store, shared.device.name, shared.kernel, shared.hash, shared.problem):
-        return {"config": w.config, "median_ms": w.median_ms, "speedup_vs_default": w.speedup_vs_default,
-                "updated_at": w.updated_at.isoformat()}
-    return None
+    w = next(_current_winners(shared.store, shared.device.name, shared.kernel, shared.hash, shared.problem), None)
+    return None if w is None else {"config": w.config, "median_ms": w.median_ms,
+                                   "speedup_vs_default": w.speedup_vs_default, "updated_at": w.updated_at.isoformat()}
 
 
 def _current_winners(store, device_name: str, kernel: str, source_hash: str, problem: Problem):

@@ -90,10 +90,15 @@ def interleaved(fns: list[Callable[[], object]], bench: Bench, rounds: int, firs
     first round, when the rounds are shared among workers."""
     medians: list[list[float]] = [[] for _ in fns]
     for r in range(first, first + rounds):
-        for i in range(len(fns)):
-            j = (i + r) % len(fns)
+        for j in round_order(len(fns), r):
             medians[j].append(bench(fns[j]).median_ms)
     return medians
+
+
+def round_order(count: int, round_number: int) -> list[int]:
+    """The order round ``round_number`` times ``count`` contenders in: rotated by one each round, so that each goes
+    first in turn (interleaved here, and tunebench bench's rounds)."""
+    return [(i + round_number) % count for i in range(count)]
 
 
 def contenders(rounds: list[list[float]]) -> list[int]:
