@@ -354,6 +354,40 @@ def test_decode_is_timed_by_graph_replay_with_the_launch_by_launch_figure_beside
     assert calls == [LAUNCHES] and (m.timed_by, m.median_ms, m.launch_ms) == (LAUNCHES, 3.0, 3.0)   # prefill as before
 
 
+
+def test_graph_prefill_times_prefill_by_graph_replay_too_and_its_table_shows_both_figures():
+    # --graph-prefill: a short prefill's launch-by-launch time can hold host launch cost that the GPU never sees;
+    # graph replay leaves it out, and the table shows both, as for decode.
+    calls = []
+    launches, graph = _timers(calls)
+    (m,) = run_problem(PREFILL_SMALL, [_fake("good", _sdpa_runner)], device="cpu", timer=launches, graph_timer=graph,
+                       graph_phases=("decode", "prefill"))
+    assert calls == [LAUNCHES, GRAPH] and (m.timed_by, m.median_ms, m.launch_ms) == (GRAPH, 2.0, 3.0)
+    (r,) = rows([m], CEILINGS)
+    assert (r["graph_ms"], r["launch_ms"], r["launch_vs_graph"]) == (2.0, 3.0, 1.5)
+    lines = tables.format_table([r]).splitlines()
+    assert lines[1].strip() == tables.PREFILL_GRAPH_TIMING
+    assert lines[2].split()[:5] == ["provider", "status", "graph", "ms", "launches"]
+    assert "2.0000" in lines[4] and "3.0000" in lines[4]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the command's flow with the GPU parts replaced")
+def test_graph_prefill_option_reaches_every_problem(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(problem, providers, **kw):
+        seen.append(kw["graph_phases"])
+        return [Measurement(problem, "tunebench-v2", False, OK, 0.5)]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(command, "measure_ceilings", lambda dtypes, timer=None, copy_timer=None: CEILINGS)
+    monkeypatch.setattr(command, "environment", lambda: {"device": "fake H200", "command": "tunebench bench"})
+    monkeypatch.setattr(command, "run_problem", fake_run)
+    args = ["bench", "--kernel", "flash_v2", "--dtype", "bfloat16", "--out", str(tmp_path)]
+    assert main(args) == 0 and set(seen) == {("decode",)}
+    seen.clear()
+    assert main(args + ["--graph-prefill"]) == 0 and seen and set(seen) == {("decode", "prefill")}
+
 def test_providers_are_timed_in_interleaved_rounds_and_each_figure_is_the_median_of_its_rounds():
     # Round r starts at provider r (mod n), as the tuner's re-timing rotates; a drifting clock (each timing slower
     # than the last) then falls on every provider alike, and the spread of a provider's rounds is reported.

@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do_bench repetition time per provider and round, ms (decode: also the ms of launches per "
                         "CUDA graph; default 40)")
     b.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per provider and round, ms")
+    b.add_argument("--graph-prefill", action="store_true",
+                   help="time prefill by CUDA-graph replay too, as decode is, with the launch-by-launch figure beside "
+                        "it: how much of a short prefill's time is host launch cost (ratios then use the graph "
+                        "figure, and graph replay does not flush L2)")
     b.set_defaults(func=_bench)
 
     rp = sub.add("report", help="winners, speedups over DEFAULT, trial outcomes and tuning time",

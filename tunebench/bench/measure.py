@@ -10,6 +10,9 @@ How a provider is timed (median with the 20th and 80th percentiles):
   ceiling (the bench graph-times the copy too) come from the graph figure; the launch-by-launch one shows what host
   overhead and extra launches cost.
   Graph replay does not flush L2: a problem whose K/V fits in twice the L2 cache says so in its notes.
+- prefill with `tunebench bench --graph-prefill`: by graph replay too, the launch-by-launch figure beside it, as
+  decode. A prefill of ~100 us is then timed without its host launch cost, which launch by launch can exceed the
+  GPU time (a Gluon launch binds more arguments than a Triton one): the gap between the two shows how much.
 """
 from __future__ import annotations
 
@@ -102,13 +105,13 @@ def _l2_note(problem: Problem, device) -> str:
     return f"; K/V {problem.kv_bytes / 2**20:.0f} MiB < 2 x L2 ({l2 >> 20} MiB): graph replay may read it from L2"
 
 
-def _time(m: Measurement, fn, phase: str, timer, graph_timer) -> tuple[float, list[float]] | None:
-    """One round: (launch-by-launch median, [median, p20, p80] of the figure the ratios use). Prefill: launch by
-    launch. Decode: then by graph replay. None, with the row marked failed, when a decode provider cannot be graphed
-    (it keeps its launch-by-launch figure)."""
+def _time(m: Measurement, fn, graphed: bool, timer, graph_timer) -> tuple[float, list[float]] | None:
+    """One round: (launch-by-launch median, [median, p20, p80] of the figure the ratios use). Launch by launch, then,
+    if ``graphed`` (decode; prefill too with graph_phases), by graph replay. None, with the row marked failed, when a
+    graphed provider cannot be captured (it keeps its launch-by-launch figure)."""
     timing = [float(x) for x in timer(fn)]
     launch_ms, m.timed_by = timing[0], LAUNCHES
-    if phase == "decode":
+    if graphed:
         try:
             timing = [float(x) for x in graph_timer(fn)]
         except Exception as e:  # noqa: BLE001 -- e.g. a provider that syncs cannot be captured; its row says so
@@ -119,7 +122,7 @@ def _time(m: Measurement, fn, phase: str, timer, graph_timer) -> tuple[float, li
     return launch_ms, timing
 
 
-def _time_rounds(measured: dict[str, Measurement], runners: dict, phase: str, timer, graph_timer, rounds: int,
+def _time_rounds(measured: dict[str, Measurement], runners: dict, graphed: bool, timer, graph_timer, rounds: int,
                  device) -> None:
     """Times every correct provider once per round, rotating which goes first (the tuner's round_order), so that
     drift over the seconds a problem takes (clocks, a neighbour on the host) falls on all of them alike. Each figure
@@ -132,7 +135,7 @@ def _time_rounds(measured: dict[str, Measurement], runners: dict, phase: str, ti
             if m.status != OK:
                 continue                         # failed in an earlier round: not timed again
             try:
-                timed = _time(m, runners[name].fn, phase, timer, graph_timer)
+                timed = _time(m, runners[name].fn, graphed, timer, graph_timer)
             except Exception as e:  # noqa: BLE001
                 m.status, m.note = FAILED, f"timing failed: {type(e).__name__}: {first_line(e)}"
                 _release(device)
@@ -149,10 +152,10 @@ def _time_rounds(measured: dict[str, Measurement], runners: dict, phase: str, ti
 
 
 def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", timer=None, graph_timer=None,
-                seed: int = 0, log=None, rounds: int = 1) -> list[Measurement]:
+                seed: int = 0, log=None, rounds: int = 1, graph_phases=("decode",)) -> list[Measurement]:
     """Every applicable provider on the same inputs: prepare, run once and check against the reference (all of them
     first), then time the correct ones in ``rounds`` interleaved rounds (timer: launch by launch; graph_timer: graph
-    replay, decode only). Failures are recorded with their reason and never stop the others."""
+    replay, for the phases in ``graph_phases``). Failures are recorded with their reason and never stop the others."""
     import torch
     timer = timer or do_bench_timer()
     graph_timer = graph_timer or graph_replay_timer()
@@ -197,7 +200,7 @@ def run_problem(problem: Problem, providers: list[Provider], *, device="cuda", t
             m.status, m.note = FAILED, f"{type(e).__name__}: {first_line(e)}"
             _release(device)
         log(f"  {pr.name:<26} {m.status:<8} ({time.perf_counter() - t0:.1f} s) {m.note[:100]}")
-    _time_rounds(results, runners, phase, timer, graph_timer, rounds, device)
+    _time_rounds(results, runners, phase in graph_phases, timer, graph_timer, rounds, device)
     l2 = _l2_note(problem, device)
     for name in runners:
         results[name].note += l2 if results[name].status == OK and results[name].timed_by == GRAPH else ""

@@ -6,7 +6,7 @@ ragged batch (bench/ragged.py) those bytes are the sum of its lengths, whatever 
 
 Decode rows are timed by CUDA-graph replay (graph_ms) and launch by launch (launch_ms); throughput, the ratio against
 the best peer and % of the copy ceiling come from graph_ms (measure.py says why). Prefill rows are timed launch by
-launch only (graph_ms empty).
+launch only (graph_ms empty), unless `tunebench bench --graph-prefill` graph-times them as well.
 """
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ def rows(measurements: list[Measurement], ceilings: Ceilings | None) -> list[dic
 
 DECODE_TIMING = ("decode timed by CUDA-graph replay (graph ms); GB/s, vs best peer and % ceiling come from it. "
                  "launches ms: launch by launch (do_bench), host overhead and every launch included")
+PREFILL_GRAPH_TIMING = ("prefill timed by CUDA-graph replay too (--graph-prefill; graph ms, no L2 flush): TFLOP/s, vs "
+                        "best peer and % ceiling come from it. launches ms: do_bench, L2 flushed, host launch cost "
+                        "included")
 
 
 def format_table(problem_rows: list[dict]) -> str:
@@ -76,14 +79,16 @@ def format_table(problem_rows: list[dict]) -> str:
     head = f"{first['problem']}  [{first['intensity']:.0f} FLOPs/byte; {ceiling}]"
     ordered = sorted(problem_rows, key=lambda r: (r["throughput"] is None, -(r["throughput"] or 0)))
     decode = first["phase"] == "decode"
-    times = ["graph ms", "launches ms"] if decode else ["median ms"]
+    graphed = any(r["timed_by"] == GRAPH for r in problem_rows)
+    times = ["graph ms", "launches ms"] if graphed else ["median ms"]
     body = table(["provider", "status", *times, first["unit"], "vs best peer", "% ceiling", "round spread", "note"],
                  [[r["provider"], r["status"], _fmt(r["median_ms"], ".4f"),
-                   *([_fmt(r["launch_ms"], ".4f")] if decode else []), _fmt(r["throughput"], ".1f"),
+                   *([_fmt(r["launch_ms"], ".4f")] if graphed else []), _fmt(r["throughput"], ".1f"),
                    format_speedup(r["vs_best_peer"] or None), _fmt(r["pct_of_ceiling"], ".0f"),
                    format_speedup(r["round_spread"]), r["note"][:110]]
-                  for r in ordered], right=tuple(range(2, 7 + decode)), indent="  ")
-    lines = [head] + ([f"  {DECODE_TIMING}"] if decode else []) + [body]
+                  for r in ordered], right=tuple(range(2, 7 + graphed)), indent="  ")
+    timing = DECODE_TIMING if decode else PREFILL_GRAPH_TIMING
+    lines = [head] + ([f"  {timing}"] if graphed else []) + [body]
     peer = first["best_peer"]
     lines.append(f"  best peer: {peer}" if peer else "  best peer: none timed")
     return "\n".join(lines)

@@ -55,8 +55,9 @@ def bench_command(args) -> int:
     ceilings = measure_ceilings({p.dtype for p in problems}, timer=timer, copy_timer=graph_timer)
     print(format_ceilings(ceilings), flush=True)
     started = time.perf_counter()
+    graph_phases = ("decode", "prefill") if args.graph_prefill else ("decode",)
     measurements, sticky = _measure_all(problems, providers, (timer, graph_timer), ceilings, meta, out_dir,
-                                        args.rounds)
+                                        args.rounds, graph_phases)
     _log(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
     _finish(rows(measurements, ceilings), ceilings, out_dir)
     if sticky is not None:
@@ -70,16 +71,18 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path, rounds: int = 1):
+def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path, rounds: int = 1,
+                 graph_phases=("decode",)):
     """(measurements, the measurement that left the CUDA context unusable or None): problems in turn, each one's
     table printed and every output rewritten after it, stopping at a sticky CUDA error. timers: (launch by launch,
-    graph replay); rounds: interleaved timing rounds per problem."""
+    graph replay); rounds: interleaved timing rounds per problem; graph_phases: the phases also graph-timed."""
     timer, graph_timer = timers
     measurements = []
     for i, problem in enumerate(problems, 1):
         t0 = time.perf_counter()
         _log(f"[{i}/{len(problems)}] {problem.label()}")
-        measured = run_problem(problem, providers, timer=timer, graph_timer=graph_timer, log=_log, rounds=rounds)
+        measured = run_problem(problem, providers, timer=timer, graph_timer=graph_timer, log=_log, rounds=rounds,
+                               graph_phases=graph_phases)
         measurements += measured
         _log(f"  ({time.perf_counter() - t0:.0f} s)")
         print("\n" + format_table(rows(measured, ceilings)), flush=True)
