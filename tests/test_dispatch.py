@@ -222,7 +222,7 @@ def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, 
 @pytest.mark.parametrize("versus, ms, replaced_ms, runs", [
     (1.0, 9.0, 1.0, True), (0.99, 1.0, 9.0, False),         # the head-to-head figure decides, whatever the times say
     (None, 1.0, 2.0, True), (None, 2.0, 1.0, False), (None, 1.0, 1.0, False),   # else the faster time; a tie: replaced
-    (None, 1.0, None, True), (None, None, 1.0, False), (None, None, None, False)])  # a winner beats none
+    (None, 1.0, None, False), (None, None, 1.0, False), (None, None, None, False)])  # a lone winner: no evidence
 def test_the_auto_rule(versus, ms, replaced_ms, runs):
     from tunebench.registry import replacement_runs
     assert replacement_runs(versus, ms, replaced_ms) is runs
@@ -263,13 +263,14 @@ def test_auto_does_not_compare_a_winner_keep_rejects(monkeypatch, device):
     assert kernel == "flash_v2" and "only tuned winner" in why and "flash_v3 has no winner it can run" in why, why
 
 
-def test_auto_says_when_it_had_only_one_winner_to_go_by(monkeypatch, device):
-    """flash_v3's winner alone (flash_v2 untuned for the bucket): auto runs it, and says that nothing was compared,
-    as on the H100 at N 1k, where flash_v2's DEFAULT was in fact faster."""
+def test_auto_does_not_run_a_lone_winner_never_timed_beside_the_fallback(monkeypatch, device):
+    """flash_v3's winner alone (flash_v2 untuned for the bucket, no head-to-head figure): flash_v2 runs, and auto says
+    why. On an H100 at N 1k causal that lone winner took 1.06x flash_v2's DEFAULT time (graph-timed, 2026-12-07)."""
     _as_on_hopper(monkeypatch)
     _auto_winners(monkeypatch, {"flash_v3": 1.0})
     kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True)
-    assert kernel == "flash_v3" and "only tuned winner" in why and "flash_v2 has no winner it can run" in why, why
+    assert kernel == "flash_v2" and "flash_v3's winner for this bucket (1 ms) was never timed beside flash_v2" in why
+    assert "--replace" in why, why
 
 
 def test_auto_without_exact_winners_runs_flash_v2(monkeypatch, device):

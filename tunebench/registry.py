@@ -63,11 +63,13 @@ def replacement_runs(versus_peer: float | None, ms: float | None, replaced_ms: f
     """variant="auto"'s rule for a bucket, the one place it is written (runtime/dispatch.auto_kernel runs by it,
     report.auto_choices shows it): whether the replacing kernel's exact winner (ms) runs rather than the replaced
     kernel's (replaced_ms). By versus_peer, its speedup over the replaced kernel's config timed beside it when it was
-    tuned (tune/confirm.py), where that was measured; else by the two winners' times from their own runs, a winner
-    beating no winner."""
+    tuned (tune/confirm.py), where that was measured; else by the two winners' times from their own runs. A winner
+    alone, never timed beside the replaced kernel, does not run: it is no evidence against the replaced kernel's
+    DEFAULT (on an H100 at N 1k causal, flash_v3's lone winner took 1.06x flash_v2's DEFAULT time, graph-timed in one
+    run, 2026-12-07)."""
     if versus_peer is not None:
         return versus_peer >= 1.0
-    return ms is not None and (replaced_ms is None or ms < replaced_ms)
+    return ms is not None and replaced_ms is not None and ms < replaced_ms
 
 
 def known_kernels() -> dict[str, str]:

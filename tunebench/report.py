@@ -99,8 +99,8 @@ def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
     """Per bucket of one device that a replacing kernel (flash_v3, registry.REPLACES) has a current winner for: its
     time, the replaced kernel's (flash_v2's) winner time, its speedup over the replaced kernel's config timed beside
     it when it was tuned, and the kernel variant="auto" runs there on that device (registry.replacement_runs: by that
-    speedup where it was measured, else the faster winner). Stale winners are left out, as the dispatcher leaves
-    them out."""
+    speedup where it was measured, else the faster winner; the replaced kernel where it has no winner to compare).
+    Stale winners are left out, as the dispatcher leaves them out."""
     current = {(x.winner.device, x.winner.kernel, bucket_key(x.winner.problem)): x.winner for x in lines if not x.stale}
     rows = []
     for (device, kernel, key), w in current.items():

@@ -160,7 +160,8 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the first whose exact winner
     for the call's bucket (one keep() admits) was timed beside the fallback kernel's config when it was tuned (its
     speedup_vs_peer: tune/confirm.py) decides, by registry.replacement_runs; else the one whose exact winner was tuned
-    fastest on this GPU (for two kernels, the same rule); the fallback kernel when none has one."""
+    fastest on this GPU (for two kernels, the same rule); the fallback kernel when none has one, or when the only
+    winner is another kernel's, never timed beside the fallback (no evidence that it beats the fallback's DEFAULT)."""
     timed, untimed, skipped = [], [], []
     for kernel in AUTO_KERNELS:
         reason = _refusal(kernel, q, k, v)
@@ -190,8 +191,14 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
         others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
         why = (f"the fastest tuned winner for this bucket ({ms:.4g} ms; {others}), by times from their own runs "
                f"(`tunebench tune --replace` on this GPU times them side by side)")
+    elif timed and timed[0][1] != AUTO_KERNELS[-1]:
+        # A winner of one kernel is not evidence against another's DEFAULT: the fallback runs (registry's rule).
+        (ms, alone), = timed
+        kernel = AUTO_KERNELS[-1]
+        why = (f"{alone}'s winner for this bucket ({ms:.4g} ms) was never timed beside {kernel}'s config, so {kernel} "
+               f"runs, whose DEFAULT it may not beat (`tunebench tune --replace` on this GPU tunes both and times them "
+               f"side by side)")
     elif timed:
-        # Nothing to compare it with: say so, since a winner of one kernel is not evidence against another's DEFAULT.
         (ms, kernel), = timed
         why = f"the only tuned winner for this bucket ({ms:.4g} ms)" + "".join(
             f"; {other} has no winner it can run here, so it was not compared (`tunebench tune --replace` on this "
