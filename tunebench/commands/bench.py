@@ -71,8 +71,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path, rounds: int = 1,
-                 graph_phases=("decode",)):
+def _measure_all(problems, providers, timers, ceilings, meta, out_dir: Path, rounds: int, graph_phases: tuple):
     """(measurements, the measurement that left the CUDA context unusable or None): problems in turn, each one's
     table printed and every output rewritten after it, stopping at a sticky CUDA error. timers: (launch by launch,
     graph replay); rounds: interleaved timing rounds per problem; graph_phases: the phases also graph-timed."""

@@ -159,10 +159,10 @@ def _refusal(kernel: str, q, k, v) -> str | None:
 def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the first whose exact winner
     for the call's bucket (one keep() admits) was timed beside the fallback kernel's config when it was tuned (its
-    speedup_vs_peer: tune/confirm.py) decides, by registry.replacement_runs; else the one whose exact winner was tuned
-    fastest on this GPU (for two kernels, the same rule); the fallback kernel when none has one, or when the only
-    winner is another kernel's, never timed beside the fallback (no evidence that it beats the fallback's DEFAULT)."""
-    timed, untimed, skipped = [], [], []
+    speedup_vs_peer: tune/confirm.py) decides; else the two winners' times from their own runs, the fallback kernel
+    where it alone has one, or neither has, or the other kernel's was never timed beside it: all by
+    registry.replacement_runs."""
+    times, untimed, skipped = {}, [], []
     for kernel in AUTO_KERNELS:
         reason = _refusal(kernel, q, k, v)
         if reason:
@@ -183,28 +183,26 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
                    f"it was tuned" + ("" if chosen == kernel else f", so {fallback} runs"))
             return chosen, "; ".join([why] + skipped)
         if ms is not None:
-            timed.append((ms, kernel))
+            times[kernel] = ms
         else:
             untimed.append(kernel)
-    if len(timed) > 1:
-        ms, kernel = min(timed)
-        others = ", ".join(f"{other} {t:.4g} ms" for t, other in timed if other != kernel)
-        why = (f"the fastest tuned winner for this bucket ({ms:.4g} ms; {others}), by times from their own runs "
-               f"(`tunebench tune --replace` on this GPU times them side by side)")
-    elif timed and timed[0][1] != AUTO_KERNELS[-1]:
-        # A winner of one kernel is not evidence against another's DEFAULT: the fallback runs (registry's rule).
-        (ms, alone), = timed
-        kernel = AUTO_KERNELS[-1]
-        why = (f"{alone}'s winner for this bucket ({ms:.4g} ms) was never timed beside {kernel}'s config, so {kernel} "
-               f"runs, whose DEFAULT it may not beat (`tunebench tune --replace` on this GPU tunes both and times them "
-               f"side by side)")
-    elif timed:
-        (ms, kernel), = timed
-        why = f"the only tuned winner for this bucket ({ms:.4g} ms)" + "".join(
+    # No head-to-head figure: registry's rule on the two winners' own times, where they have them.
+    fallback = AUTO_KERNELS[-1]
+    replacing = next((kernel for kernel in AUTO_KERNELS[:-1] if kernel in times), None)
+    kernel = replacing if replacing and replacement_runs(None, times[replacing], times.get(fallback)) else fallback
+    if len(times) > 1:
+        others = ", ".join(f"{other} {t:.4g} ms" for other, t in times.items() if other != kernel)
+        why = (f"the fastest tuned winner for this bucket ({times[kernel]:.4g} ms; {others}), by times from their own "
+               f"runs (`tunebench tune --replace` on this GPU times them side by side)")
+    elif replacing:
+        why = (f"{replacing}'s winner for this bucket ({times[replacing]:.4g} ms) was never timed beside {fallback}'s "
+               f"config, so {fallback} runs, whose DEFAULT it may not beat (`tunebench tune --replace` on this GPU "
+               f"tunes both and times them side by side)")
+    elif times:
+        why = f"the only tuned winner for this bucket ({times[kernel]:.4g} ms)" + "".join(
             f"; {other} has no winner it can run here, so it was not compared (`tunebench tune --replace` on this "
             f"GPU tunes both and times them side by side)" for other in untimed)
     else:
-        kernel = AUTO_KERNELS[-1]
         why = "no kernel has an exact winner for this bucket, so the one that runs every shape"
     return kernel, "; ".join([why] + skipped)
 
@@ -306,8 +304,8 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, v
     [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1).
     variant "auto" runs, of flash_v3 (Hopper only) and flash_v2, flash_v3 where its exact winner for the call's
     bucket was timed faster than flash_v2's config beside it when tuned, else the one whose exact winner was tuned
-    fastest on this GPU, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and "v1" (the
-    FlashAttention-1 schedule) force one.
+    fastest on this GPU when both have one, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and
+    "v1" (the FlashAttention-1 schedule) force one.
     """
     if torch.compiler.is_compiling():
         return _flash_op(q, k, v, causal, scale, variant)
