@@ -8,6 +8,8 @@ shape's own winner, measured in the same run.
 
 With --dispatch SUITE it then times what the dispatcher itself chooses (exact winner, safe transfer or DEFAULT) for
 every shape of SUITE against DEFAULT, head to head: the check that no call of that suite runs slower than DEFAULT.
+For flash_v2's shapes it also times what tunebench.flash_attention(variant="auto") runs there (flash_v3's config or
+flash_v2's), against the same DEFAULT in the same rounds.
 Paged decode shapes are timed by CUDA-graph replay, as the tuner times them.
 
 Usage (GPU, after `tunebench tune --suite transfer --db DB`):
@@ -49,20 +51,32 @@ def nearest_winner(problem, evidence: list, default: dict) -> dict:
 
 
 def head_to_head(problem, configs: list[dict], rounds: int, interpret: bool) -> list[float]:
-    """Each config's median time on one set of inputs, rounds interleaved, launched as the tuner launches it (its
-    workload's arguments: an fp8 cache's scales, paged prefill's cu_seqlens_q). Paged decode is timed by graph
-    replay, as the tuner times it (tunebench.tune.timing.bench_for)."""
+    """Each config's median time on one set of inputs of this problem (see timed_runs)."""
+    return timed_runs([(problem, c) for c in configs], rounds, interpret)
+
+
+def timed_runs(runs: list[tuple], rounds: int, interpret: bool) -> list[float]:
+    """Each (problem, config)'s median time, rounds interleaved, launched as the tuner launches it (its workload's
+    arguments: an fp8 cache's scales, paged prefill's cu_seqlens_q); one set of inputs per problem, and a run that
+    repeats another is timed once. The problems may be of different kernels (variant="auto" against flash_v2's
+    DEFAULT) but not mix paged decode with the rest: paged decode is timed by graph replay, as the tuner times it
+    (tunebench.tune.timing.bench_for)."""
     from tunebench.inputs import workload_for
     from tunebench.registry import config_key, kernel_module
     from tunebench.tune import timing
-    module = kernel_module(problem.kernel)
-    work = workload_for(problem, module, device="cpu" if interpret else "cuda")
-    distinct = list({config_key(c): c for c in configs}.values())   # one config is timed once
-    fns = [lambda c=c: module.launch(*work.args(c), config=c, out=work.out, **work.kwargs()) for c in distinct]
-    bench = timing.bench_for(interpret, problem.paged)
-    per_round = [[bench(fn).median_ms for fn in fns] for _ in range(rounds)]
-    ms = {config_key(c): statistics.median(r[i] for r in per_round) for i, c in enumerate(distinct)}
-    return [ms[config_key(c)] for c in configs]
+    if len({p.paged for p, _ in runs}) != 1:
+        raise ValueError("timed_runs: paged decode and other kernels are timed differently; time them apart")
+    works, fns = {}, {}
+    for problem, config in runs:
+        module = kernel_module(problem.kernel)
+        if problem not in works:
+            works[problem] = workload_for(problem, module, device="cpu" if interpret else "cuda")
+        work = works[problem]
+        fns.setdefault((problem, config_key(config)), lambda m=module, w=work, c=config: m.launch(
+            *w.args(c), config=c, out=w.out, **w.kwargs()))
+    bench = timing.bench_for(interpret, runs[0][0].paged)
+    per_round = [{key: bench(fn).median_ms for key, fn in fns.items()} for _ in range(rounds)]
+    return [statistics.median(r[(p, config_key(c))] for r in per_round) for p, c in runs]
 
 
 def main() -> int:
@@ -119,25 +133,43 @@ def main() -> int:
 
 
 def dispatch_check(db: str, suite_name: str, rounds: int, interpret: bool) -> list[dict]:
-    """The dispatcher's choice (reading ``db`` over the shipped results) against DEFAULT, per shape."""
+    """The dispatcher's choice (reading ``db`` over the shipped results) against DEFAULT, per shape; for a shape of
+    variant="auto"'s fallback kernel (flash_v2), also what tunebench.flash_attention(variant="auto") runs there (the
+    kernel runtime.dispatch.auto_kernel picks, with that kernel's dispatched config), timed in the same rounds."""
     os.environ["TUNEBENCH_DB"] = db
+    from dataclasses import replace
+    from tunebench.inputs import workload_for
     from tunebench.registry import kernel_module
-    from tunebench.runtime.dispatch import Dispatcher
+    from tunebench.runtime import dispatch
     from tunebench.shapes import suite
-    dispatcher, rows = Dispatcher(), []
+    dispatch.reload()                       # auto_kernel reads the module's dispatcher: on this db from now on
+    dispatcher, rows, AUTO_KERNELS = dispatch.Dispatcher(), [], dispatch.AUTO_KERNELS
     for p in suite(suite_name):
         if interpret and p.dtype == "bfloat16":
             continue
         choice, default = dispatcher.choose(p), dict(kernel_module(p.kernel).DEFAULT)
-        chosen_ms, default_ms = head_to_head(p, [choice.config, default], rounds, interpret)
+        runs = [(p, choice.config), (p, default)]
+        auto = None
+        if p.kernel == AUTO_KERNELS[-1]:
+            work = workload_for(p, kernel_module(p.kernel), device="cpu" if interpret else "cuda")
+            kernel, auto_why = dispatch.auto_kernel(work.q, work.k, work.v, p.causal)
+            auto = replace(p, kernel=kernel)
+            runs.append((auto, dispatcher.choose(auto).config))
+        chosen_ms, default_ms, *auto_ms = timed_runs(runs, rounds, interpret)
         rows.append(dict(shape=p.label(), why=choice.why, chosen_ms=chosen_ms, default_ms=default_ms,
-                         dispatched_vs_default=default_ms / chosen_ms, chosen=choice.config))
-        print(f"dispatch {p.label():58s} {default_ms / chosen_ms:.3f}x DEFAULT  {choice.why[:90]}", flush=True)
-    if rows:
-        worst = min(rows, key=lambda r: r["dispatched_vs_default"])
-        print(f"dispatched / DEFAULT over {len(rows)} {suite_name} shapes: worst {worst['dispatched_vs_default']:.3f} "
-              f"({worst['shape']}), median {statistics.median(r['dispatched_vs_default'] for r in rows):.3f}; "
-              f"goal >= 0.98 on every shape")
+                         dispatched_vs_default=default_ms / chosen_ms, chosen=choice.config,
+                         auto_kernel=auto.kernel if auto else "", auto_ms=auto_ms[0] if auto else "",
+                         auto_vs_default=default_ms / auto_ms[0] if auto else "", auto_why=auto_why if auto else ""))
+        print(f"dispatch {p.label():58s} {default_ms / chosen_ms:.3f}x DEFAULT"
+              + (f"  auto ({auto.kernel}) {default_ms / auto_ms[0]:.3f}x" if auto else "")
+              + f"  {choice.why[:80]}", flush=True)
+    for column, name in (("dispatched_vs_default", "dispatched"), ("auto_vs_default", 'variant="auto"')):
+        timed = [r for r in rows if r[column] != ""]
+        if timed:
+            worst = min(timed, key=lambda r: r[column])
+            print(f"{name} / DEFAULT over {len(timed)} {suite_name} shapes: worst {worst[column]:.3f} "
+                  f"({worst['shape']}), median {statistics.median(r[column] for r in timed):.3f}; "
+                  f"goal >= 0.98 on every shape")
     return rows
 
 
