@@ -41,9 +41,13 @@ def compile_decode(module, q: str, kv: str, block_n: int, stages: int, warps: in
     unknown = sorted(set(extra) - set(names))
     if unknown:
         raise SystemExit(f"{module.__name__}._paged_decode has no parameter {unknown[0]!r}")
+    fp8 = kv != q
+    # F16 as launch() sets it: bf16 queries on an fp8 cache run their dots in fp16.
     const = dict(N_SUB=1, GROUP=4, ROWS=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, EVEN_D=True, BLOCK_SIZE=16,
-                 BLOCK_N=block_n, PARTITION=1024, SPLIT=True, DOT_PRECISION="ieee", KV_FP8=kv != q, SAFE=True,
-                 CHECK=False, stride_ksc=0, stride_vsc=0, **{n: 1 for n in UNIT_STRIDES}, **extra)
+                 BLOCK_N=block_n, PARTITION=1024, SPLIT=True, DOT_PRECISION="ieee", KV_FP8=fp8,
+                 F16=fp8 and q == "bf16", SAFE=True, CHECK=False, stride_ksc=0, stride_vsc=0,
+                 **{n: 1 for n in UNIT_STRIDES})
+    const = {k: v for k, v in const.items() if k in names} | extra     # a variant may lack or add a key
     kinds = {"q": q, "kv": kv}
     sig = {n: "constexpr" if n in const else f"*{kinds.get(POINTERS[n], POINTERS[n])}" if n in POINTERS
            else "fp32" if n == "qk_scale" else "i32" for n in names}

@@ -10,10 +10,13 @@ Layout:
 - fp8 cache (vLLM's kv_cache_dtype="fp8"): k_cache and v_cache float8_e4m3fn or float8_e5m2 (both the same), with
   k_scale and v_scale given by the caller: real value = stored value * scale. Each scale is a positive finite float, a
   0-d or 1-element float32 tensor (per tensor) or a float32 [Hkv] tensor (per KV head). q and out stay
-  fp16/bf16/fp32. The tiles are converted from fp8 to q's dtype on load (exact: every fp8 value is representable);
-  K's scale joins the score scale and V's multiplies the fp32 accumulator, once per program (one KV head each).
-  The fp8 handling is constexpr (KV_FP8): the fp16/bf16/fp32 specialisations compile without it. A scale tensor's
-  values are read (one device sync) on its first use and after an in-place write, not on every call.
+  fp16/bf16/fp32. The tiles are converted from fp8 to q's dtype on load (exact: every fp8 value is representable),
+  except that bf16 queries run their dots in fp16 (F16): an fp8 pair widens to fp16 in one instruction, to bf16 in
+  about three, and the fp8 loop is issue-bound, not memory-bound (an H100 measured 1.09-1.19x, 2026-12-07); q's rows
+  are scaled into fp16's range by powers of two, exactly, and the factors join the score scale. K's scale joins the
+  score scale and V's multiplies the fp32 accumulator, once per program (one KV head each). The fp8 handling is
+  constexpr (KV_FP8, F16): the fp16/bf16/fp32 specialisations compile without it. A scale tensor's values are read
+  (one device sync) on its first use and after an in-place write, not on every call.
 
 Schedule:
 - One program per (KV head, partition, sequence) handles all query heads of that KV group, so each KV byte is read
@@ -68,7 +71,8 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
                   Hq, N_SUB: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SAFE: tl.constexpr, CHECK: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, F16: tl.constexpr, SAFE: tl.constexpr,
+                  CHECK: tl.constexpr):
     # KV heads vary fastest over the grid: programs running side by side read neighbouring 256-byte rows of the same
     # tokens ([block, row, head, D] layout), which keeps DRAM accesses close together.
     kv_head = tl.program_id(0) // N_SUB
@@ -107,6 +111,15 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         # accumulator once at the end, and the tiles are only converted (exactly) from fp8 to q's dtype.
         qk_scale = qk_scale * tl.load(K_scale + kv_head * stride_ksc)
         v_scale = tl.load(V_scale + kv_head * stride_vsc)
+    if F16:
+        # bf16 queries on an fp8 cache: the dots run in fp16, since an fp8 pair widens to fp16 in one instruction and
+        # to bf16 in about three, and the fp8 loop is issue-bound (bench/paged_sass.py). q is scaled by a power of two
+        # into fp16's range, row by row (a GQA group's heads may differ in size by any factor), and the factor joins
+        # that row's score scale; both steps are exact for q's 8-bit mantissa. Only rows past 2^15 are scaled.
+        qf = q.to(tl.float32)
+        e = tl.maximum(tl.ceil(tl.log2(tl.max(tl.abs(qf), 1))) - 15.0, 0.0)
+        q = (qf * tl.math.exp2(-e)[:, None]).to(tl.float16)
+        qk_scale = qk_scale * tl.math.exp2(e)[:, None]          # [GROUP_PAD, 1]: scales each row's scores
 
     # The block ids of the next tile are loaded one iteration ahead: the K/V loads then depend on no load of their
     # own iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the table load in the same
@@ -131,7 +144,7 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         # Masked rows read as 0, never as the stale (possibly NaN) rows past the context in a last page.
         k = tl.load(k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         if KV_FP8:
-            k = k.to(Q.dtype.element_ty)
+            k = k.to(q.dtype)
         # -- scores in base 2, new running max
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(visible[None, :], s, float("-inf"))
@@ -142,7 +155,7 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if KV_FP8:
-            v = v.to(Q.dtype.element_ty)
+            v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     if KV_FP8:
@@ -260,7 +273,8 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
         Hq, N_SUB=n_sub, GROUP=group, ROWS=rows, GROUP_PAD=group_pad,
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD,
         BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], PARTITION=partition if split else 0, SPLIT=split,
-        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8, SAFE=_safe, CHECK=check and _safe,
+        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8,
+        F16=bool(fp8 and q.dtype == torch.bfloat16), SAFE=_safe, CHECK=check and _safe,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:

@@ -243,3 +243,18 @@ def test_fp8_under_torch_compile_fullgraph():
 
     torch.testing.assert_close(decode(q, kc, vc, bt, cl, ks),
                                tunebench.paged_attention(q, kc, vc, bt, cl, k_scale=ks, v_scale=0.5) * 2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factor", [3e5, 3e-6], ids=["past fp16's range", "below fp16's normals"])
+def test_bf16_query_rows_of_any_size_on_an_fp8_cache(factor):
+    # bf16 queries on an fp8 cache run their dots in fp16 (F16), each q row scaled by a power of two into fp16's
+    # range: one head of each GQA group scaled far out of it must not spoil that row or its neighbours.
+    problem = Problem("paged_attention", 3, 16, 4, 1, 300, 128, "bfloat16", page=16)
+    q, kc, vc, bt, cl, ks, vs = fp8_paged_inputs(problem, "cuda", 7, torch.float8_e4m3fn, True)
+    q[:, ::4] *= factor
+    for config in (pa.DEFAULT, dict(pa.DEFAULT, BLOCK_N=64, PARTITION=0)):
+        out = poison(torch.empty_like(q))
+        pa.launch(q, kc, vc, bt, cl, config, out=out, k_scale=ks, v_scale=vs)
+        verdict = close_enough(out, *fp8_paged_references(q, kc, vc, bt, cl, ks, vs))
+        assert verdict.ok, f"x{factor} {config}: {verdict.reason}"
