@@ -546,14 +546,18 @@ def test_report_says_which_kernel_auto_runs_per_bucket():
     lines = [line("flash_v3", 1024, 0.07), line("flash_v2", 1024, 0.06), line("flash_v3", 4096, 0.9),
              line("flash_v2", 4096, 1.1), line("flash_v3", 8192, 3.9), line("flash_v3", 2048, 0.2, stale=True),
              line("flash_v2", 8192, 3.0, device="H200"), line("flash_v3", 16384, 10.0, versus=0.9),
-             line("flash_v2", 16384, 12.0), line("flash_v3", 512, 0.05, versus=1.1)]
+             line("flash_v2", 16384, 12.0), line("flash_v3", 512, 0.05, versus=1.1),
+             line("flash_v3", 2048, 0.2, versus=1.1)]
     rows = {r[0]: r for r in auto_choices(lines)}
-    assert set(rows) == {f"bfloat16 B4 H16/16 Nq{n} Nk{n} D128" for n in (512, 1024, 4096, 8192, 16384)}
+    assert set(rows) == {f"bfloat16 B4 H16/16 Nq{n} Nk{n} D128" for n in (512, 1024, 2048, 4096, 8192, 16384)}
     assert rows["bfloat16 B4 H16/16 Nq1024 Nk1024 D128"][3:] == ["flash_v2", "0.0600", "-", "flash_v2"]
     assert rows["bfloat16 B4 H16/16 Nq4096 Nk4096 D128"][3:] == ["flash_v2", "1.1000", "-", "flash_v3"]
     assert rows["bfloat16 B4 H16/16 Nq8192 Nk8192 D128"][3:] == ["flash_v2", "no winner", "-", "flash_v2"]
     assert rows["bfloat16 B4 H16/16 Nq16384 Nk16384 D128"][3:] == ["flash_v2", "12.0000", "0.90x", "flash_v2"]
-    assert rows["bfloat16 B4 H16/16 Nq512 Nk512 D128"][3:] == ["flash_v2", "no winner", "1.10x", "flash_v3"]
+    # Faster beside flash_v2, but under registry.EAGER_MIN_MS: flash_v2 in eager calls, flash_v3 in a CUDA graph.
+    assert rows["bfloat16 B4 H16/16 Nq512 Nk512 D128"][3:] == ["flash_v2", "no winner", "1.10x",
+                                                              "flash_v2 (eager; flash_v3 in a CUDA graph)"]
+    assert rows["bfloat16 B4 H16/16 Nq2048 Nk2048 D128"][3:] == ["flash_v2", "no winner", "1.10x", "flash_v3"]
 
 
 def test_report_on_an_empty_or_missing_database(tmp_path, capsys):

@@ -226,6 +226,27 @@ def test_auto_runs_the_kernel_tuned_fastest_for_the_bucket(monkeypatch, device, 
 def test_the_auto_rule(versus, ms, replaced_ms, runs):
     from tunebench.registry import replacement_runs
     assert replacement_runs(versus, ms, replaced_ms) is runs
+    assert replacement_runs(versus, ms, replaced_ms, captured=True) is runs
+
+
+@pytest.mark.parametrize("versus, ms, replaced_ms", [(1.2, 0.05, None), (None, 0.05, 0.08)])
+def test_the_auto_rule_keeps_eager_calls_under_the_host_bound_floor_on_the_fallback(versus, ms, replaced_ms):
+    """A winner faster on the GPU but under EAGER_MIN_MS runs only in a CUDA graph: eager calls of it wait on its
+    launch's host time (H200, 2026-12-07: flash_v3 at N 1k 1.68-2.55x its graph time launched one call at a time)."""
+    from tunebench.registry import EAGER_MIN_MS, replacement_runs
+    assert replacement_runs(versus, ms, replaced_ms) is False
+    assert replacement_runs(versus, ms, replaced_ms, captured=True) is True
+    assert replacement_runs(versus, EAGER_MIN_MS, replaced_ms and 2 * EAGER_MIN_MS) is True
+
+
+@pytest.mark.parametrize("captured, expected", [(False, "flash_v2"), (True, "flash_v3")])
+@pytest.mark.parametrize("versus", [1.08, None])
+def test_auto_explains_a_host_bound_winner(monkeypatch, device, captured, expected, versus):
+    _as_on_hopper(monkeypatch)
+    _auto_winners(monkeypatch, {"flash_v2": 0.06, "flash_v3": 0.0557}, v3_versus_v2=versus)
+    kernel, why = dispatch.auto_kernel(*_auto_inputs(device), True, captured)
+    assert kernel == expected, why
+    assert ("waits on its launch's host time, so flash_v2 runs" in why) == (not captured), why
 
 
 @pytest.mark.parametrize("versus, expected", [(1.2, "flash_v3"), (0.8, "flash_v2")])

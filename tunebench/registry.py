@@ -59,14 +59,26 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")    # no '|' or '/': names go into
 _state = {"entry_points_read": False, "checked": set()}
 
 
-def replacement_runs(versus_peer: float | None, ms: float | None, replaced_ms: float | None) -> bool:
+# A replacing kernel's winner faster than this on the GPU does not run in eager calls: its launch costs more host time
+# than the replaced kernel's, and below this an eager call waits on the host, not the GPU. On an H200 (2026-12-07, one
+# bench run through tunebench.flash_attention) flash_v3's winners at 0.056-0.071 ms (N 1k, B4 H16 D128 bf16) took
+# 1.68-2.55x their CUDA-graph time launched one call at a time, flash_v2's 0.96-1.03x, so auto ran 0.67x and 0.45x
+# flash_v2 there; at 0.168 ms and up (N 2k) launch by launch and graph agreed within 3% and flash_v3 won.
+EAGER_MIN_MS = 0.15
+
+
+def replacement_runs(versus_peer: float | None, ms: float | None, replaced_ms: float | None,
+                     captured: bool = False) -> bool:
     """variant="auto"'s rule for a bucket, the one place it is written (runtime/dispatch.auto_kernel runs by it,
     report.auto_choices shows it): whether the replacing kernel's exact winner (ms) runs rather than the replaced
     kernel's (replaced_ms). By versus_peer, its speedup over the replaced kernel's config timed beside it when it was
     tuned (tune/confirm.py), where that was measured; else by the two winners' times from their own runs. A winner
     alone, never timed beside the replaced kernel, does not run: it is no evidence against the replaced kernel's
     DEFAULT (on an H100 at N 1k causal, flash_v3's lone winner took 1.06x flash_v2's DEFAULT time, graph-timed in one
-    run, 2026-12-07)."""
+    run, 2026-12-07). Nor does a winner under EAGER_MIN_MS in an eager call (``captured``: the call is being captured
+    into a CUDA graph, whose replays pay no launch cost)."""
+    if not captured and ms is not None and ms < EAGER_MIN_MS:
+        return False
     if versus_peer is not None:
         return versus_peer >= 1.0
     return ms is not None and replaced_ms is not None and ms < replaced_ms

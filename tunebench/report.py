@@ -99,7 +99,8 @@ def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
     """Per bucket of one device that a replacing kernel (flash_v3, registry.REPLACES) has a current winner for: its
     time, the replaced kernel's (flash_v2's) winner time, its speedup over the replaced kernel's config timed beside
     it when it was tuned, and the kernel variant="auto" runs there on that device (registry.replacement_runs: by that
-    speedup where it was measured, else the faster winner; the replaced kernel where it has no winner to compare).
+    speedup where it was measured, else the faster winner; the replaced kernel where it has no winner to compare; in
+    eager calls, not where its winner is under registry.EAGER_MIN_MS).
     Stale winners are left out, as the dispatcher leaves them out."""
     current = {(x.winner.device, x.winner.kernel, bucket_key(x.winner.problem)): x.winner for x in lines if not x.stale}
     rows = []
@@ -110,6 +111,9 @@ def auto_choices(lines: list[WinnerLine]) -> list[list[str]]:
         other = current.get((device, replaced, bucket_key(replace(w.problem, kernel=replaced))))
         other_ms = other.median_ms if other else None
         runs = kernel if replacement_runs(w.speedup_vs_peer, w.median_ms, other_ms) else replaced
+        in_graph = kernel if replacement_runs(w.speedup_vs_peer, w.median_ms, other_ms, captured=True) else replaced
+        if in_graph != runs:
+            runs = f"{runs} (eager; {in_graph} in a CUDA graph)"
         rows.append([w.problem.label().removeprefix(f"{kernel} "), kernel, f"{w.median_ms:.4f}", replaced,
                      f"{other.median_ms:.4f}" if other else "no winner", format_speedup(w.speedup_vs_peer), runs])
     return rows

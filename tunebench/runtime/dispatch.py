@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..kernels._launch import check_call
-from ..registry import kernel_module, replacement_runs, require_kernels
+from ..registry import EAGER_MIN_MS, kernel_module, replacement_runs, require_kernels
 from ..shapes import KV_DTYPES, PAGES, Problem
 from . import record
 from .warn import warn_user
@@ -156,11 +156,12 @@ def _refusal(kernel: str, q, k, v) -> str | None:
     return _unregistered(kernel) or kernel_module(kernel).refusal(q, k, v)
 
 
-def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
+def auto_kernel(q, k, v, causal: bool, captured: bool = False) -> tuple[str, str]:
     """(kernel, why) for variant="auto": of AUTO_KERNELS that can take these inputs here, the first whose exact winner
     for the call's bucket (one keep() admits) was timed beside the fallback kernel's config when it was tuned (its
     speedup_vs_peer: tune/confirm.py) decides; else the two winners' times from their own runs, the fallback kernel
-    where it alone has one, or neither has, or the other kernel's was never timed beside it: all by
+    where it alone has one, or neither has, or the other kernel's was never timed beside it; and in an eager call (not
+    ``captured`` into a CUDA graph) the fallback where the other's winner is under registry.EAGER_MIN_MS: all by
     registry.replacement_runs."""
     times, untimed, skipped = {}, [], []
     for kernel in AUTO_KERNELS:
@@ -178,9 +179,13 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
             # Measured head to head in one re-timing: this settles it, whatever the two winners' times from their
             # own runs say.
             fallback = AUTO_KERNELS[-1]
-            chosen = kernel if replacement_runs(versus, ms, None) else fallback
+            chosen = kernel if replacement_runs(versus, ms, None, captured) else fallback
             why = (f"{kernel}'s winner for this bucket was timed at {versus:.2f}x {fallback}'s config beside it when "
-                   f"it was tuned" + ("" if chosen == kernel else f", so {fallback} runs"))
+                   f"it was tuned")
+            if replacement_runs(versus, ms, None, captured=True) and chosen != kernel:
+                why += _host_bound(kernel, ms, fallback)
+            elif chosen != kernel:
+                why += f", so {fallback} runs"
             return chosen, "; ".join([why] + skipped)
         if ms is not None:
             times[kernel] = ms
@@ -189,8 +194,12 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     # No head-to-head figure: registry's rule on the two winners' own times, where they have them.
     fallback = AUTO_KERNELS[-1]
     replacing = next((kernel for kernel in AUTO_KERNELS[:-1] if kernel in times), None)
-    kernel = replacing if replacing and replacement_runs(None, times[replacing], times.get(fallback)) else fallback
-    if len(times) > 1:
+    kernel = replacing if replacing and replacement_runs(None, times[replacing], times.get(fallback), captured) \
+        else fallback
+    if replacing and kernel != replacing and replacement_runs(None, times[replacing], times.get(fallback), True):
+        why = f"{replacing}'s winner for this bucket ({times[replacing]:.4g} ms) is faster" + _host_bound(
+            replacing, times[replacing], fallback)
+    elif len(times) > 1:
         others = ", ".join(f"{other} {t:.4g} ms" for other, t in times.items() if other != kernel)
         why = (f"the fastest tuned winner for this bucket ({times[kernel]:.4g} ms; {others}), by times from their own "
                f"runs (`tunebench tune --replace` on this GPU times them side by side)")
@@ -207,6 +216,11 @@ def auto_kernel(q, k, v, causal: bool) -> tuple[str, str]:
     return kernel, "; ".join([why] + skipped)
 
 
+def _host_bound(kernel: str, ms: float, fallback: str) -> str:
+    return (f", but at {ms * 1e3:.0f} us on the GPU, under {EAGER_MIN_MS * 1e3:.0f} us, an eager {kernel} call waits "
+            f"on its launch's host time, so {fallback} runs ({kernel} runs inside a CUDA graph capture)")
+
+
 _AUTO_ALONE: list[bool] = []
 
 
@@ -218,10 +232,11 @@ def _auto_alone() -> bool:
     return _AUTO_ALONE[0]
 
 
-def _auto_key(q, k, v, causal: bool) -> tuple:
-    # flash_v3's TMA needs 16-byte aligned bases and strides: a later call with other strides may be refused.
+def _auto_key(q, k, v, causal: bool, captured: bool) -> tuple:
+    # flash_v3's TMA needs 16-byte aligned bases and strides: a later call with other strides may be refused. An eager
+    # call and one captured into a CUDA graph may choose differently (registry.EAGER_MIN_MS).
     return ("auto", q.shape, k.shape, q.dtype, causal, q.stride(), k.stride(), v.stride(),
-            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
+            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, captured)
 
 
 # The input rule (kernels/_launch.py check_call) is the launch's: each kernel's launch refuses inputs that require
@@ -232,8 +247,12 @@ def _flash_eager(q, k, v, causal: bool, scale: Optional[float], variant: str) ->
     try:
         shape = (q.shape, k.shape, q.dtype, causal)
         if kernel is None:
-            kernel = AUTO_KERNELS[-1] if _auto_alone() else _DISPATCHER.config_for(
-                _auto_key(q, k, v, causal), lambda: auto_kernel(q, k, v, causal)[0])
+            if _auto_alone():
+                kernel = AUTO_KERNELS[-1]
+            else:
+                captured = q.is_cuda and torch.cuda.is_current_stream_capturing()
+                kernel = _DISPATCHER.config_for(_auto_key(q, k, v, causal, captured),
+                                                lambda: auto_kernel(q, k, v, causal, captured)[0])
     except AttributeError:
         check_call(q=q, k=k, v=v)
         raise
