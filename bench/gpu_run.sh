@@ -27,7 +27,8 @@
 #   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel),
 #           verbose straight into $OUT/hostile.log, so that a step cut short by its limit still says how far it got
 #   prefillprobe bench/paged_prefill_probe.py (issue 20: a paged prefill chunk against dense SDPA/cuDNN/flash_v2, and
-#           a mixed batch as one launch against two); rows in $OUT/paged-prefill*.csv and .json
+#           a mixed batch as one launch against two, and the two on two streams); rows in $OUT/paged-prefill*.csv
+#           and .json
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call, on
 #           $DB's winners
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz

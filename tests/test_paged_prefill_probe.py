@@ -57,6 +57,9 @@ def test_small_run_checks_times_and_writes_its_rows(tmp_path, monkeypatch, capsy
     assert float(mixed["speedup_launches"]) == pytest.approx(
         float(mixed["two_launches_ms_launches"]) / float(mixed["one_launch_ms_launches"]))
     assert 0 < float(mixed["check_ratio"]) <= 1 and 0 < float(mixed["two_launches_check_ratio"]) <= 1
+    assert 0 < float(mixed["two_streams_check_ratio"]) <= 1
+    assert float(mixed["two_streams_speedup_launches"]) == pytest.approx(
+        float(mixed["two_launches_ms_launches"]) / float(mixed["two_streams_ms_launches"]))
     saved = json.loads((tmp_path / "paged-prefill.json").read_text())
     assert set(saved) == {"device", "dtype", "matmul_tflops", "timer", "chunks", "mixed"} and len(saved["chunks"]) == 2
     if not torch.cuda.is_available():
