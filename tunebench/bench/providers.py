@@ -422,7 +422,9 @@ def _fa_kvcache(module_name: str):
 PROVIDERS = [
     Provider("tunebench-v2", "prefill", False, _tuned_flash("v2"), "tunebench.flash_attention (tuned flash_v2)"),
     Provider("tunebench-auto", "prefill", False, _tuned_flash("auto"),
-             "tunebench.flash_attention(variant='auto'): flash_v3 or flash_v2, whichever was tuned faster here"),
+             "tunebench.flash_attention(variant='auto'): flash_v3 or flash_v2, whichever was tuned faster here "
+             "(flash_v2 in eager calls where flash_v3 takes under registry.EAGER_MIN_MS; so a graph-timed and a "
+             "launch-by-launch figure may be of different kernels)"),
     Provider("tunebench-v2-default", "prefill", False, _flash_v2_default, "flash_v2 with its DEFAULT config"),
     Provider("tunebench-v1", "prefill", False, _tuned_flash("v1"), "tunebench.flash_attention(variant='v1')"),
     Provider("sdpa-flash", "prefill", True, _sdpa("FLASH_ATTENTION"), "SDPA, FlashAttention-2 backend"),
