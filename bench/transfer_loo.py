@@ -143,15 +143,16 @@ def dispatch_check(db: str, suite_name: str, rounds: int, interpret: bool) -> li
     from tunebench.runtime import dispatch
     from tunebench.shapes import suite
     dispatch.reload()                       # auto_kernel reads the module's dispatcher: on this db from now on
-    dispatcher, rows, AUTO_KERNELS = dispatch.Dispatcher(), [], dispatch.AUTO_KERNELS
+    dispatcher, rows = dispatch.Dispatcher(), []
     for p in suite(suite_name):
         if interpret and p.dtype == "bfloat16":
             continue
         choice, default = dispatcher.choose(p), dict(kernel_module(p.kernel).DEFAULT)
         runs = [(p, choice.config), (p, default)]
         auto = None
-        if p.kernel == AUTO_KERNELS[-1]:
-            work = workload_for(p, kernel_module(p.kernel), device="cpu" if interpret else "cuda")
+        if p.kernel == dispatch.AUTO_KERNELS[-1]:
+            # auto_kernel reads only the tensors' shapes, dtypes, strides and alignment: no values are drawn.
+            work = workload_for(p, kernel_module(p.kernel), device="cpu" if interpret else "cuda", fill=False)
             kernel, auto_why = dispatch.auto_kernel(work.q, work.k, work.v, p.causal)
             auto = replace(p, kernel=kernel)
             runs.append((auto, dispatcher.choose(auto).config))

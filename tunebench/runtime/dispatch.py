@@ -323,8 +323,9 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, v
     [B, Hq, Nq, D] in q's dtype. causal masks bottom-right (FlashAttention >= 2.1).
     variant "auto" runs, of flash_v3 (Hopper only) and flash_v2, flash_v3 where its exact winner for the call's
     bucket was timed faster than flash_v2's config beside it when tuned, else the one whose exact winner was tuned
-    fastest on this GPU when both have one, else flash_v2 (`tunebench.explain` says which and why); "v2", "v3" and
-    "v1" (the FlashAttention-1 schedule) force one.
+    fastest on this GPU when both have one, else flash_v2; in an eager call (not captured into a CUDA graph) flash_v2
+    also where flash_v3's winner takes under registry.EAGER_MIN_MS, below which its launch's host time decides
+    (`tunebench.explain` says which and why); "v2", "v3" and "v1" (the FlashAttention-1 schedule) force one.
     """
     if torch.compiler.is_compiling():
         return _flash_op(q, k, v, causal, scale, variant)
