@@ -31,6 +31,9 @@
 #           and .json
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call, on
 #           $DB's winners
+#   ncu     Nsight Compute on one launch each (bench/ncu_case.py, the tuned dispatcher on $DB): flash_v3 and flash_v2
+#           at bf16 D128 N4k, paged decode at B16 x 16k on a bf16 and an e4m3 cache: speed of light, warp stall
+#           reasons, occupancy, into $OUT/ncu.txt (NCU_SECTIONS: other sections)
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
 #           and removes it: the device returns at most 8 files (make it the last step)
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
@@ -98,6 +101,13 @@ run_step() {
              r=$? ;;
     serve)   { TUNEBENCH_DB="$DB" python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
+    ncu)     r=0; for case in "prefill --variant v3" "prefill --variant v2" "decode -B 16 -N 16384" \
+                       "decode -B 16 -N 16384 --kv-dtype float8_e4m3fn"; do
+               echo "### $case" >> "$OUT/ncu.txt"
+               TUNEBENCH_DB="$DB" ncu --clock-control none -k regex:'_flash_v3|_fwd|_paged_decode' -s 3 -c 1 \
+                 ${NCU_SECTIONS:---section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats} \
+                 python3 bench/ncu_case.py $case >> "$OUT/ncu.txt" 2>&1 || r=$?
+             done; grep -E '^###|->|Duration|Throughput|Warp Cycles Per Issued|Achieved Occupancy|Registers Per' "$OUT/ncu.txt" | head -n 80 ;;
     *)       echo "unknown step $step"; r=2 ;;
   esac
   return $r
