@@ -4,10 +4,12 @@ what one loop step costs before a GPU times it.
 Compiles kernels/paged_attention.py's _paged_decode for sm_90 with the specialisations a real launch gets (unit
 strides as constants, the other strides and pointers 16-byte divisible), Hq32/Hkv8 D128, pages of 16, split-K, and
 prints per config: registers, spilled bytes, the instructions of the hot loop (the longest backward branch) by opcode,
-and warp-instructions per token (loop x warps / BLOCK_N). One token brings 256 bytes of K and V in bf16, 128 in fp8.
-At the H200's ~4.8 TB/s over 132 SMs at 1.98 GHz an SM receives ~18 bytes a cycle, and issues at most 4
-warp-instructions a cycle: a loop whose tokens need more issue cycles than bytes / 18 is issue-bound, not
-memory-bound. A static count, not a timing: what a GPU then measures decides.
+and warp-instructions per token (loop x warps / BLOCK_N; a token is one KV head's K and V rows: 2 x 128 x 2 = 512
+bytes in bf16 at D 128, 256 in fp8). At the H200's ~4.8 TB/s over 132 SMs at 1.98 GHz an SM receives ~18 bytes a
+cycle and issues at most 4 warp-instructions a cycle, so a loop keeps pace with memory only if it needs no more than
+4 x bytes / 18 warp-instructions per token (113 in bf16, 57 in fp8): the `issue` column is the share of the SM's
+issue slots the loop would take at that pace. A latency-bound loop with a few warps per SM sustains well under 100%
+(bf16 decode reached the copy ceiling at ~30%, 2026-12-07). A static count, not a timing: what a GPU then measures decides.
 
     python bench/paged_sass.py                   # the default grid
     python bench/paged_sass.py --q bf16 --kv fp8e4nv --block-n 64 --stages 3 --warps 4
@@ -45,7 +47,7 @@ def compile_decode(module, q: str, kv: str, block_n: int, stages: int, warps: in
     # F16 as launch() sets it: bf16 queries on an fp8 cache run their dots in fp16.
     const = dict(N_SUB=1, GROUP=4, ROWS=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, EVEN_D=True, BLOCK_SIZE=16,
                  BLOCK_N=block_n, PARTITION=1024, SPLIT=True, DOT_PRECISION="ieee", KV_FP8=fp8,
-                 F16=fp8 and q == "bf16", SAFE=True, CHECK=False, stride_ksc=0, stride_vsc=0,
+                 F16=fp8 and q == "bf16", WIDEN=False, OPAQUE=True, SAFE=True, CHECK=False, stride_ksc=0, stride_vsc=0,
                  **{n: 1 for n in UNIT_STRIDES})
     const = {k: v for k, v in const.items() if k in names} | extra     # a variant may lack or add a key
     kinds = {"q": q, "kv": kv}
@@ -76,6 +78,17 @@ def loop_profile(cubin: bytes) -> tuple[dict, collections.Counter]:
     return resources, ops
 
 
+SM_BYTES_PER_CYCLE = 4.8e12 / 132 / 1.98e9      # an H200 SM's share of HBM bandwidth
+HEAD_DIM = 128                                   # compile_decode's
+
+
+def issue_share(per_token: float, kv: str) -> float:
+    """The share of an SM's 4 issue slots a cycle that per_token warp-instructions take when tokens (K and V rows of
+    one KV head) arrive at the SM's share of HBM bandwidth."""
+    token_bytes = 2 * HEAD_DIM * (1 if kv.startswith("fp8") else 2)
+    return per_token / 4 / (token_bytes / SM_BYTES_PER_CYCLE)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--q", default="bf16", choices=("bf16", "fp16"))
@@ -97,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     grid = itertools.product(args.kv or [args.q, "fp8e4nv"], args.block_n or [64, 128], args.stages or [1, 3],
                              args.warps or [4], itertools.product(*values))
     print(f"{'kv':8} {'BLOCK_N':>7} {'stages':>6} {'warps':>5} {' '.join(f'{k:>8}' for k in keys)} {'regs':>4} "
-          f"{'spill':>5} {'loop':>5} {'per token':>9}  top opcodes")
+          f"{'spill':>5} {'loop':>5} {'per token':>9} {'issue':>5}  top opcodes")
     for kv, block_n, stages, warps, extra in grid:
         res, ops = loop_profile(compile_decode(module, args.q, kv, block_n, stages, warps,
                                                dict(zip(keys, extra))).asm["cubin"])
         total = sum(ops.values())
         top = " ".join(f"{op} {n}" for op, n in ops.most_common(8))
         print(f"{kv:8} {block_n:7d} {stages:6d} {warps:5d} {' '.join(f'{v:8d}' for v in extra)} "
-              f"{res.get('REG', 0):4d} {res.get('STACK', 0):5d} {total:5d} {total * warps / block_n:9.1f}  {top}",
+              f"{res.get('REG', 0):4d} {res.get('STACK', 0):5d} {total:5d} {total * warps / block_n:9.1f} "
+              f"{issue_share(total * warps / block_n, kv):5.0%}  {top}",
               flush=True)
     return 0
 
