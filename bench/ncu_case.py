@@ -19,17 +19,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("prefill", "decode"))
     ap.add_argument("-B", type=int, default=4)
-    ap.add_argument("--H", type=int, default=16, help="query heads (decode: 32)")
+    ap.add_argument("--H", type=int, help="query heads (default: 16 for prefill, 32 for decode)")
     ap.add_argument("--Hkv", type=int, help="KV heads (default: --H for prefill, 8 for decode)")
     ap.add_argument("-N", type=int, default=4096, help="sequence length (decode: context length)")
     ap.add_argument("-D", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16"))
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--variant", default="auto", help="prefill: auto, v2 or v3")
+    ap.add_argument("--variant", default="auto", choices=("auto", "v1", "v2", "v3"), help="prefill's kernel")
     ap.add_argument("--page", type=int, default=16)
-    ap.add_argument("--kv-dtype", help="decode: float8_e4m3fn or float8_e5m2 (an fp8 cache)")
+    ap.add_argument("--kv-dtype", choices=("float8_e4m3fn", "float8_e5m2"), help="decode: an fp8 cache")
     ap.add_argument("--calls", type=int, default=6)
     args = ap.parse_args(argv)
+    if args.kind == "prefill" and args.kv_dtype:
+        ap.error("--kv-dtype is for decode (paged attention) only")
 
     import torch
     import tunebench
@@ -39,17 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         print("ncu_case: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.kind == "prefill":
-        hkv = args.Hkv or args.H
-        problem = Problem("flash_v2", args.B, args.H, hkv, args.N, args.N, args.D, args.dtype, causal=args.causal)
+        hq = args.H or 16
+        problem = Problem("flash_v2", args.B, hq, args.Hkv or hq, args.N, args.N, args.D, args.dtype, causal=args.causal)
         inp = make_inputs(problem, "cuda")
 
         def call():
             return tunebench.flash_attention(inp.q, inp.k, inp.v, causal=args.causal, variant=args.variant)
         print(tunebench.explain(inp.q, inp.k, v=inp.v, causal=args.causal, variant=args.variant))
     else:
-        hq = 32 if args.H == 16 else args.H
-        problem = Problem("paged_attention", args.B, hq, args.Hkv or 8, 1, args.N, args.D, args.dtype, page=args.page,
-                          kv_dtype=args.kv_dtype)
+        problem = Problem("paged_attention", args.B, args.H or 32, args.Hkv or 8, 1, args.N, args.D, args.dtype,
+                          page=args.page, kv_dtype=args.kv_dtype)
         inp = make_inputs(problem, "cuda")
         scales = dict(k_scale=inp.k_scale, v_scale=inp.v_scale) if args.kv_dtype else {}
 
