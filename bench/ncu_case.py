@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.kind == "prefill":
         hq = args.H or 16
-        problem = Problem("flash_v2", args.B, hq, args.Hkv or hq, args.N, args.N, args.D, args.dtype, causal=args.causal)
+        problem = Problem("flash_v2", args.B, hq, args.Hkv or hq, args.N, args.N, args.D, args.dtype,
+                          causal=args.causal)
         inp = make_inputs(problem, "cuda")
 
         def call():
