@@ -1,0 +1,30 @@
+"""bench/ncu_case.py, the program Nsight Compute wraps (bash bench/gpu_run.sh ncu): its arguments, and that without
+a GPU it says so instead of profiling nothing."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ncu_case.py"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_an_fp8_cache_is_refused_for_prefill():
+    done = run("prefill", "--kv-dtype", "float8_e4m3fn")
+    assert done.returncode == 2 and "--kv-dtype is for decode" in done.stderr
+
+
+def test_an_unknown_variant_is_refused():
+    done = run("prefill", "--variant", "v9")
+    assert done.returncode == 2 and "invalid choice: 'v9'" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the call")
+def test_without_a_gpu_it_says_so():
+    done = run("decode", "-B", "2", "-N", "64")
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
