@@ -9,7 +9,8 @@ bytes in bf16 at D 128, 256 in fp8). At the H200's ~4.8 TB/s over 132 SMs at 1.9
 cycle and issues at most 4 warp-instructions a cycle, so a loop keeps pace with memory only if it needs no more than
 4 x bytes / 18 warp-instructions per token (113 in bf16, 57 in fp8): the `issue` column is the share of the SM's
 issue slots the loop would take at that pace. A latency-bound loop with a few warps per SM sustains well under 100%
-(bf16 decode reached the copy ceiling at ~30%, 2026-12-07). A static count, not a timing: what a GPU then measures decides.
+(bf16 decode reached the copy ceiling at ~30%, 2026-12-07). A static count, not a timing: what a GPU then measures
+decides (a variant with 35% fewer instructions ran slower on an H100: benchmarks/h100/2026-12-07c).
 
     python bench/paged_sass.py                   # the default grid
     python bench/paged_sass.py --q bf16 --kv fp8e4nv --block-n 64 --stages 3 --warps 4
@@ -29,8 +30,13 @@ import sys
 import tempfile
 
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_btn", "stride_cl")
+HEAD_DIM = 128                                   # Hq32/Hkv8 D128: the issue's decode geometry
 POINTERS = {"Q": "q", "O": "q", "K": "kv", "V": "kv", "BT": "i32", "CL": "i32", "Err": "i32", "M_part": "fp32",
             "L_part": "fp32", "Acc_part": "fp32", "K_scale": "fp32", "V_scale": "fp32"}
+
+
+def is_fp8(kv: str) -> bool:
+    return kv.startswith("fp8")
 
 
 def compile_decode(module, q: str, kv: str, block_n: int, stages: int, warps: int, extra: dict):
@@ -43,11 +49,11 @@ def compile_decode(module, q: str, kv: str, block_n: int, stages: int, warps: in
     unknown = sorted(set(extra) - set(names))
     if unknown:
         raise SystemExit(f"{module.__name__}._paged_decode has no parameter {unknown[0]!r}")
-    fp8 = kv != q
+    fp8 = is_fp8(kv)
     # F16 as launch() sets it: bf16 queries on an fp8 cache run their dots in fp16.
-    const = dict(N_SUB=1, GROUP=4, ROWS=4, GROUP_PAD=16, HEAD_DIM=128, D_PAD=128, EVEN_D=True, BLOCK_SIZE=16,
+    const = dict(N_SUB=1, GROUP=4, ROWS=4, GROUP_PAD=16, HEAD_DIM=HEAD_DIM, D_PAD=HEAD_DIM, EVEN_D=True, BLOCK_SIZE=16,
                  BLOCK_N=block_n, PARTITION=1024, SPLIT=True, DOT_PRECISION="ieee", KV_FP8=fp8,
-                 F16=fp8 and q == "bf16", WIDEN=False, OPAQUE=True, SAFE=True, CHECK=False, stride_ksc=0, stride_vsc=0,
+                 F16=fp8 and q == "bf16", SAFE=True, CHECK=False, stride_ksc=0, stride_vsc=0,
                  **{n: 1 for n in UNIT_STRIDES})
     const = {k: v for k, v in const.items() if k in names} | extra     # a variant may lack or add a key
     kinds = {"q": q, "kv": kv}
@@ -79,13 +85,12 @@ def loop_profile(cubin: bytes) -> tuple[dict, collections.Counter]:
 
 
 SM_BYTES_PER_CYCLE = 4.8e12 / 132 / 1.98e9      # an H200 SM's share of HBM bandwidth
-HEAD_DIM = 128                                   # compile_decode's
 
 
 def issue_share(per_token: float, kv: str) -> float:
     """The share of an SM's 4 issue slots a cycle that per_token warp-instructions take when tokens (K and V rows of
     one KV head) arrive at the SM's share of HBM bandwidth."""
-    token_bytes = 2 * HEAD_DIM * (1 if kv.startswith("fp8") else 2)
+    token_bytes = 2 * HEAD_DIM * (1 if is_fp8(kv) else 2)
     return per_token / 4 / (token_bytes / SM_BYTES_PER_CYCLE)
 
 
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                     help="a further constexpr parameter of a variant, with the integer values to try (repeatable)")
     args = ap.parse_args(argv)
+    mixed = sorted({kv for kv in args.kv or [] if not is_fp8(kv) and kv != args.q})
+    if mixed:
+        ap.error(f"--kv {mixed[0]} with --q {args.q}: a 16-bit cache has the queries' dtype (only fp8 caches differ)")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     module = importlib.import_module(args.module)
     keys, values = [], []

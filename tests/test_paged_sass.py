@@ -30,3 +30,8 @@ def test_the_hot_loop_is_found_and_counted_per_token():
 def test_a_parameter_the_kernel_lacks_is_refused():
     done = run("--kv", "bf16", "--block-n", "64", "--stages", "1", "--set", "NOT_A_KEY=0")
     assert done.returncode != 0 and "has no parameter 'NOT_A_KEY'" in done.stderr
+
+
+def test_a_16_bit_cache_of_another_dtype_than_q_is_refused():
+    done = run("--q", "bf16", "--kv", "fp16", "--block-n", "64", "--stages", "1")
+    assert done.returncode == 2 and "a 16-bit cache has the queries' dtype" in done.stderr
