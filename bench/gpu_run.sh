@@ -104,7 +104,7 @@ run_step() {
     ncu)     r=0; for case in "prefill --variant v3" "prefill --variant v2" "decode -B 16 -N 16384" \
                        "decode -B 16 -N 16384 --kv-dtype float8_e4m3fn"; do
                echo "### $case" >> "$OUT/ncu.txt"
-               TUNEBENCH_DB="$DB" ncu --clock-control none -k regex:'_flash_v3|_fwd|_paged_decode' -s 3 -c 1 \
+               TUNEBENCH_DB="$DB" ncu --clock-control none -k regex:'_fwd|_paged_decode' -s 3 -c 1 \
                  ${NCU_SECTIONS:---section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats} \
                  python3 bench/ncu_case.py $case >> "$OUT/ncu.txt" 2>&1 || r=$?
              done; grep -E '^###|->|Duration|Throughput|Warp Cycles Per Issued|Achieved Occupancy|Registers Per' "$OUT/ncu.txt" | head -n 80 ;;
