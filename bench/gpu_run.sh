@@ -31,6 +31,9 @@
 #           and .json
 #   checkcost bench/paged_check_cost.py: masked vs unmasked paged decode, and check=True's cost per call, on
 #           $DB's winners
+#   reducecost bench/decode_reduce_cost.py on $DB's winners: what the split-K reduce costs on the headline decode
+#           shapes (each config with and without its split, the two launches alone); rows in
+#           $OUT/decode-reduce-cost.csv
 #   ncu     Nsight Compute on one launch each (bench/ncu_case.py, the tuned dispatcher on $DB): flash_v3 and flash_v2
 #           at bf16 D128 N4k, paged decode at B16 x 16k on a bf16 and an e4m3 cache: speed of light, warp stall
 #           reasons, occupancy, into $OUT/ncu.txt (NCU_SECTIONS: other sections)
@@ -98,6 +101,8 @@ run_step() {
     prefillprobe) TUNEBENCH_DB="$DB" python3 bench/paged_prefill_probe.py --out "$OUT" 2>&1 \
                | tee "$OUT/prefillprobe.log"; r=$? ;;
     checkcost) TUNEBENCH_DB="$DB" python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
+             r=$? ;;
+    reducecost) TUNEBENCH_DB="$DB" python3 bench/decode_reduce_cost.py --out "$OUT" 2>&1 | tee "$OUT/reducecost.log"
              r=$? ;;
     serve)   { TUNEBENCH_DB="$DB" python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
