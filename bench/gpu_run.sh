@@ -14,6 +14,8 @@
 #           B 64 x 4k at every page size) into $DB, PAGED_TRIALS trials each: what a change of the paged kernel's code
 #           makes stale first
 #   retune-pages  then every page size of the pages suite (the recommendation `tunebench pages` makes)
+#   prefilltune  tunebench tune --suite paged-prefill --kernel paged_prefill into $DB, PAGED_TRIALS trials each (the
+#           default suite holds no paged_prefill bucket: what a change of the paged prefill kernel's code makes stale)
 #   fp8bench bench/fp8_decode.py alone (fp8 against the bf16 cache, B16 x 16k, each on its own bucket's winner),
 #           rows in $OUT/fp8-decode.csv and .json
 #   fp8     tunebench tune --suite fp8 (the headline's decode shapes on an e4m3 cache) into $DB, PAGED_TRIALS
@@ -82,6 +84,9 @@ run_step() {
     retune)  tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db "$DB" \
                2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?
              grep -v '^  #' "$OUT/retune.log" | tail -n 30 ;;
+    prefilltune) tunebench tune --suite paged-prefill --kernel paged_prefill --trials ${PAGED_TRIALS:-12} --db "$DB" \
+               2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/prefilltune.log"; r=$?
+             grep -v '^  #' "$OUT/prefilltune.log" | tail -n 20 ;;
     retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db "$DB" 2>&1 | tr '\r' '\n' \
                | grep -v '^\s*$' | tail -c 60000 > "$OUT/pages.log"; r=$?; grep -v '^  #' "$OUT/pages.log" | tail -n 30 ;;
     fp8bench) TUNEBENCH_DB="$DB" python3 bench/fp8_decode.py --out "$OUT" 2>&1 | tee "$OUT/fp8bench.log"
