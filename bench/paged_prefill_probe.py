@@ -103,6 +103,34 @@ def dense_and_paged(setup: Setup, chunks: list, device, seed: int = 0):
     return qs, ks, vs, (q_packed, k_cache, v_cache, tables, cu, lens)
 
 
+@dataclass
+class Mixed:
+    """Goal 2's batch: its sequences' (new tokens, context), dense tensors and packed paged inputs, and the arguments
+    of its two parts alone: paged_attention on the decode rows (with their own block table, as an engine running them
+    alone would: not the chunk's width) and paged_prefill on the chunk."""
+    chunks: list
+    dense: tuple                    # qs, ks, vs
+    packed: tuple                   # q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
+    decode_args: tuple              # paged_attention's
+    chunk_args: tuple               # paged_prefill's
+
+    @property
+    def decode_prefill_args(self) -> tuple:
+        """The decode rows alone through paged_prefill."""
+        q, k_cache, v_cache, tables, lens = self.decode_args
+        return q, k_cache, v_cache, tables, self.packed[4][:q.shape[0] + 1], lens
+
+
+def mixed_batch(setup: Setup, device, seed: int = 7) -> Mixed:
+    s, R = setup, setup.decode_rows
+    chunks = [(1, s.decode_context)] * R + [s.mixed_chunk]
+    qs, ks, vs, packed = dense_and_paged(setup, chunks, device, seed=seed)
+    q, kc, vc, tables, cu, lens = packed
+    decode_blocks = -(-s.decode_context // s.page)
+    return Mixed(chunks, (qs, ks, vs), packed, (q[:R], kc, vc, tables[:R, :decode_blocks].contiguous(), lens[:R]),
+                 (q[R:], kc, vc, tables[R:], cu[R:] - R, lens[R:]))
+
+
 def check(out_packed, qs, ks, vs, chunks, rows: int) -> float:
     """The worst error over the float64 reference, relative to the tolerance (<= 1 passes), on the first, a middle
     and the last ``rows`` queries of each sequence; raises WrongOutput naming the first sequence that fails.
@@ -214,12 +242,8 @@ def mixed_row(setup: Setup, device, graph, launches, timer: str) -> dict:
     MIXED_FIELDS. graph, launches: fn -> Timing, or None where they cannot run (then 'skipped: needs CUDA')."""
     import tunebench
     s, R = setup, setup.decode_rows
-    decode, chunk = [(1, s.decode_context)] * R, [s.mixed_chunk]
-    qs, ks, vs, packed = dense_and_paged(setup, decode + chunk, device, seed=7)
-    q, kc, vc, tables, cu, lens = packed
-    decode_blocks = -(-s.decode_context // s.page)          # the decode rows' own table, not the chunk's width
-    d_args = (q[:R], kc, vc, tables[:R, :decode_blocks].contiguous(), lens[:R])
-    c_args = (q[R:], kc, vc, tables[R:], cu[R:] - R, lens[R:])
+    m = mixed_batch(setup, device)
+    (qs, ks, vs), packed, d_args, c_args = m.dense, m.packed, m.decode_args, m.chunk_args
 
     def one():
         return tunebench.paged_prefill(*packed, check_values=False)
@@ -231,9 +255,9 @@ def mixed_row(setup: Setup, device, graph, launches, timer: str) -> dict:
     row = dict.fromkeys(MIXED_FIELDS)
     row.update(decode_rows=R, decode_context=s.decode_context, chunk=s.mixed_chunk[0], context=s.mixed_chunk[1],
                timer=timer)
-    row["check_ratio"] = check(one(), qs, ks, vs, decode + chunk, s.check_rows)
-    row["two_launches_check_ratio"] = check(torch.cat(two()), qs, ks, vs, decode + chunk, s.check_rows)
-    row["two_streams_check_ratio"] = check(torch.cat(streams()), qs, ks, vs, decode + chunk, s.check_rows)
+    row["check_ratio"] = check(one(), qs, ks, vs, m.chunks, s.check_rows)
+    row["two_launches_check_ratio"] = check(torch.cat(two()), qs, ks, vs, m.chunks, s.check_rows)
+    row["two_streams_check_ratio"] = check(torch.cat(streams()), qs, ks, vs, m.chunks, s.check_rows)
     for name, bench in (("graph", graph), ("launches", launches)):
         if bench is None:
             row[f"{name}_status"] = SKIPPED
