@@ -122,6 +122,7 @@ class Mixed:
 
 
 def mixed_batch(setup: Setup, device, seed: int = 7) -> Mixed:
+    """Goal 2's batch on ``device``: setup.decode_rows decode rows, then setup.mixed_chunk (an engine's order)."""
     s, R = setup, setup.decode_rows
     chunks = [(1, s.decode_context)] * R + [s.mixed_chunk]
     qs, ks, vs, packed = dense_and_paged(setup, chunks, device, seed=seed)
