@@ -63,6 +63,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
 run_step() {
+  # Also under `bash -c` (a step with a time limit), which does not inherit the script's pipefail: a tool that fails
+  # inside a pipeline must fail its step.
+  set -o pipefail
   local step=$1 r
   case "$step" in
     tests)   python3 -P -m pytest -q -n 8 -p no:cacheprovider ${PYTEST_ARGS:-} tests/ 2>&1 | tail -n 200 > "$OUT/tests.log"; r=$?
