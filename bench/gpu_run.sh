@@ -62,6 +62,16 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
+# A tuning step's output (stdin): progress bars' carriage returns made lines, blank lines dropped, the last 60 kB kept
+# in $OUT/$1.log; then its last $2 lines that are not per-trial rows shown. Returns the keeping's status.
+keep_log() {
+  local r
+  tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/$1.log"; r=$?
+  grep -v '^  #' "$OUT/$1.log" | tail -n "$2"
+  return $r
+}
+export -f keep_log
+
 run_step() {
   # Also under `bash -c` (a step with a time limit), which does not inherit the script's pipefail: a tool that fails
   # inside a pipeline must fail its step.
@@ -82,21 +92,16 @@ run_step() {
     example) TUNEBENCH_DB="$DB" python3 examples/generate.py ${EXAMPLE_ARGS:-} 2>&1 | tee "$OUT/example.log"; r=$? ;;
     paged)   { tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db "$DB" &&
                tunebench tune --suite decode --trials ${PAGED_TRIALS:-12} --db "$DB" &&
-               tunebench pages --preset llama-3-8b --db "$DB"; } 2>&1 | tr '\r' '\n' | grep -v '^\s*$' \
-               | tail -c 60000 > "$OUT/paged.log"; r=$?; grep -v '^  #' "$OUT/paged.log" | tail -n 60 ;;
+               tunebench pages --preset llama-3-8b --db "$DB"; } 2>&1 | keep_log paged 60; r=$? ;;
     retune)  tunebench tune --suite headline --kernel paged_attention --trials ${PAGED_TRIALS:-12} --db "$DB" \
-               2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/retune.log"; r=$?
-             grep -v '^  #' "$OUT/retune.log" | tail -n 30 ;;
+               2>&1 | keep_log retune 30; r=$? ;;
     prefilltune) tunebench tune --suite paged-prefill --kernel paged_prefill --trials ${PAGED_TRIALS:-12} --db "$DB" \
-               2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -c 60000 > "$OUT/prefilltune.log"; r=$?
-             grep -v '^  #' "$OUT/prefilltune.log" | tail -n 20 ;;
-    retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db "$DB" 2>&1 | tr '\r' '\n' \
-               | grep -v '^\s*$' | tail -c 60000 > "$OUT/pages.log"; r=$?; grep -v '^  #' "$OUT/pages.log" | tail -n 30 ;;
+               2>&1 | keep_log prefilltune 20; r=$? ;;
+    retune-pages) tunebench tune --suite pages --trials ${PAGED_TRIALS:-12} --db "$DB" 2>&1 | keep_log pages 30; r=$? ;;
     fp8bench) TUNEBENCH_DB="$DB" python3 bench/fp8_decode.py --out "$OUT" 2>&1 | tee "$OUT/fp8bench.log"
              r=$? ;;
     fp8)     { tunebench tune --suite fp8 --trials ${PAGED_TRIALS:-12} --db "$DB" &&
-               TUNEBENCH_DB="$DB" python3 bench/fp8_decode.py --out "$OUT"; } 2>&1 | tr '\r' '\n' \
-               | grep -v '^\s*$' | tail -c 60000 > "$OUT/fp8.log"; r=$?; grep -v '^  #' "$OUT/fp8.log" | tail -n 30 ;;
+               TUNEBENCH_DB="$DB" python3 bench/fp8_decode.py --out "$OUT"; } 2>&1 | keep_log fp8 30; r=$? ;;
     loo)     python3 bench/transfer_loo.py --db "$DB" --rounds ${LOO_ROUNDS:-5} --out "$OUT" --dispatch headline ${LOO_ARGS:-} \
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
