@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from tunebench.bench.script import script_device, write_csv
+from tunebench.shapes import suite
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,13 @@ class Setup:
     check_rows: int = 16            # query rows per checked window
 
 
-ISSUE = Setup(32, 8, 128, 16, torch.bfloat16, ((512, 4096), (2048, 8192), (4096, 32768), (1024, 16384), (512, 32768)),
-              64, 4096, (2048, 8192))
+def suite_chunks() -> tuple:
+    """Goal 1's chunks, (new tokens, context): the paged-prefill suite's single sequences over a cached context, so
+    that each one the probe times is a bucket `tunebench tune --suite paged-prefill` tunes (same geometry as ISSUE)."""
+    return tuple((p.Nq, p.Nk) for p in suite("paged-prefill") if p.B == 1 and p.Nq < p.Nk)
+
+
+ISSUE = Setup(32, 8, 128, 16, torch.bfloat16, suite_chunks(), 64, 4096, (2048, 8192))
 # Small for the interpreter; (16, 16) is a chunk with no cached context, checked in three windows of 4 rows.
 SMALL = Setup(4, 2, 16, 16, torch.float16, ((5, 40), (16, 16)), 3, 20, (9, 33), check_rows=4)
 MATMUL_N = 8192

@@ -330,9 +330,9 @@ SUITES = {
 
 
 def _paged_prefill_suite() -> list[Problem]:
-    # Chunked prefill over a cached context (issue 20's goal: chunks of 512-4k over 4k-32k, bf16 D128: every chunk
-    # bench/paged_prefill_probe.py times, one sequence each, and two at 1k over 16k), a whole prompt, and many short
-    # chunks (speculative verification, mixed batches' buckets); GQA 4, page 16.
+    # Chunked prefill over a cached context (issue 20's goal: chunks of 512-4k over 4k-32k, bf16 D128: one sequence
+    # each, the chunks bench/paged_prefill_probe.py reads from here and times, and two at 1k over 16k), a whole
+    # prompt, and many short chunks (speculative verification, mixed batches' buckets); GQA 4, page 16.
     shapes = ((1, 512, 4096), (1, 2048, 8192), (1, 4096, 32768), (1, 1024, 16384), (1, 512, 32768),
               (2, 1024, 16384), (1, 4096, 4096), (4, 512, 4096), (16, 128, 2048), (32, 64, 4096), (64, 8, 4096))
     return [Problem("paged_prefill", b, 32, 8, nq, nk, 128, "bfloat16", causal=True, page=DEFAULT_PAGE)
