@@ -5,7 +5,7 @@ Two phases, so that a schedule that deadlocks cannot take the call down with it:
     python3 ab_pingpong.py check --out $OUT     # every candidate on every problem: the last CHECK_ROWS query rows of
                                                 # the first and last batch against the float64 reference, NaN-poisoned
     python3 ab_pingpong.py bench --out $OUT     # the candidates that passed, beside cuDNN and SDPA flash, one process
-The check writes $OUT/ab-check.json; the bench times only what it lists as ok (triton do_bench medians, TFLOP/s),
+The check writes $OUT/ab-check.json after every problem; the bench times only what it lists as ok (triton do_bench medians, TFLOP/s),
 with the bf16 matmul ceiling measured in the same run, and writes $OUT/ab-pingpong.csv.
 """
 import csv
@@ -76,8 +76,9 @@ def check(out_dir):
                     row.update(status="incorrect", reason=f"batch {b}: {verdict.reason}")
             rows.append(row)
             print(row["status"], row["problem"], row["config"], row["reason"], flush=True)
-    with open(os.path.join(out_dir, "ab-check.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+        # written after every problem: a check cut by its time limit still leaves the bench what it passed
+        with open(os.path.join(out_dir, "ab-check.json"), "w") as fh:
+            json.dump(rows, fh, indent=1)
     print("check:", {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}, flush=True)
 
 
