@@ -5,8 +5,9 @@ Two phases, so that a schedule that deadlocks cannot take the call down with it:
     python3 ab_pingpong.py check --out $OUT     # every candidate on every problem: the last CHECK_ROWS query rows of
                                                 # the first and last batch against the float64 reference, NaN-poisoned
     python3 ab_pingpong.py bench --out $OUT     # the candidates that passed, beside cuDNN and SDPA flash, one process
-The check writes $OUT/ab-check.json after every problem; the bench times only what it lists as ok (triton do_bench medians, TFLOP/s),
-with the bf16 matmul ceiling measured in the same run, and writes $OUT/ab-pingpong.csv.
+The check writes $OUT/ab-check.json after every problem; the bench times only what it lists as ok (triton do_bench
+medians, TFLOP/s), with the bf16 matmul ceiling measured in the same run, and writes $OUT/ab-pingpong.csv. Inputs,
+the check of one config, the timing and the ceiling are bench/flash_v3_probe.py's.
 """
 import csv
 import json
@@ -16,16 +17,16 @@ import time
 
 import torch
 
-from tunebench.correctness import close_enough, poison
 from tunebench.kernels import flash_v3
 from tunebench.shapes import Problem
-import tunebench.reference as ref
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "bench"))
+from flash_v3_probe import CHECK_ROWS, _time, check_one, inputs, matmul_ceiling  # noqa: E402
 
 P = lambda B, H, n, D, causal: Problem("flash_v3", B, H, H, n, n, D, "bfloat16", causal=causal)  # noqa: E731
 PROBLEMS = ([P(4, 16, n, 128, c) for n in (1024, 2048, 4096, 8192, 16384) for c in (False, True)]
             + [P(4, 32, 16384, 64, c) for c in (False, True)]
             + [P(4, 8, n, 256, c) for n in (4096, 16384) for c in (False, True)])
-CHECK_ROWS = 64
 D = flash_v3.DEFAULT
 INCUMBENTS = [D, dict(D, BLOCK_N=128, STAGES=3), dict(D, WARP_SPECIALIZE=True)]   # the shipped H200 winners
 PP = dict(D, BLOCK_M=64, num_warps=4, WARP_SPECIALIZE=True, PINGPONG=True)
@@ -42,49 +43,26 @@ def key(c):
     return json.dumps(c, sort_keys=True)
 
 
-def inputs(problem, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda h, n: torch.randn(problem.B, h, n, problem.D, generator=g, device="cuda").to(problem.torch_dtype)  # noqa: E731
-    return mk(problem.Hq, problem.Nq), mk(problem.Hkv, problem.Nk), mk(problem.Hkv, problem.Nk)
-
-
 def check(out_dir):
-    rows = []
+    results = []
     awkward = [Problem("flash_v3", 2, 8, 2, 1000, 777, 128, "bfloat16", causal=True),
                Problem("flash_v3", 1, 4, 4, 97, 1025, 64, "float16", causal=True),
                Problem("flash_v3", 1, 2, 1, 300, 100, 256, "bfloat16", causal=True),
                Problem("flash_v3", 1, 4, 4, 2048, 2048, 128, "bfloat16", causal=True)]
     for problem in awkward + PROBLEMS:
-        q, k, v = inputs(problem, seed=1)
-        # awkward shapes: every row; the others (Nq == Nk): the last rows, whose bottom-right causal reference over
-        # the whole K/V is exactly theirs
-        r = slice(0, problem.Nq) if problem in awkward else slice(problem.Nq - CHECK_ROWS, problem.Nq)
+        qkv = inputs(problem, seed=1)
+        # awkward shapes: every row; the others (Nq == Nk): the last CHECK_ROWS rows of each batch end
+        rows = problem.Nq if problem in awkward else CHECK_ROWS
         for config in candidates(problem):
-            out = poison(torch.empty_like(q))
-            flash_v3.launch(q, k, v, config, causal=problem.causal, out=out)
-            torch.cuda.synchronize()
-            row = {"problem": problem.label(), "config": key(config), "status": "ok", "reason": ""}
-            if torch.isnan(out).any():
-                row.update(status="incorrect", reason=f"{int(torch.isnan(out).sum())} NaN outputs")
-            for b in sorted({0, problem.B - 1}):
-                if row["status"] != "ok":
-                    break
-                qs, ks, vs = q[b:b + 1, :, r], k[b:b + 1], v[b:b + 1]
-                verdict = close_enough(out[b:b + 1, :, r], ref.attention(qs, ks, vs, problem.causal),
-                                       ref.attention(qs, ks, vs, problem.causal, dtype=q.dtype))
-                if not verdict.ok:
-                    row.update(status="incorrect", reason=f"batch {b}: {verdict.reason}")
-            rows.append(row)
+            row = {"problem": problem.label(), "config": key(config), "reason": "",
+                   **check_one(problem, config, qkv, rows)}
+            results.append(row)
             print(row["status"], row["problem"], row["config"], row["reason"], flush=True)
         # written after every problem: a check cut by its time limit still leaves the bench what it passed
         with open(os.path.join(out_dir, "ab-check.json"), "w") as fh:
-            json.dump(rows, fh, indent=1)
-    print("check:", {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}, flush=True)
-
-
-def _time(fn):
-    import triton
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+            json.dump(results, fh, indent=1)
+    print("check:", {s: sum(r["status"] == s for r in results) for s in {r["status"] for r in results}},
+          flush=True)
 
 
 def bench(out_dir):
@@ -92,32 +70,30 @@ def bench(out_dir):
     import torch.nn.functional as F
     ok = {(r["problem"], r["config"]) for r in json.load(open(os.path.join(out_dir, "ab-check.json")))
           if r["status"] == "ok"}
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ceiling = 2 * 8192**3 / (_time(lambda: a @ b) * 1e-3) / 1e12
-    del a, b
+    ceiling = matmul_ceiling()
     print(f"{torch.cuda.get_device_name()}: bf16 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
     out_rows = []
     for problem in PROBLEMS:
         q, k, v = inputs(problem)
         out = torch.empty_like(q)
         tf = lambda ms: problem.flops / (ms * 1e-3) / 1e12  # noqa: E731
-        line = {}
+        line, timed = {}, {}
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
             with sdpa_kernel(backend):
                 line[name] = tf(_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=problem.causal)))
         for config in candidates(problem):
             if (problem.label(), key(config)) in ok:
+                timed[key(config)] = config
                 line[key(config)] = tf(_time(lambda: flash_v3.launch(q, k, v, config, causal=problem.causal,
                                                                      out=out)))
-        inc = {c: t for c, t in line.items() if c.startswith("{") and '"PINGPONG": false' in c}
-        pp = {c: t for c, t in line.items() if c.startswith("{") and '"PINGPONG": true' in c}
-        best_inc = max(inc, key=inc.get) if inc else None
-        best_pp = max(pp, key=pp.get) if pp else None
-        print(f"\n{problem.label()}: cuDNN {line['cudnn']:.0f}, SDPA flash {line['sdpa_flash']:.0f} TFLOP/s", flush=True)
-        for c, t in sorted(((c, t) for c, t in line.items() if c.startswith("{")), key=lambda ct: -ct[1]):
-            print(f"  {t:6.0f}  {t / line['cudnn']:.3f}x cuDNN  {t / ceiling:5.1%}  {c}", flush=True)
-        if best_inc and best_pp:
-            print(f"  PINGPONG best / incumbent best: {pp[best_pp] / inc[best_inc]:.3f}x", flush=True)
+        best = {pp: max((c for c in timed if timed[c]["PINGPONG"] == pp), key=line.get, default=None)
+                for pp in (False, True)}
+        print(f"\n{problem.label()}: cuDNN {line['cudnn']:.0f}, SDPA flash {line['sdpa_flash']:.0f} TFLOP/s",
+              flush=True)
+        for c in sorted(timed, key=lambda c: -line[c]):
+            print(f"  {line[c]:6.0f}  {line[c] / line['cudnn']:.3f}x cuDNN  {line[c] / ceiling:5.1%}  {c}", flush=True)
+        if best[False] and best[True]:
+            print(f"  PINGPONG best / incumbent best: {line[best[True]] / line[best[False]]:.3f}x", flush=True)
         for c, t in line.items():
             out_rows.append({"problem": problem.label(), "provider": c, "tflops": round(t, 1),
                              "vs_cudnn": round(t / line["cudnn"], 3), "of_ceiling": round(t / ceiling, 3),
