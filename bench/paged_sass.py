@@ -53,7 +53,8 @@ def compile_decode(module, q: str, kv: str, block_n: int, stages: int, warps: in
     # F16 as launch() sets it: bf16 queries on an fp8 cache run their dots in fp16.
     const = dict(N_SUB=1, GROUP=4, ROWS=4, GROUP_PAD=16, HEAD_DIM=HEAD_DIM, D_PAD=HEAD_DIM, EVEN_D=True, BLOCK_SIZE=16,
                  BLOCK_N=block_n, PARTITION=1024, SPLIT=True, DOT_PRECISION="ieee", KV_FP8=fp8,
-                 F16=fp8 and q == "bf16", SAFE=True, CHECK=False, stride_ksc=0, stride_vsc=0,
+                 F16=fp8 and q == "bf16", RESTAGE_V=False, OPAQUE=True, SAFE=True, CHECK=False, stride_ksc=0,
+                 stride_vsc=0,
                  **{n: 1 for n in UNIT_STRIDES})
     const = {k: v for k, v in const.items() if k in names} | extra     # a variant may lack or add a key
     kinds = {"q": q, "kv": kv}
@@ -65,8 +66,9 @@ def compile_decode(module, q: str, kv: str, block_n: int, stages: int, warps: in
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def loop_profile(cubin: bytes) -> tuple[dict, collections.Counter]:
-    """({'REG': n, 'STACK': bytes}, opcodes of the longest loop) from the cubin, by Triton's bundled cuobjdump."""
+def loop_profile(cubin: bytes, suffixes: bool = False) -> tuple[dict, collections.Counter]:
+    """({'REG': n, 'STACK': bytes}, opcodes of the longest loop) from the cubin, by Triton's bundled cuobjdump; with
+    suffixes, opcodes as written (LDS.U8, not LDS)."""
     import triton
     tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,8 +81,10 @@ def loop_profile(cubin: bytes) -> tuple[dict, collections.Counter]:
     loops = [(target, addr) for addr, text in code
              for target in [int(t, 16) for t in re.findall(r"BRA[^0-9]*0x([0-9a-f]+)", text)] if target < addr]
     first, last = max(loops, key=lambda span: span[1] - span[0])
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-                  for addr, text in code if first <= addr <= last)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for addr, text in code
+                              if first <= addr <= last)
+    if not suffixes:
+        ops = collections.Counter(op.split(".")[0] for op in ops.elements())
     return resources, ops
 
 

@@ -14,9 +14,15 @@ Layout:
   except that bf16 queries run their dots in fp16 (F16): an fp8 pair widens to fp16 in one instruction, to bf16 in
   about three, and the fp8 loop is issue-bound, not memory-bound (an H100 measured 1.09-1.19x, 2026-12-07); q's rows
   are scaled into fp16's range by powers of two, exactly, and the factors join the score scale. K's scale joins the
-  score scale and V's multiplies the fp32 accumulator, once per program (one KV head each). The fp8 handling is
-  constexpr (KV_FP8, F16): the fp16/bf16/fp32 specialisations compile without it. A scale tensor's values are read
-  (one device sync) on its first use and after an in-place write, not on every call.
+  score scale and V's multiplies the fp32 accumulator, once per program (one KV head each). The search key RESTAGE_V
+  (fp8 caches with fp16/bf16 queries) widens the V tile to 16 bits in registers and restages it in shared memory for
+  the P V dot (_restaged): without it Triton reads the fp8 tile back one byte per load into that dot's operand layout,
+  whose K dimension (tokens) is strided (bench/paged_sass.py: 30 instead of 38 warp-instructions per token at
+  BLOCK_N 128, 3 stages; an H100 ran the four fp8 headline shapes in 0.82-0.96x the time, 2026-12-07). Restaging K
+  as well, with the dots transposed, executed 35% fewer instructions but ran slower (benchmarks/h100/2026-12-07c).
+  The fp8 handling is constexpr (KV_FP8, F16, RESTAGE_V): the fp16/bf16/fp32 specialisations compile without it. A
+  scale tensor's values are read (one device sync) on its first use and after an in-place write, not on every
+  call.
 
 Schedule:
 - One program per (KV head, partition, sequence) handles all query heads of that KV group, so each KV byte is read
@@ -56,8 +62,24 @@ import triton.language as tl
 from ._launch import (ELEMENT_BYTES, ERR_BLOCK_ID, ERR_LENGTH, LOG2E, any_bad_block, check_config, check_float_dtype,
                       check_forward_only, check_grid, check_group, check_head_dim, check_interpretable,
                       check_kv_cache_dtypes, check_like, check_out, check_runnable, check_same_shape, check_scale,
-                      check_tensor, checked_blocks, checked_length, dot_precision, kv_scale, no_bad_blocks,
-                      padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit, tile_blocks)
+                      check_tensor, checked_blocks, checked_length, dot_precision, interpreting, kv_scale,
+                      no_bad_blocks, padded_head_dim, qk_scale, raise_paged_errors, shared_memory_limit, tile_blocks)
+
+
+@triton.jit
+def _restaged(x, anchor, OPAQUE: tl.constexpr):
+    """x unchanged (the fp8 V tile just widened to 16 bits), behind an identity Triton cannot see through: its
+    pipeliner then stages the widened tile in shared memory for the P V dot, as it stages a 16-bit cache's V, instead
+    of sinking the widening below the shared-memory read. Sunk, that read delivers bytes in the dot's operand layout,
+    whose K dimension (tokens) is strided in the cache: one byte per load (bench/paged_sass.py counts the loop). The
+    identity is one `mov` per register pair, which ptxas removes. Its second operand, built from `anchor` (any runtime
+    scalar; its value is never used), keeps Triton from treating it as an op of x alone, which it would sink too. The
+    interpreter has no inline assembly: there it is x * 1, exact."""
+    if OPAQUE:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [x, x * 0 + anchor.to(x.dtype)], dtype=x.dtype,
+                                         is_pure=True, pack=2)
+    else:
+        return x * 1.0
 
 
 @triton.jit
@@ -71,8 +93,8 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
                   Hq, N_SUB: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, F16: tl.constexpr, SAFE: tl.constexpr,
-                  CHECK: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, F16: tl.constexpr, RESTAGE_V: tl.constexpr,
+                  OPAQUE: tl.constexpr, SAFE: tl.constexpr, CHECK: tl.constexpr):
     # KV heads vary fastest over the grid: programs running side by side read neighbouring 256-byte rows of the same
     # tokens ([block, row, head, D] layout), which keeps DRAM accesses close together.
     kv_head = tl.program_id(0) // N_SUB
@@ -156,6 +178,8 @@ def _paged_decode(Q, K, V, BT, CL, O, M_part, L_part, Acc_part, K_scale, V_scale
         v = tl.load(v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if KV_FP8:
             v = v.to(q.dtype)
+            if RESTAGE_V:
+                v = _restaged(v, capacity, OPAQUE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     if KV_FP8:
@@ -274,7 +298,9 @@ def launch(q, k_cache, v_cache, block_tables, context_lens, config=None, *, scal
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD,
         BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], PARTITION=partition if split else 0, SPLIT=split,
         DOT_PRECISION=dot_precision(q.dtype), KV_FP8=fp8,
-        F16=bool(fp8 and q.dtype == torch.bfloat16), SAFE=_safe, CHECK=check and _safe,
+        F16=bool(fp8 and q.dtype == torch.bfloat16), RESTAGE_V=_restages_v(config, fp8, q.dtype),
+        OPAQUE=not interpreting(),
+        SAFE=_safe, CHECK=check and _safe,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:
@@ -293,6 +319,12 @@ _REDUCE_BLOCK_P = 32  # partitions merged per step of the reduce
 _REDUCE_WARPS = 4
 
 
+def _restages_v(config: dict, fp8: bool, dtype) -> bool:
+    """Whether this launch restages the V tile: an fp8 cache with 16-bit dots (keep() rejects RESTAGE_V=1 elsewhere;
+    launch ignores it there, since a 16-bit cache's V is staged as 16-bit values already)."""
+    return bool(config["RESTAGE_V"] and fp8 and dtype != torch.float32)
+
+
 def _group_split(group: int) -> tuple[int, int, int]:
     """(programs per KV group, query heads per program, padded rows of the q tile)."""
     n_sub = -(-group // _MAX_ROWS)
@@ -309,6 +341,8 @@ def _check_config(config: dict) -> dict:
     if not isinstance(part, int) or part < 0 or (part and part % config["BLOCK_N"]):
         raise ValueError(f"config['PARTITION'] must be 0 (no split) or a multiple of BLOCK_N="
                          f"{config['BLOCK_N']}, got {part!r}")
+    if config["RESTAGE_V"] not in SPACE["RESTAGE_V"] or isinstance(config["RESTAGE_V"], bool):
+        raise ValueError(f"config['RESTAGE_V'] must be one of {SPACE['RESTAGE_V']}, got {config['RESTAGE_V']!r}")
     return config
 
 
@@ -363,14 +397,16 @@ def _smem_estimate(config, problem) -> int:
     """Bytes of shared memory, on the high side: the K and V tile buffers (or, if larger, the fp32 accumulator's
     layout conversion before the epilogue's store), the q tile and the probabilities as dot operands, plus slack.
     Triton 3.6 on sm_90 keeps num_stages - 1 K/V buffers for mma.sync (q tiles under 64 rows) and num_stages for
-    wgmma (64-row q tiles in fp16/bf16, whose dots run asynchronously). Checked against sm_90 compiles of every
-    kernel variant for several shapes (metadata.shared), which it bounds from above."""
+    wgmma (64-row q tiles in fp16/bf16, whose dots run asynchronously); RESTAGE_V adds the widened V tile. Checked
+    against sm_90 compiles of every kernel variant for several shapes (metadata.shared), which it bounds from above."""
     elt = ELEMENT_BYTES[problem.dtype]
     d_pad, block_n = padded_head_dim(problem.D), config["BLOCK_N"]
     group_pad = _group_split(problem.group)[2]
+    if config["RESTAGE_V"] and problem.kv_dtype:
+        return _smem_estimate(dict(config, RESTAGE_V=0), problem) + block_n * d_pad * 2
     wgmma = group_pad >= 64 and problem.dtype != "float32"
     buffers = max(config["num_stages"] - (0 if wgmma else 1), 1)
-    kv = 2 * block_n * d_pad * elt * buffers
+    kv = 2 * block_n * d_pad * (1 if problem.kv_dtype else elt) * buffers      # an fp8 cache's tiles: a byte each
     epilogue = group_pad * d_pad * 4
     return max(kv, epilogue) + group_pad * d_pad * elt + group_pad * block_n * elt + _SMEM_SLACK
 
@@ -381,6 +417,7 @@ SPACE = {
     "PARTITION": [0, 128, 256, 512, 1024, 2048],   # tokens per split-K partition; 0: one partition per sequence
     "num_warps": [2, 4, 8],
     "num_stages": [1, 2, 3, 4],
+    "RESTAGE_V": [0, 1],   # 1 (fp8 caches): the V tile widened to 16 bits and restaged for the P V dot (_restaged)
 }
 
 
@@ -390,6 +427,9 @@ def keep(config, problem):
     block_n, part = config["BLOCK_N"], config["PARTITION"]
     if part and part % block_n:
         return f"PARTITION={part} is not a multiple of BLOCK_N={block_n}"
+    if config["RESTAGE_V"] and (not problem.kv_dtype or problem.dtype == "float32"):
+        return ("RESTAGE_V=1 applies to an fp8 cache with fp16/bf16 queries only (a 16-bit cache's tiles are staged "
+                "as 16-bit values already; fp32 queries run fp32 dots)")
     smem, limit = _smem_estimate(config, problem), shared_memory_limit()
     if smem > limit:
         return f"shared memory ~{smem // 1024} KiB > device limit {limit // 1024} KiB"
@@ -402,4 +442,4 @@ def keep(config, problem):
     return None
 
 
-DEFAULT = {"BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3}
+DEFAULT = {"BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3, "RESTAGE_V": 0}

@@ -70,7 +70,7 @@ def test_untuned_buckets_get_a_safe_transfer_or_default(db):
     assert "no safe transfer" in tunebench.explain(_problem(256, 256))
 
 
-PAGED_TUNED = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1}
+PAGED_TUNED = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1, "RESTAGE_V": 0}
 
 
 def _paged_call(page: int, device="cpu", n=40):

@@ -22,7 +22,7 @@ from test_dispatch import PAGED_TUNED, _timed, db  # noqa: F401  (db is a fixtur
 BF16 = Problem("paged_attention", 16, 32, 8, 1, 16384, 128, "bfloat16", page=16)
 FP8 = dataclasses.replace(BF16, kv_dtype="float8_e4m3fn")
 SMALL = Problem("paged_attention", 2, 4, 2, 1, 40, 16, "float16", page=8, kv_dtype="float8_e4m3fn")
-PAGED_CONFIG = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1}
+PAGED_CONFIG = {"BLOCK_N": 16, "PARTITION": 0, "num_warps": 2, "num_stages": 1, "RESTAGE_V": 0}
 
 
 @pytest.mark.parametrize("kwargs, message", [

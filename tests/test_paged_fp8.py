@@ -40,11 +40,14 @@ def check_fp8(problem, config, device, seed, kv_dtype, per_head, form="0-d", **l
 @pytest.mark.parametrize("shard", range(SHARDS))
 @given(data=st.data())
 def test_fp8_cache_matches_the_reference_on_its_dequantised_values(device, shard, data):
+    kv_dtype = data.draw(st.sampled_from(FP8), label="kv_dtype")
     problem = data.draw(paged_problems(), label="problem")
-    config = data.draw(configs(pa, problem), label="config")
+    # The config is drawn for the fp8 problem, so that keys for an fp8 cache alone (RESTAGE_V) are drawn too.
+    fp8_problem = dataclasses.replace(problem, kv_dtype=str(kv_dtype).removeprefix("torch."))
+    config = data.draw(configs(pa, fp8_problem), label="config")
     layout = data.draw(paged_layouts(problem), label="layout")
-    check_fp8(problem, config, device, data.draw(st.integers(0, 2**16), label="seed"),
-              data.draw(st.sampled_from(FP8), label="kv_dtype"), data.draw(st.booleans(), label="per_head"),
+    check_fp8(problem, config, device, data.draw(st.integers(0, 2**16), label="seed"), kv_dtype,
+              data.draw(st.booleans(), label="per_head"),
               data.draw(st.sampled_from(("float", "0-d", "[1]")), label="form"), **layout)
 
 
@@ -55,12 +58,19 @@ PINNED = [  # each names what it covers
      dict(pa.DEFAULT, PARTITION=0), torch.float8_e5m2, False, dict(strided=True)),
     ("fp32 query, e4m3, tile spans pages", Problem("paged_attention", 2, 4, 1, 1, 100, 16, "float32", page=8),
      dict(pa.DEFAULT, BLOCK_N=64, PARTITION=0), torch.float8_e4m3fn, True, {}),
+    ("RESTAGE_V, e4m3 per head, split, a last page part full", Problem("paged_attention", 3, 8, 2, 1, 150, 32,
+                                                                        page=16),
+     dict(pa.DEFAULT, BLOCK_N=32, PARTITION=64, RESTAGE_V=1), torch.float8_e4m3fn, True, {}),
+    ("RESTAGE_V, e5m2 per tensor, tile spans pages", Problem("paged_attention", 2, 4, 1, 1, 100, 16, page=8),
+     dict(pa.DEFAULT, BLOCK_N=32, PARTITION=0, RESTAGE_V=1), torch.float8_e5m2, False, {}),
+    ("RESTAGE_V, GQA 8, BLOCK_N 64", Problem("paged_attention", 2, 16, 2, 1, 200, 64, page=16),
+     dict(pa.DEFAULT, BLOCK_N=64, PARTITION=128, RESTAGE_V=1), torch.float8_e4m3fn, True, {}),
 ]
 
 
 @pytest.mark.parametrize("what, problem, config, kv_dtype, per_head, layout", PINNED, ids=[p[0] for p in PINNED])
 def test_fp8_pinned(device, what, problem, config, kv_dtype, per_head, layout):
-    assert pa.keep(config, problem) is None
+    assert pa.keep(config, dataclasses.replace(problem, kv_dtype=str(kv_dtype).removeprefix("torch."))) is None
     check_fp8(problem, config, device, 5, kv_dtype, per_head, "float", **layout)
 
 
@@ -228,7 +238,8 @@ LONG = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("problem, kv_dtype, per_head", LONG, ids=[f"{p.label()}|{d}" for p, d, _ in LONG])
 def test_fp8_long_contexts_on_gpu(problem, kv_dtype, per_head):
-    for config in (pa.DEFAULT, tunebench.tuned_config(problem)):
+    for config in (pa.DEFAULT, dict(pa.DEFAULT, BLOCK_N=128, PARTITION=1024, RESTAGE_V=1),
+                   tunebench.tuned_config(problem)):
         check_fp8(problem, config, "cuda", 11, kv_dtype, per_head, "[1]")
 
 
@@ -253,7 +264,7 @@ def test_bf16_query_rows_of_any_size_on_an_fp8_cache(factor):
     problem = Problem("paged_attention", 3, 16, 4, 1, 300, 128, "bfloat16", page=16)
     q, kc, vc, bt, cl, ks, vs = fp8_paged_inputs(problem, "cuda", 7, torch.float8_e4m3fn, True)
     q[:, ::4] *= factor
-    for config in (pa.DEFAULT, dict(pa.DEFAULT, BLOCK_N=64, PARTITION=0)):
+    for config in (pa.DEFAULT, dict(pa.DEFAULT, BLOCK_N=64, PARTITION=0), dict(pa.DEFAULT, BLOCK_N=128, RESTAGE_V=1)):
         out = poison(torch.empty_like(q))
         pa.launch(q, kc, vc, bt, cl, config, out=out, k_scale=ks, v_scale=vs)
         verdict = close_enough(out, *fp8_paged_references(q, kc, vc, bt, cl, ks, vs))

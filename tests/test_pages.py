@@ -10,7 +10,7 @@ from tunebench.runtime.winners import Winners
 from tunebench.shapes import Problem
 from test_dispatch import _device, db  # noqa: F401  (db: a user database the dispatcher reads)
 
-CONFIG = {"BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3}
+CONFIG = {"BLOCK_N": 32, "PARTITION": 512, "num_warps": 4, "num_stages": 3, "RESTAGE_V": 0}
 SHAPES = ((64, 4096), (16, 16384))
 
 
