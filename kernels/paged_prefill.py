@@ -23,6 +23,11 @@ Schedule:
   cu_seqlens_q[b] // BLOCK_Q + b (at least ceil(n_new / BLOCK_Q) of them, vLLM's unified-attention numbering), and a
   program finds its sequence by binary search over cu_seqlens_q. No host sync is needed for the grid; programs past
   their sequence's tokens return at once.
+- A sequence with few new tokens (at most SMALL_M // HEADS: decode rows, short speculative verifications) runs in a
+  tile of SMALL_M rows instead (the smallest power of two >= max(16, HEADS), when that is below BLOCK_M): in a
+  BLOCK_M tile its one token would take BLOCK_M / SMALL_M times the tensor work it needs, work that a mixed batch's
+  chunk programs, running beside it, are short of. Both tile sizes are compiled into the kernel; each program
+  branches once, on its sequence's new-token count.
 - K/V tiles of BLOCK_N tokens gather each token's physical block from the table (one table entry when BLOCK_N <=
   block_size); the next tile's block ids are read one step ahead. Two stages: tiles every row of the tile sees
   entirely (no mask), then the tiles that cross the diagonal (causal and length masks).
@@ -147,7 +152,7 @@ def _paged_prefill(Q, K, V, CU, CL, BT, O, Err, qk_scale, B, total_q, num_blocks
                    stride_ot, stride_oh, stride_od,
                    GROUP: tl.constexpr, HEADS: tl.constexpr, N_SUB: tl.constexpr, BLOCK_Q: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMALL_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    SAFE: tl.constexpr, CHECK: tl.constexpr):
     block_idx = tl.program_id(0)
     kv_head = tl.program_id(1) // N_SUB
@@ -174,6 +179,31 @@ def _paged_prefill(Q, K, V, CU, CL, BT, O, Err, qk_scale, B, total_q, num_blocks
         # A length below the new tokens or past the table reads nothing (both stages below are empty): NaN rows.
         len_ok = (ctx >= n_new) & (ctx <= capacity)
         ctx = tl.where(len_ok, ctx, n_new)
+    else:
+        len_ok = ctx == ctx
+    args = (Q, K, V, BT, O, Err, qk_scale, num_blocks, b, kv_head, sub, q_start, q0, n_new, ctx, len_ok,
+            stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs,
+            stride_vh, stride_vd, stride_btb, stride_btn, stride_ot, stride_oh, stride_od)
+    if SMALL_M > 0:
+        # A sequence with at most SMALL_M // HEADS new tokens (decode, a short verification) is one program, whose
+        # rows fit a SMALL_M-row tile: a BLOCK_M tile would spend BLOCK_M / SMALL_M times the tensor work on it,
+        # work that the chunks' programs beside it in a mixed batch need.
+        if n_new <= SMALL_M // HEADS:
+            _tile(*args, GROUP, HEADS, SMALL_M // HEADS, HEAD_DIM, D_PAD, EVEN_D, PAGE, SMALL_M, BLOCK_N,
+                  DOT_PRECISION, SAFE, CHECK)
+            return
+    _tile(*args, GROUP, HEADS, BLOCK_Q, HEAD_DIM, D_PAD, EVEN_D, PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION, SAFE, CHECK)
+
+
+@triton.jit
+def _tile(Q, K, V, BT, O, Err, qk_scale, num_blocks, b, kv_head, sub, q_start, q0, n_new, ctx, len_ok,
+          stride_qt, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs,
+          stride_vh, stride_vd, stride_btb, stride_btn, stride_ot, stride_oh, stride_od,
+          GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+          D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, CHECK: tl.constexpr):
+    """One program's q tile: new tokens q0 .. q0 + BLOCK_Q - 1 of sequence b (ctx tokens in all) times the HEADS
+    query heads of share `sub` of KV head kv_head, attended over the paged cache and written to O."""
     cached = ctx - n_new
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -268,7 +298,8 @@ def launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, config
         *block_tables.stride(), *out.stride(),
         GROUP=group, HEADS=heads, N_SUB=n_sub, BLOCK_Q=block_q,
         HEAD_DIM=D, D_PAD=D_PAD, EVEN_D=D == D_PAD, PAGE=k_cache.shape[1],
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], SMALL_M=_small_rows(heads, config["BLOCK_M"]),
+        DOT_PRECISION=dot_precision(q.dtype),
         SAFE=_safe, CHECK=check and _safe, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if check:
@@ -281,6 +312,13 @@ def _tile_rows(group: int, block_m: int) -> tuple[int, int, int]:
     n_sub = -(-group // block_m)
     heads = -(-group // n_sub)
     return n_sub, heads, block_m // heads
+
+
+def _small_rows(heads: int, block_m: int) -> int:
+    """Rows of the tile a sequence with few new tokens runs in (at least one token's HEADS rows, and at least 16,
+    tl.dot's smallest), or 0 where that is not smaller than BLOCK_M (then every program runs BLOCK_M rows)."""
+    small = max(16, triton.next_power_of_2(heads))
+    return small if small < block_m else 0
 
 
 def check_lengths(cu_seqlens_q, context_lens, total_q: int, capacity: int) -> None:

@@ -55,7 +55,17 @@ PINNED = [
      _cfg(BLOCK_M=16, BLOCK_N=32), {}),
     ("non-power-of-two head dim, shared prefix", Problem("paged_prefill", 3, 4, 4, 5, 50, 48, causal=True, page=16),
      _cfg(BLOCK_M=32, BLOCK_N=16), dict(context_lens=[50, 48, 40], q_lens=[5, 8, 1], shared_blocks=2)),
+    # Group 4 with BLOCK_M 64: sequences of at most 4 new tokens run a 16-row tile (pp._small_rows), 5 and more the
+    # 64-row one; the edge on both sides, a decode row and a chunk in one batch.
+    ("few new tokens in the small tile, at its edge", Problem("paged_prefill", 5, 8, 2, 40, 90, 64, causal=True,
+                                                                page=16),
+     _cfg(BLOCK_M=64, BLOCK_N=32), dict(context_lens=[90, 12, 4, 30, 77], q_lens=[40, 4, 1, 5, 3], strided=True)),
 ]
+
+
+def test_the_small_tile_is_used_only_where_it_is_smaller():
+    assert pp._small_rows(4, 64) == 16 and pp._small_rows(4, 16) == 0 and pp._small_rows(1, 32) == 16
+    assert pp._small_rows(24, 64) == 32 and pp._small_rows(24, 32) == 0 and pp._small_rows(64, 128) == 64
 
 
 @pytest.mark.parametrize("what, problem, config, layout", PINNED, ids=[p[0] for p in PINNED])
