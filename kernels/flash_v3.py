@@ -15,6 +15,11 @@ The schedule, as far as Gluon on Hopper allows it:
   as soon as its P V completes); WARP_SPECIALIZE=True: a producer partition of one warp (PRODUCER_REGS registers)
   issues the loads and the compute warps (the default partition, which gets the registers left over) hand each slot
   back with an mbarrier arrive;
+- PINGPONG=True (FlashAttention-3's ping-pong; with WARP_SPECIALIZE and num_warps=4): two consumer warpgroups, each
+  on its own BLOCK_M-row Q tile of the CTA, share one K/V ring (a slot is free once both have released it) and take
+  turns at the tensor cores through two named barriers (_turn_take/_turn_pass): a warpgroup issues its MMAs of a
+  step only after the other has issued its own, so that one's softmax runs while the other's MMAs do. Both walk the
+  K/V blocks of the CTA's 2 * BLOCK_M rows, so that their turns pair up;
 - Causal attention is aligned bottom-right (FlashAttention >= 2.1): query i sees key j iff j <= i + (Nk - Nq). Blocks
   that every row of a tile sees in full run without mask math; only the diagonal and the Nk tail are masked. A query
   row that sees no key at all (Nq > Nk) outputs zeros.
@@ -27,9 +32,7 @@ Not supported (launch raises ValueError/TypeError; flash_v2 runs them): fp32, ot
 has no wgmma or TMA, Blackwell no wgmma), the Triton interpreter (Gluon has none), backward, dropout, masks other
 than causal, returning the log-sum-exp, Nk = 0.
 
-Not done yet (FlashAttention-3 has them): two consumer warpgroups ping-ponging on separate Q tiles (with num_warps=8
-the two warpgroups split one Q tile, and two CTAs per SM give some of that overlap when registers and shared memory
-allow), a persistent grid with a causal-balanced tile order, fp8.
+Not done yet (FlashAttention-3 has them): a persistent grid with a causal-balanced tile order, fp8.
 """
 import functools
 
@@ -98,6 +101,31 @@ def _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, h
 
 
 @gluon.jit
+def _turn_take(PINGPONG: gl.constexpr, ME: gl.constexpr):
+    """PINGPONG: consumer ME waits for its turn at the tensor cores, i.e. until the other consumer warpgroup has
+    issued its MMAs (_turn_pass). Named barriers 14 (consumer 0's turn) and 15 (consumer 1's), 256 threads: one
+    warpgroup arrives, the other syncs. (Triton 3.6 uses barrier 0 within a partition and low ids around
+    warp_specialize.)"""
+    if PINGPONG:
+        if ME == 0:
+            gl.inline_asm_elementwise("bar.sync 14, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("bar.sync 15, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _turn_pass(PINGPONG: gl.constexpr, ME: gl.constexpr):
+    """PINGPONG: consumer ME has issued its MMAs; the other consumer's turn (an arrive: ME goes on at once)."""
+    if PINGPONG:
+        if ME == 0:
+            gl.inline_asm_elementwise("bar.arrive 15, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
+        else:
+            gl.inline_asm_elementwise("bar.arrive 14, 256; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
+
+
+@gluon.jit
 def _issue_qk(q_smem, k_bufs, k_bars, j, s_zero, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr):
     """Starts S_j = Q K_j^T (async wgmma, K viewed transposed in shared memory) once K_j has landed."""
@@ -123,20 +151,25 @@ def _attend(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bar
             b, hkv, m0, lo, hi, n_blocks, Nk, shift, qk_scale,
             s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-            MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr):
+            MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
+            PINGPONG: gl.constexpr, ME: gl.constexpr):
     """K/V blocks [lo, hi) folded into (acc, l_i, m_i), one block at a time: S = Q K^T, softmax, O += P V, each MMA
     waited for at once. Block j's slot is released (reloaded with block j + STAGES where PRODUCER, else handed to
-    the producer partition) when its P V completes."""
+    the producer partition) when its P V completes. PINGPONG: each MMA is issued in this consumer's turn."""
     rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     for j in range(lo, hi):
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, j, s_zero,
-                                                                   BLOCK_N, HEAD_DIM, STAGES), ))
+        _turn_take(PINGPONG, ME)
+        qk = _issue_qk(q_smem, k_bufs, k_bars, j, s_zero, BLOCK_N, HEAD_DIM, STAGES)
+        _turn_pass(PINGPONG, ME)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j, rows, offs_n, Nk, shift, qk_scale,
                                       BLOCK_N, MASK_N, MASK_CAUSAL)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        _turn_take(PINGPONG, ME)
         acc, _ = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+        _turn_pass(PINGPONG, ME)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))     # at once: P need not be kept alive
         _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, True,
                  BLOCK_N, STAGES, PRODUCER)
@@ -148,27 +181,34 @@ def _attend_overlapped(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_
                        b, hkv, m0, lo, hi, n_blocks, Nk, shift, qk_scale,
                        s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                       MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr):
+                       MASK_N: gl.constexpr, MASK_CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
+                       PINGPONG: gl.constexpr, ME: gl.constexpr):
     """_attend with FlashAttention-3's intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before O += P_j V_j,
     and the softmax of block j + 1 runs while P_j V_j is still in the tensor cores; O is rescaled once that MMA is
     waited for. Each turn of the loop ends with no wgmma in flight, and every wait that leaves one in flight names
     what it still reads or writes (O and P_j) in its deps: values of an in-flight wgmma carried around the loop, or
     left out of the deps, made ptxas serialize the wgmmas and inject waits of its own (C7514, C7517), and the
     earlier schedule, which carried them, gave wrong results on causal problems on an H100. Block j's slot is
-    released (reloaded, or handed to the producer) when its P V completes."""
+    released (reloaded, or handed to the producer) when its P V completes. PINGPONG: the MMAs of each step (S_{j+1}
+    and P_j V_j) are issued together in this consumer's turn, so that the other consumer's run while this one's
+    softmax does (FlashAttention-3's ping-pong)."""
     rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if hi > lo:
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_qk(q_smem, k_bufs, k_bars, lo, s_zero,
-                                                                   BLOCK_N, HEAD_DIM, STAGES), ))
+        _turn_take(PINGPONG, ME)
+        qk = _issue_qk(q_smem, k_bufs, k_bars, lo, s_zero, BLOCK_N, HEAD_DIM, STAGES)
+        _turn_pass(PINGPONG, ME)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, rows, offs_n, Nk, shift, qk_scale,
                                       BLOCK_N, MASK_N, MASK_CAUSAL)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         for j in range(lo, hi - 1):
             # -- S_{j+1} first, then P_j V_j; wait for S_{j+1} only, and take block j + 1's softmax meanwhile
+            _turn_take(PINGPONG, ME)
             qk = _issue_qk(q_smem, k_bufs, k_bars, j + 1, s_zero, BLOCK_N, HEAD_DIM, STAGES)
             acc, p_op = _issue_pv(p, acc, v_bufs, v_bars, j, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+            _turn_pass(PINGPONG, ME)
             qk, acc, p_op = warpgroup_mma_wait(num_outstanding=1, deps=(qk, acc, p_op))
             p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, j + 1, rows, offs_n, Nk, shift, qk_scale,
                                           BLOCK_N, MASK_N, MASK_CAUSAL)
@@ -177,7 +217,9 @@ def _attend_overlapped(acc, l_i, m_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_
             _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, j, b, hkv, n_blocks, True,
                      BLOCK_N, STAGES, PRODUCER)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        _turn_take(PINGPONG, ME)
         acc, p_op = _issue_pv(p, acc, v_bufs, v_bars, hi - 1, p_layout, BLOCK_N, HEAD_DIM, STAGES)
+        _turn_pass(PINGPONG, ME)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         _release(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, hi - 1, b, hkv, n_blocks, True,
                  BLOCK_N, STAGES, PRODUCER)
@@ -196,11 +238,24 @@ def _kv_blocks(m0, Nq, Nk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL:
 
 
 @gluon.jit
-def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-             b, h, hkv, m0, Nq, Nk, qk_scale,
+def _span(BLOCK_M: gl.constexpr, PINGPONG: gl.constexpr):
+    """Query rows per CTA: one BLOCK_M tile, or one per consumer warpgroup under PINGPONG."""
+    if PINGPONG:
+        return 2 * BLOCK_M
+    else:
+        return BLOCK_M
+
+
+@gluon.jit
+def _consume(q_desc, k_desc, v_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+             b, h, hkv, m_cta, Nq, Nk, qk_scale,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-             CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PRODUCER: gl.constexpr, num_warps: gl.constexpr):
-    """The compute warps: the whole K/V loop of one Q tile, then the output store."""
+             CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PRODUCER: gl.constexpr, PINGPONG: gl.constexpr,
+             ME: gl.constexpr, num_warps: gl.constexpr):
+    """The compute warps of consumer ME: the whole K/V loop of its Q tile (rows m_cta + ME * BLOCK_M onwards), then
+    the output store. Under PINGPONG the CTA's two consumers walk the same K/V blocks, those of the CTA's 2 * BLOCK_M
+    rows, masked from the first row's first masked block on, so that both take the same number of turns (a causal
+    tile's earlier consumer may fold in a block its rows see nothing of: p = 0 there)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -208,12 +263,14 @@ def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_ba
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
     # K/V blocks [0, full_hi) need no mask; [full_hi, n_blocks) are the diagonal and/or the Nk tail.
-    n_blocks = _kv_blocks(m0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    n_blocks = _kv_blocks(m_cta, Nq, Nk, _span(BLOCK_M, PINGPONG), BLOCK_N, CAUSAL)
     full_hi = Nk // BLOCK_N
     shift = Nk - Nq
     if CAUSAL:
-        # Row m0 (the tile's first) sees keys j <= m0 + shift: whole blocks below that need no mask.
-        full_hi = gl.minimum(full_hi, gl.maximum(m0 + shift + 1, 0) // BLOCK_N)
+        # Row m_cta (the CTA's first) sees keys j <= m_cta + shift: whole blocks below that need no mask.
+        full_hi = gl.minimum(full_hi, gl.maximum(m_cta + shift + 1, 0) // BLOCK_N)
+    m0 = m_cta + ME * BLOCK_M
+    q_smem = q_bufs.index(ME)
 
     if PRODUCER:
         for i in gl.static_range(STAGES):
@@ -224,26 +281,32 @@ def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_ba
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bars.index(ME), 0)
+    if PINGPONG:
+        if ME == 1:
+            _turn_pass(PINGPONG, ME)          # consumer 0 takes the first turn
     if OVERLAP:
         acc, l_i, m_i = _attend_overlapped(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars,
                                            empty_bars, b, hkv, m0, 0, full_hi, n_blocks, Nk, shift, qk_scale,
                                            s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                                           False, False, PRODUCER)
+                                           False, False, PRODUCER, PINGPONG, ME)
         acc, l_i, m_i = _attend_overlapped(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars,
                                            empty_bars, b, hkv, m0, full_hi, n_blocks, n_blocks, Nk, shift, qk_scale,
                                            s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                                           True, CAUSAL, PRODUCER)
+                                           True, CAUSAL, PRODUCER, PINGPONG, ME)
     else:
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
                                 b, hkv, m0, 0, full_hi, n_blocks, Nk, shift, qk_scale,
                                 s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                                False, False, PRODUCER)
+                                False, False, PRODUCER, PINGPONG, ME)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
                                 b, hkv, m0, full_hi, n_blocks, n_blocks, Nk, shift, qk_scale,
                                 s_layout, o_layout, p_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                                True, CAUSAL, PRODUCER)
+                                True, CAUSAL, PRODUCER, PINGPONG, ME)
 
+    if PINGPONG:
+        if ME == 0:
+            _turn_take(PINGPONG, ME)          # consumer 1's last pass: each barrier ends as it began
     # -- epilogue: rows that saw no key (l == 0) output 0, not 0/0; Q's buffer is reused to stage O for the TMA store
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
@@ -254,10 +317,12 @@ def _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_ba
 
 
 @gluon.jit
-def _produce(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m0, Nq, Nk,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """The producer partition (WARP_SPECIALIZE): loads every K/V block the tile needs, waiting for a free slot."""
-    for j in range(_kv_blocks(m0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)):
+def _produce(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m_cta, Nq, Nk,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+             PINGPONG: gl.constexpr):
+    """The producer partition (WARP_SPECIALIZE): loads every K/V block the CTA's rows need, waiting for a free slot
+    (released by every consumer: empty_bars count them)."""
+    for j in range(_kv_blocks(m_cta, Nq, Nk, _span(BLOCK_M, PINGPONG), BLOCK_N, CAUSAL)):
         # Barriers start in phase 0, so the first wait on each slot (parity 1) passes at once.
         mbarrier.wait(empty_bars.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
         _issue_kv_load(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j, b, hkv, True, BLOCK_N, STAGES)
@@ -267,7 +332,7 @@ def _produce(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv,
 def _flash_v3_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, Hq, GROUP, Nq, Nk,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, WARP_SPECIALIZE: gl.constexpr,
-                  PRODUCER_REGS: gl.constexpr,
+                  PRODUCER_REGS: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   num_warps: gl.constexpr):
     if CAUSAL:
         # Tiles further down see more keys: start them first so the last wave is made of short tiles.
@@ -278,40 +343,56 @@ def _flash_v3_fwd(q_desc, k_desc, v_desc, o_desc, qk_scale, Hq, GROUP, Nq, Nk,
     b = off_bh // Hq
     h = off_bh % Hq
     hkv = h // GROUP
-    m0 = start_m * BLOCK_M
+    m_cta = start_m * _span(BLOCK_M, PINGPONG)
+    CONSUMERS: gl.constexpr = 2 if PINGPONG else 1
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.init(q_bars.index(c), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=CONSUMERS)     # a slot is free once every consumer is done with it
 
-    # -- the Q tile, loaded once; it stays in shared memory (wgmma's A operand) for the whole K/V loop
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_smem)
+    # -- the Q tiles, loaded once; each stays in shared memory (wgmma's A operand) for the whole K/V loop
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m_cta + c * BLOCK_M, 0], q_bars.index(c), q_bufs.index(c))
 
-    if WARP_SPECIALIZE:
+    if PINGPONG:
+        # Consumer 0 in the default partition, consumer 1 (as many warps) and the producer as workers.
         gl.warp_specialize([
-            (_consume, (q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-                        b, h, hkv, m0, Nq, Nk, qk_scale,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, False, num_warps)),
-            (_produce, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m0, Nq, Nk,
-                        BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+            (_consume, (q_desc, k_desc, v_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                        b, h, hkv, m_cta, Nq, Nk, qk_scale,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, False, True, 0, num_warps)),
+            (_consume, (q_desc, k_desc, v_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                        b, h, hkv, m_cta, Nq, Nk, qk_scale,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, False, True, 1, num_warps)),
+            (_produce, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m_cta, Nq, Nk,
+                        BLOCK_M, BLOCK_N, STAGES, CAUSAL, True)),
+        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    elif WARP_SPECIALIZE:
+        gl.warp_specialize([
+            (_consume, (q_desc, k_desc, v_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                        b, h, hkv, m_cta, Nq, Nk, qk_scale,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, False, False, 0, num_warps)),
+            (_produce, (k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, empty_bars, b, hkv, m_cta, Nq, Nk,
+                        BLOCK_M, BLOCK_N, STAGES, CAUSAL, False)),
         ], [1], [PRODUCER_REGS])
     else:
-        _consume(q_desc, k_desc, v_desc, o_desc, q_smem, q_bar, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
-                 b, h, hkv, m0, Nq, Nk, qk_scale,
-                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, True, num_warps)
+        _consume(q_desc, k_desc, v_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, k_bars, v_bars, empty_bars,
+                 b, h, hkv, m_cta, Nq, Nk, qk_scale,
+                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, True, False, 0, num_warps)
 
-    mbarrier.invalidate(q_bar)
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.invalidate(q_bars.index(c))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
@@ -355,10 +436,11 @@ def _arguments(q, k, v, out, config, causal, scale):
     options = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, STAGES=config["STAGES"], CAUSAL=causal,
                    OVERLAP=config["OVERLAP"],
                    WARP_SPECIALIZE=config["WARP_SPECIALIZE"], PRODUCER_REGS=config["PRODUCER_REGS"],
-                   num_warps=config["num_warps"])
+                   PINGPONG=config["PINGPONG"], CONSUMER_REGS=_CONSUMER_REGS, num_warps=config["num_warps"])
+    consumers = 2 if config["PINGPONG"] else 1
     if config["WARP_SPECIALIZE"]:
-        options["maxnreg"] = _maxnreg(config["num_warps"])
-    grid = (triton.cdiv(Nq, block_m), B * Hq)
+        options["maxnreg"] = _maxnreg(consumers * config["num_warps"])
+    grid = (triton.cdiv(Nq, consumers * block_m), B * Hq)
     return _flash_v3_fwd, grid, (*descs, qk_scale(scale, D), Hq, Hq // Hkv, Nq, Nk), options
 
 
@@ -381,6 +463,11 @@ def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, 1, block_rows, head_dim], _GL_DTYPES[dtype])
 
 
+# Registers per thread of the second consumer warpgroup under PINGPONG (the first, the default partition, gets what
+# the producer leaves: 2 x 128 x 240 + 128 x 24 fill the SM's 64K).
+_CONSUMER_REGS = 240
+
+
 def _maxnreg(num_warps: int) -> int:
     """Registers per thread that let the compute warps plus the producer's warpgroup fit the SM's 64K registers (one
     CTA per SM); warp_specialize moves the producer's unused share to the compute warps."""
@@ -389,7 +476,7 @@ def _maxnreg(num_warps: int) -> int:
 
 def _check_config(config: dict) -> dict:
     check_config(config, SPACE, BLOCK_M=64, BLOCK_N=16)
-    for key in ("WARP_SPECIALIZE", "OVERLAP"):
+    for key in ("WARP_SPECIALIZE", "OVERLAP", "PINGPONG"):
         if not isinstance(config[key], bool):
             raise ValueError(f"config[{key!r}] must be a bool, got {config[key]!r}")
     for key in ("STAGES", "PRODUCER_REGS"):
@@ -478,7 +565,14 @@ def _unfit(config: dict, dtype: str, D: int) -> str | None:
         return f"BLOCK_M={block_m} < 16 rows per warp * num_warps={warps}: wgmma gives each warp 16 rows"
     if not config["WARP_SPECIALIZE"] and config["PRODUCER_REGS"] != SPACE["PRODUCER_REGS"][0]:
         return "PRODUCER_REGS only matters with WARP_SPECIALIZE (the same kernel as its first value)"
-    smem = (block_m + 2 * config["STAGES"] * block_n) * D * 2 + _SMEM_SLACK
+    consumers = 1
+    if config["PINGPONG"]:
+        if not config["WARP_SPECIALIZE"]:
+            return "PINGPONG needs WARP_SPECIALIZE: one producer warp feeds both consumer warpgroups"
+        if warps != 4:
+            return f"PINGPONG runs two consumer warpgroups of num_warps=4 each, got num_warps={warps}"
+        consumers = 2
+    smem = (consumers * block_m + 2 * config["STAGES"] * block_n) * D * 2 + _SMEM_SLACK
     if smem > _HOPPER_SHARED_MEMORY:
         return f"shared memory ~{smem} B > the H100/H200's {_HOPPER_SHARED_MEMORY} B"
     acc_regs = block_m * (D + block_n) // (32 * warps)
@@ -501,6 +595,9 @@ SPACE = {
     # Larger budgets compile (40 was checked) but only take registers from the compute warps; kept to one value so
     # that a probe of every config fits one short GPU call.
     "PRODUCER_REGS": [24],
+    # Two consumer warpgroups (num_warps=4 each) on two Q tiles, taking turns at the tensor cores so that one's
+    # softmax runs while the other's MMAs do (FlashAttention-3's ping-pong); needs WARP_SPECIALIZE.
+    "PINGPONG": [False, True],
 }
 
 
@@ -512,4 +609,4 @@ def keep(config, problem):
 
 # Admitted for every problem flash_v3 runs: D 256 needs BLOCK_N 64 to fit two stages and the registers.
 DEFAULT = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "STAGES": 2, "OVERLAP": False,
-           "WARP_SPECIALIZE": False, "PRODUCER_REGS": 24}
+           "WARP_SPECIALIZE": False, "PRODUCER_REGS": 24, "PINGPONG": False}

@@ -74,6 +74,13 @@ def test_keep_bounds_shared_memory_registers_and_warps():
                            "bfloat16", 128) is None               # ptxas: 168 registers, an 8-byte spill at most
     assert "16 rows per warp" in flash_v3._unfit(dict(flash_v3.DEFAULT, BLOCK_M=64, num_warps=8), "float16", 64)
     assert "float16 or bfloat16" in flash_v3._unfit(flash_v3.DEFAULT, "float32", 64)
+    pingpong = dict(flash_v3.DEFAULT, BLOCK_M=64, BLOCK_N=128, num_warps=4, WARP_SPECIALIZE=True, PINGPONG=True)
+    assert flash_v3._unfit(pingpong, "bfloat16", 128) is None
+    assert "WARP_SPECIALIZE" in flash_v3._unfit(dict(pingpong, WARP_SPECIALIZE=False), "bfloat16", 128)
+    assert "num_warps=4" in flash_v3._unfit(dict(pingpong, BLOCK_M=128, num_warps=8), "bfloat16", 128)
+    # Two Q tiles: what fits one consumer with three stages does not fit two.
+    assert flash_v3._unfit(dict(pingpong, BLOCK_N=64, PINGPONG=False, STAGES=3), "bfloat16", 256) is None
+    assert "shared memory" in flash_v3._unfit(dict(pingpong, BLOCK_N=64, STAGES=3), "bfloat16", 256)
     for dtype, D in itertools.product(flash_v3.DTYPES, flash_v3.HEAD_DIMS):
         assert flash_v3._unfit(flash_v3.DEFAULT, dtype, D) is None, (dtype, D)
 
@@ -86,9 +93,13 @@ def test_bad_configs_are_refused():
         flash_v3.launch(q, q, q, dict(flash_v3.DEFAULT, WARP_SPECIALIZE=1))
     with pytest.raises(ValueError, match="OVERLAP"):
         flash_v3.launch(q, q, q, dict(flash_v3.DEFAULT, OVERLAP=None))
+    with pytest.raises(ValueError, match="PINGPONG"):
+        flash_v3.launch(q, q, q, dict(flash_v3.DEFAULT, PINGPONG=2))
 
 
 # -- CPU: compile for sm_90a ---------------------------------------------------------------------------------------
+
+PINGPONG_CONFIG = dict(flash_v3.DEFAULT, BLOCK_M=64, BLOCK_N=128, num_warps=4, WARP_SPECIALIZE=True, PINGPONG=True)
 
 FAST_CASES = [   # each structure once, on awkward shapes (tails, GQA, Nq != Nk)
     _case(flash_v3.DEFAULT, D=128, dtype="float16", causal=True),
@@ -100,6 +111,9 @@ FAST_CASES = [   # each structure once, on awkward shapes (tails, GQA, Nq != Nk)
     # OVERLAP on the first case the H100 gate found wrong (causal, one key block per stage, 8 warps)
     _case(dict(flash_v3.DEFAULT, BLOCK_M=128, BLOCK_N=128, num_warps=8, STAGES=3, OVERLAP=True), D=64,
           dtype="float16", causal=True, Nq=1, Nk=128, Hq=1, Hkv=1, B=1),
+    # two consumer warpgroups taking turns, with and without the intra-warpgroup overlap
+    _case(dict(PINGPONG_CONFIG, OVERLAP=True), D=128, dtype="bfloat16", causal=True, Nq=300, Nk=1000),
+    _case(dict(PINGPONG_CONFIG, BLOCK_N=64), D=256, dtype="float16", causal=False),
 ]
 
 
@@ -149,7 +163,10 @@ AWKWARD = [   # odd N, Nq != Nk causal (rows that see no key), GQA 8, head dim 2
 @pytest.mark.gpu
 @pytest.mark.parametrize("problem", AWKWARD, ids=lambda p: p.label())
 @pytest.mark.parametrize("structure", [{}, {"WARP_SPECIALIZE": True}, {"OVERLAP": True},
-                                       {"BLOCK_M": 64, "num_warps": 4, "OVERLAP": True, "WARP_SPECIALIZE": True}])
+                                       {"BLOCK_M": 64, "num_warps": 4, "OVERLAP": True, "WARP_SPECIALIZE": True},
+                                       {"BLOCK_M": 64, "num_warps": 4, "WARP_SPECIALIZE": True, "PINGPONG": True},
+                                       {"BLOCK_M": 64, "num_warps": 4, "WARP_SPECIALIZE": True, "PINGPONG": True,
+                                        "OVERLAP": True}])
 def test_awkward_shapes(problem, structure, device):
     config = dict(flash_v3.DEFAULT, **structure)
     assert flash_v3.keep(config, problem) is None
