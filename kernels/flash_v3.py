@@ -437,7 +437,7 @@ def _arguments(q, k, v, out, config, causal, scale):
                    OVERLAP=config["OVERLAP"],
                    WARP_SPECIALIZE=config["WARP_SPECIALIZE"], PRODUCER_REGS=config["PRODUCER_REGS"],
                    PINGPONG=config["PINGPONG"], CONSUMER_REGS=_CONSUMER_REGS, num_warps=config["num_warps"])
-    consumers = 2 if config["PINGPONG"] else 1
+    consumers = _consumers(config)
     if config["WARP_SPECIALIZE"]:
         options["maxnreg"] = _maxnreg(consumers * config["num_warps"])
     grid = (triton.cdiv(Nq, consumers * block_m), B * Hq)
@@ -461,6 +461,11 @@ def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
     config, and three quarters of a launch's host-side argument building (47 us on a 2-core CI-class CPU, 11.5 us
     cached), which shows next to a 70 us kernel."""
     return gl.NVMMASharedLayout.get_default_for([1, 1, block_rows, head_dim], _GL_DTYPES[dtype])
+
+
+def _consumers(config: dict) -> int:
+    """Consumer warpgroups per CTA, each with its own BLOCK_M-row Q tile: two under PINGPONG."""
+    return 2 if config["PINGPONG"] else 1
 
 
 # Registers per thread of the second consumer warpgroup under PINGPONG (the first, the default partition, gets what
@@ -565,14 +570,12 @@ def _unfit(config: dict, dtype: str, D: int) -> str | None:
         return f"BLOCK_M={block_m} < 16 rows per warp * num_warps={warps}: wgmma gives each warp 16 rows"
     if not config["WARP_SPECIALIZE"] and config["PRODUCER_REGS"] != SPACE["PRODUCER_REGS"][0]:
         return "PRODUCER_REGS only matters with WARP_SPECIALIZE (the same kernel as its first value)"
-    consumers = 1
     if config["PINGPONG"]:
         if not config["WARP_SPECIALIZE"]:
             return "PINGPONG needs WARP_SPECIALIZE: one producer warp feeds both consumer warpgroups"
         if warps != 4:
             return f"PINGPONG runs two consumer warpgroups of num_warps=4 each, got num_warps={warps}"
-        consumers = 2
-    smem = (consumers * block_m + 2 * config["STAGES"] * block_n) * D * 2 + _SMEM_SLACK
+    smem = (_consumers(config) * block_m + 2 * config["STAGES"] * block_n) * D * 2 + _SMEM_SLACK
     if smem > _HOPPER_SHARED_MEMORY:
         return f"shared memory ~{smem} B > the H100/H200's {_HOPPER_SHARED_MEMORY} B"
     acc_regs = block_m * (D + block_n) // (32 * warps)
