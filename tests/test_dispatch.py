@@ -355,16 +355,17 @@ def test_auto_names_a_non_tensor_before_it_reads_strides(monkeypatch, device):
 
 
 def test_shipped_flash_v3_winners_are_read_where_flash_v3_is_not_yet_registered():
-    """The H100's flash_v3 winners in the shipped results.db are read by the dispatcher's loader before anything
+    """The H200's flash_v3 winners in the shipped results.db are read by the dispatcher's loader before anything
     registered flash_v3 (it is registered on first use, on Hopper only). The loader skipped them as an unknown kernel
-    on an H100, so variant="auto" never compared them (bench run, 2026-12-06). Reading them registers nothing."""
+    on an H100, so variant="auto" never compared them (bench run, 2026-12-06; the shipped flash_v3 rows are the
+    H200's since 2026-12-07). Reading them registers nothing."""
     from tunebench import registry
     from tunebench.shapes import suite
     from tunebench.store import resolve_url
     assert "flash_v3" not in registry.known_kernels()
     with warnings.catch_warnings():
         warnings.simplefilter("error")                        # no row of the shipped file is skipped
-        loaded = winners.Winners.load("NVIDIA H100 80GB HBM3", urls=[resolve_url(str(winners.packaged_db_path()))])
+        loaded = winners.Winners.load("NVIDIA H200", urls=[resolve_url(str(winners.packaged_db_path()))])
     headline = [dataclasses.replace(p, kernel="flash_v3") for p in suite("headline")
                 if p.kernel == "flash_v2" and p.dtype == "bfloat16" and p.D in (64, 128)]
     assert headline and all(loaded.exact_ms(p) for p in headline), [p.label() for p in headline
