@@ -11,6 +11,7 @@ import pytest
 from tunebench.registry import config_key
 from tunebench.shapes import suite
 from tunebench.store import Store, resolve_url
+from tunebench.tune.enqueue import NEIGHBOUR_WINNERS
 from tunebench.tune.options import TuneOptions
 from tunebench.tune.simulate import DEVICE_NAME, Simulation, simulate, simulate_hosts, simulated_ms
 from tunebench.tune.study import open_storage
@@ -57,7 +58,8 @@ def test_no_trial_is_lost_or_run_twice(fleet_run):
 
 def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]], problems: list) -> None:
     """Every config the workers ran (``runs``: problem, config) is in the store once, as ok, and told once to its
-    problem's study; each problem's budget (options.trials) was met, not overrun; no trial is left RUNNING."""
+    problem's study; each problem's budget (options.trials) was met, and overrun by no more than the exchange pass
+    may add (NEIGHBOUR_WINNERS); no trial is left RUNNING."""
     from optuna.trial import TrialState
     with Store(options.db) as store:
         rows = {p.label(): store.trials(device=DEVICE_NAME, problem=p) for p in problems}
@@ -66,7 +68,9 @@ def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]
         assert all(t.status == "ok" for t in evaluated)
         assert sorted(config_key(t.config) for t in evaluated) == sorted(
             config_key(json.loads(c)) for p, c in runs if p == label)
-        assert len({config_key(t.config) for t in evaluated}) == len(evaluated) == options.trials
+        assert len({config_key(t.config) for t in evaluated}) == len(evaluated)
+        exchanged = NEIGHBOUR_WINNERS if options.exchange and options.sampler == "tpe" else 0
+        assert options.trials <= len(evaluated) <= options.trials + exchanged, (label, len(evaluated))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's experimental heartbeat
         storage = open_storage(options.storage, resolve_url(options.db))
@@ -138,8 +142,11 @@ def test_two_hosts_share_each_postgres_study(pg_url, tmp_path):
     assert set(use.busy) == {f"host{h}/run{w}" for h in range(2) for w in range(2)}
     assert all(host.use.runs for host in hosts), f"a host ran no trial: {[len(h.use.runs) for h in hosts]}"
     assert use.duplicates == 0, use.runs        # no config run twice, across the hosts
-    # The budget is shared, not one per host: each problem ran HOSTS_BUDGET trials in all; none lost.
-    assert collections.Counter(p for p, _ in use.runs) == {p.label(): HOSTS_BUDGET for p in two_problems()}
+    # The budget is shared, not one per host: each problem ran HOSTS_BUDGET trials in all, none lost; then at most
+    # one more in the exchange pass (the other problem's winner, where it had not run it), by one host only.
+    ran = collections.Counter(p for p, _ in use.runs)
+    assert set(ran) == {p.label() for p in two_problems()}
+    assert all(HOSTS_BUDGET <= n <= HOSTS_BUDGET + 1 for n in ran.values()), ran
     assert_each_config_ran_once(options, use.runs, two_problems())
     # Each host confirms each problem, and finds the same winner (the fastest config run, by either host: both
     # waited for the other's trials), which one of them writes; the other finds it stored, no slower.

@@ -509,6 +509,55 @@ def test_tpe_times_the_neighbouring_winners_of_the_family_so_transfer_has_eviden
     assert timed[:3] == [module.DEFAULT, x, y]
 
 
+def test_exchange_configs_are_the_neighbours_winners_not_yet_evaluated_that_keep_admits(tmp_path):
+    from tunebench.device import DeviceIdentity
+    from tunebench.store.models import TrialResult
+    from tunebench.tune.enqueue import exchange_configs
+    module = kernel_module("flash_v2")
+    target = Problem("flash_v2", 1, 2, 1, 128, 128, 32, "float16", causal=True)
+    near = [Problem("flash_v2", 1, 2, 1, n, n, 32, "float16", causal=True) for n in (64, 256, 512)]
+    admitted = [c for c in all_configs(module.SPACE) if c != module.DEFAULT and module.keep(c, target) is None]
+    tried, vetoed, fresh = admitted[:3]
+    device, identity = DeviceIdentity.current(interpret=True), kernel_identity("flash_v2")
+    with Store(str(tmp_path / "results.db")) as store:
+        for problem, config in zip(near, (tried, vetoed, fresh)):
+            store.upsert_winner(device, "flash_v2", identity, problem, config, 1.0, 1.1)
+        store.record_trial(device, "flash_v2", identity, target, TrialResult(0, tried, "ok", 1.0))
+        keep = lambda c: "vetoed" if c == vetoed else None  # noqa: E731
+        assert exchange_configs(store, device, target, identity, module.DEFAULT, keep) == [fresh]
+
+        def raising(config):
+            raise RuntimeError("a bug in keep")
+        assert exchange_configs(store, device, target, identity, module.DEFAULT, raising) == []
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("exchange", [True, False])
+def test_the_exchange_pass_times_a_neighbours_later_winner(tmp_path, exchange):
+    """A bucket tuned before its neighbour found a new winner times that winner in the exchange pass (here the
+    neighbour's winner is stored between two runs: the second run's main pass has nothing left to do), and its one
+    result covers both passes."""
+    from tunebench.device import DeviceIdentity
+    module = kernel_module("flash_v2")
+    target = Problem("flash_v2", 1, 2, 1, 128, 128, 32, "float16", causal=True)
+    neighbour = Problem("flash_v2", 1, 2, 1, 256, 256, 32, "float16", causal=True)
+    tune([target], options(tmp_path, trials=2, compile_workers=0))
+    with Store(str(tmp_path / "results.db")) as store:
+        first = [t.config for t in store.trials(kernel="flash_v2", problem=target)]
+        later = next(c for c in all_configs(module.SPACE)
+                     if c not in first and module.keep(c, target) is None and module.keep(c, neighbour) is None)
+        device = DeviceIdentity.current(interpret=True)
+        store.upsert_winner(device, "flash_v2", kernel_identity("flash_v2"), neighbour, later, 1.0, 1.1)
+    results = tune([target], options(tmp_path, trials=2, compile_workers=0, exchange=exchange))
+    with Store(str(tmp_path / "results.db"), readonly=True) as store:
+        timed = [t.config for t in store.trials(kernel="flash_v2", problem=target) if t.status != "pruned"]
+    assert len(results) == 1 and results[0].problem is target
+    if exchange:
+        assert timed == first + [later] and results[0].counts.get("ok") == 3
+    else:
+        assert timed == first
+
+
 def test_tune_kernel_flash_v3_tunes_the_flash_v2_problems_it_can_run(monkeypatch):
     """flash_v3 has no problems of its own in the suites: named, it takes the flash_v2 ones its keep() admits (as on
     a Hopper GPU, pretended here), so that variant="auto" has both kernels' winners per bucket to compare."""

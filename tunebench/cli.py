@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only problems of these dtypes (repeatable), e.g. to split a suite across runs")
     t.add_argument("--trials", type=int, default=None,
                    help="configs evaluated per problem; pruned and repeated configs do not count "
-                        "(default: 24, or the grid size)")
+                        "(default: 24, or the grid size); with tpe the exchange pass may add up to 3 (--no-exchange)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds a trial may take before it is killed")
     t.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="tpe (seeded) or exhaustive grid")
     t.add_argument("--seed", type=int, default=0, help="sampler and input seed")
@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store this run's winners even where the database holds a faster one for the bucket (by "
                         "default a winner is replaced only by a faster time; times from another run, or one "
                         "timed while the machine was busy, may not compare)")
+    t.add_argument("--no-exchange", action="store_true",
+                   help="tpe: skip the exchange pass, in which, once every problem is tuned, each times the winners "
+                        "of its nearest buckets it has not evaluated (up to 3 configs; the problems are tuned in "
+                        "turn, so one tuned early otherwise never tries what its later neighbours found)")
     t.add_argument("--json", action="store_true", help=JSON_HELP)
     t.set_defaults(func=_tune)
 

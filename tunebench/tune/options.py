@@ -27,12 +27,14 @@ class TuneOptions:
     heartbeat_s: int = HEARTBEAT_S      # how often a run marks its open trials alive
     grace_s: int = GRACE_S              # a trial not marked alive for this long is failed by whoever sees it
     replace: bool = False               # this run's winners replace the stored ones, even faster ones
+    exchange: bool = True               # TPE: then each problem times its neighbours' winners (run.exchange)
 
     @classmethod
     def from_args(cls, args) -> "TuneOptions":
         return cls(trials=args.trials, timeout=args.timeout, sampler=args.sampler, seed=args.seed, db=args.db,
                    storage=args.storage, workers=args.workers, interpret=args.interpret,
                    compile_workers=getattr(args, "compile_workers", None), replace=getattr(args, "replace", False),
+                   exchange=not getattr(args, "no_exchange", False),
                    heartbeat_s=_env_seconds("TUNEBENCH_HEARTBEAT_S", HEARTBEAT_S),
                    grace_s=_env_seconds("TUNEBENCH_GRACE_S", GRACE_S))
 

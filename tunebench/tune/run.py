@@ -1,6 +1,7 @@
 """tune(): the run's top-level loop. It starts the worker processes (Fleet), opens the results store and Optuna's
 storage, reads the device in a worker, and tunes each problem in turn (Search), the next problem's search starting
-while the last one's finalists are re-timed in the background.
+while the last one's finalists are re-timed in the background. Then, with TPE, the exchange pass: each problem times
+the winners of its nearest buckets that it has not (exchange).
 """
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import contextlib
 import sys
 import warnings
 
-from ..registry import kernel_module
+from ..registry import kernel_identity, kernel_module
 from ..shapes import Problem
 from .confirm import ProblemResult
+from .enqueue import exchange_configs
 from .options import TuneOptions
 from .pool import Fleet, require_gpu
 from .progress import Progress
@@ -51,13 +53,16 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
             device = fleet.identify()
             trace.event("identified")
             try:
-                for index, problem in enumerate(schedule(problems)):
+                order = schedule(problems)
+                for index, problem in enumerate(order):
                     trace.event("problem", index=index, label=problem.label())
                     search = Search(problem, options, store, storage, fleet, device,
                                     Progress(err, index, len(problems), problem))
                     # Its result arrives once its finalists are re-timed: in the background of the next search.
                     search.tune(results.append, last=index == len(problems) - 1)
                 fleet.drain()
+                if options.exchange and options.sampler == "tpe":
+                    exchange(order, options, store, storage, fleet, device, results, first, err)
             except BaseException:
                 fleet.abandon_tails()  # trials still finishing in the background: a later run runs them
                 if lent:  # a caller's fleet must not hold replies meant for this run (an own fleet is closed now)
@@ -68,6 +73,37 @@ def tune(problems: list[Problem], options: TuneOptions, *, results: list[Problem
                 results[first:] = sorted(results[first:], key=lambda r: order.get(id(r.problem), len(problems)))
     trace.event("fleet_closed")
     return results
+
+
+def exchange(order: list[Problem], options: TuneOptions, store, storage, fleet: Fleet, device,
+             results: list[ProblemResult], first: int, err) -> None:
+    """The exchange pass, once every problem is tuned: each problem evaluates the winners of its nearest buckets that
+    it has not (enqueue.exchange_configs), so that what a bucket tuned late found reaches those tuned before it. A
+    problem's new result (its study's, re-timed with the new configs among the finalists) replaces its entry in
+    ``results`` (this run's, from index ``first``). One round: the configs are chosen from the winners as the main
+    pass left them."""
+    todo = []
+    for problem in order:
+        module = kernel_module(problem.kernel)
+        configs = exchange_configs(store, device, problem, kernel_identity(problem.kernel), module.DEFAULT,
+                                   lambda config, module=module, problem=problem: module.keep(config, problem))
+        if configs:
+            todo.append((problem, configs))
+    if not todo:
+        return
+    print(f"exchange: {len(todo)} of {len(order)} problems time their neighbours' winners", file=err)
+    trace.event("exchange", problems=len(todo))
+    for index, (problem, configs) in enumerate(todo):
+        search = Search(problem, options, store, storage, fleet, device, Progress(err, index, len(todo), problem),
+                        exchange=configs)
+
+        def replace(result: ProblemResult, problem=problem) -> None:
+            for i in range(first, len(results)):
+                if results[i].problem is problem:
+                    results[i] = result
+
+        search.tune(replace, last=index == len(todo) - 1)
+    fleet.drain()
 
 
 @contextlib.contextmanager

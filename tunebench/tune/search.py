@@ -45,7 +45,9 @@ class Search:
     """The trials of one problem: ask, prune, compile ahead, check and time, tell; then confirm the winner."""
 
     def __init__(self, problem: Problem, options: TuneOptions, store, storage, fleet: Fleet, device,
-                 progress: Progress):
+                 progress: Progress, exchange: list[dict] | None = None):
+        """``exchange``: this search is the problem's share of the exchange pass (run.exchange): it evaluates just
+        these configs (those its study has not seen), beyond the budget the problem was tuned with."""
         self.problem, self.options, self.fleet, self.progress = problem, options, fleet, progress
         self.module_path = module_path(problem.kernel)
         self.module = kernel_module(problem.kernel)
@@ -61,6 +63,9 @@ class Search:
                                                Avoid(self.space, self.refuses)))
         self.shared.sync()
         trace.event("study_loaded")
+        if exchange is not None:
+            exchange = [c for c in exchange if config_key(c) not in self.shared.seen]
+            self.budget = min(self.shared.evaluated() + len(exchange), admitted)
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
         self.finishing: set[tuple] = set()      # configs run, their results not yet written (step)
@@ -84,7 +89,10 @@ class Search:
         self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget, self.admitted_share)
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
         grid, default = options.sampler == "grid", self.module.DEFAULT
-        if grid:
+        if exchange is not None:
+            # No sampler: the exchange's configs alone, all asked at once (they do not depend on results)
+            order, admit, grid, self.startup = exchange, None, True, self.budget
+        elif grid:
             order, admit = grid_order(self.space, default, options.seed), None
         else:
             # TPE's random start queued: DEFAULT, the neighbours' winners, then admitted configs drawn by --seed
