@@ -61,6 +61,7 @@ def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]
     problem's study; each problem's budget (options.trials) was met, and overrun by no more than the exchange pass
     may add (NEIGHBOUR_WINNERS); no trial is left RUNNING."""
     from optuna.trial import TrialState
+    exchanged = NEIGHBOUR_WINNERS if options.exchange and options.sampler == "tpe" else 0
     with Store(options.db) as store:
         rows = {p.label(): store.trials(device=DEVICE_NAME, problem=p) for p in problems}
     for label, trials in rows.items():
@@ -69,7 +70,6 @@ def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]
         assert sorted(config_key(t.config) for t in evaluated) == sorted(
             config_key(json.loads(c)) for p, c in runs if p == label)
         assert len({config_key(t.config) for t in evaluated}) == len(evaluated)
-        exchanged = NEIGHBOUR_WINNERS if options.exchange and options.sampler == "tpe" else 0
         assert options.trials <= len(evaluated) <= options.trials + exchanged, (label, len(evaluated))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's experimental heartbeat
@@ -80,7 +80,8 @@ def assert_each_config_ran_once(options: TuneOptions, runs: list[tuple[str, str]
         trials = storage.get_all_trials(study._study_id)
         assert not [t for t in trials if t.state == TrialState.RUNNING]
         told = [t for t in trials if t.user_attrs.get("status") == "ok" and "duplicate_of" not in t.user_attrs]
-        assert len(told) == options.trials and all(t.state == TrialState.COMPLETE for t in told)
+        assert options.trials <= len(told) <= options.trials + exchanged
+        assert all(t.state == TrialState.COMPLETE for t in told)
 
 
 def test_tpes_random_start_is_queued_among_admitted_configs(fleet_run):
@@ -137,16 +138,15 @@ HOSTS_BUDGET = 12
 def test_two_hosts_share_each_postgres_study(pg_url, tmp_path):
     """Two parent processes ("hosts"), 2 simulated workers each, on one PostgreSQL database (studies and results),
     started together: they share each problem's study and its budget, as `tunebench tune` on two hosts would."""
-    options = TuneOptions(interpret=True, db=pg_url, storage=pg_url, workers=2, trials=HOSTS_BUDGET)
+    # Without the exchange pass: a host that finds its neighbour's winner already run by the other reports the result
+    # it confirmed before that run, where this test asks both to report the fastest of every run.
+    options = TuneOptions(interpret=True, db=pg_url, storage=pg_url, workers=2, trials=HOSTS_BUDGET, exchange=False)
     hosts, use = simulate_hosts(2, two_problems(), options, Simulation((TRIAL_S,)), tmp_path)
     assert set(use.busy) == {f"host{h}/run{w}" for h in range(2) for w in range(2)}
     assert all(host.use.runs for host in hosts), f"a host ran no trial: {[len(h.use.runs) for h in hosts]}"
     assert use.duplicates == 0, use.runs        # no config run twice, across the hosts
-    # The budget is shared, not one per host: each problem ran HOSTS_BUDGET trials in all, none lost; then at most
-    # one more in the exchange pass (the other problem's winner, where it had not run it), by one host only.
-    ran = collections.Counter(p for p, _ in use.runs)
-    assert set(ran) == {p.label() for p in two_problems()}
-    assert all(HOSTS_BUDGET <= n <= HOSTS_BUDGET + 1 for n in ran.values()), ran
+    # The budget is shared, not one per host: each problem ran HOSTS_BUDGET trials in all; none lost.
+    assert collections.Counter(p for p, _ in use.runs) == {p.label(): HOSTS_BUDGET for p in two_problems()}
     assert_each_config_ran_once(options, use.runs, two_problems())
     # Each host confirms each problem, and finds the same winner (the fastest config run, by either host: both
     # waited for the other's trials), which one of them writes; the other finds it stored, no slower.
