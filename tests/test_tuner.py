@@ -558,6 +558,26 @@ def test_the_exchange_pass_times_a_neighbours_later_winner(tmp_path, exchange):
         assert timed == first
 
 
+@pytest.mark.interpreter
+def test_a_new_study_adds_to_the_buckets_trial_record_rather_than_overwrite_it(tmp_path):
+    """The store keys a bucket's trials by number, and every new study numbers from 0: a second run into the same
+    database with another --storage (or with the journal lost, or a results.db copied to another machine) once
+    replaced the first run's records with its own. Its trials now follow them."""
+    problem = Problem("flash_v2", 1, 2, 1, 128, 128, 32, "float16", causal=True)
+    tune([problem], options(tmp_path, trials=2, compile_workers=0, storage=str(tmp_path / "a.journal")))
+    with Store(str(tmp_path / "results.db"), readonly=True) as store:
+        first = [(t.number, config_key(t.config), t.status) for t in store.trials(kernel="flash_v2", problem=problem)]
+    assert len([f for f in first if f[2] != "pruned"]) == 2
+    tune([problem], options(tmp_path, trials=2, compile_workers=0, storage=str(tmp_path / "b.journal"), seed=1,
+                            exchange=False))
+    with Store(str(tmp_path / "results.db"), readonly=True) as store:
+        both = [(t.number, config_key(t.config), t.status) for t in store.trials(kernel="flash_v2", problem=problem)]
+    assert both[:len(first)] == first
+    later = both[len(first):]
+    assert len([t for t in later if t[2] != "pruned"]) == 2
+    assert [n for n, _, _ in later] == list(range(first[-1][0] + 1, first[-1][0] + 1 + len(later)))
+
+
 def test_tune_kernel_flash_v3_tunes_the_flash_v2_problems_it_can_run(monkeypatch):
     """flash_v3 has no problems of its own in the suites: named, it takes the flash_v2 ones its keep() admits (as on
     a Hopper GPU, pretended here), so that variant="auto" has both kernels' winners per bucket to compare."""

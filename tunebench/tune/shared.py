@@ -11,6 +11,7 @@ Each trial records its process ("host": hostname:pid) and runner ("runner": run1
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -50,6 +51,23 @@ class Candidate:
     runner: str = ""            # the worker that ran it, and its GPU (CUDA_VISIBLE_DEVICES): "run1:gpu1"
 
 
+def store_offset(study, store, device, kernel_hash: str, problem: Problem) -> int:
+    """What this study's trial numbers are shifted by in the store, which keys a bucket's trials by number: one past
+    the bucket's highest stored number when the study is created, so that a new study (a lost or other --storage, a
+    results.db copied to another machine) adds its trials to the bucket's record rather than overwrite those of an
+    earlier study that had the same numbers. Kept in the study (its user attribute `store_offset`), so that every
+    process sharing the study shifts alike; 0 for a study from before it (its numbers are the store's already)."""
+    found = study.user_attrs.get("store_offset")
+    if found is not None:
+        return int(found)
+    if study.get_trials(deepcopy=False):
+        return 0
+    stored = store.trials(device, problem.kernel, kernel_hash, problem)
+    offset = 1 + max(t.number for t in stored) if stored else 0
+    study.set_user_attr("store_offset", offset)
+    return offset
+
+
 class SharedStudy:
     """The study of one problem (device x kernel x kernel identity x bucket): what is known of its trials here and
     elsewhere, and the one writer of their verdicts (store first, then Optuna)."""
@@ -59,6 +77,7 @@ class SharedStudy:
         self.problem, self.space, self.device, self.store, self.storage = problem, space, device, store, storage
         self.kernel, self.hash = problem.kernel, kernel_hash
         self.study = open_study(storage, sampler, device, kernel_hash, problem)
+        self.offset = store_offset(self.study, store, device, kernel_hash, problem)
         self.heartbeats = hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval() is not None
         optuna.storages.fail_stale_trials(self.study)
         self.open: dict[int, object] = {}   # trial number -> optuna.Trial asked and not yet told
@@ -154,8 +173,9 @@ class SharedStudy:
         if not lost:
             return self.found_lost
         self.looked_up.update(t.number for t in lost)
-        # By number and config: trials of another study (an earlier --storage) may share this store's numbers.
-        stored = {r.number: r for r in self.store.trials(self.device, self.kernel, self.hash, self.problem)}
+        # By number and config (a study from before store_offset shares the store's numbers with any earlier one).
+        stored = {r.number - self.offset: r for r in self.store.trials(self.device, self.kernel, self.hash,
+                                                                        self.problem)}
         stored = {t.number: stored[t.number] for t in lost
                   if t.number in stored and stored[t.number].config == dict(t.params)}
         for t in lost:
@@ -244,7 +264,9 @@ class SharedStudy:
         self.seen[candidate.key] = Seen(candidate.config, outcome.status, trial.number, outcome.median_ms)
 
     def record_trial(self, result) -> None:
-        self.store.record_trial(self.device, self.kernel, self.hash, self.problem, result)
+        """Stores a trial of this study (``result.number``: its Optuna number) under number + offset."""
+        stored = dataclasses.replace(result, number=result.number + self.offset)
+        self.store.record_trial(self.device, self.kernel, self.hash, self.problem, stored)
 
     def tell_pruned(self, trial, config: dict, key: tuple, reason: str) -> None:
         from optuna.trial import TrialState
