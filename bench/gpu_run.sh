@@ -39,6 +39,8 @@
 #   ncu     Nsight Compute on one launch each (bench/ncu_case.py, the tuned dispatcher on $DB): flash_v3 and flash_v2
 #           at bf16 D128 N4k, paged decode at B16 x 16k on a bf16 and an e4m3 cache: speed of light, warp stall
 #           reasons, occupancy, into $OUT/ncu.txt (NCU_SECTIONS: other sections)
+#   corun   bench/mixed_corun.py: issue 20's mixed batch as its two parts on two streams, every pair of a list of
+#           chunk and decode configs (each checked first) against the two one after the other; $OUT/mixed-corun.*
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
 #           and removes it: the device returns at most 8 files (make it the last step)
 #   serve   examples/serve.py (issue 20's goal: 64 requests sharing a 1k-token system prompt, without then with
@@ -115,6 +117,7 @@ run_step() {
                | tee "$OUT/prefillprobe.log"; r=$? ;;
     checkcost) TUNEBENCH_DB="$DB" python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
              r=$? ;;
+    corun)   python3 bench/mixed_corun.py --out "$OUT" 2>&1 | tee "$OUT/corun.log"; r=$? ;;
     reducecost) TUNEBENCH_DB="$DB" python3 bench/decode_reduce_cost.py --out "$OUT" 2>&1 | tee "$OUT/reducecost.log"
              r=$? ;;
     serve)   { TUNEBENCH_DB="$DB" python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&

@@ -31,12 +31,11 @@ import argparse
 import functools
 import json
 import pathlib
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from tunebench.bench.script import script_device, write_csv
+from tunebench.bench.script import checked_run, script_device, write_csv
 from tunebench.shapes import suite
 
 
@@ -373,12 +372,7 @@ def main(argv=None) -> int:
     device = script_device("paged_prefill_probe.py", args.small)
     if device is None:
         return 2
-    try:
-        run(SMALL if args.small else ISSUE, device, args.out)
-    except WrongOutput as e:
-        print(f"FAILED before timing: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return checked_run(lambda: run(SMALL if args.small else ISSUE, device, args.out), (WrongOutput,))
 
 
 if __name__ == "__main__":

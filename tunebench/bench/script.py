@@ -28,6 +28,17 @@ def script_device(script: str, small: bool | None = None) -> str | None:
     return None
 
 
+def checked_run(run, wrong: tuple = (AssertionError,)) -> int:
+    """A script's exit status for run(): 0, or 1 after saying on stderr what failed when it raised one of ``wrong``
+    (an output that failed its check, before anything was timed)."""
+    try:
+        run()
+    except wrong as e:
+        print(f"FAILED before timing: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def write_csv(path, fields: list[str], rows: list[dict]) -> pathlib.Path:
     """Writes rows under their declared columns (None as an empty cell), making the folder; returns the path."""
     path = pathlib.Path(path)
