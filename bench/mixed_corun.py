@@ -65,7 +65,8 @@ def run(setup, device, chunk_configs, decode_configs, out=None) -> dict:
     from tunebench.tune.timing import graph_bench, wall_bench
     cuda = torch.device(device).type == "cuda"
     bench = graph_bench if cuda else functools.partial(wall_bench, reps=1)
-    timer = "CUDA-graph replay (do_bench_cudagraph median)" if cuda else "interpreter wall clock, 1 call (not a GPU time)"
+    timer = ("CUDA-graph replay (do_bench_cudagraph median)" if cuda
+             else "interpreter wall clock, 1 call (not a GPU time)")
     m = mixed_batch(setup, device)
     (qs, ks, vs), R = m.dense, setup.decode_rows
     decode_problem, chunk_problem = problems(setup)

@@ -46,11 +46,13 @@ def exchange_configs(store, device, problem, identity: str, default: dict,
                      keep: Callable[[dict], str | None]) -> list[dict]:
     """The exchange pass's configs for one problem (run.exchange): the winners of its nearest buckets as they stand
     now (neighbour_winners), less those ``keep`` (the kernel's keep() for this problem) rejects or raises on, and
-    those a trial of its bucket has already evaluated. A suite is tuned one bucket after another, so a bucket's search queues only the winners of
-    buckets tuned before it: one tuned early never times what its later neighbours found (on an H200, 16 trials
-    left five headline flash_v3 buckets without the PINGPONG config that won beside them, 5-12% faster there)."""
+    those a trial of its bucket has already evaluated. A suite is tuned one bucket after another, so a bucket's
+    search queues only the winners of buckets tuned before it: one tuned early never times what its later
+    neighbours found (on an H200, 16 trials left five headline flash_v3 buckets without the PINGPONG config that won
+    beside them, 5-12% faster there)."""
     tried = {config_key(t.config) for t in store.trials(device, problem.kernel, identity, problem)
              if t.status != "pruned"}
+
     def admitted(config: dict) -> bool:
         try:
             return keep(config) is None
