@@ -2,6 +2,7 @@
 studies in SQLite files under tmp_path. Planted faults come from test-only kernel modules (tests/fake_kernels)
 registered into the kernel registry for the test."""
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -548,14 +549,16 @@ def test_the_exchange_pass_times_a_neighbours_later_winner(tmp_path, exchange):
                      if c not in first and module.keep(c, target) is None and module.keep(c, neighbour) is None)
         device = DeviceIdentity.current(interpret=True)
         store.upsert_winner(device, "flash_v2", kernel_identity("flash_v2"), neighbour, later, 1.0, 1.1)
-    results = tune([target], options(tmp_path, trials=2, compile_workers=0, exchange=exchange))
+    log = io.StringIO()
+    results = tune([target], options(tmp_path, trials=2, compile_workers=0, exchange=exchange), err=log)
     with Store(str(tmp_path / "results.db"), readonly=True) as store:
         timed = [t.config for t in store.trials(kernel="flash_v2", problem=target) if t.status != "pruned"]
     assert len(results) == 1 and results[0].problem is target
     if exchange:
         assert timed == first + [later] and results[0].counts.get("ok") == 3
+        assert "exchange: 1 of 1 problems" in log.getvalue() and "[exchange 1/1] " in log.getvalue()
     else:
-        assert timed == first
+        assert timed == first and "[exchange" not in log.getvalue() and "exchange:" not in log.getvalue()
 
 
 @pytest.mark.interpreter

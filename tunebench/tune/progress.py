@@ -19,8 +19,10 @@ class Progress:
     """A line per problem on stderr: a tqdm bar on a terminal (tqdm comes with Optuna), one line per finished trial in
     a log."""
 
-    def __init__(self, stream, index: int, total: int, problem: Problem):
+    def __init__(self, stream, index: int, total: int, problem: Problem, stage: str = ""):
+        """``stage``: which pass of the run this is, before the count ("exchange": [exchange 2/5])."""
         self.stream, self.index, self.total, self.problem = stream, index, total, problem
+        self.tag = f"[{stage + ' ' if stage else ''}{index + 1}/{total}]"
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.budget = 0
         self.start = time.monotonic()
@@ -30,11 +32,11 @@ class Progress:
     def begin(self, budget: int, evaluated: int, counts: dict) -> None:
         self.budget, self.start = budget, time.monotonic()
         resumed = f", {evaluated} done before" if evaluated else ""
-        self._print(f"[{self.index + 1}/{self.total}] {self.problem.label()}: {budget} trials{resumed}")
+        self._print(f"{self.tag} {self.problem.label()}: {budget} trials{resumed}")
         if self.tty:
             from tqdm import tqdm
             self.bar = tqdm(total=budget, initial=min(evaluated, budget), file=self.stream, leave=False,
-                            desc=f"[{self.index + 1}/{self.total}]", unit="trial", dynamic_ncols=True)
+                            desc=self.tag, unit="trial", dynamic_ncols=True)
 
     def trial(self, number: int, config: dict, outcome: Outcome, evaluated: int, counts: dict,
               best_ms: float | None) -> None:
@@ -46,7 +48,7 @@ class Progress:
             return
         ms = f" {outcome.median_ms:.4f} ms" if outcome.median_ms is not None else ""
         why = f" ({outcome.message[:120]})" if outcome.message and outcome.status != "ok" else ""
-        of = f" of [{self.index + 1}/{self.total}]" if self.late else ""
+        of = f" of {self.tag}" if self.late else ""
         self._print(f"  #{number}{of} {outcome.status}{ms} {format_config(config)}{why}")
 
     def end(self, result: ProblemResult) -> None:
@@ -56,7 +58,7 @@ class Progress:
         done = (f"{format_config(result.config)} {result.median_ms:.4f} ms"
                 if result.config is not None else "no winner")
         note = f" ({result.note})" if result.note else ""
-        self._print(f"[{self.index + 1}/{self.total}] {self.problem.label()}: {done}{note} "
+        self._print(f"{self.tag} {self.problem.label()}: {done}{note} "
                     f"[{time.monotonic() - self.start:.0f} s]")
 
     def _print(self, line: str) -> None:

@@ -94,8 +94,8 @@ def exchange(order: list[Problem], options: TuneOptions, store, storage, fleet: 
     print(f"exchange: {len(todo)} of {len(order)} problems time their neighbours' winners", file=err)
     trace.event("exchange", problems=len(todo))
     for index, (problem, configs) in enumerate(todo):
-        search = Search(problem, options, store, storage, fleet, device, Progress(err, index, len(todo), problem),
-                        exchange=configs)
+        search = Search(problem, options, store, storage, fleet, device,
+                        Progress(err, index, len(todo), problem, stage="exchange"), exchange=configs)
 
         def replace(result: ProblemResult, problem=problem) -> None:
             for i in range(first, len(results)):
