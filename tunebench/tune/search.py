@@ -86,13 +86,15 @@ class Search:
         # Without compile workers (--interpret, no spare core) still a config queued per runner, so that a runner
         # that finishes need not wait for an ask (1 simulated worker, 20 ms trials: 66-71% -> 89-95% busy).
         self.wide = len(fleet.runners) + max(len(fleet.compilers), len(fleet.runners))
-        self.startup = self.budget if options.sampler == "grid" else tpe_startup(self.budget, self.admitted_share)
+        # The sampler proposes configs beyond the queue only with TPE; the grid's and the exchange's configs are all
+        # queued, and asked at once (they do not depend on results).
+        sampled = options.sampler == "tpe" and exchange is None
+        self.startup = tpe_startup(self.budget, self.admitted_share) if sampled else self.budget
         self.queue = StudyQueue(self.shared, self.reasons, self.budget, self.lookahead)
-        grid, default = options.sampler == "grid", self.module.DEFAULT
+        default = self.module.DEFAULT
         if exchange is not None:
-            # No sampler: the exchange's configs alone, all asked at once (they do not depend on results)
-            order, admit, grid, self.startup = exchange, None, True, self.budget
-        elif grid:
+            order, admit = exchange, None
+        elif not sampled:
             order, admit = grid_order(self.space, default, options.seed), None
         else:
             # TPE's random start queued: DEFAULT, the neighbours' winners, then admitted configs drawn by --seed
@@ -100,7 +102,7 @@ class Search:
             order = head + random_start(self.space, default, self.reasons, options.seed)
             admit = max(len(head), self.startup - self.shared.evaluated())
         with trace.span("enqueue"):
-            self.ask_limit = self.queue.fill(order, tpe=not grid, admit=admit)
+            self.ask_limit = self.queue.fill(order, tpe=sampled, admit=admit)
         self.retries_counted = len(self.shared.retries)
 
     @property
