@@ -38,7 +38,8 @@
 #           $OUT/decode-reduce-cost.csv
 #   ncu     Nsight Compute on one launch each (bench/ncu_case.py, the tuned dispatcher on $DB): flash_v3 and flash_v2
 #           at bf16 D128 N4k, paged decode at B16 x 16k on a bf16 and an e4m3 cache: speed of light, warp stall
-#           reasons, occupancy, into $OUT/ncu.txt (NCU_SECTIONS: other sections)
+#           reasons, occupancy, into $OUT/ncu.txt (NCU_SECTIONS: other sections; NCU_CASES: other ncu_case.py
+#           argument lists, separated by ';')
 #   corun   bench/mixed_corun.py: issue 20's mixed batch as its two parts on two streams, every pair of a list of
 #           chunk and decode configs (each checked first) against the two one after the other; $OUT/mixed-corun.*
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
@@ -122,8 +123,10 @@ run_step() {
              r=$? ;;
     serve)   { TUNEBENCH_DB="$DB" python3 examples/serve.py --json "$OUT/serve.json" ${SERVE_ARGS:-} &&
                python3 -P -m pytest -q -p no:cacheprovider tests/test_serve.py; } 2>&1 | tee "$OUT/serve.log"; r=$? ;;
-    ncu)     r=0; for case in "prefill --variant v3" "prefill --variant v2" "decode -B 16 -N 16384" \
-                       "decode -B 16 -N 16384 --kv-dtype float8_e4m3fn"; do
+    ncu)     r=0; default="prefill --variant v3;prefill --variant v2;decode -B 16 -N 16384"
+             default+=";decode -B 16 -N 16384 --kv-dtype float8_e4m3fn"
+             IFS=';' read -ra cases <<< "${NCU_CASES:-$default}"
+             for case in "${cases[@]}"; do
                echo "### $case" >> "$OUT/ncu.txt"
                TUNEBENCH_DB="$DB" ncu --clock-control none -k regex:'_fwd|_paged_decode' -s 3 -c 1 \
                  ${NCU_SECTIONS:---section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats} \
