@@ -39,7 +39,7 @@
 #   ncu     Nsight Compute on one launch each (bench/ncu_case.py, the tuned dispatcher on $DB): flash_v3 and flash_v2
 #           at bf16 D128 N4k, paged decode at B16 x 16k on a bf16 and an e4m3 cache: speed of light, warp stall
 #           reasons, occupancy, into $OUT/ncu.txt (NCU_SECTIONS: other sections; NCU_CASES: other ncu_case.py
-#           argument lists, separated by ';')
+#           argument lists, separated by ';'; `prefill --variant cudnn` profiles cuDNN's kernel on the same inputs)
 #   corun   bench/mixed_corun.py: issue 20's mixed batch as its two parts on two streams, every pair of a list of
 #           chunk and decode configs (each checked first) against the two one after the other; $OUT/mixed-corun.*
 #   pack    tars everything under $OUT but results.db and log (the caller's `tee $OUT/log`) into $OUT/outputs.tgz
@@ -128,7 +128,7 @@ run_step() {
              IFS=';' read -ra cases <<< "${NCU_CASES:-$default}"
              for case in "${cases[@]}"; do
                echo "### $case" >> "$OUT/ncu.txt"
-               TUNEBENCH_DB="$DB" ncu --clock-control none -k regex:'_fwd|_paged_decode' -s 3 -c 1 \
+               TUNEBENCH_DB="$DB" ncu --clock-control none -k regex:'_fwd|_paged_decode|sdpa' -s 3 -c 1 \
                  ${NCU_SECTIONS:---section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats} \
                  python3 bench/ncu_case.py $case >> "$OUT/ncu.txt" 2>&1 || r=$?
              done; grep -E '^###|->|Duration|Throughput|Warp Cycles Per Issued|Achieved Occupancy|Registers Per' "$OUT/ncu.txt" | head -n 80 ;;

@@ -4,6 +4,8 @@ stalls on). The first calls compile and warm up; ncu's --launch-skip picks a lat
 
     ncu --clock-control none -k regex:_flash_v3 -s 3 -c 1 --section SpeedOfLight --section WarpStateStats \
         python3 bench/ncu_case.py prefill --variant v3 -B 4 --H 16 -N 4096 -D 128
+    ncu --clock-control none -k regex:sdpa -s 3 -c 1 --section SpeedOfLight \
+        python3 bench/ncu_case.py prefill --variant cudnn
     ncu --clock-control none -k regex:_paged_decode -s 3 -c 1 --section WarpStateStats \
         python3 bench/ncu_case.py decode -B 16 -N 16384 --kv-dtype float8_e4m3fn
 
@@ -25,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-D", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16"))
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--variant", default="auto", choices=("auto", "v1", "v2", "v3"), help="prefill's kernel")
+    ap.add_argument("--variant", default="auto", choices=("auto", "v1", "v2", "v3", "cudnn"),
+                    help="prefill's kernel; cudnn: torch SDPA's cuDNN backend on the same inputs, the peer to compare")
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--kv-dtype", choices=("float8_e4m3fn", "float8_e5m2"), help="decode: an fp8 cache")
     ap.add_argument("--calls", type=int, default=6)
@@ -46,9 +49,18 @@ def main(argv: list[str] | None = None) -> int:
                           causal=args.causal)
         inp = make_inputs(problem, "cuda")
 
-        def call():
-            return tunebench.flash_attention(inp.q, inp.k, inp.v, causal=args.causal, variant=args.variant)
-        print(tunebench.explain(inp.q, inp.k, v=inp.v, causal=args.causal, variant=args.variant))
+        if args.variant == "cudnn":
+            import torch.nn.functional as F
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def call():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=args.causal)
+            print("torch SDPA, cuDNN backend")
+        else:
+            def call():
+                return tunebench.flash_attention(inp.q, inp.k, inp.v, causal=args.causal, variant=args.variant)
+            print(tunebench.explain(inp.q, inp.k, v=inp.v, causal=args.causal, variant=args.variant))
     else:
         problem = Problem("paged_attention", args.B, args.H or 32, args.Hkv or 8, 1, args.N, args.D, args.dtype,
                           page=args.page, kv_dtype=args.kv_dtype)
