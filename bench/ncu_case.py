@@ -14,6 +14,7 @@ Prints the config the dispatcher chose (TUNEBENCH_DB picks the database) and che
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -29,12 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--variant", default="auto", choices=("auto", "v1", "v2", "v3", "cudnn"),
                     help="prefill's kernel; cudnn: torch SDPA's cuDNN backend on the same inputs, the peer to compare")
+    ap.add_argument("--config", type=json.loads,
+                    help="prefill, --variant v2 or v3: this config (JSON) instead of the dispatcher's choice, e.g. "
+                         "the one a tune picked on another GPU")
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--kv-dtype", choices=("float8_e4m3fn", "float8_e5m2"), help="decode: an fp8 cache")
     ap.add_argument("--calls", type=int, default=6)
     args = ap.parse_args(argv)
     if args.kind == "prefill" and args.kv_dtype:
         ap.error("--kv-dtype is for decode (paged attention) only")
+    if args.config is not None and (args.kind != "prefill" or args.variant not in ("v2", "v3")):
+        ap.error("--config is for prefill with --variant v2 or v3")
 
     import torch
     import tunebench
@@ -57,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=args.causal)
             print("torch SDPA, cuDNN backend")
+        elif args.config is not None:
+            from tunebench.kernels import flash_v2, flash_v3
+            kernel = {"v2": flash_v2, "v3": flash_v3}[args.variant]
+
+            def call():
+                return kernel.launch(inp.q, inp.k, inp.v, args.config, causal=args.causal)
+            print(f"flash_{args.variant} with the given config {args.config}")
         else:
             def call():
                 return tunebench.flash_attention(inp.q, inp.k, inp.v, causal=args.causal, variant=args.variant)

@@ -28,3 +28,10 @@ def test_an_unknown_variant_is_refused():
 def test_without_a_gpu_it_says_so():
     done = run("decode", "-B", "2", "-N", "64")
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+
+
+def test_a_config_is_for_a_forced_prefill_kernel_only():
+    done = run("prefill", "--config", '{"BLOCK_M": 64}')
+    assert done.returncode == 2 and "--config is for prefill with --variant v2 or v3" in done.stderr
+    done = run("decode", "--variant", "v3", "--config", '{"BLOCK_M": 64}')
+    assert done.returncode == 2 and "--config is for prefill" in done.stderr
