@@ -18,6 +18,17 @@ import json
 import sys
 
 
+def _config(text: str) -> dict:
+    """--config's value: a JSON object."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of the kernel's SPACE keys, got {text!r}")
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("prefill", "decode"))
@@ -30,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--variant", default="auto", choices=("auto", "v1", "v2", "v3", "cudnn"),
                     help="prefill's kernel; cudnn: torch SDPA's cuDNN backend on the same inputs, the peer to compare")
-    ap.add_argument("--config", type=json.loads,
+    ap.add_argument("--config", type=_config,
                     help="prefill, --variant v2 or v3: this config (JSON) instead of the dispatcher's choice, e.g. "
                          "the one a tune picked on another GPU")
     ap.add_argument("--page", type=int, default=16)

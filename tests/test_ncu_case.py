@@ -35,3 +35,7 @@ def test_a_config_is_for_a_forced_prefill_kernel_only():
     assert done.returncode == 2 and "--config is for prefill with --variant v2 or v3" in done.stderr
     done = run("decode", "--variant", "v3", "--config", '{"BLOCK_M": 64}')
     assert done.returncode == 2 and "--config is for prefill" in done.stderr
+    done = run("prefill", "--variant", "v3", "--config", "{BLOCK_M: 64")
+    assert done.returncode == 2 and "argument --config: not JSON" in done.stderr
+    done = run("prefill", "--variant", "v3", "--config", "[64]")
+    assert done.returncode == 2 and "must be a JSON object" in done.stderr
