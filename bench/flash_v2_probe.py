@@ -119,16 +119,40 @@ def check_triples(per_config: int, plan, seed: int = 0) -> list[tuple[str, dict,
     return first + rest
 
 
-def make_inputs(problem, layout, seed):
+def make_inputs(problem, layout, seed, device="cuda", scale=1.0):
+    """q, k, v in the layout ("bnhd": [B, N, H, D] seen through .transpose(1, 2)), standard normal times `scale`
+    (before the cast to the problem's dtype)."""
     g = torch.Generator().manual_seed(seed)
     p = problem
 
     def make(h, n):
         shape = (p.B, h, n, p.D) if layout == "bhnd" else (p.B, n, h, p.D)
-        t = torch.randn(*shape, generator=g).to(dtype=p.torch_dtype, device="cuda")
+        t = (torch.randn(*shape, generator=g) * scale).to(dtype=p.torch_dtype, device=device)
         return t if layout == "bhnd" else t.transpose(1, 2)
 
     return make(p.Hq, p.Nq), make(p.Hkv, p.Nk), make(p.Hkv, p.Nk)
+
+
+def check_launch(launch, config, problem, qkv, refs) -> dict:
+    """One launch(q, k, v, config, causal=..., out=...) into a NaN-poisoned output, against refs (the float64 and the
+    naive low-precision reference) by tunebench.correctness.close_enough: {status: ok | incorrect | error, ...}."""
+    q, k, v = qkv
+    try:
+        out = poison(torch.empty_like(q))
+        t0 = time.time()
+        launch(q, k, v, config, causal=problem.causal, out=out)
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        verdict = close_enough(out, *refs)
+        return dict(status="ok" if verdict.ok else "incorrect", err=verdict.err, allowed=verdict.allowed,
+                    reason=verdict.reason, secs=round(time.time() - t0, 2))
+    except Exception as e:  # noqa: BLE001 - every failure is a finding
+        return dict(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
+
+
+def poisons_context(result: dict) -> bool:
+    """After a CUDA error the worker's context is poisoned: what it runs next cannot be trusted."""
+    return result["status"] == "error" and ("CUDA" in result["reason"] or "illegal" in result["reason"])
 
 
 def run_chunk(args) -> list[dict]:
@@ -147,18 +171,11 @@ def run_chunk(args) -> list[dict]:
             if idx not in refs:
                 refs[idx] = (ref.attention(q, k, v, problem.causal),
                              ref.attention(q, k, v, problem.causal, dtype=q.dtype))
-            out = poison(torch.empty_like(q))
-            t0 = time.time()
-            variant(name).launch(q, k, v, config, causal=problem.causal, out=out)
-            torch.cuda.synchronize()
-            verdict = close_enough(out, *refs[idx])
-            row.update(status="ok" if verdict.ok else "incorrect", err=verdict.err, allowed=verdict.allowed,
-                       reason=verdict.reason, secs=round(time.time() - t0, 2))
-        except Exception as e:  # noqa: BLE001 - every failure is a finding
-            msg = f"{type(e).__name__}: {str(e)[-400:]}"
-            row.update(status="error", reason=msg)
-            if "CUDA" in msg or "illegal" in msg:
-                poisoned = "after a CUDA error in this worker"
+            row.update(check_launch(variant(name).launch, config, problem, (q, k, v), refs[idx]))
+        except Exception as e:  # noqa: BLE001 - every failure is a finding (here: inputs or references)
+            row.update(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
+        if poisons_context(row):
+            poisoned = "after a CUDA error in this worker"
         results.append(row)
     return results
 

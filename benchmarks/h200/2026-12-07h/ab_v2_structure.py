@@ -38,7 +38,6 @@ import time
 
 import torch
 
-from tunebench.correctness import close_enough, poison
 from tunebench.kernels import flash_v2
 from tunebench.shapes import Problem
 import tunebench.reference as ref
@@ -220,19 +219,6 @@ def ckey(config: dict) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def make_inputs(problem, layout, seed, device, scale=1.0):
-    """probe.make_inputs on `device`, times `scale` (before the cast to the problem's dtype)."""
-    g = torch.Generator().manual_seed(seed)
-    p = problem
-
-    def make(h, n):
-        shape = (p.B, h, n, p.D) if layout == "bhnd" else (p.B, n, h, p.D)
-        t = (torch.randn(*shape, generator=g) * scale).to(dtype=p.torch_dtype, device=device)
-        return t if layout == "bhnd" else t.transpose(1, 2)
-
-    return make(p.Hq, p.Nq), make(p.Hkv, p.Nk), make(p.Hkv, p.Nk)
-
-
 def label(problem, layout, scale) -> str:
     return f"{problem.label()} {layout}" + (f" x{scale:g}" if scale != 1.0 else "")
 
@@ -257,25 +243,17 @@ def check_task(task) -> list[dict]:
             rows.append(dict(row, status="skipped", reason=_POISONED[0] if _POISONED else "deadline"))
             continue
         try:
-            qkv = qkv or make_inputs(problem, layout, seed=idx, device=device, scale=scale)
+            qkv = qkv or probe.make_inputs(problem, layout, seed=idx, device=device, scale=scale)
             q, k, v = qkv
             if idx not in _REFS:
                 _REFS.clear()
                 _REFS[idx] = (ref.attention(q, k, v, problem.causal),
                               ref.attention(q, k, v, problem.causal, dtype=q.dtype))
-            out = poison(torch.empty_like(q))
-            t0 = time.time()
-            probe.variant(name).launch(q, k, v, config, causal=problem.causal, out=out)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            verdict = close_enough(out, *_REFS[idx])
-            row.update(status="ok" if verdict.ok else "incorrect", err=verdict.err, allowed=verdict.allowed,
-                       reason=verdict.reason, secs=round(time.time() - t0, 2))
-        except Exception as e:  # noqa: BLE001 - every failure is a finding
-            msg = f"{type(e).__name__}: {str(e)[-400:]}"
-            row.update(status="error", reason=msg)
-            if "CUDA" in msg or "illegal" in msg:
-                _POISONED.append(f"skipped: this worker's CUDA context is poisoned ({name}, {row['problem']})")
+            row.update(probe.check_launch(probe.variant(name).launch, config, problem, qkv, _REFS[idx]))
+        except Exception as e:  # noqa: BLE001 - every failure is a finding (here: inputs or references)
+            row.update(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
+        if probe.poisons_context(row):
+            _POISONED.append(f"skipped: this worker's CUDA context is poisoned ({name}, {row['problem']})")
         rows.append(row)
     return rows
 
