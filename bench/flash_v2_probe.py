@@ -147,7 +147,12 @@ def check_launch(launch, config, problem, qkv, refs) -> dict:
         return dict(status="ok" if verdict.ok else "incorrect", err=verdict.err, allowed=verdict.allowed,
                     reason=verdict.reason, secs=round(time.time() - t0, 2))
     except Exception as e:  # noqa: BLE001 - every failure is a finding
-        return dict(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
+        return error_result(e)
+
+
+def error_result(e: Exception) -> dict:
+    """A check's result for an exception: its type and the tail of its message."""
+    return dict(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
 
 
 def poisons_context(result: dict) -> bool:
@@ -173,7 +178,7 @@ def run_chunk(args) -> list[dict]:
                              ref.attention(q, k, v, problem.causal, dtype=q.dtype))
             row.update(check_launch(variant(name).launch, config, problem, (q, k, v), refs[idx]))
         except Exception as e:  # noqa: BLE001 - every failure is a finding (here: inputs or references)
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
+            row.update(error_result(e))
         if poisons_context(row):
             poisoned = "after a CUDA error in this worker"
         results.append(row)

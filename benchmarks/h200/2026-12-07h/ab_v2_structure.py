@@ -251,7 +251,7 @@ def check_task(task) -> list[dict]:
                               ref.attention(q, k, v, problem.causal, dtype=q.dtype))
             row.update(probe.check_launch(probe.variant(name).launch, config, problem, qkv, _REFS[idx]))
         except Exception as e:  # noqa: BLE001 - every failure is a finding (here: inputs or references)
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e)[-400:]}")
+            row.update(probe.error_result(e))
         if probe.poisons_context(row):
             _POISONED.append(f"skipped: this worker's CUDA context is poisoned ({name}, {row['problem']})")
         rows.append(row)
