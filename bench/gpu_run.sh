@@ -24,7 +24,8 @@
 #           headline suite (LOO_ARGS: more options; --limit 0 times only the dispatcher's choices)
 #   overhead bench/dispatch_overhead.py: import time, dispatch and recording cost per call
 #   hf      bench/transformers_generate.py: generate tokens/s through attn_implementation="tunebench" vs "sdpa"
-#   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes)
+#   v3tests tests/test_flash_v3.py with the gpu profile (flash_v3, Gluon sm_90: 200 Hypothesis examples, awkward shapes),
+#           verbose straight into $OUT/v3tests.log, so that a step cut short by its limit still says how far it got
 #   v3probe bench/flash_v3_probe.py: every flash_v3 config checked, then timed beside flash_v2 DEFAULT and cuDNN
 #   hostile tests/test_paged_hostile.py with the gpu profile (issue 16: hostile paged inputs, 200 examples per kernel),
 #           verbose straight into $OUT/hostile.log, so that a step cut short by its limit still says how far it got
@@ -109,8 +110,8 @@ run_step() {
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
-    v3tests) python3 -P -m pytest -q -n 8 -p no:cacheprovider -m gpu tests/test_flash_v3.py 2>&1 | tail -n 200 \
-               > "$OUT/v3tests.log"; r=$?; tail -n 40 "$OUT/v3tests.log" ;;
+    v3tests) python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short -m gpu tests/test_flash_v3.py \
+               > "$OUT/v3tests.log" 2>&1; r=$?; grep -E '(FAILED|ERROR) |passed|failed' "$OUT/v3tests.log" | tail -n 40 ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
     hostile) python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short tests/test_paged_hostile.py \
                > "$OUT/hostile.log" 2>&1; r=$?; grep -E '(FAILED|ERROR) |passed|failed' "$OUT/hostile.log" | tail -n 40 ;;
