@@ -76,6 +76,16 @@ keep_log() {
 }
 export -f keep_log
 
+# A pytest step's output, verbose straight into $OUT/$1.log (so that a step cut short by its limit still says how far
+# it got), then its failures and totals shown. Returns pytest's status.
+pytest_log() {
+  local log="$OUT/$1.log" r; shift
+  python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short "$@" > "$log" 2>&1; r=$?
+  grep -E '(FAILED|ERROR) |passed|failed' "$log" | tail -n 40
+  return $r
+}
+export -f pytest_log
+
 run_step() {
   # Also under `bash -c` (a step with a time limit), which does not inherit the script's pipefail: a tool that fails
   # inside a pipeline must fail its step.
@@ -110,11 +120,9 @@ run_step() {
                2>&1 | tee "$OUT/loo.log"; r=$? ;;
     overhead) python3 bench/dispatch_overhead.py 2>&1 | tee "$OUT/overhead.log"; r=$? ;;
     hf)      python3 bench/transformers_generate.py --json "$OUT/hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log"; r=$? ;;
-    v3tests) python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short -m gpu tests/test_flash_v3.py \
-               > "$OUT/v3tests.log" 2>&1; r=$?; grep -E '(FAILED|ERROR) |passed|failed' "$OUT/v3tests.log" | tail -n 40 ;;
+    v3tests) pytest_log v3tests -m gpu tests/test_flash_v3.py; r=$? ;;
     v3probe) python3 bench/flash_v3_probe.py --out "$OUT" ${V3_ARGS:-} 2>&1 | tee "$OUT/v3probe.log"; r=$? ;;
-    hostile) python3 -P -m pytest -v -n 8 -p no:cacheprovider -rfE --tb=short tests/test_paged_hostile.py \
-               > "$OUT/hostile.log" 2>&1; r=$?; grep -E '(FAILED|ERROR) |passed|failed' "$OUT/hostile.log" | tail -n 40 ;;
+    hostile) pytest_log hostile tests/test_paged_hostile.py; r=$? ;;
     prefillprobe) TUNEBENCH_DB="$DB" python3 bench/paged_prefill_probe.py --out "$OUT" 2>&1 \
                | tee "$OUT/prefillprobe.log"; r=$? ;;
     checkcost) TUNEBENCH_DB="$DB" python3 bench/paged_check_cost.py --out "$OUT" ${CHECKCOST_ARGS:-} 2>&1 | tee "$OUT/checkcost.log"
