@@ -11,8 +11,9 @@ window (first simulated trial's start to the last one's end), the runners' busy 
 re-timings; the issue's goal is >= 90% at 8 workers), trials per second and the speedup over one worker's, the
 parent's Optuna asks per second, asks per trial run (the others were pruned by keep() or repeats) and its time per
 ask, and trials run twice (must be 0). --ask-batch sets the configs asked per turn of the loop
-(tunebench.tune.search.ASK_BATCH), to measure batching; --profile N prints the parent's N costliest calls
-(cProfile, cumulative) per fleet size.
+(tunebench.tune.search.ASK_BATCH), to measure batching; --no-queue sends a runner its next config only once it has
+replied (by default the next one waits behind the trial running: Search.queue_runs); --profile N prints the parent's
+N costliest calls (cProfile, cumulative) per fleet size.
 
 --storage URL (a PostgreSQL server; its user needs CREATEDB) keeps the studies there, and --db URL the results (the
 same URL: one database for both), each run in a scratch database of its own (tunebench.tune.simulate.scratch_database);
@@ -64,7 +65,7 @@ def options_for(workers: int, args, folder: pathlib.Path):
         db = (str(folder / "results.db") if args.db is None else storage if args.db == args.storage else
               stack.enter_context(scratch_database(args.db)))
         yield TuneOptions(interpret=True, db=db, storage=storage, workers=workers, trials=args.trials,
-                          sampler=args.sampler, compile_workers=args.compile_workers)
+                          sampler=args.sampler, compile_workers=args.compile_workers, queue_runs=not args.no_queue)
 
 
 def problems_of(args) -> list:
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--compile-workers", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the parent's N costliest calls")
     parser.add_argument("--ask-batch", type=int, help="configs asked per turn of the loop (default: the tuner's)")
+    parser.add_argument("--no-queue", action="store_true", help="send a runner its next config only once it has "
+                        "replied (TuneOptions.queue_runs off), to measure what queueing it behind the trial gains")
     parser.add_argument("--storage", metavar="URL", help="a PostgreSQL server for the studies (a scratch database "
                                                          "per run; its user needs CREATEDB)")
     parser.add_argument("--db", metavar="URL", help="a PostgreSQL server for the results (the --storage URL: the "
@@ -180,7 +183,8 @@ def main() -> None:
     where = f", studies on {args.storage.rsplit('@', 1)[-1]}" if args.storage else ""
     print(f"simulated fleet (CPU only): {args.problems} {args.kernel} problems x {args.trials} trials, "
           f"{args.sampler}, trials of {mean_ms:.1f} ms on average ({len(durations)} durations), "
-          f"{search.ASK_BATCH} asks per turn{where}")
+          f"{search.ASK_BATCH} asks per turn, {'no config' if args.no_queue else 'a config'} queued behind each "
+          f"runner's trial{where}")
     (print_hosts if args.hosts > 1 else print_fleets)(args, sim)
 
 

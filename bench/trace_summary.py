@@ -28,12 +28,16 @@ def load(path: str) -> list[dict]:
 
 
 def busy_intervals(events: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
-    """worker -> [(start, end, request)]: a Setup sent before a Run is its own interval, ending when the Run is sent."""
+    """worker -> [(start, end, request)]: a Setup sent before a Run is its own interval, ending when the Run is sent;
+    a request sent to wait behind another (queued: Worker.enqueue) starts when the parent reads the other's reply."""
     open_: dict[str, tuple[float, str]] = {}
+    waiting: dict[str, str] = {}
     out: dict[str, list] = collections.defaultdict(list)
     for e in events:
         w = e.get("worker")
-        if e["kind"] == "send":
+        if e["kind"] == "send" and e.get("queued"):
+            waiting[w] = e["request"]
+        elif e["kind"] == "send":
             if w in open_:
                 start, request = open_[w]
                 out[w].append((start, e["t"], request))
@@ -41,6 +45,8 @@ def busy_intervals(events: list[dict]) -> dict[str, list[tuple[float, float, str
         elif e["kind"] == "done" and w in open_:
             start, request = open_.pop(w)
             out[w].append((start, e["t"], request))
+            if w in waiting:
+                open_[w] = (e["t"], waiting.pop(w))
     return out
 
 

@@ -276,7 +276,8 @@ def test_a_handed_off_problems_last_configs_run_before_the_next_ones(tmp_path, f
     problems = lagging_problems()
     results, events = traced_tune(tmp_path, monkeypatch, problems, trials=3, sampler="grid", compile_workers=2)
     [searched] = [e for e in events if e["kind"] == "searched" and e["index"] == 0]
-    assert searched["running"] == 1 and searched["pending"] == 2
+    # One runs; the other two wait, one of them sent to the runner to start after it (Worker.enqueue).
+    assert searched["running"] == 1 and searched["queued"] + searched["pending"] == 2
     trials = check_lagging_results(tmp_path, problems, results)
     assert max(t.started_at for t in trials[0]) < min(t.started_at for t in trials[1])
     begun = next(e["t"] for e in events if e["kind"] == "problem" and e["index"] == 1)
@@ -684,3 +685,24 @@ def test_an_avoiding_tpe_proposes_no_config_it_refuses_while_its_samples_hold_ot
 
     assert wasted(avoid=False) > 5
     assert wasted(avoid=True) == 0
+
+
+
+def test_a_config_queued_behind_a_hang_or_a_crash_runs_in_the_fresh_process(tmp_path, fakes, monkeypatch):
+    # One runner: each config is sent to wait behind the one running (Worker.enqueue), so the crash waits behind
+    # the hang, and the second ok config behind the crash. Each replacement process is sent the waiting config
+    # again, set up anew, and every config gets the verdict of its own run. (A problem is followed by another here:
+    # the run's last problem queues nothing, Search.queue_runs.)
+    problems = [fake_problem("fake_faulty"), fake_problem("fake_plain")]
+    [result, _], events = traced_tune(tmp_path, monkeypatch, problems, sampler="grid", seed=0, timeout=5.0)
+    steps = [(e["kind"], e.get("request") or e.get("result"), bool(e.get("queued"))) for e in events
+             if e.get("worker") == "run0" and e["kind"] in ("send", "done")]
+    assert ("send", "Run", True) in steps
+    for fault in ("timeout", "died"):
+        i = steps.index(("done", fault, False))
+        assert steps[i + 1:i + 3] == [("send", "Setup", False), ("send", "Run", False)], steps
+    with Store(result_db(tmp_path)) as store:
+        trials = [t for t in store.trials(kernel="fake_faulty") if t.status != "pruned"]
+    assert sorted((t.config["MODE"], t.config["X"], t.status) for t in trials) == [
+        ("crash", 1, "crashed"), ("hang", 1, "timeout"), ("ok", 1, "ok"), ("ok", 2, "ok")]
+    assert result.written and result.config["MODE"] == "ok"

@@ -28,6 +28,7 @@ class TuneOptions:
     grace_s: int = GRACE_S              # a trial not marked alive for this long is failed by whoever sees it
     replace: bool = False               # this run's winners replace the stored ones, even faster ones
     exchange: bool = True               # TPE: then each problem times its neighbours' winners (run.exchange)
+    queue_runs: bool = True             # a runner busy with a trial gets its next config to start after it
 
     @classmethod
     def from_args(cls, args) -> "TuneOptions":

@@ -1,6 +1,6 @@
-"""The parent's handle on its worker processes: Worker starts one, sends it one request at a time with a deadline,
-and kills and replaces it when it hangs or dies; Fleet is the run's set of them and the one loop that waits on their
-replies. The work itself runs in tunebench.tune.worker, in the worker process.
+"""The parent's handle on its worker processes: Worker starts one, sends it one request at a time with a deadline
+(and one more run to start after it), and kills and replaces it when it hangs or dies; Fleet is the run's set of them
+and the one loop that waits on their replies. The work itself runs in tunebench.tune.worker, in the worker process.
 
 Nothing here imports torch: `tunebench tune` starts its workers before it imports torch itself (2-3 s), so that
 they start while it opens its databases. How a process is started (forked from a forkserver that has imported torch,
@@ -15,7 +15,7 @@ import time
 from multiprocessing.connection import wait as wait_for_connections
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from .protocol import Event, Identify, Setup
+from .protocol import Event, Identify, Run, Setup
 from . import startup, trace
 
 if TYPE_CHECKING:
@@ -31,7 +31,14 @@ NO_GPU = ("no GPU: CUDA is not available here. Use `tunebench tune --interpret` 
 class Worker:
     """One worker process: one request at a time, each with a deadline. A worker that hangs is killed; one that dies
     (or reports a fatal CUDA fault) is replaced by a fresh process. A request for a problem the worker has not set up
-    is preceded by a Setup with its own, longer deadline, so a trial's timeout never pays for building references."""
+    is preceded by a Setup with its own, longer deadline, so a trial's timeout never pays for building references.
+
+    One more request may wait behind the one in progress (``enqueue``): it is sent at once, and the process, which
+    serves its pipe in order, starts it as soon as it has replied to the first, without waiting for the parent to
+    read that reply and send the next (the parent's loop serves every GPU, and its writes and asks for one reply
+    would otherwise delay the others' next trials). Its deadline starts when the first's reply is read. If the
+    process is replaced before it started (the first hung, died or was fatal), it is sent again to the fresh one;
+    only ``cancel`` drops it."""
 
     def __init__(self, role: str, interpret: bool, visible_device: str | None = None, threads: int = 1,
                  setup_timeout: float = 600.0, name: str = "", serve: Callable[..., None] | None = None):
@@ -52,6 +59,7 @@ class Worker:
         self.restarts = 0
         self.exiting = False                # asked to exit (ask_to_exit)
         self.ready = False                  # its process said it is ready (await_ready)
+        self.queued: tuple | None = None    # (request, timeout, sent to this process) waiting behind the request
 
     @property
     def busy(self) -> bool:
@@ -74,6 +82,8 @@ class Worker:
         self.process, self.conn, self.method = process, conn, ctx.get_start_method()
         self.loaded = None  # a fresh process has no problem set up
         self.exiting = False
+        if self.queued is not None:  # the process it was sent to is gone: it is sent again once it is due
+            self.queued = (*self.queued[:2], False)
         self.ready = False
         trace.event("spawn", worker=self.name, method=self.method)
 
@@ -102,6 +112,22 @@ class Worker:
             self._send(Setup(*key, module=request.module), "setup", self.setup_timeout)
         else:
             self._send(request, "run", timeout)
+
+    def can_enqueue(self, problem, seed: int) -> bool:
+        """Whether a Run of ``problem`` may wait behind the request in progress: a Run of the same problem, which this
+        process has set up (not a Setup: its Run is sent only once it is done), with nothing waiting yet."""
+        return (self.phase == "run" and self.queued is None and isinstance(self.request, Run)
+                and self.loaded == (problem, seed) == (self.request.problem, self.request.seed))
+
+    def enqueue(self, request: Run, timeout: float) -> None:
+        """Sends ``request`` to wait behind the one in progress (see can_enqueue)."""
+        assert self.can_enqueue(request.problem, request.seed), f"{self.name} worker cannot queue {request!r}"
+        self.queued = (request, timeout, True)
+        trace.event("send", worker=self.name, request=type(request).__name__, queued=True)
+        try:
+            self.conn.send(request)
+        except OSError:  # the process is gone: receive() sees EOF, and the request is sent again to the fresh one
+            pass
 
     def call(self, request, timeout: float) -> Event:
         """submit, then wait for the outcome (for the odd request outside the event loop: identify, re-time)."""
@@ -146,8 +172,9 @@ class Worker:
         return self._finish(Event("timeout", message=f"no result after {timeout:.0f} s: the worker was killed"))
 
     def cancel(self) -> None:
-        """Drops the request in progress, if any, by replacing the process."""
+        """Drops the request in progress, if any, and the one waiting behind it, by replacing the process."""
         if self.busy:
+            self.queued = None
             self.restart()
             self._finish(Event("cancelled"))
 
@@ -184,8 +211,17 @@ class Worker:
             pass
 
     def _finish(self, event: Event) -> Event:
+        """Ends the request in progress with ``event``; the one waiting behind it, if any, is now in progress."""
         trace.event("done", worker=self.name, result=event.kind)
         self.request, self.phase, self.deadline = None, None, float("inf")
+        if self.queued is not None:
+            request, timeout, sent = self.queued
+            self.queued = None
+            if sent:  # the process has it, and has started it
+                self.request, self.timeout = request, timeout
+                self.phase, self.deadline = "run", time.monotonic() + timeout
+            else:
+                self.submit(request, timeout)
         return event
 
     def _stop(self) -> int | None:

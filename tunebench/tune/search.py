@@ -9,6 +9,8 @@ the runners, tell the results (through the problem's SharedStudy); then have the
   the runner then meets the error itself and classifies it).
 - Hand-off: once a problem has only compiled configs left to run and a worker is idle, the next problem starts, and
   the last configs run in its background, before its own (hand_off; the fleet serves the search as a Tail).
+- Queued runs: a runner busy with a trial is sent the next compiled config to start once it replies (queue_runs),
+  so that no GPU waits for this loop, which serves them all, to read a reply and write the result first.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class Search:
             self.budget = min(self.shared.evaluated() + len(exchange), admitted)
         self.pending: list[Candidate] = []
         self.running: dict[Worker, Candidate] = {}
+        self.queued: dict[Worker, Candidate] = {}  # sent to wait behind the runner's trial (Worker.enqueue)
         self.finishing: set[tuple] = set()      # configs run, their results not yet written (step)
         self.compiling: dict[Worker, Candidate] = {}
         self.preparing: set[Worker] = set()
@@ -81,6 +84,7 @@ class Search:
         self.asks = 0
         self.late_failures: list[str] = []      # handed-off trials that could not run (late_reply)
         self.then: Callable[[], None] | None = None     # after a hand-off: the re-timing, once the last trial is in
+        self.followed = False                   # another problem's search follows this one in the run (tune)
         self.last_beat = time.monotonic()
         self.poll_s = POLL_S[0] / 2             # await_others: the next look at other processes' trials, halved
         # Without compile workers (--interpret, no spare core) still a config queued per runner, so that a runner
@@ -117,7 +121,8 @@ class Search:
         key = config_key(config)
         return (self.reasons.get(key, "") is not None or key in self.shared.seen or key in self.shared.elsewhere
                 or key in self.finishing or any(c.key == key for c in self.pending)
-                or any(c.key == key for c in self.running.values()))
+                or any(c.key == key for c in self.running.values())
+                or any(c.key == key for c in self.queued.values()))
 
     def reject_reason(self, config: dict) -> str | None:
         try:
@@ -141,11 +146,13 @@ class Search:
             deliver(result)
 
         try:
+            self.followed = not last
             self.search(hand_off=not last)
         except ProblemFailed as e:
             done(ProblemResult(self.problem, counts=self.shared.counts(), note=str(e)))
             return
-        trace.event("searched", index=self.progress.index, running=len(self.running), pending=len(self.pending))
+        trace.event("searched", index=self.progress.index, running=len(self.running), queued=len(self.queued),
+                    pending=len(self.pending))
         job = Confirmation(self.fleet, self.options, self.shared, self.module_path, self.module.DEFAULT,
                            self.progress.index, self.late_failures)
         if self.running or self.pending:
@@ -219,7 +226,7 @@ class Search:
         return not self.shared.live_elsewhere
 
     def live(self) -> int:
-        return len(self.pending) + len(self.running)
+        return len(self.pending) + len(self.running) + len(self.queued)
 
     def busy(self) -> bool:
         """Whether a worker is serving this search (the fleet may also serve an earlier problem's re-timing)."""
@@ -289,7 +296,8 @@ class Search:
         if reason is not None:
             self.shared.tell_pruned(trial, config, key, reason)
             return
-        self.pending.append(Candidate(trial, config, key, compiled=not self.fleet.compilers))
+        self.pending.append(Candidate(trial, config, key, compiled=not self.fleet.compilers,
+                                      asked_at=time.monotonic()))
 
     # -- the workers
 
@@ -318,13 +326,48 @@ class Search:
                 continue
             self.pending.remove(candidate)
             candidate.started_at = datetime.now(timezone.utc)
-            gpu = "" if worker.visible_device is None else f":gpu{worker.visible_device}"
-            candidate.runner = f"{worker.name}{gpu}"
+            candidate.runner = self.runner_name(worker)
             worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
                           self.options.timeout)
             self.running[worker] = candidate
             if late:
                 self.reply_late(worker)
+        if self.options.queue_runs:
+            self.queue_runs()
+
+    def queue_runs(self) -> None:
+        """Gives each runner busy with a trial of this search the next compiled config to run after it (Worker.enqueue),
+        so that it starts it without waiting for this loop to read the reply and send it: with 8 simulated runners
+        of 20 ms trials, the gap between one trial and the next was ~1 ms on average, and up to 8 ms while the loop
+        wrote other results. Idle runners are served first (dispatch_runs); no runner holds more than one waiting.
+        A handed-off search queues too: the reply to the queued config comes back to it as well (late_reply).
+
+        A queued config may wait behind a long trial while another runner is idle. Where another problem follows,
+        that runner takes the next problem's configs; so the run's last problem queues none. (Trial durations drawn
+        from the store's, mean 193 ms and long-tailed, 8 runners: queueing in the last problem too, even only while
+        as many configs were pending as there were runners, took the search window from 16.9 s to 18.3 s in 3 of 8
+        runs: its last config waited behind a 2 s trial.)"""
+        if not self.followed:
+            return
+        slots = [w for w in self.running if w not in self.queued and w.can_enqueue(self.problem, self.options.seed)]
+        if not slots or not self.pending:
+            return
+        if self.shared.synced_at < max(c.asked_at for c in self.pending):
+            self.shared.sync()  # as dispatch_runs: other processes' trials, read after this one was asked
+        for worker in slots:
+            candidate = self.next_ready()
+            if candidate is None:
+                return
+            self.pending.remove(candidate)
+            candidate.runner = self.runner_name(worker)
+            worker.enqueue(Run(self.module_path, self.problem, self.options.seed, candidate.config),
+                           self.options.timeout)
+            self.queued[worker] = candidate
+
+    @staticmethod
+    def runner_name(worker: Worker) -> str:
+        gpu = "" if worker.visible_device is None else f":gpu{worker.visible_device}"
+        return f"{worker.name}{gpu}"
 
     def prepare(self, worker: Worker) -> None:
         """An idle runner builds the problem's inputs and references (while the first configs are asked and
@@ -342,7 +385,7 @@ class Search:
         no two trials stand down for each other. Likewise a trial stands down if the trials numbered below it that
         have or may yet have a verdict already fill the budget: a budget shared by processes is never overrun."""
         shared = self.shared
-        running = {c.key for c in self.running.values()} | self.finishing
+        running = {c.key for c in [*self.running.values(), *self.queued.values()]} | self.finishing
         for candidate in list(self.pending):
             number = candidate.trial.number
             if candidate.key in shared.seen:
@@ -376,11 +419,19 @@ class Search:
         elif event.kind == "timeout":
             outcome = Outcome("timeout", event.message)
         else:
-            del self.running[worker]  # abandoned with the other open trials: not this config's fault
+            self.release(worker)  # abandoned with the other open trials: not this config's fault
             raise ProblemFailed(event.message)
-        del self.running[worker]
+        self.release(worker)
         self.finishing.add(candidate.key)  # not run again while its result is being written
         return candidate, outcome
+
+    def release(self, worker: Worker) -> None:
+        """The runner's trial is over; the config queued behind it, if any, is now its trial (Worker._finish)."""
+        del self.running[worker]
+        queued = self.queued.pop(worker, None)
+        if queued is not None:
+            queued.started_at = datetime.now(timezone.utc)
+            self.running[worker] = queued
 
     def finish(self, candidate: Candidate, outcome: Outcome) -> None:
         """Writes a run's result (store, then Optuna): it is no longer one being written (``finishing``)."""
@@ -407,7 +458,7 @@ class Search:
             for worker in list(self.running) + list(self.compiling) + list(self.preparing):
                 worker.cancel()
         self.shared.abandon()
-        self.pending, self.running, self.compiling, self.preparing = [], {}, {}, set()
+        self.pending, self.running, self.queued, self.compiling, self.preparing = [], {}, {}, {}, set()
 
     # -- handed off: the fleet serves the last configs as a Tail
 
@@ -448,6 +499,8 @@ class Search:
             self.late_failures.append(str(e))
             self.shared.tell_failed(candidate.trial, {"message": f"abandoned: {e}"[:500]})
             finished = None
+        if worker in self.running:  # the config queued behind the trial is running now: its reply comes here too
+            self.reply_late(worker)
         if finished is not None:
             self.finish(*finished)
         self.finish_late()

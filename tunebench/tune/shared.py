@@ -49,6 +49,7 @@ class Candidate:
     compiled: bool              # in Triton's cache already (or there is no compile worker)
     started_at: datetime | None = None
     runner: str = ""            # the worker that ran it, and its GPU (CUDA_VISIBLE_DEVICES): "run1:gpu1"
+    asked_at: float = 0.0       # time.monotonic() when it was asked
 
 
 def store_offset(study, store, device, kernel_hash: str, problem: Problem) -> int:
