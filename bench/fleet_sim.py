@@ -64,6 +64,8 @@ def options_for(workers: int, args, folder: pathlib.Path):
         storage = stack.enter_context(scratch_database(args.storage)) if args.storage else None
         db = (str(folder / "results.db") if args.db is None else storage if args.db == args.storage else
               stack.enter_context(scratch_database(args.db)))
+        if storage and args.journal:
+            storage = f"journal:{storage}"  # Optuna's journal in a table of the scratch database (journal_sql)
         yield TuneOptions(interpret=True, db=db, storage=storage, workers=workers, trials=args.trials,
                           sampler=args.sampler, compile_workers=args.compile_workers, queue_runs=not args.no_queue)
 
@@ -165,10 +167,14 @@ def main() -> None:
                                                          "per run; its user needs CREATEDB)")
     parser.add_argument("--db", metavar="URL", help="a PostgreSQL server for the results (the --storage URL: the "
                                                     "same scratch database)")
+    parser.add_argument("--journal", action="store_true", help="keep the studies as Optuna's journal in a table of "
+                        "the --storage database (tune --storage journal:URL) rather than in Optuna's RDB tables")
     parser.add_argument("--hosts", type=int, default=1, help="tuner processes sharing the studies (needs --storage)")
     args = parser.parse_args()
     if args.hosts > 1 and not args.storage:
         parser.error("--hosts shares the studies through a server: give --storage URL")
+    if args.journal and not args.storage:
+        parser.error("--journal keeps the studies in a table of the --storage database: give --storage URL")
     if args.db and not args.storage:
         parser.error("--db URL (a server) needs --storage URL: only an SQLite results file gets studies beside it")
     if args.hosts > 1 and (args.profile or args.ask_batch is not None):

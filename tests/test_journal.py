@@ -332,3 +332,11 @@ def test_a_trial_left_without_its_host_is_failed_a_heartbeat_later_and_retried(t
         TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
     retries = {t.system_attrs["retry_of"]: t.params for t in study.get_trials(states=(TrialState.WAITING,))}
     assert retries == {queued.number: {"BLOCK": 32}, orphan.number: orphan.params}
+
+
+def test_a_journal_table_url_is_named_without_its_password():
+    """`--storage journal:URL` (journal_sql): the run names its studies' place (describe_storage) with the password
+    hidden, as for any database URL."""
+    from tunebench.tune.study import hide_password
+    assert hide_password("journal:postgresql+psycopg://tb:secret@db-host:5432/tb") == \
+        "journal:postgresql+psycopg://tb:***@db-host:5432/tb"

@@ -44,30 +44,34 @@ RUN_TIMEOUT_S = 300
 # -- processes as hosts
 
 
-def start_host(url: str, log: pathlib.Path, hostname: str | None = None, slow_s: float = 0.0) -> subprocess.Popen:
+def start_host(url: str, log: pathlib.Path, hostname: str | None = None, slow_s: float = 0.0,
+               storage: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "TUNEBENCH_HEARTBEAT_S": str(HEARTBEAT_S), "TUNEBENCH_GRACE_S": str(GRACE_S),
            "PYTHONUNBUFFERED": "1", "PG_TEST_SLOW_S": str(slow_s),
            **({"PG_TEST_HOSTNAME": hostname} if hostname else {})}
     args = [sys.executable, "-c", LAUNCH, "tune", "--interpret", "--suite", "pg-test", "--trials", str(BUDGET),
-            "--storage", url, "--db", url]
+            "--storage", storage or url, "--db", url]
     with open(log, "w") as out:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def start_together(url: str, logs: list[pathlib.Path]) -> list[subprocess.Popen]:
-    """Starts a process per log, holding Optuna's `studies` table locked until all of them wait for it: they then
-    open the study at once, each with its workers up, and race for its first trials (each enqueues DEFAULT)."""
-    import optuna
+def start_together(url: str, logs: list[pathlib.Path], storage: str | None = None) -> list[subprocess.Popen]:
+    """Starts a process per log, holding Optuna's `studies` table (or the journal's table, for a `journal:URL`
+    storage) locked until all of them wait for it: they then open the study at once, each with its workers up, and
+    race for its first trials (each enqueues DEFAULT)."""
     import sqlalchemy
-    optuna.storages.RDBStorage(url).engine.dispose()  # Optuna's tables, as the first process would create them
+    from tunebench.tune.journal_sql import TABLE
+    from tunebench.tune.study import close_storage
+    close_storage(open_storage(storage or url, url))  # its tables, as the first process would create them
+    table = TABLE if storage else "studies"
     engine = sqlalchemy.create_engine(url)
     database = sqlalchemy.engine.make_url(url).database
     try:
         # Autocommit: within a transaction pg_stat_activity would show the same snapshot every time.
         with engine.connect() as lock, engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
             held = lock.begin()
-            lock.exec_driver_sql("LOCK TABLE studies IN ACCESS EXCLUSIVE MODE")
-            hosts = [start_host(url, log) for log in logs]
+            lock.exec_driver_sql(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            hosts = [start_host(url, log, storage=storage) for log in logs]
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while watch.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %(db)s AND "
                                         "wait_event_type = 'Lock'", {"db": database}).scalar() < len(hosts):
@@ -93,11 +97,12 @@ def finish(hosts: list[subprocess.Popen], logs: list[pathlib.Path]) -> None:
         assert host.returncode == 0, f"exit {host.returncode}:\n{log.read_text()[-3000:]}"
 
 
-def the_study(url: str):
+def the_study(url: str, storage: str | None = None):
     import optuna
-    [summary] = optuna.get_all_study_summaries(url)
+    studies = open_storage(storage, url) if storage else url
+    [summary] = optuna.get_all_study_summaries(studies)
     assert summary.user_attrs["bucket"] == bucket_key(PROBLEM), (summary.study_name, summary.user_attrs)
-    return optuna.load_study(study_name=summary.study_name, storage=url)
+    return optuna.load_study(study_name=summary.study_name, storage=studies)
 
 
 def evaluated(study) -> list:
@@ -106,10 +111,11 @@ def evaluated(study) -> list:
             and "duplicate_of" not in t.user_attrs]
 
 
-def check_study_and_store(url: str, device: str, budget: int = BUDGET) -> list:
-    """Every trial finished exactly once, the budget shared, and the winner correct; returns the evaluated trials."""
+def check_study_and_store(url: str, device: str, budget: int = BUDGET, storage: str | None = None) -> list:
+    """Every trial finished exactly once, the budget shared, and the winner correct; returns the evaluated trials.
+    ``storage``: where the studies are, if not in Optuna's tables of ``url`` (a `journal:URL`)."""
     from optuna.trial import TrialState
-    study = the_study(url)
+    study = the_study(url, storage)
     done = evaluated(study)
     # Nothing left running; a queued retry of a lost trial may be left only if its config has a verdict after all.
     left = [(t.number, t.state.name) for t in study.trials if not t.state.is_finished()
@@ -186,11 +192,14 @@ def test_workers_of_one_process_share_its_study(pg_url, device):
     assert result.config is not None and result.counts.get("ok") == 6
 
 
-def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, device):
+@pytest.mark.parametrize("journal", [False, True], ids=["rdb", "journal"])
+def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, device, journal):
+    # journal: the studies as Optuna's journal in a table of the same database (--storage journal:URL)
+    storage = f"journal:{pg_url}" if journal else None
     logs = [tmp_path / f"host{i}.log" for i in range(3)]
-    hosts = start_together(pg_url, logs)
+    hosts = start_together(pg_url, logs, storage)
     finish(hosts, logs)
-    done = check_study_and_store(pg_url, device)
+    done = check_study_and_store(pg_url, device, storage=storage)
     default = kernel_module(PROBLEM.kernel).DEFAULT
     assert sum(t.params == default for t in done) == 1  # each process enqueued DEFAULT; the lowest trial ran it
     ran = {pid_of(t) for t in done}
@@ -198,20 +207,22 @@ def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, devi
     assert len(ran) >= 2, f"one process ran every trial: {ran}"
 
 
-def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device):
+@pytest.mark.parametrize("journal", [False, True], ids=["rdb", "journal"])
+def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device, journal):
     # The victim names another host, so its death can be learnt only from its heartbeat, as across machines.
+    storage = f"journal:{pg_url}" if journal else None
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
     # The survivor starts once the victim is frozen holding a trial: started together, a survivor whose workers fork
     # from a forkserver could run the whole budget before the victim opened the study.
-    victim = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5)
-    held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0])
-    survivor = start_host(pg_url, logs[1])
+    victim = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5, storage=storage)
+    held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0], storage)
+    survivor = start_host(pg_url, logs[1], storage=storage)
     workers = child_pids(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(30)
     finish([survivor], logs[1:])
-    done = check_study_and_store(pg_url, device)
-    stale = the_study(pg_url).trials[held]
+    done = check_study_and_store(pg_url, device, storage=storage)
+    stale = the_study(pg_url, storage).trials[held]
     # No status, nor the "abandoned" message a run that could still act leaves: failed for it, by its heartbeat,
     # which stopped at the freeze and was found stale a grace period later.
     assert stale.state.name == "FAIL" and "status" not in stale.user_attrs and "message" not in stale.user_attrs, \
@@ -225,7 +236,8 @@ def pid_of(trial) -> int:
     return int(trial.user_attrs["host"].rsplit(":", 1)[1])
 
 
-def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Path) -> tuple[int, datetime]:
+def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Path,
+                           storage: str | None = None) -> tuple[int, datetime]:
     """Stops the process (SIGSTOP) once it has finished a trial and holds another RUNNING, and returns that trial's
     number and when it was stopped. The trials are read again after the stop: a stopped process can tell Optuna
     nothing more (its workers' replies wait in their pipes), so the trial read RUNNING then is RUNNING when it is
@@ -233,10 +245,10 @@ def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Pat
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
         assert process.poll() is None, f"it ended before it could be killed:\n{log.read_text()[-3000:]}"
-        if held_trials(url, process.pid):
+        if held_trials(url, process.pid, storage):
             os.kill(process.pid, signal.SIGSTOP)
             frozen_at = datetime.now()  # naive local time, as Optuna stamps trials
-            held = held_trials(url, process.pid)
+            held = held_trials(url, process.pid, storage)
             if held:
                 return held[0], frozen_at
             os.kill(process.pid, signal.SIGCONT)
@@ -244,16 +256,16 @@ def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Pat
     pytest.fail(f"no trial was ever running:\n{log.read_text()[-3000:]}")
 
 
-def held_trials(url: str, pid: int) -> list[int]:
+def held_trials(url: str, pid: int, storage: str | None = None) -> list[int]:
     """The trials the process holds RUNNING with no verdict written yet, once it has also finished one (so it is
     mid-run). Not one whose attributes it has begun to write: Optuna commits each on its own, so a process stopped
     between them leaves a trial RUNNING with, say, its status but no state."""
     import optuna
     from optuna.trial import TrialState
-    studies = optuna.get_all_study_summaries(_storage(url)) if _has_studies(url) else []
+    studies = optuna.get_all_study_summaries(_storage(url, storage)) if storage or _has_studies(url) else []
     if not studies:
         return []
-    trials = optuna.load_study(study_name=studies[0].study_name, storage=_storage(url)).trials
+    trials = optuna.load_study(study_name=studies[0].study_name, storage=_storage(url, storage)).trials
     mine = [t for t in trials if "host" in t.user_attrs and pid_of(t) == pid]
     if not any(t.state.is_finished() for t in mine):
         return []
@@ -261,11 +273,12 @@ def held_trials(url: str, pid: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _storage(url: str):
+def _storage(url: str, storage: str | None = None):
     """One storage per database, made once its tables exist: a fresh one per look (an engine, a schema check) made
-    each look take long enough on a loaded 2-core machine for the victim to finish its share between two looks."""
+    each look take long enough on a loaded 2-core machine for the victim to finish its share between two looks.
+    ``storage``: a `journal:URL` (the journal's table, made here if the victim has not yet)."""
     import optuna
-    return optuna.storages.RDBStorage(url)
+    return open_storage(storage, url) if storage else optuna.storages.RDBStorage(url)
 
 
 def _has_studies(url: str) -> bool:
@@ -342,3 +355,32 @@ def test_a_version_1_schema_is_migrated_in_place_and_refused_read_only(pg_url):
     with engine.begin() as c:
         assert c.exec_driver_sql(f"SELECT version FROM {PG_SCHEMA}.schema_version").scalar() == SCHEMA_VERSION
     engine.dispose()
+
+
+def _append_batches(url: str, writer: int, batches: int) -> None:
+    from tunebench.tune.journal_sql import SqlLog
+    log = SqlLog(url)
+    for i in range(batches):
+        log.append_logs([{"op_code": 0, "writer": writer, "batch": i, "part": part} for part in range(3)])
+
+
+def test_the_journal_table_gives_every_reader_one_order_of_concurrent_appends(pg_url):
+    """journal_sql.SqlLog: 4 processes append 3-operation batches at once. Every batch's operations are adjacent and
+    in order, each writer's batches in its own order, none lost or doubled; a read from a number gives the rest."""
+    import multiprocessing
+    from tunebench.tune.journal_sql import SqlLog
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_append_batches, args=(pg_url, w, 40)) for w in range(4)]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(120)
+        assert p.exitcode == 0
+    logs = SqlLog(pg_url).read_logs(0)
+    assert len(logs) == 4 * 40 * 3
+    batches = [logs[i:i + 3] for i in range(0, len(logs), 3)]
+    assert all([op["part"] for op in b] == [0, 1, 2] and len({(op["writer"], op["batch"]) for op in b}) == 1
+               for b in batches)
+    for w in range(4):
+        assert [b[0]["batch"] for b in batches if b[0]["writer"] == w] == list(range(40))
+    assert SqlLog(pg_url).read_logs(len(logs) - 5) == logs[-5:]

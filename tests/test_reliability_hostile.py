@@ -279,6 +279,10 @@ BAD_STORAGE = {
     "mysql without its driver": (lambda port: "mysql://tb:secret@127.0.0.1/tb", "--storage is not a database URL"),
     "refused PostgreSQL": (lambda port: pg(closed_port()), "cannot connect to the database server 127.0.0.1:"),
     "silent PostgreSQL": (pg, "no answer within 2 s (TUNEBENCH_CONNECT_TIMEOUT_S)"),
+    "refused journal table": (lambda port: "journal:" + pg(closed_port()),
+                              "cannot connect to the database server 127.0.0.1:"),
+    "silent journal table": (lambda port: "journal:" + pg(port), "no answer within 2 s (TUNEBENCH_CONNECT_TIMEOUT_S)"),
+    "journal table not on PostgreSQL": (lambda port: "journal:sqlite:///{db}", "keeps Optuna's journal in a PostgreSQL"),
     "the --db file": (lambda port: "sqlite:///{db}", "--storage and --db name the same SQLite file"),
 }
 

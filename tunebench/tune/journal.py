@@ -161,14 +161,20 @@ class _Flock:
 
 
 class JournalStudies(JournalStorage, BaseHeartbeat):
-    """Optuna's JournalStorage on an AppendLog, with heartbeats: a trial's system attribute "heartbeat" holds the
-    time of its last one, and a RUNNING trial whose heartbeat is older than ``grace_s`` is stale."""
+    """Optuna's JournalStorage on an AppendLog (or a table, journal_sql.SqlLog), with heartbeats: a trial's system
+    attribute "heartbeat" holds the time of its last one, and a RUNNING trial whose heartbeat is older than
+    ``grace_s`` is stale."""
 
-    def __init__(self, path: str | os.PathLike, heartbeat_s: int | None = None, grace_s: int | None = None,
-                 stale_callback: Callable | None = None):
-        self.path = os.fspath(path)
+    def __init__(self, log: str | os.PathLike | BaseJournalBackend, heartbeat_s: int | None = None,
+                 grace_s: int | None = None, stale_callback: Callable | None = None):
+        """``log``: a journal file's path (an AppendLog), or another backend (journal_sql.SqlLog: a table)."""
+        if not isinstance(log, BaseJournalBackend):
+            log = AppendLog(log)
+        self.path = getattr(log, "path", None)      # describe_storage names the file, else the URL
+        self.url = None if self.path else f"journal:{log.url}"     # study.SQL_JOURNAL
+        self.log = log
         self.heartbeat_s, self.grace_s, self.stale_callback = heartbeat_s, grace_s, stale_callback
-        super().__init__(AppendLog(self.path))
+        super().__init__(log)
 
     def record_heartbeat(self, trial_id: int) -> None:
         """A heartbeat for a trial that is still running (a finished one needs none, and cannot take one)."""

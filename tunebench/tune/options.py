@@ -5,7 +5,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .study import GRACE_S, HEARTBEAT_S, hide_password, is_journal
+from .study import GRACE_S, HEARTBEAT_S, database_url, hide_password, is_journal, is_sql_journal
 
 TOP_K = 3                       # finalists re-timed against each other (plus DEFAULT)
 SETUP_TIMEOUT_S = 600.0         # building a problem's inputs and float64 reference in a worker
@@ -67,6 +67,11 @@ def _check_storage_url(url: str) -> None:
     if is_journal(url):
         _check_folder(os.path.expanduser(url), "a journal file")
         return
+    if is_sql_journal(url):
+        url = database_url(url)
+        if not url.startswith("postgresql"):
+            raise ValueError(f"--storage journal:URL keeps Optuna's journal in a PostgreSQL table (its appends take "
+                             f"an advisory lock): give a postgresql:// URL after journal:, got {hide_password(url)!r}")
     try:
         parsed = make_url(url)
         parsed.get_dialect().import_dbapi()     # its driver: a mysql:// URL without MySQLdb fails here, not later

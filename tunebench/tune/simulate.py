@@ -180,11 +180,11 @@ def simulate_hosts(hosts: int, problems: list, options, sim: Simulation, folder)
         if options.storage is None:
             raise ValueError("simulated hosts share their studies through one options.storage URL")
         from ..store import Store
-        from .study import open_storage, quiet_optuna
+        from .study import close_storage, open_storage, quiet_optuna
         # The tables: made here once, not raced for by the hosts at the start line.
         with Store(options.db) as store, warnings.catch_warnings():
             quiet_optuna()
-            open_storage(options.storage, store.url).engine.dispose()
+            close_storage(open_storage(options.storage, store.url))
     paths = [folder / f"host{i}.jsonl" for i in range(hosts)]
     spawn = multiprocessing.get_context("spawn")    # as a host's own process: nothing inherited from this one
     with ProcessPoolExecutor(hosts, mp_context=spawn, initializer=_join_start_line,

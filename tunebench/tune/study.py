@@ -47,10 +47,11 @@ def grid_order(space: dict, default: dict, seed: int) -> list[dict]:
 def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = HEARTBEAT_S,
                  grace_s: int = GRACE_S):
     """Optuna's storage (where: storage_url_for). A journal file (journal.JournalStudies) beside an SQLite results
-    database, or a --storage path ending .journal; Optuna's RDB storage for a --storage URL (PostgreSQL for many
-    hosts, or sqlite:///), and for the SQLite file that runs before the journal kept beside the results; memory for a
-    memory database. On PostgreSQL the studies and results can share a database: the store keeps its tables in a
-    schema of their own. A server's connection times out (store.engine.connect_timeout_s)."""
+    database, or a --storage path ending .journal; the journal in a PostgreSQL table for `journal:URL` (journal_sql,
+    for many hosts); Optuna's RDB storage for a --storage URL (PostgreSQL for many hosts, or sqlite:///), and for the
+    SQLite file that runs before the journal kept beside the results; memory for a memory database. On PostgreSQL
+    the studies and results can share a database: the store keeps its tables in a schema of their own. A server's
+    connection times out (store.engine.connect_timeout_s)."""
     import optuna
     from ..store.engine import connect_args, connect_failed, describe_connect
     storage_url = storage_url_for(storage_url, results_url)
@@ -62,6 +63,16 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
             return JournalStudies(storage_url, heartbeat_s, grace_s, retry_once)
         except OSError as e:
             raise RuntimeError(f"cannot open the Optuna journal {storage_url}: {e}") from e
+    if is_sql_journal(storage_url):
+        from .journal import JournalStudies
+        from .journal_sql import SqlLog
+        url = database_url(storage_url)
+        try:
+            return JournalStudies(SqlLog(url), heartbeat_s, grace_s, retry_once)
+        except Exception as e:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
+            where = f"the Optuna journal table at {hide_password(url)}"
+            raise RuntimeError(describe_connect(where, url, e) if connect_failed(e) else
+                               f"cannot open {where}: {type(e).__name__}: {e}") from e
     sqlite = storage_url.startswith("sqlite")
     engine_kwargs = ({"connect_args": {"timeout": 60}} if sqlite else
                      {"pool_pre_ping": True, "connect_args": connect_args(storage_url)})
@@ -82,6 +93,14 @@ def open_storage(storage_url: str | None, results_url: str, heartbeat_s: int = H
                                f"cannot open {where}: {type(e).__name__}: {e}") from e
 
 
+def close_storage(storage) -> None:
+    """Gives back the server connections of a storage from open_storage (Optuna's RDB engine, or the journal
+    table's: journal_sql.SqlLog); nothing for a file or memory."""
+    engine = getattr(storage, "engine", None) or getattr(getattr(storage, "log", None), "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def storage_url_for(storage_url: str | None, results_url: str) -> str | None:
     """Where Optuna's studies are: --storage (a database URL, or a journal file's path, made absolute), else a file
     beside an SQLite results database: results.db -> results.optuna.journal, or results.optuna.db (an SQLite URL)
@@ -100,6 +119,8 @@ def storage_url_for(storage_url: str | None, results_url: str) -> str | None:
         return "sqlite:///" + legacy if os.path.exists(legacy) and not os.path.exists(journal) else journal
     if is_journal(storage_url):
         return os.path.abspath(os.path.expanduser(storage_url))
+    if is_sql_journal(storage_url):
+        return storage_url
     if _same_sqlite_file(storage_url, results_url):
         raise ValueError("--storage and --db name the same SQLite file: both have a `trials` table, so give Optuna "
                          "its own file (or leave --storage out: it then goes beside --db)")
@@ -109,6 +130,19 @@ def storage_url_for(storage_url: str | None, results_url: str) -> str | None:
 def is_journal(storage: str) -> bool:
     """Whether a --storage (or storage_url_for's answer) is a journal file's path rather than a database URL."""
     return storage.endswith(".journal") and "://" not in storage
+
+
+SQL_JOURNAL = "journal:"
+
+
+def is_sql_journal(storage: str) -> bool:
+    """Whether a --storage names Optuna's journal in a PostgreSQL table (``journal:URL``, journal_sql.SqlLog)."""
+    return storage.startswith(SQL_JOURNAL)
+
+
+def database_url(storage: str) -> str:
+    """The database URL of a ``journal:URL`` --storage."""
+    return storage[len(SQL_JOURNAL):]
 
 
 def check_storage(storage_url: str | None, results_url: str) -> None:
@@ -124,6 +158,8 @@ def check_storage(storage_url: str | None, results_url: str) -> None:
     if is_journal(url):
         check_writable_file(pathlib.Path(url), "the Optuna journal")
         return
+    if is_sql_journal(url):
+        url = database_url(url)     # a PostgreSQL URL (TuneOptions.validate): the server must answer, as below
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         check_reachable(url, f"the Optuna storage {hide_password(url)}")
@@ -189,6 +225,8 @@ def _same_sqlite_file(url_a: str, url_b: str) -> bool:
 
 def hide_password(url: str) -> str:
     from sqlalchemy.engine import make_url
+    if is_sql_journal(url):
+        return SQL_JOURNAL + hide_password(database_url(url))
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL at all: nothing to hide, and the error says what is wrong with it
