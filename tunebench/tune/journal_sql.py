@@ -3,9 +3,9 @@
 On Optuna's RDB storage the parent's loop spends ~60 ms per trial on a loopback PostgreSQL server (cProfile of
 bench/fleet_sim.py, 4 simulated workers: each suggested parameter, attribute and state change is a committed
 transaction, and reading another process's trials re-reads them), so one process could not feed 8 GPUs of short
-trials through it. Optuna's
-JournalStorage instead keeps the studies in memory and writes each change as one operation to a log that every
-process replays in one order (tunebench.tune.journal: the same on a local file). SqlLog is that log in a table:
+trials through it. Optuna's JournalStorage instead keeps the studies in memory and writes each change as one
+operation to a log that every process replays in one order (tunebench.tune.journal: the same on a local file).
+SqlLog is that log in a table:
 
 - An append is one transaction: it takes a transaction-level advisory lock, numbers its operations after the last
   one (``seq``, from 0, no gaps) and commits, which releases the lock. So operations are numbered in commit order,
