@@ -65,7 +65,8 @@ def options_for(workers: int, args, folder: pathlib.Path):
         db = (str(folder / "results.db") if args.db is None else storage if args.db == args.storage else
               stack.enter_context(scratch_database(args.db)))
         if storage and args.journal:
-            storage = f"journal:{storage}"  # Optuna's journal in a table of the scratch database (journal_sql)
+            from tunebench.tune.study import SQL_JOURNAL
+            storage = SQL_JOURNAL + storage  # Optuna's journal in a table of the scratch database (journal_sql)
         yield TuneOptions(interpret=True, db=db, storage=storage, workers=workers, trials=args.trials,
                           sampler=args.sampler, compile_workers=args.compile_workers, queue_runs=not args.no_queue)
 

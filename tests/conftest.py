@@ -166,3 +166,11 @@ def pg_url(pg_server):
     from tunebench.tune.simulate import scratch_database
     with scratch_database(pg_server) as url:
         yield url
+
+
+@pytest.fixture(params=["rdb", "journal"])
+def pg_storage(pg_url, request):
+    """Where the test's studies go in its database: Optuna's own tables (the URL itself), or Optuna's journal in a
+    table (`--storage journal:URL`, tunebench.tune.journal_sql)."""
+    from tunebench.tune.study import SQL_JOURNAL
+    return pg_url if request.param == "rdb" else SQL_JOURNAL + pg_url

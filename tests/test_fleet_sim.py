@@ -133,15 +133,14 @@ def test_a_runner_is_sent_its_next_config_while_its_trial_runs(fleet_run):
 HOSTS_BUDGET = 12
 
 
-@pytest.mark.parametrize("journal", [False, True], ids=["rdb", "journal"])
-def test_two_hosts_share_each_postgres_study(pg_url, tmp_path, journal):
+def test_two_hosts_share_each_postgres_study(pg_url, pg_storage, tmp_path):
     """Two parent processes ("hosts"), 2 simulated workers each, on one PostgreSQL database (studies and results),
     started together: they share each problem's study and its budget, as `tunebench tune` on two hosts would. The
     studies in Optuna's tables, or (journal) as Optuna's journal in a table (--storage journal:URL)."""
     # Without the exchange pass: a host that finds its neighbour's winner already run by the other reports the result
     # it confirmed before that run, where this test asks both to report the fastest of every run.
-    storage = f"journal:{pg_url}" if journal else pg_url
-    options = TuneOptions(interpret=True, db=pg_url, storage=storage, workers=2, trials=HOSTS_BUDGET, exchange=False)
+    options = TuneOptions(interpret=True, db=pg_url, storage=pg_storage, workers=2, trials=HOSTS_BUDGET,
+                          exchange=False)
     hosts, use = simulate_hosts(2, two_problems(), options, Simulation((TRIAL_S,)), tmp_path)
     assert set(use.busy) == {f"host{h}/run{w}" for h in range(2) for w in range(2)}
     assert all(host.use.runs for host in hosts), f"a host ran no trial: {[len(h.use.runs) for h in hosts]}"

@@ -21,7 +21,7 @@ from tunebench.shapes import Problem, bucket_key
 from tunebench.store import Store
 from tunebench.tune.startup import interpreting
 from tunebench.registry import config_key
-from tunebench.tune.study import open_storage
+from tunebench.tune.study import is_sql_journal, open_storage
 from tunebench.inputs import Workload
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,15 +55,15 @@ def start_host(url: str, log: pathlib.Path, hostname: str | None = None, slow_s:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def start_together(url: str, logs: list[pathlib.Path], storage: str | None = None) -> list[subprocess.Popen]:
+def start_together(url: str, logs: list[pathlib.Path], storage: str) -> list[subprocess.Popen]:
     """Starts a process per log, holding Optuna's `studies` table (or the journal's table, for a `journal:URL`
     storage) locked until all of them wait for it: they then open the study at once, each with its workers up, and
     race for its first trials (each enqueues DEFAULT)."""
     import sqlalchemy
     from tunebench.tune.journal_sql import TABLE
     from tunebench.tune.study import close_storage
-    close_storage(open_storage(storage or url, url))  # its tables, as the first process would create them
-    table = TABLE if storage else "studies"
+    close_storage(open_storage(storage, url))  # its tables, as the first process would create them
+    table = TABLE if is_sql_journal(storage) else "studies"
     engine = sqlalchemy.create_engine(url)
     database = sqlalchemy.engine.make_url(url).database
     try:
@@ -192,14 +192,11 @@ def test_workers_of_one_process_share_its_study(pg_url, device):
     assert result.config is not None and result.counts.get("ok") == 6
 
 
-@pytest.mark.parametrize("journal", [False, True], ids=["rdb", "journal"])
-def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, device, journal):
-    # journal: the studies as Optuna's journal in a table of the same database (--storage journal:URL)
-    storage = f"journal:{pg_url}" if journal else None
+def test_processes_on_one_postgres_study_share_its_budget(pg_url, pg_storage, tmp_path, device):
     logs = [tmp_path / f"host{i}.log" for i in range(3)]
-    hosts = start_together(pg_url, logs, storage)
+    hosts = start_together(pg_url, logs, pg_storage)
     finish(hosts, logs)
-    done = check_study_and_store(pg_url, device, storage=storage)
+    done = check_study_and_store(pg_url, device, storage=pg_storage)
     default = kernel_module(PROBLEM.kernel).DEFAULT
     assert sum(t.params == default for t in done) == 1  # each process enqueued DEFAULT; the lowest trial ran it
     ran = {pid_of(t) for t in done}
@@ -207,22 +204,20 @@ def test_processes_on_one_postgres_study_share_its_budget(pg_url, tmp_path, devi
     assert len(ran) >= 2, f"one process ran every trial: {ran}"
 
 
-@pytest.mark.parametrize("journal", [False, True], ids=["rdb", "journal"])
-def test_a_process_killed_mid_run_is_recovered_from(pg_url, tmp_path, device, journal):
+def test_a_process_killed_mid_run_is_recovered_from(pg_url, pg_storage, tmp_path, device):
     # The victim names another host, so its death can be learnt only from its heartbeat, as across machines.
-    storage = f"journal:{pg_url}" if journal else None
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
     # The survivor starts once the victim is frozen holding a trial: started together, a survivor whose workers fork
     # from a forkserver could run the whole budget before the victim opened the study.
-    victim = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5, storage=storage)
-    held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0], storage)
-    survivor = start_host(pg_url, logs[1], storage=storage)
+    victim = start_host(pg_url, logs[0], hostname="elsewhere", slow_s=0.5, storage=pg_storage)
+    held, frozen_at = freeze_holding_a_trial(pg_url, victim, logs[0], pg_storage)
+    survivor = start_host(pg_url, logs[1], storage=pg_storage)
     workers = child_pids(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(30)
     finish([survivor], logs[1:])
-    done = check_study_and_store(pg_url, device, storage=storage)
-    stale = the_study(pg_url, storage).trials[held]
+    done = check_study_and_store(pg_url, device, storage=pg_storage)
+    stale = the_study(pg_url, pg_storage).trials[held]
     # No status, nor the "abandoned" message a run that could still act leaves: failed for it, by its heartbeat,
     # which stopped at the freeze and was found stale a grace period later.
     assert stale.state.name == "FAIL" and "status" not in stale.user_attrs and "message" not in stale.user_attrs, \
@@ -237,7 +232,7 @@ def pid_of(trial) -> int:
 
 
 def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Path,
-                           storage: str | None = None) -> tuple[int, datetime]:
+                           storage: str) -> tuple[int, datetime]:
     """Stops the process (SIGSTOP) once it has finished a trial and holds another RUNNING, and returns that trial's
     number and when it was stopped. The trials are read again after the stop: a stopped process can tell Optuna
     nothing more (its workers' replies wait in their pipes), so the trial read RUNNING then is RUNNING when it is
@@ -256,13 +251,14 @@ def freeze_holding_a_trial(url: str, process: subprocess.Popen, log: pathlib.Pat
     pytest.fail(f"no trial was ever running:\n{log.read_text()[-3000:]}")
 
 
-def held_trials(url: str, pid: int, storage: str | None = None) -> list[int]:
+def held_trials(url: str, pid: int, storage: str) -> list[int]:
     """The trials the process holds RUNNING with no verdict written yet, once it has also finished one (so it is
     mid-run). Not one whose attributes it has begun to write: Optuna commits each on its own, so a process stopped
     between them leaves a trial RUNNING with, say, its status but no state."""
     import optuna
     from optuna.trial import TrialState
-    studies = optuna.get_all_study_summaries(_storage(url, storage)) if storage or _has_studies(url) else []
+    journal = is_sql_journal(storage)   # its table is made on first use; Optuna's tables are looked for first
+    studies = optuna.get_all_study_summaries(_storage(url, storage)) if journal or _has_studies(url) else []
     if not studies:
         return []
     trials = optuna.load_study(study_name=studies[0].study_name, storage=_storage(url, storage)).trials
@@ -273,12 +269,12 @@ def held_trials(url: str, pid: int, storage: str | None = None) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _storage(url: str, storage: str | None = None):
+def _storage(url: str, storage: str):
     """One storage per database, made once its tables exist: a fresh one per look (an engine, a schema check) made
     each look take long enough on a loaded 2-core machine for the victim to finish its share between two looks.
-    ``storage``: a `journal:URL` (the journal's table, made here if the victim has not yet)."""
+    ``storage``: the --storage (a `journal:URL` has its table made here if the victim has not yet)."""
     import optuna
-    return open_storage(storage, url) if storage else optuna.storages.RDBStorage(url)
+    return open_storage(storage, url) if is_sql_journal(storage) else optuna.storages.RDBStorage(url)
 
 
 def _has_studies(url: str) -> bool:

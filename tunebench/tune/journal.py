@@ -37,6 +37,8 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
+from .study import SQL_JOURNAL
+
 READ_CHUNK = 1 << 20
 
 
@@ -171,7 +173,7 @@ class JournalStudies(JournalStorage, BaseHeartbeat):
         if not isinstance(log, BaseJournalBackend):
             log = AppendLog(log)
         self.path = getattr(log, "path", None)      # describe_storage names the file, else the URL
-        self.url = None if self.path else f"journal:{log.url}"     # study.SQL_JOURNAL
+        self.url = None if self.path else SQL_JOURNAL + log.url
         self.log = log
         self.heartbeat_s, self.grace_s, self.stale_callback = heartbeat_s, grace_s, stale_callback
         super().__init__(log)

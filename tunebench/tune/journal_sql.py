@@ -45,7 +45,9 @@ class SqlLog(BaseJournalBackend):
     def _connect(self) -> None:
         from sqlalchemy import create_engine
         from ..store.engine import connect_args
-        self.engine = create_engine(self.url, connect_args=connect_args(self.url), poolclass=_single_pool())
+        from sqlalchemy.pool import SingletonThreadPool
+        # One connection, kept: this log holds it for its life.
+        self.engine = create_engine(self.url, connect_args=connect_args(self.url), poolclass=SingletonThreadPool)
         if self.engine.dialect.name != "postgresql":
             raise ValueError(f"a journal: --storage needs a PostgreSQL URL (its appends take an advisory lock), got "
                              f"the {self.engine.dialect.name} dialect")
@@ -53,6 +55,9 @@ class SqlLog(BaseJournalBackend):
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOCK_KEY})")
             conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {TABLE} (seq BIGINT PRIMARY KEY, op TEXT NOT NULL)")
             conn.exec_driver_sql(APPEND_FUNCTION)
+        self._hold()
+
+    def _hold(self) -> None:
         self.conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     def __getstate__(self) -> dict:
@@ -71,7 +76,7 @@ class SqlLog(BaseJournalBackend):
         except DBAPIError as e:
             if not e.connection_invalidated:
                 raise
-            self.conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._hold()
             rows = self.conn.exec_driver_sql(query, {"start": log_number_from}).all()
         return [json.loads(op) for (op,) in rows]
 
@@ -92,9 +97,3 @@ BEGIN
     INSERT INTO {TABLE} (seq, op) SELECT start + n - 1, op FROM unnest(ops) WITH ORDINALITY AS u(op, n);
 END
 $$"""
-
-
-def _single_pool():
-    """One connection, kept: SqlLog holds it for its life."""
-    from sqlalchemy.pool import SingletonThreadPool
-    return SingletonThreadPool

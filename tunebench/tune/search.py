@@ -147,7 +147,7 @@ class Search:
 
         try:
             self.followed = not last
-            self.search(hand_off=not last)
+            self.search(hand_off=self.followed)
         except ProblemFailed as e:
             done(ProblemResult(self.problem, counts=self.shared.counts(), note=str(e)))
             return
@@ -324,11 +324,8 @@ class Search:
                 if self.pending and not late:
                     self.prepare(worker)
                 continue
-            self.pending.remove(candidate)
             candidate.started_at = datetime.now(timezone.utc)
-            candidate.runner = self.runner_name(worker)
-            worker.submit(Run(self.module_path, self.problem, self.options.seed, candidate.config),
-                          self.options.timeout)
+            worker.submit(self.take(candidate, worker), self.options.timeout)
             self.running[worker] = candidate
             if late:
                 self.reply_late(worker)
@@ -358,16 +355,16 @@ class Search:
             candidate = self.next_ready()
             if candidate is None:
                 return
-            self.pending.remove(candidate)
-            candidate.runner = self.runner_name(worker)
-            worker.enqueue(Run(self.module_path, self.problem, self.options.seed, candidate.config),
-                           self.options.timeout)
+            worker.enqueue(self.take(candidate, worker), self.options.timeout)
             self.queued[worker] = candidate
 
-    @staticmethod
-    def runner_name(worker: Worker) -> str:
+    def take(self, candidate: Candidate, worker: Worker) -> Run:
+        """A pending config given to ``worker`` (to run now, or after its trial): out of ``pending``, its runner
+        named, its Run request."""
+        self.pending.remove(candidate)
         gpu = "" if worker.visible_device is None else f":gpu{worker.visible_device}"
-        return f"{worker.name}{gpu}"
+        candidate.runner = f"{worker.name}{gpu}"
+        return Run(self.module_path, self.problem, self.options.seed, candidate.config)
 
     def prepare(self, worker: Worker) -> None:
         """An idle runner builds the problem's inputs and references (while the first configs are asked and
