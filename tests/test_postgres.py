@@ -380,3 +380,21 @@ def test_the_journal_table_gives_every_reader_one_order_of_concurrent_appends(pg
     for w in range(4):
         assert [b[0]["batch"] for b in batches if b[0]["writer"] == w] == list(range(40))
     assert SqlLog(pg_url).read_logs(len(logs) - 5) == logs[-5:]
+
+
+@pytest.mark.parametrize("edit", ["DELETE FROM {table} WHERE seq = 1", "UPDATE {table} SET op = 'x' WHERE seq = 1"],
+                         ids=["a row deleted", "a row not an operation"])
+def test_an_edited_journal_table_is_an_error_naming_the_row(pg_url, edit):
+    """journal_sql.SqlLog: a gap in the numbers or a row that is not an operation is never replayed past."""
+    import sqlalchemy
+    from tunebench.tune.journal import JournalError
+    from tunebench.tune.journal_sql import TABLE, SqlLog
+    log = SqlLog(pg_url)
+    log.append_logs([{"op_code": 0, "n": n} for n in range(3)])
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(edit.format(table=TABLE))
+    engine.dispose()
+    with pytest.raises(JournalError, match=rf"{TABLE}(: operation 1 is missing|, row 1: not an Optuna journal)"):
+        log.read_logs(0)
+    assert SqlLog(pg_url).read_logs(2) == [{"op_code": 0, "n": 2}]

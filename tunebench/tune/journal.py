@@ -43,11 +43,23 @@ READ_CHUNK = 1 << 20
 
 
 class JournalError(RuntimeError):
-    """The journal file cannot be read: a line in it is not an operation (the message names the file and line)."""
+    """The journal cannot be read: a line (a row) in it is not an operation, or a table's row is missing (the message
+    names the file and line, or the table and row)."""
 
 
 class JournalWarning(UserWarning):
     """A torn last line (a process killed while writing it) was cut off the journal."""
+
+
+def parse_operation(raw: bytes | str, where: str, remedy: str) -> dict[str, Any]:
+    """One journal operation (a JSON object with an op_code), or a JournalError naming ``where`` and ``remedy``."""
+    try:
+        log = json.loads(raw)
+    except ValueError as e:
+        log = e
+    if not isinstance(log, dict) or "op_code" not in log:
+        raise JournalError(f"{where}: not an Optuna journal operation ({raw[:80]!r}): {remedy}")
+    return log
 
 
 class AppendLog(BaseJournalBackend):
@@ -100,14 +112,8 @@ class AppendLog(BaseJournalBackend):
         return data[:end].split(b"\n")[:-1]
 
     def _parse(self, line: bytes) -> dict[str, Any]:
-        try:
-            log = json.loads(line)
-        except ValueError as e:
-            log = e
-        if not isinstance(log, dict) or "op_code" not in log:
-            raise JournalError(f"{self.path}, line {self.number + 1}: not an Optuna journal operation "
-                               f"({line[:80]!r}): the file is corrupt; move it away to start the studies anew")
-        return log
+        return parse_operation(line, f"{self.path}, line {self.number + 1}",
+                               "the file is corrupt; move it away to start the studies anew")
 
     # -- writing
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from optuna.storages.journal import BaseJournalBackend
 
+from .journal import JournalError, parse_operation
+
 TABLE = "tunebench_optuna_journal"
 LOCK_KEY = 0x7475_6E65_6A6F_7572   # "tunejour": pg_advisory_xact_lock's bigint key
 
@@ -68,9 +70,11 @@ class SqlLog(BaseJournalBackend):
         self._connect()
 
     def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
-        """The operations numbered log_number_from and on, committed so far, in order."""
+        """The operations numbered log_number_from and on, committed so far, in order. A gap in the numbers or a
+        row that is not an operation (the table edited by hand) is a JournalError naming the row: replaying past it
+        would give every process a different study."""
         from sqlalchemy.exc import DBAPIError
-        query = f"SELECT op FROM {TABLE} WHERE seq >= %(start)s ORDER BY seq"
+        query = f"SELECT seq, op FROM {TABLE} WHERE seq >= %(start)s ORDER BY seq"
         try:
             rows = self.conn.exec_driver_sql(query, {"start": log_number_from}).all()
         except DBAPIError as e:
@@ -78,7 +82,14 @@ class SqlLog(BaseJournalBackend):
                 raise
             self._hold()
             rows = self.conn.exec_driver_sql(query, {"start": log_number_from}).all()
-        return [json.loads(op) for (op,) in rows]
+        return [self._parse(log_number_from + i, seq, op) for i, (seq, op) in enumerate(rows)]
+
+    @staticmethod
+    def _parse(expected: int, seq: int, op: str) -> dict[str, Any]:
+        if seq != expected:
+            raise JournalError(f"{TABLE}: operation {expected} is missing (the next row is numbered {seq}): the "
+                               f"table was edited; drop it to start the studies anew")
+        return parse_operation(op, f"{TABLE}, row {seq}", "the table was edited; drop it to start the studies anew")
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         """Appends the operations in one call, numbered after the last one under the lock."""
